@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh clone (see README): `make demo` and `make test`.
+# Both create .venv, install the package with its pinned dependencies, and build the custom ops.
+
+PYTHON ?= python3
+# TF_EXTRA=gpu installs the CUDA build of TensorFlow instead of tensorflow-cpu.
+TF_EXTRA ?= cpu
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed-$(TF_EXTRA)
+
+.PHONY: install ops demo test test-slow test-all clean
+
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23"
+	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),test]"
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+# The custom-op library is optional: without a compiler the package warns once and uses the pure-TF path.
+ops: $(INSTALLED)
+	@if [ -f custom_ops/build.py ]; then $(PY) custom_ops/build.py || echo "custom ops not built; the pure-TF path will be used"; fi
+
+demo: ops
+	$(VENV)/bin/tfcompress train --pipeline pipelines/synthetic_dlrm_full.toml --pipeline pipelines/synthetic_dlrm_robe.toml
+
+test: ops
+	$(PY) -m pytest -q
+
+test-slow: ops
+	$(PY) -m pytest -q -m slow
+
+test-all: ops
+	$(PY) -m pytest -q -m "slow or not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info tfcompress/*.so

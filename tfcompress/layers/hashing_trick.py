@@ -1,0 +1,100 @@
+"""The hashing trick: table t keeps m_t rows and id x reads row x mod m_t."""
+
+import math
+
+import tensorflow as tf
+
+from tfcompress._keras import keras, register_serializable
+from tfcompress.layers import _common
+from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+
+
+def buckets_for(cardinalities, num_buckets=None, compression=None):
+    """Rows per table: `num_buckets` (an int for all tables or one per table) or ceil(n_t / compression).
+
+    A table never gets more rows than it has ids (that would waste memory without separating anything).
+    """
+    if (num_buckets is None) == (compression is None):
+        raise ValueError("give exactly one of num_buckets or compression")
+    if compression is not None:
+        if not compression >= 1.0:
+            raise ValueError(f"compression must be >= 1, got {compression!r}")
+        return [max(1, math.ceil(n / compression)) for n in cardinalities]
+    if isinstance(num_buckets, int):
+        num_buckets = [num_buckets] * len(cardinalities)
+    if len(num_buckets) != len(cardinalities):
+        raise ValueError(f"num_buckets has {len(num_buckets)} entries for {len(cardinalities)} tables")
+    for f, m in enumerate(num_buckets):
+        _common.check_positive_int(f"num_buckets[{f}]", m)
+    return [min(int(m), n) for m, n in zip(num_buckets, cardinalities)]
+
+
+@register_serializable()
+class HashingTrickEmbedding(keras.layers.Layer):
+    """One `m_t x output_dim` table per feature; id x of table t reads row x mod m_t.
+
+    Example:
+
+    >>> layer = HashingTrickEmbedding(cardinalities=[1000, 50], output_dim=8, compression=10.0)
+    >>> layer.num_buckets
+    [100, 5]
+
+    Args:
+        cardinalities: ids of feature f lie in [0, cardinalities[f]).
+        output_dim: embedding width D.
+        num_buckets: rows per table (int for all, or a list); or give `compression` instead.
+        compression: n_t / m_t, >= 1.
+        gradient, out_of_range, embeddings_initializer: as in `FullEmbedding`.
+
+    Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
+    """
+
+    def __init__(self, cardinalities, output_dim, num_buckets=None, compression=None, gradient="sparse",
+                 out_of_range="error", embeddings_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.cardinalities = _common.check_cardinalities(cardinalities)
+        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        self.num_buckets = buckets_for(self.cardinalities, num_buckets, compression)
+        self.gradient = gradient
+        self._gradient_modes = [resolve_gradient_mode(gradient, m * self.output_dim) for m in self.num_buckets]
+        self.out_of_range = _common.check_out_of_range(out_of_range)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    @property
+    def logical_parameters(self):
+        return sum(self.cardinalities) * self.output_dim
+
+    @property
+    def physical_parameters(self):
+        return sum(self.num_buckets) * self.output_dim
+
+    def build(self, input_shape):
+        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.tables = [
+            self.add_weight(name=f"table_{f}", shape=(m, self.output_dim), initializer=self.embeddings_initializer)
+            for f, m in enumerate(self.num_buckets)
+        ]
+        super().build(input_shape)
+
+    def call(self, ids):
+        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        columns = [
+            gather_with_gradient(table, tf.math.floormod(ids[:, f], m), mode)
+            for f, (table, m, mode) in enumerate(zip(self.tables, self.num_buckets, self._gradient_modes))
+        ]
+        return tf.stack(columns, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            cardinalities=self.cardinalities,
+            output_dim=self.output_dim,
+            num_buckets=self.num_buckets,
+            gradient=self.gradient,
+            out_of_range=self.out_of_range,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config

@@ -1,0 +1,138 @@
+"""Quotient-remainder embeddings: two small tables per feature, indexed by x // m and x mod m, then combined."""
+
+import math
+
+import tensorflow as tf
+
+from tfcompress._keras import keras, register_serializable
+from tfcompress.layers import _common
+from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+
+QR_OPERATIONS = ("mult", "add", "concat")
+
+
+def remainder_rows_for(cardinality, compression, operation):
+    """Remainder-table rows m for one table so that (ceil(n/m) + m) rows hit n / compression rows.
+
+    With concat each table is only D/2 wide, so the row budget doubles. n/m + m = S has real roots only when
+    S >= 2 sqrt(n); below that the smallest QR pair (m = ceil(sqrt(n))) is used and the achieved ratio is lower
+    (the plan reports the achieved ratio).
+    """
+    n = cardinality
+    row_budget = n / compression * (2.0 if operation == "concat" else 1.0)
+    discriminant = row_budget * row_budget - 4.0 * n
+    if discriminant < 0:
+        return max(1, math.ceil(math.sqrt(n)))
+    return max(1, min(n, math.ceil((row_budget + math.sqrt(discriminant)) / 2.0)))
+
+
+@register_serializable()
+class QREmbedding(keras.layers.Layer):
+    """Per feature a quotient table (ceil(n/m) rows) and a remainder table (m rows); id x reads row x // m of the
+    first and x mod m of the second, combined by "mult" (element-wise product), "add" or "concat" (each table D/2
+    wide). No two ids of one table share both rows, so every id keeps a distinct embedding.
+
+    Example:
+
+    >>> layer = QREmbedding(cardinalities=[10000, 50], output_dim=8, compression=10.0, operation="mult")
+    >>> layer(tf.constant([[3, 7], [9999, 0]])).shape
+    TensorShape([2, 2, 8])
+
+    Args:
+        cardinalities: ids of feature f lie in [0, cardinalities[f]).
+        output_dim: embedding width D (even for "concat" is not required: the halves are D//2 and D - D//2).
+        num_buckets: remainder rows m per table (int or list); or `compression` (m solved per table).
+        operation: "mult", "add" or "concat".
+        gradient, out_of_range, embeddings_initializer: as in `FullEmbedding`. With "mult" the quotient table starts
+            near 1 so the product starts as the remainder embedding (two small uniforms multiplied start near 0
+            and learn slowly).
+
+    Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
+    """
+
+    def __init__(self, cardinalities, output_dim, num_buckets=None, compression=None, operation="mult",
+                 gradient="sparse", out_of_range="error", embeddings_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.cardinalities = _common.check_cardinalities(cardinalities)
+        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        if operation not in QR_OPERATIONS:
+            raise ValueError(f"operation must be one of {QR_OPERATIONS}, got {operation!r}")
+        self.operation = operation
+        if (num_buckets is None) == (compression is None):
+            raise ValueError("give exactly one of num_buckets or compression")
+        if compression is not None:
+            if not compression >= 1.0:
+                raise ValueError(f"compression must be >= 1, got {compression!r}")
+            num_buckets = [remainder_rows_for(n, compression, operation) for n in self.cardinalities]
+        elif isinstance(num_buckets, int):
+            num_buckets = [num_buckets] * len(self.cardinalities)
+        if len(num_buckets) != len(self.cardinalities):
+            raise ValueError(f"num_buckets has {len(num_buckets)} entries for {len(self.cardinalities)} tables")
+        self.num_buckets = [
+            min(_common.check_positive_int(f"num_buckets[{f}]", m), n)
+            for f, (m, n) in enumerate(zip(num_buckets, self.cardinalities))
+        ]
+        self.quotient_rows = [-(-n // m) for n, m in zip(self.cardinalities, self.num_buckets)]
+        if operation == "concat":
+            self._widths = (self.output_dim // 2, self.output_dim - self.output_dim // 2)
+        else:
+            self._widths = (self.output_dim, self.output_dim)
+        self.gradient = gradient
+        self.out_of_range = _common.check_out_of_range(out_of_range)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    @property
+    def logical_parameters(self):
+        return sum(self.cardinalities) * self.output_dim
+
+    @property
+    def physical_parameters(self):
+        q_width, r_width = self._widths
+        return sum(q * q_width + m * r_width for q, m in zip(self.quotient_rows, self.num_buckets))
+
+    def build(self, input_shape):
+        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        q_width, r_width = self._widths
+        q_init = (keras.initializers.RandomUniform(0.95, 1.05) if self.operation == "mult"
+                  else self.embeddings_initializer)
+        self.quotient_tables, self.remainder_tables = [], []
+        for f, (q, m) in enumerate(zip(self.quotient_rows, self.num_buckets)):
+            self.quotient_tables.append(self.add_weight(name=f"quotient_{f}", shape=(q, q_width), initializer=q_init))
+            self.remainder_tables.append(
+                self.add_weight(name=f"remainder_{f}", shape=(m, r_width), initializer=self.embeddings_initializer)
+            )
+        super().build(input_shape)
+
+    def call(self, ids):
+        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        q_width, r_width = self._widths
+        columns = []
+        for f, m in enumerate(self.num_buckets):
+            x = ids[:, f]
+            q = gather_with_gradient(self.quotient_tables[f], x // m,
+                                     resolve_gradient_mode(self.gradient, self.quotient_rows[f] * q_width))
+            r = gather_with_gradient(self.remainder_tables[f], tf.math.floormod(x, m),
+                                     resolve_gradient_mode(self.gradient, m * r_width))
+            if self.operation == "mult":
+                columns.append(q * r)
+            elif self.operation == "add":
+                columns.append(q + r)
+            else:
+                columns.append(tf.concat([q, r], axis=-1))
+        return tf.stack(columns, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            cardinalities=self.cardinalities,
+            output_dim=self.output_dim,
+            num_buckets=self.num_buckets,
+            operation=self.operation,
+            gradient=self.gradient,
+            out_of_range=self.out_of_range,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config

@@ -1,0 +1,126 @@
+"""ROBE-Z: random offset block embeddings (every table hashed in chunks into one small shared array)."""
+
+import math
+
+import tensorflow as tf
+
+from tfcompress import hashing
+from tfcompress._keras import keras, register_serializable
+from tfcompress.layers import _common
+from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+
+
+@register_serializable()
+class RobeEmbedding(keras.layers.Layer):
+    """F embedding tables stored in ONE trainable 1-D array, addressed by the ROBE-Z hash (DESIGN.md).
+
+    Element i of the embedding of id x in table t reads M[h(a, i // Z) + i % Z] with a = x + offset_t: each chunk
+    of Z consecutive elements is one contiguous slice of M, and the hash is computed once per chunk. Z = 1 is
+    HashedNet (element-wise hashing); Z = output_dim hashes whole rows.
+
+    Example:
+
+    >>> layer = RobeEmbedding(cardinalities=[1000, 50], output_dim=8, compression=100.0, chunk_size=4)
+    >>> layer(tf.constant([[3, 7], [999, 0]])).shape
+    TensorShape([2, 2, 8])
+
+    Args:
+        cardinalities: rows of each of the F tables (ids of feature f lie in [0, cardinalities[f])).
+        output_dim: D, the embedding width.
+        memory_size: |M|, floats in the shared array. Give this or `compression`.
+        compression: logical size / |M| (1000.0 = 1000x smaller than full tables), >= 1.
+        chunk_size: Z in [1, output_dim]; default min(output_dim, 32).
+        seed: draws the hash constants (DESIGN.md); another seed gives another independent hash.
+        signed: multiply each element by an independent +-1 hash (reduces collision bias).
+        gradient: "sparse" (coalesced IndexedSlices), "dense" (one scatter-add into an |M|-sized tensor) or
+            "auto" (dense when |M| <= 16M floats). Both give the same update.
+        out_of_range: "error" (default) raises naming feature and value for an id outside [0, cardinality);
+            "mod" folds ids into range with a floor modulo.
+        embeddings_initializer: initializer of M.
+
+    Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
+    """
+
+    def __init__(
+        self,
+        cardinalities,
+        output_dim,
+        memory_size=None,
+        compression=None,
+        chunk_size=None,
+        seed=hashing.DEFAULT_SEED,
+        signed=False,
+        gradient="auto",
+        out_of_range="error",
+        embeddings_initializer="uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.cardinalities = _common.check_cardinalities(cardinalities)
+        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        chunk_size = min(self.output_dim, 32) if chunk_size is None else chunk_size
+        if int(chunk_size) != chunk_size or not 1 <= chunk_size <= self.output_dim:
+            raise ValueError(f"chunk_size must be an integer in [1, output_dim={self.output_dim}], got {chunk_size!r}")
+        self.chunk_size = int(chunk_size)
+        if (memory_size is None) == (compression is None):
+            raise ValueError("give exactly one of memory_size or compression")
+        if compression is not None:
+            if not compression >= 1.0:
+                raise ValueError(f"compression must be >= 1 (1000.0 = 1000x smaller), got {compression!r}")
+            memory_size = max(self.chunk_size, math.ceil(self.logical_parameters / compression))
+        if int(memory_size) != memory_size or memory_size < self.chunk_size:
+            raise ValueError(
+                f"memory_size must be an integer >= chunk_size={self.chunk_size} (one chunk), got {memory_size!r}"
+            )
+        self.memory_size = int(memory_size)
+        self.compression = None if compression is None else float(compression)
+        self.seed = int(seed)
+        self.signed = bool(signed)
+        self.gradient = gradient
+        self._gradient_mode = resolve_gradient_mode(gradient, self.memory_size)
+        self.out_of_range = _common.check_out_of_range(out_of_range)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self._offsets = hashing.table_offsets(self.cardinalities)
+
+    @property
+    def logical_parameters(self):
+        return sum(self.cardinalities) * self.output_dim
+
+    @property
+    def physical_parameters(self):
+        return self.memory_size
+
+    def build(self, input_shape):
+        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.memory = self.add_weight(
+            name="memory", shape=(self.memory_size,), initializer=self.embeddings_initializer, trainable=True
+        )
+        super().build(input_shape)
+
+    def call(self, ids):
+        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        a = ids + tf.constant(self._offsets)
+        positions = hashing.robe_indices_tf(a, self.output_dim, self.chunk_size, self.memory_size, self.seed)
+        values = gather_with_gradient(self.memory, positions, self._gradient_mode)
+        if self.signed:
+            values = values * hashing.robe_signs_tf(a, self.output_dim, self.seed)
+        return values
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            cardinalities=self.cardinalities,
+            output_dim=self.output_dim,
+            # memory_size alone fixes the array; compression is kept for display but not passed back twice.
+            memory_size=self.memory_size,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+            signed=self.signed,
+            gradient=self.gradient,
+            out_of_range=self.out_of_range,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config
