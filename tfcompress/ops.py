@@ -30,9 +30,14 @@ def resolve_gradient_mode(gradient, table_elements):
     return gradient
 
 
-def _variable_handle(table):
-    """The tf.Variable behind a Keras 3 variable (tf_keras and plain TF hand the tf.Variable itself)."""
-    return getattr(table, "value", table) if not isinstance(table, tf.Variable) else table
+def resource_variable(table):
+    """The tf.Variable behind a Keras 3 variable (tf_keras hands the tf.Variable itself).
+
+    Gathering from the tf.Variable runs ResourceGather on the variable's buffer. Gathering from the Keras 3 wrapper
+    converts it to a tensor first: a read that aliases the whole table, which makes the optimizer's next scatter
+    copy the entire table (copy-on-write) — measured 0.19 s vs 0.03 s per step on a 34M-row table.
+    """
+    return table if isinstance(table, tf.Variable) else getattr(table, "value", table)
 
 
 def gather_with_gradient(table, indices, gradient):
@@ -43,24 +48,26 @@ def gather_with_gradient(table, indices, gradient):
         indices: int64 tensor of any shape, already in range.
         gradient: "sparse" or "dense" (resolve "auto" first with `resolve_gradient_mode`).
     """
-    variable = _variable_handle(table)
+    if gradient == "sparse":
+        # Gather each distinct row once, then expand: TensorFlow's own gradient of the first gather is then an
+        # IndexedSlices over unique rows whose values are already summed over duplicates. (A tf.custom_gradient
+        # over the variable would be simpler to write, but in graph mode it reads the whole variable every step.)
+        unique_indices, position = tf.unique(tf.reshape(indices, [-1]))
+        rows = tf.gather(resource_variable(table), unique_indices)
+        values = tf.gather(rows, position)
+        out_shape = tf.concat([tf.shape(indices), tf.shape(rows)[1:]], axis=0)
+        return tf.reshape(values, out_shape)
+    if gradient != "dense":
+        raise ValueError(f"gradient must be 'sparse' or 'dense' here, got {gradient!r}")
+    # Dense is only chosen for small tables, so reading the whole table is cheap next to the batch.
+    return _gather_dense_gradient(tf.convert_to_tensor(table), indices)
 
-    @tf.custom_gradient
-    def _gather(idx):
-        values = tf.gather(variable, idx)
 
-        def grad(upstream, variables=None):
-            row_shape = tf.shape(variable, out_type=tf.int64)
-            flat_idx = tf.reshape(idx, [-1])
-            flat_upstream = tf.reshape(upstream, tf.concat([[-1], row_shape[1:]], axis=0))
-            if gradient == "dense":
-                table_grad = tf.math.unsorted_segment_sum(flat_upstream, flat_idx, row_shape[0])
-            else:
-                unique_idx, position = tf.unique(flat_idx)
-                summed = tf.math.unsorted_segment_sum(flat_upstream, position, tf.size(unique_idx))
-                table_grad = tf.IndexedSlices(summed, unique_idx, row_shape)
-            return None, [table_grad]
+@tf.custom_gradient
+def _gather_dense_gradient(params, indices):
+    def grad(upstream):
+        flat_upstream = tf.reshape(upstream, tf.concat([[-1], tf.shape(params)[1:]], axis=0))
+        scattered = tf.math.unsorted_segment_sum(flat_upstream, tf.reshape(indices, [-1]), tf.shape(params)[0])
+        return scattered, None
 
-        return values, grad
-
-    return _gather(indices)
+    return tf.gather(params, indices), grad
