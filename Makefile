@@ -13,7 +13,12 @@ INSTALLED := $(VENV)/.installed-$(TF_EXTRA)
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
-	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),test]"
+	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),export,test]"
+	# Legacy tf.keras + TFRS (tests/test_legacy_keras.py) and TF Serving's request protos (tests/test_export.py):
+	# each declares a dependency on the full `tensorflow` wheel, which would land beside tensorflow-cpu; what they
+	# need at run time comes with TensorFlow itself.
+	$(PY) -m pip install --quiet --no-deps "tf-keras==2.21.0" "tensorflow-recommenders==0.7.7" \
+		"tensorflow-serving-api==2.21.0"
 	touch $(INSTALLED)
 
 install: $(INSTALLED)

@@ -93,7 +93,7 @@ def test_robe_dense_and_sparse_gradients_equal_a_plain_gather(signed):
         layer.build((None, 2))
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer(ids) * upstream)
-        grad = tape.gradient(loss, layer.memory.value if hasattr(layer.memory, "value") else layer.memory)
+        grad = tape.gradient(loss, layer.memory)  # a Keras 3 KerasVariable or a tf_keras tf.Variable: both work
         if mode == "sparse":
             assert isinstance(grad, tf.IndexedSlices)
             assert len(np.unique(grad.indices.numpy())) == len(grad.indices.numpy()), "duplicates not coalesced"

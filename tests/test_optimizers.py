@@ -54,3 +54,31 @@ def test_serializes_inside_a_keras_model(tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert isinstance(loaded.optimizer, SparseAdagrad)
+
+
+def test_lazy_adam_equals_adam_when_every_row_is_used_and_skips_unused_rows():
+    from tfcompress.optimizers import LazyAdam
+
+    def run(optimizer, ids_per_step, densify):
+        keras.utils.set_random_seed(5)
+        layer = FullEmbedding([6], 3, gradient="sparse")
+        layer.build((None, 1))
+        for ids in ids_per_step:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(ids[:, None]) ** 3)
+            grads = tape.gradient(loss, layer.trainable_variables)
+            if densify:
+                grads = [tf.convert_to_tensor(g) for g in grads]
+            optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+        return layer.tables[0].numpy()
+
+    every_row = [np.array([0, 1, 2, 3, 4, 5, 5, 1])] * 3
+    np.testing.assert_allclose(run(LazyAdam(0.1), every_row, False), run(keras.optimizers.Adam(0.1), every_row, True),
+                               rtol=1e-5, atol=1e-6)
+    # Rows 4 and 5 used only in step 1: afterwards Adam keeps moving them (decaying momentum), LazyAdam does not.
+    some_rows = [np.array([0, 4, 5]), np.array([0, 1]), np.array([0, 1])]
+    after_first = run(LazyAdam(0.1), some_rows[:1], False)
+    lazy = run(LazyAdam(0.1), some_rows, False)
+    adam = run(keras.optimizers.Adam(0.1), some_rows, True)
+    np.testing.assert_array_equal(lazy[4:], after_first[4:])
+    assert np.all(adam[4:] != after_first[4:])

@@ -4,20 +4,61 @@ Keras 3 (what `tf.keras` is on TF >= 2.16) is primary. Stacks that run legacy tf
 `TF_USE_LEGACY_KERAS=1` before TensorFlow is imported (tensorflow-recommenders needs it); there `tf_keras` is
 used instead, so the same layer classes work on both sides. Every module imports `keras` from here, never
 directly.
+
+What differs between the two stacks and is handled here (the layers themselves are written once):
+
+- registration: `keras.saving.register_keras_serializable` (Keras 3) vs `keras.utils.register_keras_serializable`
+  (tf_keras); `register_serializable()` picks the right one.
+- weights: Keras 3 hands a `KerasVariable` wrapping a `tf.Variable`, tf_keras the `tf.Variable` itself. Both
+  convert with `tf.convert_to_tensor` and both are accepted by `tf.GradientTape.gradient`, so code uses those
+  (never `.value`, which is a method of `tf.Variable` in tf_keras but the wrapped variable in Keras 3).
+- saving: both write and load `.keras` files; tf_keras also writes SavedModel directories (`model.save(dir)`,
+  `tf.saved_model.save`), which is what TFRS stacks export.
+- initializers: `fresh_initializer()` gives every weight its own draw (see there; needed in both stacks).
 """
 
 import os
 
-USING_LEGACY_KERAS = os.environ.get("TF_USE_LEGACY_KERAS", "0").lower() in ("1", "true", "yes")
+# TensorFlow reads the same variable, with exactly these values, to decide what `tf.keras` is; reading it the
+# same way keeps `tfcompress` and `tf.keras` (and so tensorflow-recommenders) on one Keras.
+USING_LEGACY_KERAS = os.environ.get("TF_USE_LEGACY_KERAS") in ("true", "True", "1")
 
 if USING_LEGACY_KERAS:
-    import tf_keras as keras  # noqa: F401  (re-exported)
+    try:
+        import tf_keras as keras  # noqa: F401  (re-exported)
+    except ImportError as error:
+        raise ImportError(
+            "TF_USE_LEGACY_KERAS is set, so tfcompress uses legacy tf.keras, but the tf_keras package is not "
+            "installed: install the tf-keras release matching TensorFlow (e.g. tf-keras~=2.21.0 for TF 2.21)"
+        ) from error
 
     def register_serializable(package="tfcompress"):
+        """Class decorator: make a layer loadable by name from saved configs (tf_keras registry)."""
         return keras.utils.register_keras_serializable(package=package)
 
 else:
     import keras  # noqa: F401  (re-exported)
 
     def register_serializable(package="tfcompress"):
+        """Class decorator: make a layer loadable by name from saved configs (Keras 3 registry)."""
         return keras.saving.register_keras_serializable(package=package)
+
+
+def fresh_initializer(initializer):
+    """`initializer` ready for ONE more `add_weight` call: an unseeded one is copied so it draws new values.
+
+    Both stacks fix an unseeded initializer's random seed when the initializer object is made and draw with
+    stateless ops, so one object used for several weights draws the same stream for each: tables of equal shape
+    start identical, and a [50, D] table starts as the first 50 rows of a [1000, D] one. A copy made from its
+    config picks its own seed (reproducible under `keras.utils.set_random_seed`). A seeded initializer is
+    returned unchanged: a fixed seed asks for fixed values.
+
+    Args:
+        initializer: a Keras initializer object (from `keras.initializers.get`) or a plain callable.
+    """
+    if not isinstance(initializer, keras.initializers.Initializer):
+        return initializer  # a plain function: nothing to copy
+    config = initializer.get_config()
+    if config.get("seed") is not None:
+        return initializer
+    return type(initializer).from_config(config)

@@ -53,6 +53,12 @@ class MemberPlan:
     logical_parameters: int
     physical_parameters: int
     shared: bool  # True when the features share one array (ROBE): no per-feature physical size exists
+    # Size once deployed, when it differs from the trained size: MLET trains n*k + k*d floats, folds to n*d.
+    folded_parameters: int = None
+
+    @property
+    def deployed_parameters(self):
+        return self.physical_parameters if self.folded_parameters is None else self.folded_parameters
 
 
 # A planner maps (cardinalities of its features, output_dim, compression for them, options) to
@@ -88,10 +94,34 @@ def _plan_qr(cardinalities, output_dim, compression, options):
     return "QREmbedding", dict(options, compression=compression), False
 
 
+def _plan_mlet(cardinalities, output_dim, compression, options):
+    # The ratio or budget is met by the DEPLOYED (folded) size: hash the tables to n / compression rows; the
+    # k-wide training tables are temporary. compression 1 (ratio 1) means no hashing.
+    hashing = {} if compression is None or compression <= 1.0 else {"compression": compression}
+    return "MLETEmbedding", dict(options, **hashing), False
+
+
+def _plan_pruned(cardinalities, output_dim, compression, options):
+    # The budget is the chunk pool (the live chunks); address table and utilities are bookkeeping on top.
+    return "ChunkPrunedEmbedding", dict(options, budget=1.0 / compression), False
+
+
+def _plan_learned_hash(cardinalities, output_dim, compression, options):
+    # Sizes come from the mappings (`tfcompress learn-hash` writes them and a ratio that matches), not from
+    # `compression`: the clustering already decided how many rows each table gets.
+    if "mappings" not in options:
+        raise ValueError("method 'learned_hash' needs the option mappings = \"<file>.npz\" (made by "
+                         "`tfcompress learn-hash`)")
+    return "LearnedHashEmbedding", dict(options), False
+
+
 register_method("full", _plan_full)
 register_method("robe", _plan_robe)
 register_method("hashing", _plan_hashing)
 register_method("qr", _plan_qr)
+register_method("mlet", _plan_mlet)
+register_method("pruned", _plan_pruned)
+register_method("learned_hash", _plan_learned_hash)
 
 
 def methods():
@@ -107,7 +137,7 @@ def _member(method, features, cardinalities, output_dim, compression, options):
     except TypeError as error:  # Keras 3 raises ValueError for unknown keywords, tf_keras TypeError
         raise ValueError(f"method {method!r}: bad option ({error})") from None
     return MemberPlan(method, class_name, list(features), kwargs, layer.logical_parameters,
-                      layer.physical_parameters, shared)
+                      layer.physical_parameters, shared, getattr(layer, "folded_parameters", None))
 
 
 @dataclasses.dataclass
@@ -129,6 +159,16 @@ class CompressionPlan:
     @property
     def physical_parameters(self):
         return sum(m.physical_parameters for m in self.members)
+
+    @property
+    def deployed_parameters(self):
+        """Size of the exported tables: the physical size, except MLET members count their folded n*d."""
+        return sum(m.deployed_parameters for m in self.members)
+
+    @property
+    def deployed_ratio(self):
+        """logical / deployed: what a ratio or budget given to `make_plan` is met by."""
+        return self.logical_parameters / self.deployed_parameters
 
     @property
     def logical_bytes(self):
@@ -175,8 +215,14 @@ class CompressionPlan:
                              f"{m.physical_parameters:>16,} {format_bytes(m.physical_parameters * BYTES_PER_PARAMETER):>15}")
         lines.append(f"{'total':>7} {sum(self.cardinalities):>12,} {self.method:>8} {self.logical_parameters:>15,} "
                      f"{self.physical_parameters:>16,} {format_bytes(self.physical_bytes):>15}")
+        change = f"{self.ratio:,.1f}x smaller" if self.ratio >= 1 else f"{1 / self.ratio:,.1f}x larger"
         lines.append(f"logical {format_bytes(self.logical_bytes)} -> physical {format_bytes(self.physical_bytes)}: "
-                     f"{self.ratio:,.1f}x smaller")
+                     f"{change}")
+        if any(m.folded_parameters is not None for m in self.members):
+            deployed_bytes = self.deployed_parameters * BYTES_PER_PARAMETER
+            lines.append(f"trained size above (MLET: n*k + k*d per table); after fold (n*d): "
+                         f"{self.deployed_parameters:,} parameters, {format_bytes(deployed_bytes)} float32, "
+                         f"{self.deployed_ratio:,.1f}x smaller; as int8 ~{format_bytes(deployed_bytes // 4)}")
         return "\n".join(lines)
 
     def to_dict(self):
@@ -199,6 +245,9 @@ def make_plan(cardinalities, output_dim, method, ratio=None, budget=None, uncomp
         ratio: logical / physical size to reach, >= 1 (1000 = 1000x smaller), counting uncompressed small tables.
         budget: a byte budget instead ("100MB", "64MiB", or bytes) for all embedding parameters (float32).
         uncompressed_below: tables with fewer rows stay full tables.
+            For "mlet" (pass inner_dim=k) the ratio or budget is met by the folded, deployed size (n*d per table,
+            hashed to fewer rows when the ratio is above 1); the plan's physical size is the larger training size
+            n*k + k*d, and `deployed_parameters` the folded one.
         **options: passed to the method's layer (e.g. chunk_size, signed, seed, gradient, out_of_range, operation).
 
     Raises:
@@ -238,7 +287,7 @@ def make_plan(cardinalities, output_dim, method, ratio=None, budget=None, uncomp
         shared_options = {k: v for k, v in options.items() if k in ("out_of_range", "gradient")}
         members.append(_member("full", small, cardinalities, output_dim, None, shared_options))
     if large:
-        remaining = target_physical - sum(m.physical_parameters for m in members)
+        remaining = target_physical - sum(m.deployed_parameters for m in members)
         if remaining < 1:
             raise ValueError(
                 f"tables below uncompressed_below={uncompressed_below} rows already need "
@@ -251,17 +300,17 @@ def make_plan(cardinalities, output_dim, method, ratio=None, budget=None, uncomp
         # Per-table rounding (whole rows) can overshoot the target slightly; tighten until it fits. Methods with a
         # floor on their size (QR needs 2 sqrt(n) rows) stop improving, and the plan reports what they reach.
         for _ in range(8):
-            if member.physical_parameters <= remaining:
+            if member.deployed_parameters <= remaining:
                 break
-            compression *= member.physical_parameters / remaining * (1 + 1e-6)
+            compression *= member.deployed_parameters / remaining * (1 + 1e-6)
             tighter = _member(method, large, cardinalities, output_dim, compression, options)
-            if tighter.physical_parameters >= member.physical_parameters:
+            if tighter.deployed_parameters >= member.deployed_parameters:
                 break
             member = tighter
         members.append(member)
-        if member.physical_parameters > remaining * 1.05:  # more than whole-row rounding
+        if member.deployed_parameters > remaining * 1.05:  # more than whole-row rounding
             warnings.warn(
-                f"method {method!r} cannot go below {format_bytes(member.physical_parameters * BYTES_PER_PARAMETER)} "
+                f"method {method!r} cannot go below {format_bytes(member.deployed_parameters * BYTES_PER_PARAMETER)} "
                 f"for these tables; the target was {format_bytes(remaining * BYTES_PER_PARAMETER)}",
                 stacklevel=2,
             )

@@ -1,8 +1,22 @@
 """TFRecord shards -> tf.data.Dataset of ({"dense": f32[B, n_dense], "sparse": i64[B, n_sparse]}, label f32[B, 1]).
 
 Pipeline (DESIGN.md, "TFRecord layout"): list files -> shard by input pipeline -> (shuffle file order) -> interleave
-TFRecordDatasets in parallel -> shuffle records -> (repeat) -> batch the *serialized* records -> parse_example on
-whole batches in parallel -> prefetch. Parsing a batch at a time measured 4x faster than per record on 2 cores.
+TFRecordDatasets in parallel, each cut into *blocks* of consecutive serialized records -> shuffle blocks -> (repeat)
+-> rebatch blocks into batches -> parse_example on whole batches in parallel -> prefetch.
+
+Why blocks: every element that passes through a tf.data stage costs a fixed overhead (interleave buffers, shuffle
+buffer slots, batch copies), which at ~170-byte Criteo records is most of the work. Cutting each file into blocks of
+`shuffle_block` records right after reading makes the interleave and the shuffle handle one element per block, and
+`rebatch` joins blocks into batches with tensor slices, not per record. Parsing a batch at a time measured 4x faster
+than per record on 2 cores; blocks measured 2-3x faster again than shuffling and batching single records (both side
+by side in bench/bench_read.py). The price: records are shuffled in blocks of consecutive records (256 by default,
+bounded by shuffle_buffer / 16) from up to 8 files at a time; rows that sit next to each other in a file tend to
+land in the same batch, where their order does not matter to the loss. `shuffle_block=1` shuffles single records.
+
+Fixed-width records (what `tfcompress data convert` writes; schema.json declares them under extra.fixed_record):
+every record has the same length, so files are read with FixedLengthRecordDataset a block at a time and the fields
+are sliced out of a byte matrix instead of parsed (`tfcompress.data.fixed_records`); that skips the per-record cost
+of TFRecordDataset too. Every record's framing and protobuf tags are checked; its data CRC is not.
 
 The label comes out as float32 [B, 1] so that Keras' binary cross-entropy and AUC take it as is.
 
@@ -18,9 +32,12 @@ import os
 
 import tensorflow as tf
 
+from tfcompress.data import fixed_records
 from tfcompress.data.schema import Schema, find_schema
 
 DEFAULT_SHUFFLE_BUFFER = 65536  # records (~150 bytes each serialized): ~10 MB, mixes rows across 8 interleaved files
+DEFAULT_SHUFFLE_BLOCK = 256  # consecutive records that travel together through interleave and shuffle
+MIN_BLOCKS_IN_SHUFFLE_BUFFER = 16
 MAX_INTERLEAVE_FILES = 8
 
 
@@ -110,7 +127,8 @@ def check_first_record(path, schema, schema_source="the given schema"):
 
 
 def read(files_or_pattern, batch_size, schema=None, shuffle=True, repeat=True, seed=None, input_context=None,
-         deterministic=False, drop_remainder=False, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER):
+         deterministic=False, drop_remainder=False, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, shuffle_block=None,
+         fixed_width=None):
     """A batched, parsed tf.data.Dataset over TFRecord shards in the DESIGN.md layout.
 
     Args:
@@ -128,7 +146,11 @@ def read(files_or_pattern, batch_size, schema=None, shuffle=True, repeat=True, s
         deterministic: keep element order fixed under parallel reading and parsing. With `shuffle=False` it also
             reads files one after another, so rows come in file order (row i of the concatenated files is row i).
         drop_remainder: drop the last partial batch (static batch dimension).
-        shuffle_buffer: records held by the record shuffle, >= 1.
+        shuffle_buffer: records held by the shuffle, >= 1.
+        shuffle_block: records read, interleaved and shuffled together as one block, >= 1 (None:
+            min(256, shuffle_buffer // 16), at least 1). Smaller mixes finer and reads slower.
+        fixed_width: None reads fixed-width records with the fast path when the schema declares them
+            (extra.fixed_record), True requires that, False always parses with tf.io.parse_example.
 
     Returns:
         tf.data.Dataset of ({"dense": float32 [B, n_dense], "sparse": int64 [B, n_sparse]}, float32 [B, 1]).
@@ -153,32 +175,82 @@ def read(files_or_pattern, batch_size, schema=None, shuffle=True, repeat=True, s
     if tf.executing_eagerly():  # reading a record needs eager mode; inside a graph the parse errors still name it
         check_first_record(files[0], schema, schema_source)
 
+    if shuffle_block is None:
+        shuffle_block = max(1, min(DEFAULT_SHUFFLE_BLOCK, int(shuffle_buffer) // MIN_BLOCKS_IN_SHUFFLE_BUFFER))
+    if int(shuffle_block) != shuffle_block or shuffle_block < 1:
+        raise ValueError(f"shuffle_block must be an integer >= 1, got {shuffle_block!r}")
+    block = int(shuffle_block)
+
     shard_records = None
     if input_context is not None and input_context.num_input_pipelines > 1:
         count, index = input_context.num_input_pipelines, input_context.input_pipeline_id
         if len(files) >= count:
             files = files[index::count]
         else:
-            # Too few files to give each pipeline its own: every pipeline reads all, keeps every count-th record.
+            # Too few files to give each pipeline its own: every pipeline reads all, keeps every count-th record
+            # of each file.
             shard_records = (count, index)
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle and len(files) > 1:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    layout = _fixed_layout(schema, fixed_width, schema_source)
+    if layout is not None:
+        sources = fixed_records.file_segments(files, layout, block)
+        if not sources:
+            layout = None  # nothing but empty files: the generic path handles that
+    if layout is None:
+        sources = files
+
+    def file_blocks(path):
+        records = tf.data.TFRecordDataset(path, buffer_size=1 << 20)
+        if shard_records is not None:
+            records = records.shard(*shard_records)
+        return records.batch(block)
+
+    def segment_blocks(path, record_bytes, header_bytes, footer_bytes):
+        chunks = tf.data.FixedLengthRecordDataset(path, record_bytes, header_bytes=header_bytes,
+                                                  footer_bytes=footer_bytes, buffer_size=1 << 20)
+        if shard_records is not None:
+            chunks = chunks.shard(*shard_records)
+        return chunks.map(lambda chunk: tf.reshape(tf.io.decode_raw(chunk, tf.uint8), [-1, layout.frame_bytes]))
+
+    if layout is None:
+        ds = tf.data.Dataset.from_tensor_slices(sources)
+    else:
+        paths, record_bytes, header_bytes, footer_bytes = zip(*sources)
+        ds = tf.data.Dataset.from_tensor_slices((list(paths), tf.constant(record_bytes, tf.int64),
+                                                 tf.constant(header_bytes, tf.int64),
+                                                 tf.constant(footer_bytes, tf.int64)))
+    if shuffle and len(sources) > 1:
+        ds = ds.shuffle(len(sources), seed=seed, reshuffle_each_iteration=True)
     sequential = deterministic and not shuffle
     ds = ds.interleave(
-        lambda path: tf.data.TFRecordDataset(path, buffer_size=1 << 20),
-        cycle_length=1 if sequential else min(len(files), MAX_INTERLEAVE_FILES),
+        file_blocks if layout is None else segment_blocks,
+        cycle_length=1 if sequential else min(len(sources), MAX_INTERLEAVE_FILES),
         block_length=1,
         num_parallel_calls=None if sequential else tf.data.AUTOTUNE,
         deterministic=None if sequential else deterministic,  # a sequential interleave is ordered anyway
     )
-    if shard_records is not None:
-        ds = ds.shard(*shard_records)
     if shuffle:
-        ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(max(1, int(shuffle_buffer) // block), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
-    ds = ds.map(example_parser(schema), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    ds = ds.rebatch(int(batch_size), drop_remainder=drop_remainder)
+    parse = example_parser(schema) if layout is None else fixed_records.decoder(layout)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _fixed_layout(schema, fixed_width, schema_source):
+    """The FixedLayout the schema declares (None when it declares none or fixed_width is False)."""
+    declared = schema.extra.get(fixed_records.SCHEMA_KEY) if isinstance(schema.extra, dict) else None
+    if fixed_width is False:
+        return None
+    if declared is None:
+        if fixed_width:
+            raise ValueError(f"fixed_width=True, but {schema_source} declares no fixed-width records "
+                             f"(extra.{fixed_records.SCHEMA_KEY})")
+        return None
+    layout = fixed_records.FixedLayout.from_dict(declared)
+    if (layout.n_dense, layout.n_sparse) != (schema.n_dense, schema.n_sparse):
+        raise ValueError(f"{schema_source}: extra.{fixed_records.SCHEMA_KEY} has {layout.n_dense} dense and "
+                         f"{layout.n_sparse} sparse values, the schema {schema.n_dense} and {schema.n_sparse}")
+    return layout

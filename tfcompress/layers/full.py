@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tfcompress._keras import keras, register_serializable
+from tfcompress._keras import fresh_initializer, keras, register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
 
@@ -48,7 +48,8 @@ class FullEmbedding(keras.layers.Layer):
     def build(self, input_shape):
         _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
         self.tables = [
-            self.add_weight(name=f"table_{f}", shape=(n, self.output_dim), initializer=self.embeddings_initializer)
+            self.add_weight(name=f"table_{f}", shape=(n, self.output_dim),
+                            initializer=fresh_initializer(self.embeddings_initializer))
             for f, n in enumerate(self.cardinalities)
         ]
         super().build(input_shape)

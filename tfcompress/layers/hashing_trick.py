@@ -4,7 +4,7 @@ import math
 
 import tensorflow as tf
 
-from tfcompress._keras import keras, register_serializable
+from tfcompress._keras import fresh_initializer, keras, register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
 
@@ -71,7 +71,8 @@ class HashingTrickEmbedding(keras.layers.Layer):
     def build(self, input_shape):
         _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
         self.tables = [
-            self.add_weight(name=f"table_{f}", shape=(m, self.output_dim), initializer=self.embeddings_initializer)
+            self.add_weight(name=f"table_{f}", shape=(m, self.output_dim),
+                            initializer=fresh_initializer(self.embeddings_initializer))
             for f, m in enumerate(self.num_buckets)
         ]
         super().build(input_shape)

@@ -4,7 +4,7 @@ import math
 
 import tensorflow as tf
 
-from tfcompress._keras import keras, register_serializable
+from tfcompress._keras import fresh_initializer, keras, register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
 
@@ -97,9 +97,11 @@ class QREmbedding(keras.layers.Layer):
                   else self.embeddings_initializer)
         self.quotient_tables, self.remainder_tables = [], []
         for f, (q, m) in enumerate(zip(self.quotient_rows, self.num_buckets)):
-            self.quotient_tables.append(self.add_weight(name=f"quotient_{f}", shape=(q, q_width), initializer=q_init))
+            self.quotient_tables.append(self.add_weight(name=f"quotient_{f}", shape=(q, q_width),
+                                                       initializer=fresh_initializer(q_init)))
             self.remainder_tables.append(
-                self.add_weight(name=f"remainder_{f}", shape=(m, r_width), initializer=self.embeddings_initializer)
+                self.add_weight(name=f"remainder_{f}", shape=(m, r_width),
+                                initializer=fresh_initializer(self.embeddings_initializer))
             )
         super().build(input_shape)
 

@@ -4,7 +4,7 @@ import math
 
 import tensorflow as tf
 
-from tfcompress import hashing
+from tfcompress import custom_op, hashing
 from tfcompress._keras import keras, register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
@@ -37,6 +37,10 @@ class RobeEmbedding(keras.layers.Layer):
         out_of_range: "error" (default) raises naming feature and value for an id outside [0, cardinality);
             "mod" folds ids into range with a floor modulo.
         embeddings_initializer: initializer of M.
+        use_custom_op: "auto" (default) runs the fused C++/CUDA op (custom_ops/) when its library loads and the
+            pure-TF path otherwise (warned once); True requires the op (CustomOpUnavailableError if it cannot
+            load); False always takes the pure-TF path. Results are identical; inside
+            `tfcompress.custom_op.disabled()` the pure-TF path is always taken (serving exports).
 
     Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
     """
@@ -53,6 +57,7 @@ class RobeEmbedding(keras.layers.Layer):
         gradient="auto",
         out_of_range="error",
         embeddings_initializer="uniform",
+        use_custom_op="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -81,6 +86,7 @@ class RobeEmbedding(keras.layers.Layer):
         self.out_of_range = _common.check_out_of_range(out_of_range)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self._offsets = hashing.table_offsets(self.cardinalities)
+        self.use_custom_op = custom_op.check_use_custom_op(use_custom_op)
 
     @property
     def logical_parameters(self):
@@ -98,6 +104,14 @@ class RobeEmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, ids):
+        if custom_op.should_use(self.use_custom_op):
+            # The op checks every id itself (naming feature and value), so only "mod" needs the TF-side pass.
+            if self.out_of_range == "mod":
+                ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+            return custom_op.robe_lookup(
+                self.memory, ids, self.cardinalities, self.output_dim, self.chunk_size, self.seed, self.signed,
+                self._gradient_mode,
+            )
         ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
         a = ids + tf.constant(self._offsets)
         positions = hashing.robe_indices_tf(a, self.output_dim, self.chunk_size, self.memory_size, self.seed)
@@ -122,5 +136,6 @@ class RobeEmbedding(keras.layers.Layer):
             gradient=self.gradient,
             out_of_range=self.out_of_range,
             embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+            use_custom_op=self.use_custom_op,
         )
         return config

@@ -1,0 +1,107 @@
+"""Conversion speed of `tfcompress data convert`: rows/s, per worker, per format and encoding.
+
+    python bench/bench_convert.py                  # 300k raw Criteo rows and 300k Avazu rows, made on the fly
+    python bench/bench_convert.py --rows 2000000 --workers 1 2
+
+Each case converts the same raw file from scratch (overwrite) with 1 and 2 worker processes, alternating in rounds,
+and reports: rows/s (wall clock), rows/s per worker, and rows per CPU-second (parent and worker processes
+together; what one worker converts on a core of its own, and steadier than wall time on a shared machine).
+The wall time includes starting the worker processes (each imports TensorFlow to write TFRecords) and the final
+merge of counts and quarantine.
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_read import make_raw_criteo  # noqa: E402  (same directory)
+
+
+def make_raw_avazu(path, rows, seed=0):
+    """An Avazu-shaped CSV: id, click, hour (YYMMDDHH in Oct 2014), 21 categorical fields (hex-ish strings)."""
+    import numpy as np
+
+    from tfcompress.data.formats import AVAZU_COLUMNS
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        f.write(",".join(AVAZU_COLUMNS) + "\n")
+        for start in range(0, rows, 50_000):
+            n = min(50_000, rows - start)
+            ids = (np.arange(start, start + n, dtype=np.uint64) * np.uint64(2654435761)).astype(str)
+            click = rng.integers(0, 2, n).astype(str)
+            hour = np.char.mod("1410%02d", rng.integers(21, 31, n))
+            hour = np.char.add(hour, np.char.mod("%02d", rng.integers(0, 24, n)))
+            cats = np.char.mod("%08x", (rng.pareto(0.8, (n, 21)) * 500).astype(np.int64))
+            table = np.concatenate([ids[:, None], click[:, None], hour[:, None], cats], axis=1)
+            f.write("\n".join(",".join(row) for row in table.tolist()) + "\n")
+
+
+def cpu_seconds():
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # worker processes, once they have been joined
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tfcompress_bench_convert"))
+    parser.add_argument("--rows", type=int, default=300_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf  # noqa: F401  (imported once up front, so that no measured run pays for it)
+
+    from tfcompress.data.convert import convert
+
+    os.makedirs(args.workdir, exist_ok=True)
+    criteo = os.path.join(args.workdir, f"day_0_{args.rows}.tsv")
+    avazu = os.path.join(args.workdir, f"avazu_{args.rows}.csv")
+    if not os.path.isfile(criteo):
+        make_raw_criteo(criteo, args.rows)
+    if not os.path.isfile(avazu):
+        make_raw_avazu(avazu, args.rows)
+    # Pieces of ~1/8 of the file, so that 2 workers have work to share.
+    cases = [
+        ("criteo-tsv hex-mod", criteo, "criteo-tsv", {}),
+        ("criteo-tsv vocab (2 passes)", criteo, "criteo-tsv", {"encoding": "vocab"}),
+        ("avazu-csv hash", avazu, "avazu-csv", {}),
+    ]
+    print(f"{args.rows:,} rows per case; CPUs available: {len(os.sched_getaffinity(0))}", flush=True)
+    results = {}
+    for round_index in range(args.rounds):
+        for label, path, fmt, options in cases:
+            shard_bytes = max(1 << 20, os.path.getsize(path) // 8)
+            for workers in args.workers:
+                out = os.path.join(args.workdir, "out")
+                shutil.rmtree(out, ignore_errors=True)
+                wall, cpu = time.perf_counter(), cpu_seconds()
+                report = convert([path], out, fmt, workers=workers, shard_bytes=shard_bytes, **options)
+                wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+                rows = report["rows_read"]
+                results.setdefault((label, workers), []).append((rows / wall, rows / cpu))
+                print(f"round {round_index + 1} {label:28s} workers {workers}: {rows / wall:10,.0f} rows/s, "
+                      f"{rows / cpu:10,.0f} rows per CPU-s", flush=True)
+    print()
+    header = f"{'case':28s} {'workers':>7s} {'rows/s':>10s} {'rows/s/worker':>14s} {'rows/CPU-s':>11s}"
+    print(header)
+    print("-" * len(header))
+    for (label, workers), runs in results.items():
+        rate = statistics.median(r[0] for r in runs)
+        per_cpu = statistics.median(r[1] for r in runs)
+        print(f"{label:28s} {workers:7d} {rate:10,.0f} {rate / workers:14,.0f} {per_cpu:11,.0f}")
+    print(f"\n(medians of {args.rounds} rounds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Compile the standalone CUDA harness and check the ROBE-Z kernels against tfcompress.hashing (NumPy only).
+
+    python custom_ops/cuda_harness/run_harness.py --mode device          # on a GPU machine (no TensorFlow needed)
+    python custom_ops/cuda_harness/run_harness.py --mode host            # the shared arithmetic, no GPU needed
+    python custom_ops/cuda_harness/run_harness.py --mode device --bench  # + Kaggle-shape throughput vs bandwidth
+    python custom_ops/cuda_harness/run_harness.py --compile-only         # nvcc check only
+
+Checks, per case: positions and signs equal robe_indices / robe_signs bit for bit; embeddings equal
+memory[positions] * signs exactly; the scatter equals a float64 np.add.at to 1e-5 relative (atomics add in any
+order); an invalid id is reported at the right row. Exit status 0 only when every case passes.
+"""
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+BINARY = HERE / "build" / "robe_harness"
+MAGIC = 0x524F42455A
+
+# Criteo Kaggle cardinalities (26 categorical features): the benchmark shape of the issue.
+KAGGLE_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+                        5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+
+
+def load_hashing():
+    """tfcompress/hashing.py by path: it needs only NumPy, and the GPU machine has no TensorFlow."""
+    spec = importlib.util.spec_from_file_location("robe_hashing", ROOT / "tfcompress" / "hashing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+hashing = load_hashing()
+
+
+def compile_harness(nvcc, arch):
+    BINARY.parent.mkdir(exist_ok=True)
+    command = [nvcc, "-O3", "-std=c++17", f"-arch={arch}", "-o", str(BINARY), str(HERE / "robe_harness.cu")]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def write_input(path, ids, cardinalities, output_dim, chunk_size, memory, grad, signed, seed, repeats):
+    constants = hashing.hash_constants(seed)[:6]
+    header = np.array(
+        [MAGIC, ids.shape[0] * ids.shape[1], ids.shape[1], output_dim, chunk_size, memory.size, int(signed),
+         *constants, repeats, 0, 0], dtype=np.int64,
+    )
+    with open(path, "wb") as f:
+        for array in (header, np.asarray(cardinalities, np.int64), hashing.table_offsets(cardinalities),
+                      ids.astype(np.int64).ravel(), memory.astype(np.float32), grad.astype(np.float32).ravel()):
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def read_output(path, rows, output_dim, memory_size):
+    raw = Path(path).read_bytes()
+    first_bad = int(np.frombuffer(raw[:8], np.int64)[0])
+    if first_bad >= 0:
+        return first_bad, None
+    elements = rows * output_dim
+    offset = 8
+    out = {}
+    for name, dtype, count in (("positions", np.int64, elements), ("signs", np.float32, elements),
+                               ("embeddings", np.float32, elements), ("memory_grad", np.float32, memory_size)):
+        size = np.dtype(dtype).itemsize * count
+        out[name] = np.frombuffer(raw[offset:offset + size], dtype)
+        offset += size
+    return -1, out
+
+
+def run_case(mode, name, ids, cardinalities, output_dim, chunk_size, memory_size, signed, seed, repeats=1,
+             bad_row=None, rng=None):
+    rng = rng or np.random.default_rng(0)
+    memory = rng.standard_normal(memory_size).astype(np.float32)
+    grad = rng.standard_normal((ids.shape[0], ids.shape[1], output_dim)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as work:
+        src, dst = os.path.join(work, "in.bin"), os.path.join(work, "out.bin")
+        write_input(src, ids, cardinalities, output_dim, chunk_size, memory, grad, signed, seed, repeats)
+        completed = subprocess.run([str(BINARY), mode, src, dst], capture_output=True, text=True)
+        if completed.returncode != 0:
+            return False, f"harness exited {completed.returncode}: {completed.stderr.strip()}"
+        first_bad, out = read_output(dst, ids.size, output_dim, memory_size)
+    timing = completed.stdout.strip()
+    if bad_row is not None:
+        return first_bad == bad_row, f"first bad row {first_bad}, expected {bad_row}"
+    if first_bad >= 0:
+        return False, f"harness rejected row {first_bad} of a valid batch"
+    positions = hashing.robe_indices(ids, cardinalities, output_dim, chunk_size, memory_size, seed).ravel()
+    signs = (hashing.robe_signs(ids, cardinalities, output_dim, seed).ravel() if signed
+             else np.ones(positions.size, np.float32))
+    embeddings = memory[positions] * signs
+    memory_grad = np.zeros(memory_size, np.float64)
+    np.add.at(memory_grad, positions, grad.ravel().astype(np.float64) * signs)
+    problems = []
+    if not np.array_equal(out["positions"], positions):
+        problems.append(f"{int((out['positions'] != positions).sum())} positions differ")
+    if not np.array_equal(out["signs"], signs):
+        problems.append("signs differ")
+    if not np.array_equal(out["embeddings"], embeddings):
+        problems.append("embeddings differ")
+    scale = np.abs(memory_grad).max() if memory_grad.size else 1.0
+    error = np.abs(out["memory_grad"] - memory_grad).max() / max(scale, 1e-30) if memory_grad.size else 0.0
+    if error > 1e-5:
+        problems.append(f"scatter relative error {error:.2e}")
+    return not problems, "; ".join(problems) or timing
+
+
+def correctness_cases(rng):
+    """(name, ids, cardinalities, D, Z, M, signed, seed) covering every chunk size, partial chunks, ids near 2^32."""
+    cases = []
+    for output_dim in (1, 7, 16, 33):
+        for chunk_size in sorted({1, 2, 3, output_dim // 2 or 1, output_dim}):
+            if chunk_size > output_dim:
+                continue
+            for signed in (False, True):
+                cards = [5, 1000, 2**32 + 7]
+                ids = np.stack([rng.integers(0, c, 64) for c in cards], axis=1)
+                memory_size = int(rng.integers(chunk_size, 5000))
+                cases.append((f"D={output_dim} Z={chunk_size} signed={signed} M={memory_size}", ids, cards,
+                              output_dim, chunk_size, memory_size, signed, int(rng.integers(0, 10000))))
+    big = [2**32 - 1, 3]
+    ids = np.array([[2**32 - 2, 2], [0, 0], [2**31, 1]], dtype=np.int64)
+    cases.append(("ids near 2^32", ids, big, 16, 4, 2**20 + 3, True, 1024))
+    cases.append(("memory of exactly one chunk", ids, big, 8, 8, 8, False, 7))
+    cases.append(("memory of 8M floats", ids, big, 4, 2, 2**23 + 1, False, 3))
+    cases.append(("empty batch", np.zeros((0, 2), np.int64), big, 8, 4, 100, True, 1))
+    wide = np.stack([rng.integers(0, c, 3) for c in (10, 20)], axis=1)
+    cases.append(("wide rows (per-element kernel)", wide, [10, 20], 6000, 7, 100000, True, 11))
+    return cases
+
+
+def kaggle_ids(rng, batch):
+    """Zipf-distributed ids per feature, scattered over each table (hot ids are not the low ids)."""
+    columns = []
+    for cardinality in KAGGLE_CARDINALITIES:
+        ranks = rng.zipf(1.1, batch) - 1
+        columns.append((ranks * 2654435761 + 12345) % cardinality)
+    return np.stack(columns, axis=1).astype(np.int64)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("host", "device"), default="device")
+    parser.add_argument("--arch", default="sm_90", help="nvcc -arch (default %(default)s: H100/H200)")
+    parser.add_argument("--nvcc", default=os.environ.get("NVCC") or shutil.which("nvcc") or "nvcc")
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--rebuild", action="store_true", help="recompile even if the binary exists")
+    parser.add_argument("--bench", action="store_true", help="also time the Kaggle shape (16384 x 26, D=16)")
+    args = parser.parse_args(argv)
+
+    if args.rebuild or args.compile_only or not BINARY.exists():
+        compile_harness(args.nvcc, args.arch)
+    if args.compile_only:
+        return 0
+
+    rng = np.random.default_rng(2024)
+    failures = 0
+    for name, ids, cards, output_dim, chunk_size, memory_size, signed, seed in correctness_cases(rng):
+        ok, detail = run_case(args.mode, name, ids, cards, output_dim, chunk_size, memory_size, signed, seed, rng=rng)
+        failures += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {detail if not ok else ''}".rstrip(), flush=True)
+    ids = np.array([[1, 2], [3, 20]], dtype=np.int64)
+    ok, detail = run_case(args.mode, "invalid id", ids, [10, 20], 4, 2, 50, False, 1, bad_row=3)
+    failures += not ok
+    print(f"{'PASS' if ok else 'FAIL'} invalid id reported at its row: {detail}", flush=True)
+
+    if args.bench:
+        logical = sum(KAGGLE_CARDINALITIES) * 16
+        for chunk_size in (1, 4, 16):
+            ids = kaggle_ids(rng, 16384)
+            ok, detail = run_case(args.mode, "kaggle", ids, KAGGLE_CARDINALITIES, 16, chunk_size,
+                                  logical // 1000, False, 1024, repeats=20, rng=rng)
+            failures += not ok
+            print(f"{'PASS' if ok else 'FAIL'} kaggle 1000x Z={chunk_size}: {detail}", flush=True)
+    print("all passed" if failures == 0 else f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

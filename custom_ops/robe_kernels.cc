@@ -1,0 +1,723 @@
+// CPU kernels of the ROBE-Z ops (registered in robe_ops.cc) and the CPU specializations of robe_functor.h.
+// Work is split over TensorFlow's intra-op thread pool (the same pool tf.gather uses).
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "robe_functor.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+#include "unsupported/Eigen/CXX11/Tensor"
+#endif
+
+namespace tfcompress {
+
+#if GOOGLE_CUDA
+// Defined in robe_kernels.cu.cc; declared here so the GPU kernel registrations below instantiate them.
+namespace functor {
+using GPUDevice = Eigen::GpuDevice;
+template <>
+absl::Status RobeValidateIdsFunctor<GPUDevice>::operator()(tensorflow::OpKernelContext* ctx, const RobeBatch& batch);
+template <>
+void RobeLookupFunctor<GPUDevice>::operator()(tensorflow::OpKernelContext* ctx, const RobeBatch& batch,
+                                              const float* memory, float* embeddings);
+template <>
+void RobeScatterGradFunctor<GPUDevice>::operator()(tensorflow::OpKernelContext* ctx, const RobeBatch& batch,
+                                                   const float* grad, ScatterAlgorithm algorithm,
+                                                   float* memory_grad);
+}  // namespace functor
+#endif
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+
+// absl::InvalidArgumentError from pieces (TensorFlow's errors::InvalidArgument is deprecated).
+template <typename... Args>
+absl::Status InvalidArgument(const Args&... args) {
+  return absl::InvalidArgumentError(absl::StrCat(args...));
+}
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attributes shared by every op: parsed and validated once, when the kernel is constructed.
+
+class RobeAttrs {
+ public:
+  explicit RobeAttrs(OpKernelConstruction* ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("cardinalities", &cardinalities_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("output_dim", &output_dim_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("chunk_size", &chunk_size_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("hash_constants", &hash_constants_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("signed", &signed_));
+    // D is bounded so that i * S2 < 2^63 in the element term (and the [rows, D] shape stays sane).
+    OP_REQUIRES(ctx, output_dim_ >= 1 && output_dim_ <= (int64_t{1} << 24),
+                InvalidArgument("output_dim must be in [1, 2^24], got ", output_dim_));
+    OP_REQUIRES(ctx, chunk_size_ >= 1 && chunk_size_ <= output_dim_,
+                InvalidArgument("chunk_size must be in [1, output_dim=", output_dim_, "], got ", chunk_size_));
+    OP_REQUIRES(ctx, hash_constants_.size() == 6,
+                InvalidArgument("hash_constants must hold exactly 6 values (R1, R2, R3, S1, S2, S3), got ",
+                                hash_constants_.size()));
+    for (size_t k = 0; k < hash_constants_.size(); ++k) {
+      OP_REQUIRES(ctx, hash_constants_[k] >= 0 && hash_constants_[k] < robe::kPrime,
+                  InvalidArgument("hash_constants[", k, "] must be in [0, ", robe::kPrime, "), got ",
+                                  hash_constants_[k]));
+    }
+    OP_REQUIRES(ctx, !cardinalities_.empty(), InvalidArgument("cardinalities must not be empty"));
+    offsets_.resize(cardinalities_.size());
+    int64_t total = 0;
+    for (size_t f = 0; f < cardinalities_.size(); ++f) {
+      OP_REQUIRES(ctx, cardinalities_[f] >= 1,
+                  InvalidArgument("cardinalities[", f, "] must be >= 1, got ", cardinalities_[f]));
+      offsets_[f] = total;
+      // a = id + offset < sum of cardinalities must fit int64 (hashing.py's contract: non-negative int64 a).
+      OP_REQUIRES(ctx, cardinalities_[f] <= std::numeric_limits<int64_t>::max() - total,
+                  InvalidArgument("the sum of cardinalities overflows int64 at feature ", f));
+      total += cardinalities_[f];
+    }
+  }
+
+  int64_t num_features() const { return static_cast<int64_t>(cardinalities_.size()); }
+  int64_t output_dim() const { return output_dim_; }
+  int64_t chunk_size() const { return chunk_size_; }
+  const std::vector<int64_t>& offsets() const { return offsets_; }
+  const std::vector<int64_t>& cardinalities() const { return cardinalities_; }
+
+  robe::HashParams Params(int64_t memory_size) const {
+    const auto& k = hash_constants_;
+    return robe::MakeHashParams(k[0], k[1], k[2], k[3], k[4], k[5], memory_size, static_cast<int32_t>(output_dim_),
+                                static_cast<int32_t>(chunk_size_), signed_);
+  }
+
+ private:
+  std::vector<int64_t> cardinalities_;
+  std::vector<int64_t> offsets_;
+  std::vector<int64_t> hash_constants_;
+  int64_t output_dim_ = 0;
+  int64_t chunk_size_ = 0;
+  bool signed_ = false;
+};
+
+// ids must be a [B, F] int64 matrix (F = number of tables). Their values are checked by RobeValidateIdsFunctor.
+absl::Status CheckIdsShape(const RobeAttrs& attrs, const Tensor& ids) {
+  if (ids.dims() != 2 || ids.dim_size(1) != attrs.num_features()) {
+    return InvalidArgument("ids must have shape [batch, ", attrs.num_features(), "] (one column per table), got ",
+                           ids.shape().DebugString());
+  }
+  return absl::OkStatus();
+}
+
+// ROBE arrays beyond 2^48 floats (1 PiB) are not a thing; the bound keeps every byte count far from overflow.
+constexpr int64_t kMaxMemorySize = int64_t{1} << 48;
+
+// memory_size (a host scalar input of the gradient and positions ops) must hold at least one chunk.
+absl::Status ReadMemorySize(const RobeAttrs& attrs, const Tensor& t, int64_t* memory_size) {
+  if (!tensorflow::TensorShapeUtils::IsScalar(t.shape())) {
+    return InvalidArgument("memory_size must be a scalar, got shape ", t.shape().DebugString());
+  }
+  *memory_size = t.scalar<int64_t>()();
+  if (*memory_size < attrs.chunk_size() || *memory_size > kMaxMemorySize) {
+    return InvalidArgument("memory_size must be in [chunk_size=", attrs.chunk_size(), " (one chunk), 2^48], got ",
+                           *memory_size);
+  }
+  return absl::OkStatus();
+}
+
+// The upstream gradient must be [B, F, D] for ids [B, F].
+absl::Status CheckGradShape(const RobeAttrs& attrs, const Tensor& grad, const Tensor& ids) {
+  if (grad.dims() != 3 || grad.dim_size(0) != ids.dim_size(0) || grad.dim_size(1) != ids.dim_size(1) ||
+      grad.dim_size(2) != attrs.output_dim()) {
+    return InvalidArgument("grad must have shape [", ids.dim_size(0), ", ", ids.dim_size(1), ", ",
+                           attrs.output_dim(), "] (ids' shape + output_dim), got ", grad.shape().DebugString());
+  }
+  return absl::OkStatus();
+}
+
+// [B, F, D] for ids [B, F], built with overflow checks instead of TensorShape's CHECK.
+absl::Status EmbeddingShape(const RobeAttrs& attrs, const Tensor& ids, TensorShape* shape) {
+  return TensorShape::BuildTensorShape({ids.dim_size(0), ids.dim_size(1), attrs.output_dim()}, shape);
+}
+
+functor::RobeBatch MakeBatch(const RobeAttrs& attrs, const robe::HashParams& params, const Tensor& ids) {
+  functor::RobeBatch batch;
+  batch.params = params;
+  batch.ids = ids.flat<int64_t>().data();
+  batch.offsets = attrs.offsets().data();
+  batch.cardinalities = attrs.cardinalities().data();
+  batch.num_features = static_cast<int32_t>(attrs.num_features());
+  batch.rows = ids.NumElements();
+  return batch;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU building blocks. Row r of the batch is (b, f) = (r / F, r % F).
+
+// Per-call hash terms: IndexTerm(c, R2, R1) for every chunk, ElementTermModPrime(i, S2, S1) for every element.
+struct CallTerms {
+  std::vector<int64_t> chunk;
+  std::vector<int32_t> element;
+
+  explicit CallTerms(const robe::HashParams& p) : chunk(p.num_chunks), element(p.is_signed ? p.output_dim : 0) {
+    for (int32_t c = 0; c < p.num_chunks; ++c) chunk[c] = robe::IndexTerm(c, p.r2, p.r1);
+    for (size_t i = 0; i < element.size(); ++i) {
+      element[i] = robe::ElementTermModPrime(static_cast<int64_t>(i), p.s2, p.s1);
+    }
+  }
+};
+
+// values[i] *= sign(a, i) for one row, sign_term = RowTerm(a, S3) (< P, so it fits int32). Vectorizes.
+inline void ApplyRowSigns(const CallTerms& terms, int32_t sign_term, int32_t width, float* values) {
+  const int32_t* element = terms.element.data();
+  for (int32_t i = 0; i < width; ++i) values[i] *= robe::SignFromBit(robe::SignBit(sign_term, element[i]));
+}
+
+int64_t OffsetIdOf(const functor::RobeBatch& batch, int64_t r) {
+  return batch.ids[r] + batch.offsets[r % batch.num_features];
+}
+
+// Copies rows [begin, end). kZ > 0 fixes the chunk size at compile time (the copy becomes a few vector moves);
+// kZ == 0 handles any Z. Rows go in blocks: first every chunk start of the block (pure arithmetic), then every
+// copy. The copies' addresses are then all known up front, so the CPU keeps many cache misses on M in flight
+// instead of interleaving each one with the next row's hash.
+template <int kZ>
+void LookupRows(const functor::RobeBatch& batch, const CallTerms& terms, const float* memory, int64_t begin,
+                int64_t end, float* embeddings) {
+  constexpr int32_t kStartsPerBlock = 512;
+  const robe::HashParams& p = batch.params;
+  const int32_t z = kZ > 0 ? kZ : p.chunk_size;
+  const int32_t chunks = p.num_chunks;
+  const int32_t full_chunks = p.output_dim / z;
+  const int64_t rows_per_block = std::max<int64_t>(1, kStartsPerBlock / chunks);
+  int64_t starts_storage[kStartsPerBlock];
+  int32_t sign_terms[kStartsPerBlock];
+  std::vector<int64_t> wide_starts(chunks > kStartsPerBlock ? chunks : 0);  // only for very wide rows
+  int64_t* starts = wide_starts.empty() ? starts_storage : wide_starts.data();
+  // The feature of row r is r % F; stepping it avoids a 64-bit division per row.
+  int32_t feature = static_cast<int32_t>(begin % batch.num_features);
+  for (int64_t block = begin; block < end; block += rows_per_block) {
+    const int64_t block_end = std::min(end, block + rows_per_block);
+    for (int64_t r = block, k = 0; r < block_end; ++r) {
+      const int64_t a = batch.ids[r] + batch.offsets[feature];
+      if (++feature == batch.num_features) feature = 0;
+      const int64_t row_term = robe::RowTerm(a, p.r3);
+      for (int32_t c = 0; c < chunks; ++c) starts[k++] = robe::ChunkStart(p, row_term, terms.chunk[c]);
+      if (p.is_signed) sign_terms[r - block] = static_cast<int32_t>(robe::RowTerm(a, p.s3));
+    }
+    for (int64_t r = block, k = 0; r < block_end; ++r, k += chunks) {
+      float* out = embeddings + r * p.output_dim;
+      for (int32_t c = 0; c < full_chunks; ++c) {
+        // memcpy: memory and output never alias, so a fixed Z becomes a few unaligned vector moves.
+        std::memcpy(out + c * z, memory + starts[k + c], sizeof(float) * z);
+      }
+      if (full_chunks < chunks) {  // the shorter last chunk
+        std::memcpy(out + full_chunks * z, memory + starts[k + full_chunks],
+                    sizeof(float) * robe::ChunkWidth(p, full_chunks));
+      }
+      if (p.is_signed) ApplyRowSigns(terms, sign_terms[r - block], p.output_dim, out);  // while the row is hot
+    }
+  }
+}
+
+using LookupRowsFn = void (*)(const functor::RobeBatch&, const CallTerms&, const float*, int64_t, int64_t, float*);
+
+LookupRowsFn PickLookupRows(int32_t chunk_size) {
+  switch (chunk_size) {
+    case 1: return LookupRows<1>;
+    case 2: return LookupRows<2>;
+    case 4: return LookupRows<4>;
+    case 8: return LookupRows<8>;
+    case 16: return LookupRows<16>;
+    case 32: return LookupRows<32>;
+    case 64: return LookupRows<64>;
+    default: return LookupRows<0>;
+  }
+}
+
+// Adds sign * grad[r, c * Z + o] to chunk_dst[o] for o in [o_begin, o_end) (chunk_dst: where chunk c lands).
+inline void AddChunkElements(const functor::RobeBatch& batch, const float* grad, int64_t r, int32_t c,
+                             int64_t sign_term, const CallTerms& terms, int32_t o_begin, int32_t o_end,
+                             float* chunk_dst) {
+  const robe::HashParams& p = batch.params;
+  const int32_t first = c * p.chunk_size;
+  const float* g = grad + r * p.output_dim + first;
+  if (p.is_signed) {
+    const int32_t row_term = static_cast<int32_t>(sign_term);
+    for (int32_t o = o_begin; o < o_end; ++o) {
+      chunk_dst[o] += robe::SignFromBit(robe::SignBit(row_term, terms.element[first + o])) * g[o];
+    }
+  } else {
+    for (int32_t o = o_begin; o < o_end; ++o) chunk_dst[o] += g[o];
+  }
+}
+
+// Adds sign * grad of chunk c of row r into dst (an |M| array) at its start. If [lo, hi) is narrower than all of
+// M, only the elements landing in [lo, hi) are added: the destination-ranges scatter gives each thread a slice.
+inline void AddChunk(const functor::RobeBatch& batch, const float* grad, int64_t r, int32_t c, int64_t start,
+                     int64_t sign_term, const CallTerms& terms, int64_t lo, int64_t hi, float* dst) {
+  const int32_t o_begin = static_cast<int32_t>(std::max<int64_t>(0, lo - start));
+  const int32_t o_end = static_cast<int32_t>(std::min<int64_t>(robe::ChunkWidth(batch.params, c), hi - start));
+  AddChunkElements(batch, grad, r, c, sign_term, terms, o_begin, o_end, dst + start);
+}
+
+// Scatters rows [begin, end) into dst (no range restriction), in row order.
+void ScatterRows(const functor::RobeBatch& batch, const CallTerms& terms, const float* grad, int64_t begin,
+                 int64_t end, float* dst) {
+  const robe::HashParams& p = batch.params;
+  int32_t feature = static_cast<int32_t>(begin % batch.num_features);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t a = batch.ids[r] + batch.offsets[feature];
+    if (++feature == batch.num_features) feature = 0;
+    const int64_t row_term = robe::RowTerm(a, p.r3);
+    const int64_t sign_term = p.is_signed ? robe::RowTerm(a, p.s3) : 0;
+    for (int32_t c = 0; c < p.num_chunks; ++c) {
+      const int64_t start = robe::ChunkStart(p, row_term, terms.chunk[c]);
+      AddChunk(batch, grad, r, c, start, sign_term, terms, 0, p.memory_size, dst);
+    }
+  }
+}
+
+// Chunk starts of every (row, chunk) occurrence, in occurrence order (row-major), computed in parallel.
+void ComputeChunkStarts(OpKernelContext* ctx, const functor::RobeBatch& batch, const CallTerms& terms,
+                        int64_t* starts) {
+  const robe::HashParams& p = batch.params;
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(workers->num_threads, workers->workers, batch.rows, 40 * p.num_chunks,
+                    [&](int64_t begin, int64_t end) {
+                      int32_t feature = static_cast<int32_t>(begin % batch.num_features);
+                      for (int64_t r = begin; r < end; ++r) {
+                        const int64_t row_term = robe::RowTerm(batch.ids[r] + batch.offsets[feature], p.r3);
+                        if (++feature == batch.num_features) feature = 0;
+                        for (int32_t c = 0; c < p.num_chunks; ++c) {
+                          starts[r * p.num_chunks + c] = robe::ChunkStart(p, row_term, terms.chunk[c]);
+                        }
+                      }
+                    });
+}
+
+// Splits [0, n) into `parts` contiguous, nearly equal ranges; returns the start of range k.
+int64_t PartStart(int64_t n, int64_t parts, int64_t k) { return n / parts * k + std::min(k, n % parts); }
+
+// Below this many gradient elements a single thread is faster than waking the pool.
+constexpr int64_t kMinElementsPerShard = 1 << 15;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU functors.
+
+namespace functor {
+
+template <>
+struct RobeValidateIdsFunctor<CPUDevice> {
+  absl::Status operator()(OpKernelContext* ctx, const RobeBatch& batch) {
+    const int64_t features = batch.num_features;
+    // The common case (all valid) costs one unsigned compare per id; only a failing batch pays for the search.
+    bool any_bad = false;
+    for (int64_t r = 0, f = 0; r < batch.rows; ++r) {
+      any_bad |= static_cast<uint64_t>(batch.ids[r]) >= static_cast<uint64_t>(batch.cardinalities[f]);
+      if (++f == features) f = 0;
+    }
+    if (!any_bad) return absl::OkStatus();
+    for (int64_t r = 0; r < batch.rows; ++r) {
+      const int64_t f = r % features;
+      if (batch.ids[r] < 0 || batch.ids[r] >= batch.cardinalities[f]) {
+        return InvalidArgument("id out of range: feature ", f, ", value ", batch.ids[r], " (row ", r / features,
+                               "), allowed [0, ", batch.cardinalities[f], ")");
+      }
+    }
+    return absl::OkStatus();
+  }
+};
+
+template <>
+struct RobeLookupFunctor<CPUDevice> {
+  void operator()(OpKernelContext* ctx, const RobeBatch& batch, const float* memory, float* embeddings) {
+    const robe::HashParams& p = batch.params;
+    const CallTerms terms(p);
+    const LookupRowsFn lookup_rows = PickLookupRows(p.chunk_size);
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    // Cost per row in the pool's units (about one per cycle): a modulo per chunk, a load + store per element.
+    const int64_t cost_per_row = 30 * p.num_chunks + 2 * p.output_dim + (p.is_signed ? 6 * p.output_dim : 0);
+    tensorflow::Shard(workers->num_threads, workers->workers, batch.rows, cost_per_row,
+                      [&](int64_t begin, int64_t end) { lookup_rows(batch, terms, memory, begin, end, embeddings); });
+  }
+};
+
+template <>
+struct RobeScatterGradFunctor<CPUDevice> {
+  void operator()(OpKernelContext* ctx, const RobeBatch& batch, const float* grad, ScatterAlgorithm algorithm,
+                  float* memory_grad) {
+    const robe::HashParams& p = batch.params;
+    const CallTerms terms(p);
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    const int64_t memory_size = p.memory_size;
+    const int64_t elements = batch.rows * p.output_dim;
+    const int64_t threads = std::max(1, workers->num_threads);
+    const int64_t shards = std::max<int64_t>(1, std::min<int64_t>(threads, elements / kMinElementsPerShard));
+
+    if (algorithm == ScatterAlgorithm::kAuto) {
+      if (shards == 1) {
+        algorithm = ScatterAlgorithm::kSerial;
+      } else if ((shards - 1) * memory_size <= elements) {
+        // The extra buffers cost (shards - 1) * |M| writes + reads, no more than the scatter itself.
+        algorithm = ScatterAlgorithm::kPartialSums;
+      } else {
+        algorithm = ScatterAlgorithm::kDestinationRanges;
+      }
+    }
+
+    if (algorithm == ScatterAlgorithm::kSerial) {
+      // Zeroing a large |M| is the dominant cost when the batch is small: spread it over the pool.
+      tensorflow::Shard(threads, workers->workers, memory_size, 1, [&](int64_t begin, int64_t end) {
+        std::fill(memory_grad + begin, memory_grad + end, 0.0f);
+      });
+      ScatterRows(batch, terms, grad, 0, batch.rows, memory_grad);
+      return;
+    }
+
+    if (algorithm == ScatterAlgorithm::kPartialSums) {
+      // Shard k owns rows [PartStart(k), PartStart(k+1)) and buffer k (buffer 0 is the output). The shard count
+      // and row split are fixed before the pool runs, so the summation order never depends on scheduling.
+      // (shards - 1) * |M| cannot overflow: |M| <= 2^48 and shards <= the pool size.
+      Tensor partials;
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({(shards - 1) * memory_size}),
+                                             &partials));
+      float* extra = partials.flat<float>().data();
+      auto buffer = [&](int64_t k) { return k == 0 ? memory_grad : extra + (k - 1) * memory_size; };
+      tensorflow::Shard(threads, workers->workers, shards, elements / shards * 4 + memory_size,
+                        [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          float* dst = buffer(k);
+          std::fill(dst, dst + memory_size, 0.0f);
+          ScatterRows(batch, terms, grad, PartStart(batch.rows, shards, k), PartStart(batch.rows, shards, k + 1),
+                      dst);
+        }
+      });
+      tensorflow::Shard(threads, workers->workers, memory_size, shards, [&](int64_t begin, int64_t end) {
+        for (int64_t k = 1; k < shards; ++k) {
+          const float* src = buffer(k);
+          for (int64_t j = begin; j < end; ++j) memory_grad[j] += src[j];
+        }
+      });
+      return;
+    }
+
+    // Destination ranges: thread k owns M[PartStart(k), PartStart(k+1)), zeroes it, then walks every chunk in
+    // occurrence order and adds the part of it that lands in its range. Each element therefore receives its terms
+    // in the same order as the serial scatter, whatever the thread count: the result equals kSerial bit for bit.
+    Tensor starts_tensor;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT64, TensorShape({batch.rows * p.num_chunks}),
+                                           &starts_tensor));
+    int64_t* starts = starts_tensor.flat<int64_t>().data();
+    ComputeChunkStarts(ctx, batch, terms, starts);
+    const int64_t ranges = std::min<int64_t>(threads, memory_size);
+    tensorflow::Shard(
+        threads, workers->workers, ranges,
+        batch.rows * p.num_chunks * 2 + elements / ranges * 4 + memory_size / ranges,
+        [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin; k < end; ++k) {
+            const int64_t lo = PartStart(memory_size, ranges, k);
+            const int64_t hi = PartStart(memory_size, ranges, k + 1);
+            std::fill(memory_grad + lo, memory_grad + hi, 0.0f);
+            for (int64_t r = 0; r < batch.rows; ++r) {
+              const int64_t* row_starts = starts + r * p.num_chunks;
+              int64_t sign_term = -1;  // computed only for rows that touch this range
+              for (int32_t c = 0; c < p.num_chunks; ++c) {
+                const int64_t start = row_starts[c];
+                if (start >= hi || start + robe::ChunkWidth(p, c) <= lo) continue;
+                if (p.is_signed && sign_term < 0) sign_term = robe::RowTerm(OffsetIdOf(batch, r), p.s3);
+                AddChunk(batch, grad, r, c, start, sign_term, terms, lo, hi, memory_grad);
+              }
+            }
+          }
+        });
+  }
+};
+
+}  // namespace functor
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coalesced sparse gradient (CPU only): sort the chunk occurrences by start, merge their [start, start + width)
+// intervals into disjoint covered runs, and sum each element's terms in (start, occurrence) order.
+
+// Occurrence ids (r * num_chunks + c) ordered by chunk start, ties in occurrence order: a stable LSD radix sort
+// over the bits |M| needs (11 bits a pass), so its cost is linear in the batch and independent of the thread count.
+std::vector<int64_t> SortByStart(const int64_t* starts, int64_t count, int64_t max_start) {
+  constexpr int kBits = 11;
+  constexpr int64_t kBuckets = int64_t{1} << kBits;
+  int bits = 1;
+  while (bits < 63 && (max_start >> bits) != 0) ++bits;
+  std::vector<int64_t> order(count), scratch(count);
+  for (int64_t n = 0; n < count; ++n) order[n] = n;
+  std::vector<int64_t> histogram(kBuckets);
+  for (int shift = 0; shift < bits; shift += kBits) {
+    std::fill(histogram.begin(), histogram.end(), 0);
+    for (int64_t n = 0; n < count; ++n) ++histogram[(starts[order[n]] >> shift) & (kBuckets - 1)];
+    int64_t total = 0;
+    for (int64_t& h : histogram) {
+      const int64_t bucket_count = h;
+      h = total;
+      total += bucket_count;
+    }
+    for (int64_t n = 0; n < count; ++n) scratch[histogram[(starts[order[n]] >> shift) & (kBuckets - 1)]++] = order[n];
+    order.swap(scratch);
+  }
+  return order;
+}
+
+void SparseGrad(OpKernelContext* ctx, const functor::RobeBatch& batch, const float* grad) {
+  const robe::HashParams& p = batch.params;
+  const CallTerms terms(p);
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  const int64_t count = batch.rows * p.num_chunks;
+  const int64_t threads = std::max(1, workers->num_threads);
+
+  Tensor starts_tensor;
+  OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT64, TensorShape({count}), &starts_tensor));
+  int64_t* starts = starts_tensor.flat<int64_t>().data();
+  ComputeChunkStarts(ctx, batch, terms, starts);
+  const std::vector<int64_t> order = SortByStart(starts, count, p.memory_size - p.chunk_size);
+
+  // Merge intervals into runs. Element e of a run beginning at run_start is output row run_base + e - run_start,
+  // so each occurrence needs only the output row of its chunk start.
+  std::vector<int64_t> out_row(count);
+  std::vector<std::pair<int64_t, int64_t>> runs;  // (run_start, run_end) in M
+  std::vector<int64_t> run_first_entry;           // index in `order` where each run begins
+  int64_t covered = 0;
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t start = starts[order[n]];
+    const int64_t end = start + robe::ChunkWidth(p, static_cast<int32_t>(order[n] % p.num_chunks));
+    if (runs.empty() || start >= runs.back().second) {
+      if (!runs.empty()) covered += runs.back().second - runs.back().first;
+      runs.push_back({start, end});
+      run_first_entry.push_back(n);
+    } else {
+      runs.back().second = std::max(runs.back().second, end);
+    }
+    out_row[n] = covered + start - runs.back().first;
+  }
+  if (!runs.empty()) covered += runs.back().second - runs.back().first;
+
+  Tensor* indices_tensor = nullptr;
+  Tensor* values_tensor = nullptr;
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({covered}), &indices_tensor));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({covered}), &values_tensor));
+  int64_t* indices = indices_tensor->flat<int64_t>().data();
+  float* values = values_tensor->flat<float>().data();
+
+  // Runs are disjoint in the output, so threads that own whole runs never write the same element.
+  const int64_t num_runs = static_cast<int64_t>(runs.size());
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(threads, num_runs));
+  tensorflow::Shard(threads, workers->workers, pieces, count * p.chunk_size * 4 / pieces,
+                    [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t first_run = PartStart(num_runs, pieces, k), last_run = PartStart(num_runs, pieces, k + 1);
+      if (first_run == last_run) continue;
+      // The first entry of a run starts at the run's first element.
+      int64_t base = out_row[run_first_entry[first_run]];
+      for (int64_t run = first_run; run < last_run; ++run) {
+        const int64_t length = runs[run].second - runs[run].first;
+        for (int64_t e = 0; e < length; ++e) {
+          indices[base + e] = runs[run].first + e;
+          values[base + e] = 0.0f;
+        }
+        base += length;
+      }
+      const int64_t entry_end = last_run < num_runs ? run_first_entry[last_run] : count;
+      for (int64_t n = run_first_entry[first_run]; n < entry_end; ++n) {
+        const int64_t occurrence = order[n];
+        const int64_t r = occurrence / p.num_chunks;
+        const int32_t c = static_cast<int32_t>(occurrence % p.num_chunks);
+        const int64_t sign_term = p.is_signed ? robe::RowTerm(OffsetIdOf(batch, r), p.s3) : 0;
+        AddChunkElements(batch, grad, r, c, sign_term, terms, 0, robe::ChunkWidth(p, c), values + out_row[n]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Op kernels.
+
+// The forward lookup from a memory tensor, shared by the tensor and the resource-variable forms of the op.
+template <typename Device>
+void LookupFromMemory(OpKernelContext* ctx, const RobeAttrs& attrs, const Tensor& memory, const Tensor& ids) {
+  OP_REQUIRES(ctx, memory.dtype() == tensorflow::DT_FLOAT,
+              InvalidArgument("memory must be float32, got ", tensorflow::DataTypeString(memory.dtype())));
+  OP_REQUIRES(ctx, memory.dims() == 1,
+              InvalidArgument("memory must be a vector, got shape ", memory.shape().DebugString()));
+  OP_REQUIRES(ctx, memory.NumElements() >= attrs.chunk_size(),
+              InvalidArgument("memory must hold at least one chunk (chunk_size=", attrs.chunk_size(), "), got ",
+                              memory.NumElements(), " elements"));
+  OP_REQUIRES_OK(ctx, CheckIdsShape(attrs, ids));
+  const functor::RobeBatch batch = MakeBatch(attrs, attrs.Params(memory.NumElements()), ids);
+  OP_REQUIRES_OK(ctx, functor::RobeValidateIdsFunctor<Device>()(ctx, batch));
+  TensorShape shape;
+  OP_REQUIRES_OK(ctx, EmbeddingShape(attrs, ids, &shape));
+  Tensor* embeddings = nullptr;
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &embeddings));
+  if (ids.NumElements() == 0) return;
+  functor::RobeLookupFunctor<Device>()(ctx, batch, memory.flat<float>().data(), embeddings->flat<float>().data());
+}
+
+template <typename Device>
+class RobeLookupOp : public OpKernel {
+ public:
+  explicit RobeLookupOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override { LookupFromMemory<Device>(ctx, attrs_, ctx->input(0), ctx->input(1)); }
+
+ private:
+  RobeAttrs attrs_;
+};
+
+// Reads the variable in place under its shared lock, as ResourceGather does. Going through ReadVariableOp instead
+// would copy all of M on every step once a sparse optimizer update has put the variable in copy-on-read mode.
+template <typename Device>
+class RobeResourceLookupOp : public OpKernel {
+ public:
+  explicit RobeResourceLookupOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<tensorflow::Var> variable;
+    OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0), &variable));
+    tensorflow::tf_shared_lock lock(*variable->mu());
+    OP_REQUIRES(ctx, variable->is_initialized,
+                absl::FailedPreconditionError("the memory variable is not initialized"));
+    LookupFromMemory<Device>(ctx, attrs_, *variable->tensor(), ctx->input(1));
+  }
+
+ private:
+  RobeAttrs attrs_;
+};
+
+functor::ScatterAlgorithm ParseScatterAlgorithm(const std::string& name) {
+  if (name == "serial") return functor::ScatterAlgorithm::kSerial;
+  if (name == "partial_sums") return functor::ScatterAlgorithm::kPartialSums;
+  if (name == "destination_ranges") return functor::ScatterAlgorithm::kDestinationRanges;
+  return functor::ScatterAlgorithm::kAuto;
+}
+
+// Shared input checks of the two gradient ops; fills memory_size and batch.
+template <typename Device>
+absl::Status PrepareGrad(OpKernelContext* ctx, const RobeAttrs& attrs, int64_t* memory_size,
+                         functor::RobeBatch* batch) {
+  const Tensor& grad = ctx->input(0);
+  const Tensor& ids = ctx->input(1);
+  TF_RETURN_IF_ERROR(ReadMemorySize(attrs, ctx->input(2), memory_size));
+  TF_RETURN_IF_ERROR(CheckIdsShape(attrs, ids));
+  TF_RETURN_IF_ERROR(CheckGradShape(attrs, grad, ids));
+  *batch = MakeBatch(attrs, attrs.Params(*memory_size), ids);
+  return functor::RobeValidateIdsFunctor<Device>()(ctx, *batch);
+}
+
+template <typename Device>
+class RobeLookupGradOp : public OpKernel {
+ public:
+  explicit RobeLookupGradOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {
+    std::string algorithm;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scatter_algorithm", &algorithm));
+    algorithm_ = ParseScatterAlgorithm(algorithm);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    int64_t memory_size = 0;
+    functor::RobeBatch batch;
+    OP_REQUIRES_OK(ctx, PrepareGrad<Device>(ctx, attrs_, &memory_size, &batch));
+    Tensor* memory_grad = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({memory_size}), &memory_grad));
+    functor::RobeScatterGradFunctor<Device>()(ctx, batch, ctx->input(0).flat<float>().data(), algorithm_,
+                                              memory_grad->flat<float>().data());
+  }
+
+ private:
+  RobeAttrs attrs_;
+  functor::ScatterAlgorithm algorithm_;
+};
+
+class RobeLookupSparseGradOp : public OpKernel {
+ public:
+  explicit RobeLookupSparseGradOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    int64_t memory_size = 0;
+    functor::RobeBatch batch;
+    OP_REQUIRES_OK(ctx, PrepareGrad<CPUDevice>(ctx, attrs_, &memory_size, &batch));
+    SparseGrad(ctx, batch, ctx->input(0).flat<float>().data());
+  }
+
+ private:
+  RobeAttrs attrs_;
+};
+
+class RobePositionsOp : public OpKernel {
+ public:
+  explicit RobePositionsOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& ids = ctx->input(0);
+    int64_t memory_size = 0;
+    OP_REQUIRES_OK(ctx, ReadMemorySize(attrs_, ctx->input(1), &memory_size));
+    OP_REQUIRES_OK(ctx, CheckIdsShape(attrs_, ids));
+    const functor::RobeBatch batch = MakeBatch(attrs_, attrs_.Params(memory_size), ids);
+    OP_REQUIRES_OK(ctx, functor::RobeValidateIdsFunctor<CPUDevice>()(ctx, batch));
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, EmbeddingShape(attrs_, ids, &shape));
+    Tensor* positions = nullptr;
+    Tensor* signs = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &positions));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &signs));
+    const robe::HashParams& p = batch.params;
+    int64_t* pos = positions->flat<int64_t>().data();
+    float* sgn = signs->flat<float>().data();
+    // The one-shot helpers on purpose: this op is the independent check of the fast paths' precomputed terms.
+    for (int64_t r = 0; r < batch.rows; ++r) {
+      const int64_t a = OffsetIdOf(batch, r);
+      for (int32_t i = 0; i < p.output_dim; ++i) {
+        pos[r * p.output_dim + i] = robe::IndexOf(p, a, i);
+        sgn[r * p.output_dim + i] = p.is_signed ? robe::SignOf(p, a, i) : 1.0f;
+      }
+    }
+  }
+
+ private:
+  RobeAttrs attrs_;
+};
+
+}  // namespace
+
+REGISTER_KERNEL_BUILDER(Name("RobeLookup").Device(DEVICE_CPU), RobeLookupOp<CPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("RobeResourceLookup").Device(DEVICE_CPU), RobeResourceLookupOp<CPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("RobeLookupGrad").Device(DEVICE_CPU), RobeLookupGradOp<CPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("RobeLookupSparseGrad").Device(DEVICE_CPU), RobeLookupSparseGradOp);
+REGISTER_KERNEL_BUILDER(Name("RobePositions").Device(DEVICE_CPU), RobePositionsOp);
+
+#if GOOGLE_CUDA
+// GPU: the forward lookup and the dense scatter (robe_kernels.cu.cc). memory_size is read on the host. The sparse
+// gradient and the positions op stay on the CPU; the placer moves them there.
+using functor::GPUDevice;
+REGISTER_KERNEL_BUILDER(Name("RobeLookup").Device(::tensorflow::DEVICE_GPU), RobeLookupOp<GPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("RobeResourceLookup").Device(::tensorflow::DEVICE_GPU).HostMemory("memory"),
+                        RobeResourceLookupOp<GPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("RobeLookupGrad").Device(::tensorflow::DEVICE_GPU).HostMemory("memory_size"),
+                        RobeLookupGradOp<GPUDevice>);
+#endif
+
+}  // namespace tfcompress

@@ -1,0 +1,430 @@
+"""Check exported SavedModels the way a stock TF Serving would see them. Run as a script, never imported:
+
+    python tfcompress/_verify_standalone.py saved_models/NAME/VERSION [more versions ...] [--json report.json]
+
+This file must not import tfcompress (TF Serving's binary has none of it, nor the ROBE custom-op library). It uses
+only the standard library, NumPy and TensorFlow, plus tensorflow-serving-api and onnxruntime when installed. Run
+as a script, Python puts this file's directory (the tfcompress package directory) first on sys.path; that entry
+is removed before anything else is imported so no package module can shadow another.
+
+Checks, per SavedModel directory (each one PASS, FAIL or SKIP with the reason):
+
+  isolation       `tfcompress` is not imported and no tfcompress/custom-op shared library is mapped in this process
+  stock_ops       every op of every graph and nested function is registered in this process's stock op registry
+  load            tf.saved_model.load succeeds
+  signatures      serving_default(dense, sparse) and examples(examples) exist with the documented dtypes
+  keras_parity    serving_default on the sample rows vs the Keras model's predictions (export's stated tolerance)
+  serving_parity  the same vs the serving graph's predictions in the exporting process (1e-5)
+  examples        the examples signature on tf.train.Example bytes built here (with and without `label`) equals
+                  serving_default on the same rows
+  predict_request a tensorflow-serving-api PredictRequest for the examples signature, serialized and parsed back
+                  (as the server receives it), then its tensor proto fed to the signature
+  warmup          the SavedModel's assets.extra/tf_serving_warmup_requests replayed as TF Serving does on load
+  bad_ids         ids outside [0, n) (-1, n, 2^40, ...): with the "mod" rule no error and predictions equal those of
+                  the ids folded with a floor modulo (computed here with NumPy); with a raising rule an
+                  InvalidArgumentError, after which the model still serves valid rows
+  onnx            model.onnx (when exported) run with onnxruntime vs the SavedModel, valid and bad ids (1e-5)
+
+and prints the size table (bytes per saved variable from the checkpoint itself, total, against the uncompressed
+model). Exit status 0 when nothing FAILed, 1 otherwise, 2 for bad arguments.
+"""
+
+import os
+import sys
+
+# Before any other import: drop this file's directory (tfcompress/) from the module search path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
+from tensorflow.python.framework import op_def_registry  # noqa: E402
+
+# Mirrors tfcompress.export (a test keeps them equal): the checker cannot import the package to read them.
+METADATA_DIR = "assets.extra"
+METADATA_FILE = "tfcompress_export.json"
+SAMPLES_FILE = "tfcompress_samples.npz"
+WARMUP_FILE = "tf_serving_warmup_requests"
+TENSOR_SIGNATURE = "serving_default"
+EXAMPLE_SIGNATURE = "examples"
+EXAMPLES_INPUT = "examples"
+OUTPUT_KEY = "probability"
+EXACT_TOLERANCE = 1e-6  # two signatures of one SavedModel on the same rows: the same ops on the same values
+
+
+class Report:
+    """Results of the checks on one SavedModel."""
+
+    def __init__(self, path):
+        self.path = path
+        self.checks = {}
+        self.details = {}
+
+    def record(self, name, status, message=""):
+        self.checks[name] = {"status": status, "message": message}
+        print(f"  {status:<5} {name:<16} {message}", flush=True)
+
+    def passed(self, name, message=""):
+        self.record(name, "PASS", message)
+
+    def failed(self, name, message):
+        self.record(name, "FAIL", message)
+
+    def skipped(self, name, message):
+        self.record(name, "SKIP", message)
+
+    @property
+    def ok(self):
+        return all(check["status"] != "FAIL" for check in self.checks.values())
+
+    def as_dict(self):
+        return {"path": self.path, "ok": self.ok, "checks": self.checks, **self.details}
+
+
+# -------------------------------------------------------------------------------------------------- checks
+def check_isolation(report):
+    """Nothing of tfcompress in this process: not the package, not its custom-op library."""
+    imported = sorted(name for name in sys.modules if name == "tfcompress" or name.startswith("tfcompress."))
+    mapped = set()
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                library = parts[-1] if len(parts) >= 6 else ""
+                if library.endswith(".so") or ".so." in library:
+                    base = os.path.basename(library)
+                    if base.startswith("_robe_ops") or f"{os.sep}tfcompress{os.sep}" in library:
+                        mapped.add(library)
+    report.details["isolation"] = {"tfcompress_modules": imported, "custom_libraries": sorted(mapped)}
+    if imported or mapped:
+        report.failed("isolation", f"tfcompress modules {imported}, custom libraries {sorted(mapped)}")
+    else:
+        report.passed("isolation", "tfcompress not imported, no custom-op library loaded")
+
+
+def graph_ops(saved_model_path):
+    """{op type: sorted names of the graphs/functions using it} over every meta graph and function library."""
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    uses, functions = {}, set()
+    for meta_graph in proto.meta_graphs:
+        graph_def = meta_graph.graph_def
+        functions.update(function.signature.name for function in graph_def.library.function)
+        groups = [("<graph>", graph_def.node)] + [
+            (function.signature.name, function.node_def) for function in graph_def.library.function
+        ]
+        for owner, nodes in groups:
+            for node in nodes:
+                uses.setdefault(node.op, set()).add(owner)
+    # A node whose op is a library function's name calls that function (whose own nodes are listed too).
+    return {op: sorted(owners) for op, owners in uses.items()}, functions
+
+
+def check_stock_ops(report, path):
+    uses, functions = graph_ops(path)
+    ops = {op: owners for op, owners in uses.items() if op not in functions}
+    unknown = {op: owners for op, owners in ops.items() if op_def_registry.get(op) is None}
+    report.details["ops"] = sorted(ops)
+    report.details["functions"] = len(functions)
+    if unknown:
+        listed = "; ".join(f"{op} (in {', '.join(owners[:3])})" for op, owners in sorted(unknown.items()))
+        report.details["non_stock_ops"] = sorted(unknown)
+        report.failed("stock_ops", f"{len(unknown)} op(s) not in the stock TensorFlow registry: {listed}")
+    else:
+        report.details["non_stock_ops"] = []
+        report.passed("stock_ops", f"{len(ops)} distinct ops in {len(functions)} functions, all stock TensorFlow")
+
+
+def _probability(signature, dense, sparse):
+    return signature(dense=tf.constant(dense, tf.float32), sparse=tf.constant(sparse, tf.int64))[OUTPUT_KEY].numpy()
+
+
+def _max_difference(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def check_signatures(report, loaded, metadata):
+    problems = []
+    for name in (TENSOR_SIGNATURE, EXAMPLE_SIGNATURE):
+        if name not in loaded.signatures:
+            problems.append(f"missing signature {name!r}")
+            continue
+        signature = loaded.signatures[name]
+        inputs = signature.structured_input_signature[1]
+        expected = metadata["signatures"][name]["inputs"]
+        for key, (dtype, shape) in expected.items():
+            spec = inputs.get(key)
+            if spec is None or spec.dtype.name != dtype or spec.shape.as_list() != shape:
+                problems.append(f"{name}.{key}: expected {dtype} {shape}, got {spec}")
+        outputs = signature.structured_outputs
+        if OUTPUT_KEY not in outputs or outputs[OUTPUT_KEY].dtype != tf.float32:
+            problems.append(f"{name}: no float32 output {OUTPUT_KEY!r}")
+    if problems:
+        report.failed("signatures", "; ".join(problems))
+    else:
+        report.passed("signatures", f"{sorted(loaded.signatures)}")
+    return not problems
+
+
+def check_parity(report, signature, samples, metadata):
+    probability = _probability(signature, samples["dense"], samples["sparse"])
+    keras_difference = _max_difference(probability, samples["keras_probability"])
+    tolerance = metadata["keras_tolerance"]
+    label = f"quantize={metadata['quantize']}" if metadata.get("quantize") else "float32"
+    message = f"max |diff| {keras_difference:.2e} on {len(probability)} rows (tolerance {tolerance:g}, {label})"
+    report.details["keras_max_abs_difference"] = keras_difference
+    (report.passed if keras_difference <= tolerance else report.failed)("keras_parity", message)
+    serving_difference = _max_difference(probability, samples["serving_probability"])
+    tolerance = metadata["parity_tolerance"]
+    message = f"max |diff| {serving_difference:.2e} (tolerance {tolerance:g})"
+    (report.passed if serving_difference <= tolerance else report.failed)("serving_parity", message)
+    return probability
+
+
+def example_bytes(dense, sparse, with_label):
+    """Serialized tf.train.Example per row in the TFRecord layout, built with the protobuf API."""
+    records = []
+    for row, (d, s) in enumerate(zip(dense, sparse)):
+        feature = {"sparse": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in s]))}
+        if len(d):
+            feature["dense"] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in d]))
+        if with_label:
+            feature["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[row % 2]))
+        records.append(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    return records
+
+
+def check_examples(report, signature, samples, probability):
+    differences = []
+    for with_label in (True, False):
+        records = example_bytes(samples["dense"], samples["sparse"], with_label)
+        result = signature(**{EXAMPLES_INPUT: tf.constant(records)})[OUTPUT_KEY].numpy()
+        differences.append(_max_difference(result, probability))
+    worst = max(differences)
+    message = f"max |diff| vs serving_default {worst:.2e} (with and without label)"
+    (report.passed if worst <= EXACT_TOLERANCE else report.failed)("examples", message)
+
+
+def check_predict_request(report, loaded, samples, probability, model_name, required):
+    try:
+        from tensorflow_serving.apis import model_pb2, predict_pb2
+    except ImportError:
+        (report.failed if required else report.skipped)("predict_request", "tensorflow-serving-api not installed")
+        return
+    request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=EXAMPLE_SIGNATURE))
+    records = example_bytes(samples["dense"], samples["sparse"], with_label=False)
+    request.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(records, dtype=tf.string))
+    # What the server does: bytes off the wire -> PredictRequest -> the named signature's inputs as tensors.
+    received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    signature = loaded.signatures[received.model_spec.signature_name]
+    feeds = {key: tf.constant(tf.make_ndarray(proto)) for key, proto in received.inputs.items()}
+    result = signature(**feeds)[OUTPUT_KEY].numpy()
+    difference = _max_difference(result, probability)
+    message = f"{len(records)} Examples via PredictRequest({received.model_spec.signature_name!r}), " \
+              f"max |diff| {difference:.2e}"
+    (report.passed if difference <= EXACT_TOLERANCE else report.failed)("predict_request", message)
+
+
+def check_warmup(report, loaded, path):
+    warmup = os.path.join(path, METADATA_DIR, WARMUP_FILE)
+    if not os.path.exists(warmup):
+        report.skipped("warmup", "no warmup file (written when tensorflow-serving-api is installed at export)")
+        return
+    try:
+        from tensorflow_serving.apis import prediction_log_pb2
+    except ImportError:
+        report.skipped("warmup", "tensorflow-serving-api not installed here")
+        return
+    replayed = []
+    for record in tf.data.TFRecordDataset(warmup).as_numpy_iterator():
+        request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+        signature = loaded.signatures[request.model_spec.signature_name or TENSOR_SIGNATURE]
+        feeds = {key: tf.constant(tf.make_ndarray(proto)) for key, proto in request.inputs.items()}
+        output = signature(**feeds)[OUTPUT_KEY].numpy()
+        if output.ndim != 2 or output.shape[1] != 1 or not np.all(np.isfinite(output)):
+            report.failed("warmup", f"request for {request.model_spec.signature_name!r} gave shape {output.shape}")
+            return
+        replayed.append(request.model_spec.signature_name)
+    report.passed("warmup", f"replayed {len(replayed)} PredictRequests: {replayed}")
+
+
+def out_of_range_rows(n_dense, cardinalities):
+    """Ids no table has, one kind per row (the same kinds the exporter checks)."""
+    cards = np.asarray(cardinalities, np.int64)
+    sparse = np.stack([-np.ones_like(cards), cards, cards + 12345, np.full_like(cards, 2**40),
+                       np.full_like(cards, -(2**40) - 3), np.where(np.arange(len(cards)) % 2 == 0, cards - 1, -7)])
+    return np.zeros((len(sparse), n_dense), np.float32), sparse
+
+
+def check_bad_ids(report, signature, metadata, samples):
+    dense, sparse = out_of_range_rows(metadata["n_dense"], metadata["cardinalities"])
+    if metadata["bad_ids_raise"]:
+        try:
+            _probability(signature, dense, sparse)
+        except tf.errors.InvalidArgumentError as error:
+            lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
+            first_line = next((line for line in lines if "assertion failed" in line), lines[0] if lines else "")
+            first_line = first_line[:160]
+            again = _probability(signature, samples["dense"], samples["sparse"])
+            fine = np.all(np.isfinite(again))
+            (report.passed if fine else report.failed)(
+                "bad_ids", f"rule {metadata['serving_out_of_range']}: request rejected ({first_line}); "
+                           "valid rows still served")
+            return
+        report.failed("bad_ids", "the export says out-of-range ids raise, but no error was raised")
+        return
+    try:
+        result = _probability(signature, dense, sparse)
+    except tf.errors.OpError as error:
+        report.failed("bad_ids", f"out-of-range ids made the model fail: {type(error).__name__}")
+        return
+    folded = np.mod(sparse, np.asarray(metadata["cardinalities"], np.int64))  # NumPy's mod is a floor modulo
+    reference = _probability(signature, dense, folded)
+    difference = _max_difference(result, reference)
+    in_range = bool(np.all((result >= 0) & (result <= 1)))
+    ok = difference <= EXACT_TOLERANCE and in_range
+    (report.passed if ok else report.failed)(
+        "bad_ids", f"{len(sparse)} rows of ids like -1, n, 2^40: no error, max |diff| vs floor-mod ids "
+                   f"{difference:.2e}")
+
+
+def check_onnx(report, path, metadata, signature, samples, required):
+    onnx_info = metadata.get("onnx")
+    if not onnx_info:
+        report.skipped("onnx", "not exported (export with onnx=True / --onnx)")
+        return
+    try:
+        import onnxruntime
+    except ImportError:
+        (report.failed if required else report.skipped)("onnx", "onnxruntime not installed")
+        return
+    session = onnxruntime.InferenceSession(os.path.join(path, onnx_info["file"]),
+                                           providers=["CPUExecutionProvider"])
+    rows = [(samples["dense"], samples["sparse"])]
+    if not metadata["bad_ids_raise"]:
+        rows.append(out_of_range_rows(metadata["n_dense"], metadata["cardinalities"]))
+    worst = 0.0
+    for dense, sparse in rows:
+        result = session.run([OUTPUT_KEY], {"dense": dense.astype(np.float32), "sparse": sparse.astype(np.int64)})
+        worst = max(worst, _max_difference(result[0], _probability(signature, dense, sparse)))
+    message = f"onnxruntime {onnxruntime.__version__}, opset {onnx_info['opset']}: max |diff| {worst:.2e}"
+    (report.passed if worst <= metadata["parity_tolerance"] else report.failed)("onnx", message)
+
+
+# ---------------------------------------------------------------------------------------------- size table
+def _unescape_checkpoint_name(name):
+    """Object-graph names escape '/' as '.S' and '.' as '..' in checkpoint keys."""
+    out, i = [], 0
+    while i < len(name):
+        if name[i] == "." and i + 1 < len(name):
+            out.append({"S": "/", ".": "."}.get(name[i + 1], name[i + 1]))
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    return "".join(out)
+
+
+def size_table(path, metadata):
+    """Bytes of every saved variable, read from the checkpoint (not from the exporter's metadata)."""
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    rows = []
+    for key in sorted(shapes):
+        if key.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
+            continue
+        local = key.split("/.ATTRIBUTES/")[0]
+        name = _unescape_checkpoint_name(local.split("/", 1)[1] if "/" in local else local)
+        nbytes = int(np.prod(shapes[key], dtype=np.int64)) * dtypes[key].size
+        rows.append((name, dtypes[key].name, tuple(shapes[key]), nbytes))
+    total = sum(row[3] for row in rows)
+    on_disk = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    uncompressed = metadata.get("uncompressed_bytes")
+    lines = [f"    {'variable':<48} {'dtype':<8} {'shape':<16} {'bytes':>14}"]
+    lines += [f"    {n:<48} {d:<8} {str(s):<16} {b:>14,}" for n, d, s, b in rows]
+    lines.append(f"    {'total (variables)':<74} {total:>14,}")
+    lines.append(f"    {'files on disk (whole version directory)':<74} {on_disk:>14,}")
+    if uncompressed:
+        lines.append(f"    {'uncompressed model (full float32 tables)':<74} {uncompressed:>14,}")
+        lines.append(f"    {'compression (uncompressed / total)':<74} {uncompressed / max(total, 1):>13.1f}x")
+    print("\n".join(lines), flush=True)
+    return {"variables": [{"name": n, "dtype": d, "shape": list(s), "bytes": b} for n, d, s, b in rows],
+            "total_bytes": total, "disk_bytes": on_disk, "uncompressed_bytes": uncompressed}
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def verify_one(path, require_serving_api=False, require_onnx=False):
+    report = Report(path)
+    print(f"verify {path}", flush=True)
+    check_isolation(report)
+    if not os.path.exists(os.path.join(path, "saved_model.pb")):
+        report.failed("load", f"no saved_model.pb in {path}")
+        return report
+    metadata_path = os.path.join(path, METADATA_DIR, METADATA_FILE)
+    metadata = None
+    if os.path.exists(metadata_path):
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+    check_stock_ops(report, path)
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as error:  # noqa: BLE001 - any load failure is the finding
+        report.failed("load", f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}")
+        return report
+    report.passed("load", "tf.saved_model.load")
+    if metadata is None:
+        report.failed("signatures", f"no {METADATA_DIR}/{METADATA_FILE}: not a tfcompress export")
+        return report
+    if not check_signatures(report, loaded, metadata):
+        return report
+    with np.load(os.path.join(path, METADATA_DIR, SAMPLES_FILE)) as data:
+        samples = {key: data[key] for key in data.files}
+    tensors = loaded.signatures[TENSOR_SIGNATURE]
+    probability = check_parity(report, tensors, samples, metadata)
+    check_examples(report, loaded.signatures[EXAMPLE_SIGNATURE], samples, probability)
+    check_predict_request(report, loaded, samples, probability, metadata["name"], require_serving_api)
+    check_warmup(report, loaded, path)
+    check_bad_ids(report, tensors, metadata, samples)
+    check_onnx(report, path, metadata, tensors, samples, require_onnx)
+    report.details["sizes"] = size_table(path, metadata)
+    check_isolation(report)  # again (the later result is kept): nothing above may have pulled tfcompress in
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="SavedModel version directories (saved_models/NAME/VERSION)")
+    parser.add_argument("--json", help="also write the reports to this JSON file")
+    parser.add_argument("--require-serving-api", action="store_true",
+                        help="FAIL (not SKIP) the PredictRequest check when tensorflow-serving-api is missing")
+    parser.add_argument("--require-onnx", action="store_true",
+                        help="FAIL (not SKIP) the ONNX check when onnxruntime is missing")
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.paths:
+        try:
+            report = verify_one(path, args.require_serving_api, args.require_onnx)
+        except Exception as error:  # noqa: BLE001 - report it and go on with the other paths
+            report = Report(path)
+            report.failed("crash", f"{type(error).__name__}: {error}")
+        print(f"  {'OK' if report.ok else 'FAILED'}: {path}\n", flush=True)
+        reports.append(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([report.as_dict() for report in reports], f, indent=2)
+    return 0 if all(report.ok for report in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The `tfcompress` command line: one subcommand per stage of the data flow.
+
+    tfcompress train --pipeline pipelines/synthetic_dlrm_robe.toml [--pipeline P2 ...] [--set section.key=value]
+    tfcompress generate --dataset criteo --rows 1000000 --eval-rows 100000 --seed 0 --scale 1.0 --output DIR
+    tfcompress plan --dataset criteo --dim 16 --method robe --ratio 1000
+    tfcompress export --pipeline P --name NAME [--checkpoint C] [--quantize int8|fp16] [--onnx] [--verify]
+    tfcompress verify saved_models/NAME/VERSION [...]
+    tfcompress data convert --format criteo-tsv --input day_* --output DIR [--workers N] [--split criteo-days]
+    tfcompress learn-hash --pipeline P --target 0.1 [--teacher-dim 2] [--combiner sum|concat] [--output DIR]
+
+Each subcommand is a pair of functions: `_add_<name>_arguments(parser)` and `_run_<name>(args) -> exit code`,
+listed in COMMANDS. TensorFlow is imported inside the run functions so that `tfcompress --help` stays fast.
+Bad input (a ValueError or a missing file) prints "error: ..." and exits with status 2, without a traceback.
+"""
+
+import argparse
+import sys
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _add_train_arguments(parser):
+    parser.add_argument("--pipeline", action="append", required=True, metavar="TOML",
+                        help="pipeline file; repeat to train several and compare them in one table")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
+                        help="override a pipeline value before validation, e.g. train.epochs=2 (applies to every "
+                             "pipeline; repeatable)")
+    parser.add_argument("--runs-dir", default="runs", help="trained models go to RUNS_DIR/<pipeline name>/")
+    parser.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
+                        help="Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a "
+                             "terminal, 2 when the output goes to a file or pipe)")
+
+
+def _run_train(args):
+    from tfcompress.pipeline import load_pipeline
+
+    # Validate every pipeline before training any: a typo in the second file should not cost the first run.
+    pipelines = [load_pipeline(path, args.overrides) for path in args.pipeline]
+    names = [p.name for p in pipelines]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"pipelines must have distinct names (they name runs/<name>/), got {duplicates} twice")
+
+    from tfcompress.train import format_results_table, train
+
+    # A progress bar redrawn per step floods logs that are not a terminal.
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    results = []
+    for pipeline in pipelines:
+        print(f"\n=== {pipeline.name} ({pipeline.source}) ===", flush=True)
+        results.append(train(pipeline, runs_dir=args.runs_dir, verbose=verbose))
+    print("\n" + format_results_table(results), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- generate
+def _add_generate_arguments(parser):
+    parser.add_argument("--dataset", choices=("criteo", "avazu"), default="criteo")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="training rows")
+    parser.add_argument("--eval-rows", type=int, default=100_000, help="evaluation rows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="cardinality scale (multiplies table sizes)")
+    parser.add_argument("--output", required=True, help="output directory (schema.json, stats.json, train/, eval/)")
+
+
+def _run_generate(args):
+    import json
+
+    from tfcompress.data import synthetic
+
+    stats = synthetic.generate(args.output, dataset=args.dataset, rows=args.rows, eval_rows=args.eval_rows,
+                               seed=args.seed, cardinality_scale=args.scale)
+    print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- plan
+def _add_plan_arguments(parser):
+    tables = parser.add_mutually_exclusive_group(required=True)
+    tables.add_argument("--dataset", choices=("criteo", "avazu"),
+                        help="use the default table sizes of this dataset (Criteo Kaggle, Avazu)")
+    tables.add_argument("--cardinalities", help="comma-separated table sizes, e.g. 1000,50,20000")
+    parser.add_argument("--scale", type=float, default=1.0, help="with --dataset: cardinality scale")
+    parser.add_argument("--dim", type=int, required=True, help="embedding width")
+    parser.add_argument("--method", required=True, help="full, robe, hashing, qr, ...")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=float, help="compression ratio, e.g. 1000")
+    target.add_argument("--budget", help="byte budget for all embeddings, e.g. 100MB")
+    parser.add_argument("--uncompressed-below", type=int, default=0, metavar="N",
+                        help="tables with fewer than N rows stay full tables")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option passed to the layer, e.g. chunk_size=4 (repeatable)")
+
+
+def _parse_cardinalities(text):
+    try:
+        cards = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--cardinalities must be comma-separated integers, got {text!r}") from None
+    if not cards:
+        raise ValueError("--cardinalities must list at least one table size")
+    return cards
+
+
+def _parse_options(options):
+    """["chunk_size=4", "signed=true"] -> {"chunk_size": 4, "signed": True} (values read as in --set)."""
+    from tfcompress.pipeline import parse_override
+
+    parsed = {}
+    for option in options:
+        if "=" not in option or not option.split("=", 1)[0].strip():
+            raise ValueError(f"--option must look like key=value, got {option!r}")
+        _, key, value = parse_override(f"option.{option}")
+        parsed[key] = value
+    return parsed
+
+
+def _run_plan(args):
+    from tfcompress.plan import make_plan
+
+    if args.cardinalities is not None:
+        cardinalities = _parse_cardinalities(args.cardinalities)
+    else:
+        from tfcompress.data import synthetic
+
+        cardinalities = synthetic.scale_cardinalities(synthetic.dataset_columns(args.dataset)[2], args.scale)
+    plan = make_plan(cardinalities, args.dim, args.method, ratio=args.ratio, budget=args.budget,
+                     uncompressed_below=args.uncompressed_below, **_parse_options(args.option))
+    print(plan.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- export
+def _add_export_arguments(parser):
+    parser.add_argument("--pipeline", metavar="TOML",
+                        help="the trained pipeline: its model is RUNS_DIR/<pipeline name>/model.keras and its name "
+                             "is the default --name")
+    parser.add_argument("--checkpoint", metavar="MODEL.keras", help="a saved Keras model (instead of --pipeline's)")
+    parser.add_argument("--runs-dir", default="runs", help="where `tfcompress train` saved the models")
+    parser.add_argument("--name", help="served model name (default: the pipeline's or the Keras model's name)")
+    parser.add_argument("--base-dir", default="saved_models", help="TF Serving model base (holds models.config)")
+    parser.add_argument("--version", type=int, help="version number (default: the next free one)")
+    parser.add_argument("--quantize", choices=("int8", "fp16"), help="store embedding tables quantized")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (checked against the SavedModel)")
+    parser.add_argument("--serving-out-of-range", choices=("mod", "as_trained"), default="mod",
+                        help="ids outside a table at serving: fold with a floor modulo (default, never fails) or "
+                             "keep each layer's training rule")
+    parser.add_argument("--config-base-path",
+                        help="base_path written to models.config (default: the absolute path of BASE_DIR/NAME)")
+    parser.add_argument("--verify", action="store_true",
+                        help="then run `tfcompress verify` on the new version (fresh process)")
+
+
+def _run_export(args):
+    import os
+
+    name, checkpoint = args.name, args.checkpoint
+    if args.pipeline is not None:
+        from tfcompress.pipeline import load_pipeline
+
+        pipeline = load_pipeline(args.pipeline)
+        name = name or pipeline.name
+        checkpoint = checkpoint or os.path.join(args.runs_dir, pipeline.name, "model.keras")
+    if checkpoint is None:
+        raise ValueError("give --pipeline (a trained pipeline) or --checkpoint (a saved .keras model)")
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"no saved model at {checkpoint} (train the pipeline first: tfcompress train)")
+
+    from tfcompress.export import export_saved_model, load_keras_model
+
+    path = export_saved_model(load_keras_model(checkpoint), base_dir=args.base_dir, name=name,
+                              version=args.version, quantize=args.quantize, onnx=args.onnx,
+                              serving_out_of_range=args.serving_out_of_range,
+                              config_base_path=args.config_base_path)
+    print(f"exported {path} (registered in {os.path.join(args.base_dir, 'models.config')})", flush=True)
+    if args.verify:
+        return _verify_paths([path])
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- verify
+def _add_verify_arguments(parser):
+    parser.add_argument("paths", nargs="+", metavar="SAVED_MODEL_DIR", help="e.g. saved_models/NAME/VERSION")
+    parser.add_argument("--require-serving-api", action="store_true",
+                        help="fail (not skip) the PredictRequest check when tensorflow-serving-api is missing")
+    parser.add_argument("--require-onnx", action="store_true",
+                        help="fail (not skip) the ONNX check when onnxruntime is missing")
+
+
+def _verify_paths(paths, require_serving_api=False, require_onnx=False):
+    from tfcompress.verify import verify
+
+    result = verify(paths, require_serving_api=require_serving_api, require_onnx=require_onnx, echo=True)
+    return 0 if result.ok else 1
+
+
+def _run_verify(args):
+    return _verify_paths(args.paths, args.require_serving_api, args.require_onnx)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+_DATA_FORMATS = ("criteo-tsv", "criteo-csv", "avazu-csv", "csv", "parquet")  # tfcompress.data.formats.FORMATS
+
+
+def _add_data_arguments(parser):
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION", title="actions")
+    actions.required = True
+    convert = actions.add_parser(
+        "convert", help="convert raw click logs (Criteo, Avazu, CSV, Parquet) into sharded TFRecords",
+        description="Convert raw click logs into sharded TFRecords + schema.json + report.json (+ quarantine.tsv "
+                    "of rejected lines, counts/ of per-id accesses). Rerunning into the same directory resumes.")
+    convert.add_argument("--format", required=True, choices=_DATA_FORMATS)
+    convert.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                         help="input files, directories or glob patterns (.gz is read as gzip)")
+    convert.add_argument("--output", required=True, help="output directory")
+    convert.add_argument("--workers", type=int, default=1, help="worker processes (same output for any number)")
+    convert.add_argument("--schema", help="schema TOML: required for --format csv, optional for parquet")
+    convert.add_argument("--encoding", choices=("hex-mod", "vocab", "hash"),
+                         help="categorical encoding (default: hex-mod for Criteo, hash otherwise)")
+    convert.add_argument("--max-ind-range", type=int,
+                         help="hex-mod: ids are hex value mod this (default 40000000); vocab: fold hex first")
+    convert.add_argument("--min-count", type=int, default=1, help="vocab: rarer values map to id 0")
+    convert.add_argument("--hash-buckets", type=int, help="hash: table size (default 4194304)")
+    convert.add_argument("--dense-transform", choices=("log1p", "none"),
+                         help="after negative -> 0 (default: log1p for Criteo, none otherwise)")
+    convert.add_argument("--keep-negative", action="store_true", help="do not clip negative dense values to 0")
+    convert.add_argument("--split", choices=("none", "random", "criteo-days", "criteo-days-halves"), default="none",
+                         help="none: all rows in train/; random: --eval-fraction to eval/; criteo-days: file "
+                              "day_<test-day> to eval/; criteo-days-halves: its first half to eval/, second to test/")
+    convert.add_argument("--eval-fraction", type=float, default=0.1, help="random split: fraction in eval/")
+    convert.add_argument("--seed", type=int, default=2020, help="random split seed (DLRM's Kaggle split: 2020)")
+    convert.add_argument("--test-day", type=int, default=23, help="criteo-days splits: held-out day (MLPerf: 23)")
+    convert.add_argument("--shard-size", default="256MiB",
+                         help="plain text inputs are cut into pieces of about this size, e.g. 256MiB")
+    convert.add_argument("--rows-per-shard", type=int, help="most rows in one output shard (default 2097152)")
+    convert.add_argument("--record-layout", choices=("fixed", "canonical"), default="fixed",
+                         help="fixed: equal-length records that `read` loads fast (default); canonical: protobuf's "
+                              "shortest encoding")
+    convert.add_argument("--strict", action="store_true", help="stop at the first bad row (error names file:line)")
+    convert.add_argument("--overwrite", action="store_true", help="empty OUTPUT first instead of resuming")
+    convert.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def _run_data(args):
+    import json
+
+    from tfcompress.data import convert as data_convert
+    from tfcompress.plan import parse_bytes
+
+    options = {}
+    if args.hash_buckets is not None:
+        options["hash_buckets"] = args.hash_buckets
+    if args.rows_per_shard is not None:
+        options["rows_per_shard"] = args.rows_per_shard
+    report = data_convert.convert(
+        args.input, args.output, args.format, workers=args.workers, schema=args.schema, encoding=args.encoding,
+        max_ind_range=args.max_ind_range, min_count=args.min_count, dense_transform=args.dense_transform,
+        clip_negative=not args.keep_negative, split=args.split, eval_fraction=args.eval_fraction, seed=args.seed,
+        test_day=args.test_day, shard_bytes=parse_bytes(args.shard_size), record_layout=args.record_layout,
+        strict=args.strict,
+        overwrite=args.overwrite, progress=not args.no_progress, **options)
+    summary = {key: report[key] for key in ("rows_read", "rows_written", "rows_rejected", "rejected_by_reason",
+                                            "rows_per_split", "pieces", "pieces_skipped")}
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"wrote {args.output} (schema.json, report.json, quarantine.tsv, counts/)", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- learn-hash
+def _add_learn_hash_arguments(parser):
+    parser.add_argument("--pipeline", required=True, metavar="TOML", help="the pipeline to compress")
+    parser.add_argument("--target", type=float, required=True,
+                        help="rows kept per compressed table as a fraction of its ids, e.g. 0.1")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
+                        help="override a pipeline value first (repeatable)")
+    parser.add_argument("--output", help="output directory (default: runs/<pipeline name>_learned_hash)")
+    parser.add_argument("--teacher-dim", type=int, default=2, help="teacher width = mappings per table (1-4)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher training batches (default: --teacher-epochs)")
+    parser.add_argument("--teacher-epochs", type=int, default=1, help="teacher passes over the training data")
+    parser.add_argument("--combiner", choices=("sum", "concat"), default="sum",
+                        help="how the per-dimension internal tables are combined")
+    parser.add_argument("--min-rows", type=int, default=100_000, help="smaller tables stay full tables")
+    parser.add_argument("--private-fraction", type=float, default=0.0,
+                        help="this fraction of each table's most frequent ids keep private rows")
+    parser.add_argument("--max-cluster-size", type=int, help="most ids per cluster (default: no cap)")
+    parser.add_argument("--unweighted", action="store_true", help="plain (not frequency-weighted) cluster means")
+
+
+def _run_learn_hash(args):
+    from tfcompress.learned_hash.workflow import learn_hash
+    from tfcompress.pipeline import load_pipeline
+
+    learn_hash(load_pipeline(args.pipeline, args.overrides), args.target, output_dir=args.output,
+               teacher_dim=args.teacher_dim, combiner=args.combiner, min_rows=args.min_rows,
+               private_fraction=args.private_fraction, max_cluster_size=args.max_cluster_size,
+               weighted=not args.unweighted, teacher_steps=args.teacher_steps, teacher_epochs=args.teacher_epochs)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- main
+# (name, help, add_arguments, run). A new subcommand is one more pair of functions and one more line here.
+COMMANDS = [
+    ("train", "train pipelines and print a side-by-side table of their results", _add_train_arguments, _run_train),
+    ("generate", "generate planted-signal synthetic Criteo/Avazu TFRecords", _add_generate_arguments, _run_generate),
+    ("plan", "print a compression plan (logical vs physical sizes per table)", _add_plan_arguments, _run_plan),
+    ("export", "export a trained model for TF Serving (SavedModel, models.config, optional ONNX)",
+     _add_export_arguments, _run_export),
+    ("verify", "check exported SavedModels in a fresh process without tfcompress (ops, parity, sizes)",
+     _add_verify_arguments, _run_verify),
+    ("data", "data tools: `data convert` turns raw click logs into TFRecords", _add_data_arguments, _run_data),
+    ("learn-hash", "learned hashing: teacher, clustering, mappings and a pipeline that trains with them",
+     _add_learn_hash_arguments, _run_learn_hash),
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="tfcompress",
+        description="Compressed embedding tables for TensorFlow/Keras recommendation models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subparsers.required = True
+    for name, help_text, add_arguments, run in COMMANDS:
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the `tfcompress` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

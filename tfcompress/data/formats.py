@@ -1,0 +1,603 @@
+"""Raw click-log formats -> label / dense / categorical-key columns, with a rejection reason for every bad row.
+
+Formats (`layout_for_format`):
+
+- `criteo-tsv`: Criteo Terabyte `day_N` files and Criteo Kaggle `train.txt`: tab-separated, no header, label,
+  I1..I13 (integers), C1..C26 (8 hex digits); any field may be empty.
+- `criteo-csv`: the same 40 columns comma-separated, with a header `label,I1..I13,C1..C26`.
+- `avazu-csv`: header `id,click,hour,C1,banner_pos,...,C21`; `click` is the label, `id` is dropped, `hour`
+  (YYMMDDHH) becomes the categorical features `hour_of_day` (0..23) and `weekday` (0 = Monday .. 6).
+- `csv`: any delimited click log described by a schema TOML file (`layout_from_schema_file`).
+- `parquet`: Criteo columns (or a schema's) from Parquet files, e.g. Spark/NVTabular output (`parse_record_batch`).
+
+Text is parsed a block of complete lines at a time with NumPy (no Python loop per row): delimiter positions give
+the field boundaries, integers and hex digits are folded position by position over all fields at once. Rows are
+rejected, never dropped silently, for one reason each (the first that applies, in this order):
+
+    empty_line, wrong_column_count, bad_label, non_numeric_dense, bad_hex, bad_categorical, bad_hour
+
+Values: label must be exactly "0" or "1". Dense fields are integers (fast path) or anything Python's float()
+reads that is finite; empty -> 0. Categorical fields become uint64 keys (see `tfcompress.data.encoding`); empty ->
+MISSING_KEY. Fields are taken literally: CSV quoting is not interpreted (a quoted field that holds the delimiter
+gives a wrong column count and is quarantined, not mis-read).
+
+Example:
+    >>> layout = layout_for_format("criteo-tsv")
+    >>> parsed = parse_text_block(b"1\\t5" + b"\\t" * 12 + b"\\t68fd1e64" + b"\\t" * 25 + b"\\n", layout,
+    ...                           layout.column_map(), first_line=1)
+    >>> parsed.label.tolist(), parsed.dense[0, 0], hex(int(parsed.keys[0, 0]))
+    ([1], 5.0, '0x68fd1e64')
+"""
+
+import dataclasses
+import json
+import math
+import tomllib
+
+import numpy as np
+
+from tfcompress.data.encoding import MISSING_KEY, gather_tokens, hex_keys, string_keys
+
+FORMATS = ("criteo-tsv", "criteo-csv", "avazu-csv", "csv", "parquet")
+REJECT_REASONS = ("empty_line", "wrong_column_count", "bad_label", "non_numeric_dense", "bad_hex",
+                  "bad_categorical", "bad_hour")
+_REASON_CODE = {reason: code for code, reason in enumerate(REJECT_REASONS, start=1)}
+SPARSE_KINDS = ("hex", "string", "hour_of_day", "weekday")
+DERIVED_CARDINALITY = {"hour_of_day": 24, "weekday": 7}
+
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
+CRITEO_COLUMNS = ["label"] + CRITEO_DENSE + CRITEO_SPARSE
+AVAZU_CATEGORICAL = [
+    "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain", "app_category",
+    "device_id", "device_ip", "device_model", "device_type", "device_conn_type", "C14", "C15", "C16", "C17", "C18",
+    "C19", "C20", "C21",
+]
+AVAZU_COLUMNS = ["id", "click", "hour"] + AVAZU_CATEGORICAL
+
+_MAX_FAST_DIGITS = 18  # 10^18 < 2^63: integers this long sum in int64 without overflow
+_POW10 = 10 ** np.arange(_MAX_FAST_DIGITS, dtype=np.int64)
+
+
+class FormatError(ValueError):
+    """A problem with a whole input (header, schema, column types), as opposed to one bad row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseColumn:
+    """One categorical output feature.
+
+    Args:
+        name: feature name in schema.json (e.g. "C1", "hour_of_day").
+        source: input column it is read from (e.g. "C1", "hour").
+        kind: "hex" (hex digits -> value), "string" (stable hash of the bytes), "hour_of_day" / "weekday"
+            (derived from a YYMMDDHH column).
+    """
+
+    name: str
+    source: str
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one format's lines map to label / dense / categorical columns.
+
+    Args:
+        name: dataset name written to schema.json ("criteo", "avazu", or the schema's name).
+        format: one of FORMATS.
+        delimiter: field separator (one byte).
+        header: True when every file starts with a header line naming its columns.
+        columns: the column names of a line, in order, for files without a header (None: read from the header).
+        label: label column name.
+        dense: dense column names (output order).
+        sparse: SparseColumn per categorical output feature (output order).
+        dense_transform: default dense transform of the format ("log1p" or "none").
+        default_encoding: default categorical encoding of the format.
+    """
+
+    name: str
+    format: str
+    delimiter: bytes
+    header: bool
+    columns: tuple
+    label: str
+    dense: tuple
+    sparse: tuple
+    dense_transform: str = "none"
+    default_encoding: str = "hash"
+
+    @property
+    def sparse_names(self):
+        return [column.name for column in self.sparse]
+
+    def required_columns(self):
+        sources = [self.label] + list(self.dense) + [column.source for column in self.sparse]
+        return list(dict.fromkeys(sources))
+
+    def column_map(self, header_names=None, source="<input>"):
+        """ColumnMap of this layout for a file whose header is `header_names` (None for header-less formats).
+
+        Raises:
+            FormatError: a required column is missing from the header (naming the file and the columns).
+        """
+        names = list(self.columns) if header_names is None else [str(n) for n in header_names]
+        if header_names is not None and len(set(names)) != len(names):
+            duplicated = sorted({n for n in names if names.count(n) > 1})
+            raise FormatError(f"{source}: header has duplicate columns {duplicated}")
+        index = {name: i for i, name in enumerate(names)}
+        missing = [name for name in self.required_columns() if name not in index]
+        if missing:
+            raise FormatError(f"{source}: the {self.format} header lacks columns {missing}; it has {names}")
+        return ColumnMap(
+            n_columns=len(names),
+            label=index[self.label],
+            dense=tuple(index[name] for name in self.dense),
+            sparse=tuple(index[column.source] for column in self.sparse),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnMap:
+    """Field positions of a layout's columns within a line of one file."""
+
+    n_columns: int
+    label: int
+    dense: tuple
+    sparse: tuple
+
+
+@dataclasses.dataclass
+class Parsed:
+    """Parsed rows of one block, in input order, plus the rejected lines.
+
+    Attributes:
+        label: int64 [G] (0/1) of the good rows.
+        dense: float64 [G, n_dense], empty fields as 0 (no clipping or transform yet).
+        keys: uint64 [G, n_sparse] (derived features hold their small integer value).
+        line: int64 [G], 1-based line (or row) number of each good row in its file.
+        rejected: list of (line number, reason, raw bytes) of the bad rows.
+        n_read: rows read in the block (good + rejected).
+    """
+
+    label: np.ndarray
+    dense: np.ndarray
+    keys: np.ndarray
+    line: np.ndarray
+    rejected: list
+    n_read: int
+
+    @property
+    def n_good(self):
+        return int(self.label.shape[0])
+
+
+# ---- layouts -------------------------------------------------------------------------------------------------
+
+
+def criteo_layout(format_name, delimiter, header):
+    return Layout(
+        name="criteo", format=format_name, delimiter=delimiter, header=header,
+        columns=None if header else tuple(CRITEO_COLUMNS), label="label", dense=tuple(CRITEO_DENSE),
+        sparse=tuple(SparseColumn(name, name, "hex") for name in CRITEO_SPARSE),
+        dense_transform="log1p", default_encoding="hex-mod",
+    )
+
+
+def avazu_layout():
+    sparse = [SparseColumn(name, name, "string") for name in AVAZU_CATEGORICAL]
+    sparse += [SparseColumn("hour_of_day", "hour", "hour_of_day"), SparseColumn("weekday", "hour", "weekday")]
+    return Layout(name="avazu", format="avazu-csv", delimiter=b",", header=True, columns=None, label="click",
+                  dense=(), sparse=tuple(sparse), dense_transform="none", default_encoding="hash")
+
+
+def layout_for_format(format_name, schema_path=None):
+    """The Layout of a format name; `csv` needs `schema_path`, `parquet` takes one optionally (else Criteo's).
+
+    Raises:
+        ValueError: an unknown format, or a schema given where it means nothing / missing where it is needed.
+    """
+    if format_name not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format_name!r}")
+    if format_name == "csv":
+        if schema_path is None:
+            raise ValueError("format 'csv' needs a schema file (--schema schema.toml) naming its columns")
+        return layout_from_schema_file(schema_path)
+    if schema_path is not None and format_name != "parquet":
+        raise ValueError(f"--schema is only used with the 'csv' and 'parquet' formats, not {format_name!r}")
+    if format_name == "criteo-tsv":
+        return criteo_layout("criteo-tsv", b"\t", header=False)
+    if format_name == "criteo-csv":
+        return criteo_layout("criteo-csv", b",", header=True)
+    if format_name == "avazu-csv":
+        return avazu_layout()
+    if schema_path is not None:
+        return dataclasses.replace(layout_from_schema_file(schema_path), format="parquet", header=True, columns=None)
+    return dataclasses.replace(criteo_layout("parquet", b",", header=True), format="parquet")
+
+
+SCHEMA_KEYS = ("name", "delimiter", "header", "columns", "label", "dense", "sparse", "hex_sparse", "hour_column",
+               "dense_transform", "encoding")
+
+
+def layout_from_schema_file(path):
+    """A Layout from a schema TOML file describing any delimited click log.
+
+    Example file::
+
+        name = "shop_clicks"        # dataset name in schema.json
+        delimiter = ","             # one character; "\\t" for TSV
+        header = true               # files start with a header line; else give `columns`
+        # columns = ["clicked", "price", "user", "item", "ts"]   # every column of a line, in order
+        label = "clicked"           # 0/1 column
+        dense = ["price"]           # numeric columns (empty -> 0)
+        sparse = ["user", "item"]   # categorical columns (stable string hash -> key)
+        hex_sparse = []             # categorical columns holding hex numbers (Criteo-like)
+        hour_column = "ts"          # optional YYMMDDHH column -> hour_of_day and weekday features
+        dense_transform = "none"    # or "log1p"
+        encoding = "hash"           # default encoding: "hash", "vocab" or "hex-mod"
+
+    Raises:
+        FileNotFoundError: no such file.
+        FormatError: invalid TOML, unknown keys, wrong types (the message names the file and the key).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as error:
+        raise FormatError(f"schema file {path}: invalid TOML: {error}") from None
+    unknown = sorted(set(raw) - set(SCHEMA_KEYS))
+    if unknown:
+        raise FormatError(f"schema file {path}: unknown keys {unknown}; allowed keys: {list(SCHEMA_KEYS)}")
+
+    def get(key, kind, default):
+        value = raw.get(key, default)
+        if kind == "str_list":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise FormatError(f"schema file {path}: {key} must be a list of column names, got {value!r}")
+        elif not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise FormatError(f"schema file {path}: {key} must be a {kind.__name__}, got {value!r}")
+        return value
+
+    name = get("name", str, "csv")
+    delimiter = get("delimiter", str, ",")
+    if len(delimiter.encode()) != 1 or delimiter in ("\n", "\r"):
+        raise FormatError(f"schema file {path}: delimiter must be one single-byte character, got {delimiter!r}")
+    header = get("header", bool, True)
+    columns = raw.get("columns")
+    if columns is not None:
+        columns = tuple(get("columns", "str_list", None))
+    if not header and columns is None:
+        raise FormatError(f"schema file {path}: header = false needs `columns` (every column of a line, in order)")
+    if "label" not in raw:
+        raise FormatError(f"schema file {path}: `label` (the 0/1 column) is required")
+    label = get("label", str, None)
+    dense = get("dense", "str_list", [])
+    sparse = [SparseColumn(n, n, "string") for n in get("sparse", "str_list", [])]
+    sparse += [SparseColumn(n, n, "hex") for n in get("hex_sparse", "str_list", [])]
+    hour_column = raw.get("hour_column")
+    if hour_column is not None:
+        hour_column = get("hour_column", str, None)
+        sparse += [SparseColumn("hour_of_day", hour_column, "hour_of_day"),
+                   SparseColumn("weekday", hour_column, "weekday")]
+    dense_transform = get("dense_transform", str, "none")
+    if dense_transform not in ("none", "log1p"):
+        raise FormatError(f"schema file {path}: dense_transform must be 'none' or 'log1p', got {dense_transform!r}")
+    encoding = get("encoding", str, "hash")
+    if encoding not in ("hash", "vocab", "hex-mod"):
+        raise FormatError(f"schema file {path}: encoding must be 'hash', 'vocab' or 'hex-mod', got {encoding!r}")
+    names = list(dense) + [c.name for c in sparse]
+    if len(set(names)) != len(names) or label in names:
+        raise FormatError(f"schema file {path}: label, dense and sparse columns must be distinct, got label "
+                          f"{label!r}, dense {dense}, sparse {[c.name for c in sparse]}")
+    if not sparse and not dense:
+        raise FormatError(f"schema file {path}: name at least one dense or sparse column")
+    layout = Layout(name=name, format="csv", delimiter=delimiter.encode(), header=header, columns=columns,
+                    label=label, dense=tuple(dense), sparse=tuple(sparse), dense_transform=dense_transform,
+                    default_encoding=encoding)
+    if columns is not None:
+        layout.column_map(None, source=f"schema file {path}")  # every named column must be among `columns`
+    return layout
+
+
+# ---- text parsing --------------------------------------------------------------------------------------------
+
+
+def _fold_digits(buf, starts, lengths):
+    """Decimal digit strings buf[starts:starts+lengths] (1-D, at most 18 digits) -> (int64 values, ok bool)."""
+    width = int(lengths.max(initial=0))
+    if width == 0:
+        return np.zeros(starts.shape, np.int64), np.ones(starts.shape, bool)
+    data, mask = gather_tokens(buf, starts, lengths, width, align="right")
+    digits = np.where(mask, data - np.uint8(48), np.uint8(0))  # bytes below '0' wrap above 9
+    ok = (digits <= 9).all(axis=1)
+    if width <= 15:  # a float64 product sums integers below 2^53 exactly, and runs in BLAS
+        values = (digits.astype(np.float64) @ _POW10[width - 1::-1].astype(np.float64)).astype(np.int64)
+    else:
+        values = digits.astype(np.int64) @ _POW10[width - 1::-1]
+    return values, ok
+
+
+def parse_numbers(buf, starts, ends):
+    """Numeric fields buf[starts:ends] -> (float64 values, bad bool); empty fields -> 0.
+
+    Integers of up to 18 digits (optional leading '-') are parsed in NumPy; anything else falls back to Python's
+    float() per field (e.g. "1.5", "2e3"), and is bad unless that gives a finite number.
+    """
+    shape = np.shape(starts)
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    ends = np.asarray(ends, dtype=np.int64).reshape(-1)
+    lengths = ends - starts
+    nonempty = lengths > 0
+    first = buf[np.where(nonempty, starts, 0)] if buf.size else np.zeros(starts.shape, np.uint8)
+    negative = nonempty & (first == ord("-"))
+    digits = lengths - negative
+    fast = (digits > 0) & (digits <= _MAX_FAST_DIGITS)
+    integers, ok = _fold_digits(buf, starts + negative, np.where(fast, digits, 0))
+    values = np.where(negative, -integers, integers).astype(np.float64)
+    values[~nonempty] = 0.0
+    bad = np.zeros(starts.shape, dtype=bool)
+    for i in np.flatnonzero(nonempty & ~(fast & ok)):
+        try:
+            value = float(buf[starts[i]:ends[i]].tobytes())
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            values[i] = value
+        else:
+            bad[i] = True
+    return values.reshape(shape), bad.reshape(shape)
+
+
+def _days_from_civil(year, month, day):
+    """Days since 1970-01-01 of proleptic Gregorian dates (H. Hinnant's algorithm, vectorized, int64)."""
+    year = year - (month <= 2)
+    era = np.floor_divide(year, 400)
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + np.where(month > 2, -3, 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+def parse_hours(buf, starts, ends):
+    """YYMMDDHH fields (Avazu `hour`, year 20YY) -> (hour_of_day int64, weekday int64 (Monday = 0), bad bool)."""
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    lengths = np.asarray(ends, dtype=np.int64).reshape(-1) - starts
+    well_sized = lengths == 8
+    value, ok = _fold_digits(buf, starts, np.where(well_sized, 8, 0))
+    year = 2000 + value // 1_000_000
+    month = value // 10_000 % 100
+    day = value // 100 % 100
+    hour = value % 100
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_days = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])[np.clip(month, 0, 12)]
+    month_days = month_days + ((month == 2) & leap)
+    valid = well_sized & ok & (month >= 1) & (month <= 12) & (day >= 1) & (day <= month_days) & (hour <= 23)
+    weekday = (_days_from_civil(year, np.clip(month, 1, 12), day) + 3) % 7  # 1970-01-01 was a Thursday (3)
+    return np.where(valid, hour, 0), np.where(valid, weekday, 0), ~valid
+
+
+def _sparse_keys(layout, buf, starts, ends):
+    """Categorical keys [G, n_sparse] and per-row reason codes (0 = fine) from field boundaries [G, n_sparse]."""
+    rows = starts.shape[0]
+    keys = np.zeros((rows, len(layout.sparse)), dtype=np.uint64)
+    reason = np.zeros(rows, dtype=np.int8)
+    kinds = np.array([column.kind for column in layout.sparse])
+    for kind, bad_reason in (("hex", "bad_hex"), ("string", None)):
+        columns = np.flatnonzero(kinds == kind)
+        if not columns.size:
+            continue
+        if kind == "hex":
+            keys[:, columns], bad = hex_keys(buf, starts[:, columns], ends[:, columns])
+            reason = np.where((reason == 0) & bad.any(axis=1), _REASON_CODE[bad_reason], reason)
+        else:
+            keys[:, columns] = string_keys(buf, starts[:, columns], ends[:, columns])
+    derived = np.flatnonzero(np.isin(kinds, ("hour_of_day", "weekday")))
+    if derived.size:
+        column = derived[0]  # every derived feature reads the same hour column
+        hour, weekday, bad = parse_hours(buf, starts[:, column], ends[:, column])
+        for c in derived:
+            keys[:, c] = (hour if kinds[c] == "hour_of_day" else weekday).astype(np.uint64)
+        reason = np.where((reason == 0) & bad, _REASON_CODE["bad_hour"], reason)
+    return keys, reason
+
+
+def parse_text_block(block, layout, column_map, first_line):
+    """Parse a block of complete lines (bytes, every line ending in \\n) of one delimited file.
+
+    Args:
+        block: bytes; a trailing \\r before \\n is stripped (Windows line ends).
+        layout: the format's Layout.
+        column_map: field positions in this file (`layout.column_map(header)`).
+        first_line: 1-based line number of the block's first line in its file.
+
+    Returns:
+        Parsed (good rows in order, rejected lines with their reason).
+    """
+    buf = np.frombuffer(block, dtype=np.uint8)
+    newline = np.flatnonzero(buf == 10)
+    n = int(newline.size)
+    if n and newline[-1] != buf.size - 1 or (buf.size and not n):
+        raise ValueError("parse_text_block needs complete lines, each ending in a newline")
+    line_start = np.zeros(n, dtype=np.int64)
+    line_start[1:] = newline[:-1] + 1
+    line_end = newline.astype(np.int64)
+    carriage = (line_end > line_start) & (buf[np.maximum(line_end - 1, 0)] == 13) if n else np.zeros(0, bool)
+    line_end = line_end - carriage
+
+    delimiter = np.flatnonzero(buf == layout.delimiter[0])
+    first_delimiter = np.searchsorted(delimiter, line_start)
+    n_delimiters = np.searchsorted(delimiter, line_end) - first_delimiter
+    reason = np.zeros(n, dtype=np.int8)
+    empty = line_end == line_start
+    reason[empty] = _REASON_CODE["empty_line"]
+    reason[~empty & (n_delimiters != column_map.n_columns - 1)] = _REASON_CODE["wrong_column_count"]
+
+    good = np.flatnonzero(reason == 0)
+    width = column_map.n_columns
+    # Every good line has exactly width - 1 delimiters, so its delimiters are a run in `delimiter`.
+    bounds = delimiter[first_delimiter[good][:, None] + np.arange(width - 1)] if width > 1 else np.zeros((good.size, 0), np.int64)
+    field_starts = np.concatenate([line_start[good][:, None], bounds + 1], axis=1)
+    field_ends = np.concatenate([bounds, line_end[good][:, None]], axis=1)
+
+    row_reason = np.zeros(good.size, dtype=np.int8)
+    label_start, label_end = field_starts[:, column_map.label], field_ends[:, column_map.label]
+    label_byte = buf[label_start] if good.size else np.zeros(0, np.uint8)
+    label_ok = (label_end - label_start == 1) & ((label_byte == ord("0")) | (label_byte == ord("1")))
+    row_reason[~label_ok] = _REASON_CODE["bad_label"]
+
+    dense_columns = list(column_map.dense)
+    dense, dense_bad = parse_numbers(buf, field_starts[:, dense_columns], field_ends[:, dense_columns])
+    row_reason = np.where((row_reason == 0) & dense_bad.any(axis=1), _REASON_CODE["non_numeric_dense"], row_reason)
+
+    sparse_columns = list(column_map.sparse)
+    keys, sparse_reason = _sparse_keys(layout, buf, field_starts[:, sparse_columns], field_ends[:, sparse_columns])
+    row_reason = np.where(row_reason == 0, sparse_reason, row_reason)
+    reason[good] = row_reason
+
+    keep = row_reason == 0
+    rejected_lines = np.flatnonzero(reason != 0)
+    rejected = [(first_line + int(i), REJECT_REASONS[reason[i] - 1], block[line_start[i]:line_end[i]])
+                for i in rejected_lines]
+    return Parsed(
+        label=(label_byte[keep] - ord("0")).astype(np.int64),
+        dense=dense[keep],
+        keys=keys[keep],
+        line=first_line + good[keep].astype(np.int64),
+        rejected=rejected,
+        n_read=n,
+    )
+
+
+# ---- Parquet -------------------------------------------------------------------------------------------------
+
+
+def _arrow_string_fields(array):
+    """(uint8 data buffer, starts, ends) of a pyarrow string/binary array (nulls -> empty fields)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        array = array.cast(pa.large_binary()) if pa.types.is_large_string(array.type) else array.cast(pa.binary())
+    large = pa.types.is_large_binary(array.type)
+    array = array.fill_null(b"") if array.null_count else array
+    _, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64 if large else np.int32)
+    offsets = offsets[array.offset: array.offset + len(array) + 1].astype(np.int64)
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    return data, offsets[:-1], offsets[1:]
+
+
+def _is_text(array_type):
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(array_type):
+        array_type = array_type.value_type
+    return any(check(array_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                              pa.types.is_large_binary))
+
+
+def check_parquet_types(arrow_schema, layout, source):
+    """FormatError unless every column the layout needs is in the Parquet file with a usable type."""
+    import pyarrow as pa
+
+    names = arrow_schema.names
+    missing = [name for name in layout.required_columns() if name not in names]
+    if missing:
+        raise FormatError(f"{source}: Parquet file lacks columns {missing}; it has {names}")
+    for name in layout.required_columns():
+        column_type = arrow_schema.field(name).type
+        numeric = pa.types.is_integer(column_type) or pa.types.is_floating(column_type) or pa.types.is_boolean(
+            column_type)
+        sparse_kinds = {c.kind for c in layout.sparse if c.source == name}
+        if sparse_kinds & {"hour_of_day", "weekday"} and not (_is_text(column_type) or pa.types.is_integer(column_type)):
+            raise FormatError(f"{source}: column {name!r} (YYMMDDHH) must be text or integer, got {column_type}")
+        if sparse_kinds and not (_is_text(column_type) or pa.types.is_integer(column_type)):
+            raise FormatError(f"{source}: categorical column {name!r} must be integer or text, got {column_type}")
+        if not sparse_kinds and not (numeric or _is_text(column_type)):
+            raise FormatError(f"{source}: column {name!r} must be numeric or text, got {column_type}")
+
+
+def parse_record_batch(batch, layout, first_row):
+    """Parse one pyarrow RecordBatch of a Parquet file (columns by name) like a block of text lines.
+
+    Integer categorical columns are taken as keys as they are (already-encoded ids stay ids under hex-mod with a
+    large enough range, or are re-encoded by vocab/hash); negative ones are rejected as bad_categorical. Text
+    categorical columns follow the layout (hex or string hash). Nulls are empty fields. Rejected rows are quoted
+    as JSON in the quarantine.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    reason = np.zeros(n, dtype=np.int8)
+
+    def set_reason(bad, name):
+        nonlocal reason
+        reason = np.where((reason == 0) & bad, _REASON_CODE[name], reason)
+
+    label_column = batch.column(layout.label)
+    if _is_text(label_column.type):
+        data, starts, ends = _arrow_string_fields(label_column)
+        first = data[np.where(ends > starts, starts, 0)] if data.size else np.zeros(n, np.uint8)
+        label_ok = (ends - starts == 1) & ((first == ord("0")) | (first == ord("1")))
+        label = np.where(label_ok, first.astype(np.int64) - ord("0"), 0)
+    else:
+        values = label_column.cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False)
+        label_ok = (values == 0) | (values == 1)
+        label = np.where(label_ok, values, 0).astype(np.int64)
+    set_reason(~label_ok, "bad_label")
+
+    dense = np.zeros((n, len(layout.dense)), dtype=np.float64)
+    dense_bad = np.zeros(n, dtype=bool)
+    for j, name in enumerate(layout.dense):
+        column = batch.column(name)
+        if _is_text(column.type):
+            data, starts, ends = _arrow_string_fields(column)
+            dense[:, j], bad = parse_numbers(data, starts, ends)
+        else:
+            dense[:, j] = column.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+            bad = ~np.isfinite(dense[:, j])
+            dense[bad, j] = 0.0
+        dense_bad |= bad
+    set_reason(dense_bad, "non_numeric_dense")
+
+    keys = np.zeros((n, len(layout.sparse)), dtype=np.uint64)
+    hex_bad = np.zeros(n, dtype=bool)
+    categorical_bad = np.zeros(n, dtype=bool)
+    hour_bad = np.zeros(n, dtype=bool)
+    for j, sparse_column in enumerate(layout.sparse):
+        column = batch.column(sparse_column.source)
+        if sparse_column.kind in ("hour_of_day", "weekday"):
+            if not _is_text(column.type):
+                column = pc.cast(column, pa.string())
+            data, starts, ends = _arrow_string_fields(column)
+            hour, weekday, bad = parse_hours(data, starts, ends)
+            keys[:, j] = (hour if sparse_column.kind == "hour_of_day" else weekday).astype(np.uint64)
+            hour_bad |= bad
+        elif _is_text(column.type):
+            data, starts, ends = _arrow_string_fields(column)
+            if sparse_column.kind == "hex":
+                keys[:, j], bad = hex_keys(data, starts, ends)
+                hex_bad |= bad
+            else:
+                keys[:, j] = string_keys(data, starts, ends)
+        else:
+            values = column.cast(pa.int64())
+            null = values.is_null().to_numpy(zero_copy_only=False)
+            values = values.fill_null(0).to_numpy(zero_copy_only=False)
+            categorical_bad |= values < 0
+            keys[:, j] = np.where(null, MISSING_KEY, values.astype(np.uint64))
+    set_reason(hex_bad, "bad_hex")
+    set_reason(categorical_bad, "bad_categorical")
+    set_reason(hour_bad, "bad_hour")
+
+    keep = reason == 0
+    rejected = []
+    for i in np.flatnonzero(~keep):
+        row = batch.slice(int(i), 1).to_pylist()[0]
+        text = json.dumps({k: row[k] for k in layout.required_columns()}, default=str, sort_keys=False)
+        rejected.append((first_row + int(i), REJECT_REASONS[reason[i] - 1], text.encode()))
+    return Parsed(label=label[keep], dense=dense[keep], keys=keys[keep],
+                  line=first_row + np.flatnonzero(keep).astype(np.int64), rejected=rejected, n_read=n)

@@ -1,0 +1,205 @@
+"""Learned hashing ("Learning to Collide"): id -> row through a learned mapping, then the row's vector."""
+
+import numpy as np
+import tensorflow as tf
+
+from tfcompress._keras import fresh_initializer, keras, register_serializable
+from tfcompress.layers import _common
+from tfcompress.ops import gather_with_gradient, resolve_gradient_mode, resource_variable
+
+COMBINERS = ("sum", "concat")
+
+
+def _split_width(output_dim, parts):
+    """Widths of `parts` concatenated tables adding up to output_dim (the first ones one wider when uneven)."""
+    return [output_dim // parts + (k < output_dim % parts) for k in range(parts)]
+
+
+def _as_row_arrays(mappings):
+    """Normalize `mappings` to (list per feature of [K, n] integer arrays, list of num_rows, combiner or None)."""
+    from tfcompress.learned_hash.mapping import TableMapping, load_mappings
+
+    if isinstance(mappings, (str, bytes)) or hasattr(mappings, "__fspath__"):
+        mappings = load_mappings(mappings)
+    if len(mappings) == 0:
+        raise ValueError("mappings must hold one mapping per table, got none")
+    arrays, num_rows, combiners = [], [], set()
+    for f, mapping in enumerate(mappings):
+        if not isinstance(mapping, TableMapping):
+            rows = np.asarray(mapping)
+            if rows.ndim == 1:
+                rows = rows[None, :]
+            if rows.ndim != 2 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
+                raise ValueError(f"mappings[{f}] must be an integer array [K, n] or [n], got {rows.dtype} "
+                                 f"{rows.shape}")
+            if rows.min() < 0:
+                raise ValueError(f"mappings[{f}] holds a negative row {int(rows.min())}")
+            mapping = TableMapping(rows=rows, num_rows=[int(r.max()) + 1 for r in rows], name=f"table {f}")
+        else:
+            combiners.add(mapping.combiner)
+        arrays.append(mapping.rows)
+        num_rows.append(list(mapping.num_rows))
+    if len(combiners) > 1:
+        raise ValueError(f"all mappings of one layer must share a combiner, got {sorted(combiners)}")
+    return arrays, num_rows, (combiners.pop() if combiners else None)
+
+
+@register_serializable()
+class LearnedHashEmbedding(keras.layers.Layer):
+    """Per feature: id -> row through learned mappings (one per teacher dimension), then K small tables combined.
+
+    Ids that the clustering put together share one row, so they share one vector and their gradients add up in
+    it. With K mappings per table (a K-dimensional teacher) the layer holds K internal tables per feature: "sum"
+    adds K vectors of width d, "concat" joins K vectors of width about d/K. Build the mappings with
+    `tfcompress.learned_hash` (or `tfcompress learn-hash`); the frequency-based double-hashing variant, where the
+    most frequent ids keep rows of their own, is a mapping option (`private_fraction`).
+
+    Example:
+
+    >>> rows = np.array([[0, 0, 1, 2, 2]])                 # 5 ids, 3 rows: ids 0-1 and 3-4 collide
+    >>> layer = LearnedHashEmbedding(mappings=[rows], output_dim=4)
+    >>> layer(tf.constant([[0], [1], [4]])).shape
+    TensorShape([3, 1, 4])
+
+    Where the mappings live: in non-trainable integer weights of the layer (one `mapping_<f>_<k>` per internal
+    table, in the smallest unsigned dtype that holds its rows), so a `.keras` file or checkpoint is
+    self-contained and `keras.models.load_model` needs no side file. The config keeps only their shapes
+    (`cardinalities`, `num_rows`), never the arrays (10M ids would make a config of tens of MB).
+
+    Args:
+        mappings: a .npz path written by `tfcompress.learned_hash.save_mappings`, a list of `TableMapping`, or a
+            list of integer arrays [K, n] (or [n]) per feature. None only when restoring from a config, where the
+            weights are loaded afterwards.
+        output_dim: embedding width d.
+        cardinalities: ids per table; checked against the mappings when both are given (a plan passes both).
+        num_rows: rows of each internal table, a list of K ints per feature (from the mappings when given).
+        combiner: "sum" or "concat" (default: the mappings' own, else "sum").
+        gradient, out_of_range, embeddings_initializer: as in `FullEmbedding`.
+
+    Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
+    """
+
+    def __init__(self, mappings=None, output_dim=None, cardinalities=None, num_rows=None, combiner=None,
+                 gradient="sparse", out_of_range="error", embeddings_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.output_dim = _common.check_positive_int("output_dim", output_dim if output_dim is not None else 0)
+        self._initial_rows = None
+        mapping_combiner = None
+        if mappings is not None:
+            self._initial_rows, mapped_rows, mapping_combiner = _as_row_arrays(mappings)
+            mapped_cards = [int(rows.shape[1]) for rows in self._initial_rows]
+            if cardinalities is not None and _common.check_cardinalities(cardinalities) != mapped_cards:
+                raise ValueError(f"cardinalities {list(cardinalities)} do not match the mappings' table sizes "
+                                 f"{mapped_cards} (were the mappings built for these tables, in this order?)")
+            if num_rows is not None and [list(map(int, r)) for r in num_rows] != mapped_rows:
+                raise ValueError(f"num_rows {num_rows} do not match the mappings' {mapped_rows}")
+            cardinalities, num_rows = mapped_cards, mapped_rows
+        elif cardinalities is None or num_rows is None:
+            raise ValueError("give mappings (a .npz path or arrays), or both cardinalities and num_rows")
+        self.cardinalities = _common.check_cardinalities(cardinalities)
+        if len(num_rows) != len(self.cardinalities):
+            raise ValueError(f"num_rows has {len(num_rows)} entries for {len(self.cardinalities)} tables")
+        self.num_rows = [[_common.check_positive_int(f"num_rows[{f}]", m) for m in rows]
+                         for f, rows in enumerate(num_rows)]
+        self.combiner = combiner or mapping_combiner or "sum"
+        if self.combiner not in COMBINERS:
+            raise ValueError(f"combiner must be one of {COMBINERS}, got {self.combiner!r}")
+        if mapping_combiner is not None and self.combiner != mapping_combiner:
+            raise ValueError(f"combiner {self.combiner!r} differs from the {mapping_combiner!r} the mappings were "
+                             f"sized for")
+        self.widths = []
+        for f, rows in enumerate(self.num_rows):
+            if self.combiner == "concat" and len(rows) > self.output_dim:
+                raise ValueError(f"combiner 'concat' splits output_dim={self.output_dim} over {len(rows)} internal "
+                                 f"tables of feature {f}; output_dim must be >= {len(rows)}")
+            self.widths.append(_split_width(self.output_dim, len(rows)) if self.combiner == "concat"
+                               else [self.output_dim] * len(rows))
+        self.gradient = gradient
+        self._gradient_modes = [[resolve_gradient_mode(gradient, m * w) for m, w in zip(rows, widths)]
+                                for rows, widths in zip(self.num_rows, self.widths)]
+        self.out_of_range = _common.check_out_of_range(out_of_range)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    @property
+    def logical_parameters(self):
+        return sum(self.cardinalities) * self.output_dim
+
+    @property
+    def physical_parameters(self):
+        """Trainable floats (the mappings are integers, counted in `mapping_bytes`)."""
+        return sum(m * w for rows, widths in zip(self.num_rows, self.widths) for m, w in zip(rows, widths))
+
+    @property
+    def mapping_bytes(self):
+        from tfcompress.learned_hash.mapping import smallest_row_dtype
+
+        return sum(n * len(rows) * smallest_row_dtype(max(rows) - 1).itemsize
+                   for n, rows in zip(self.cardinalities, self.num_rows))
+
+    def build(self, input_shape):
+        from tfcompress.learned_hash.mapping import smallest_row_dtype
+
+        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.mappings, self.tables = [], []
+        for f, (n, rows, widths) in enumerate(zip(self.cardinalities, self.num_rows, self.widths)):
+            dtype = smallest_row_dtype(max(rows) - 1)
+            feature_maps, feature_tables = [], []
+            for k, (m, w) in enumerate(zip(rows, widths)):
+                if self._initial_rows is not None:
+                    values = self._initial_rows[f][k].astype(dtype, copy=False)
+                    initializer = _ConstantArray(values)
+                else:
+                    initializer = "zeros"  # restored from a config: the saved weights are loaded next
+                feature_maps.append(self.add_weight(name=f"mapping_{f}_{k}", shape=(n,), dtype=dtype.name,
+                                                    initializer=initializer, trainable=False))
+                feature_tables.append(self.add_weight(name=f"table_{f}_{k}", shape=(m, w),
+                                                      initializer=fresh_initializer(self.embeddings_initializer)))
+            self.mappings.append(feature_maps)
+            self.tables.append(feature_tables)
+        self._initial_rows = None  # the weights hold them now
+        super().build(input_shape)
+
+    def call(self, ids):
+        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        columns = []
+        for f in range(len(self.cardinalities)):
+            parts = []
+            for mapping, table, mode in zip(self.mappings[f], self.tables[f], self._gradient_modes[f]):
+                rows = tf.cast(tf.gather(resource_variable(mapping), ids[:, f]), tf.int64)
+                parts.append(gather_with_gradient(table, rows, mode))
+            if len(parts) == 1:
+                columns.append(parts[0])
+            elif self.combiner == "sum":
+                columns.append(tf.add_n(parts))
+            else:
+                columns.append(tf.concat(parts, axis=-1))
+        return tf.stack(columns, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            mappings=None,  # the arrays are weights (see the class doc); shapes below
+            output_dim=self.output_dim,
+            cardinalities=self.cardinalities,
+            num_rows=self.num_rows,
+            combiner=self.combiner,
+            gradient=self.gradient,
+            out_of_range=self.out_of_range,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config
+
+
+class _ConstantArray:
+    """An initializer that returns one fixed array (the mapping), whatever stack calls it."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __call__(self, shape, dtype=None, **kwargs):
+        if tuple(shape) != self.values.shape:
+            raise ValueError(f"mapping of shape {self.values.shape} cannot fill a weight of shape {tuple(shape)}")
+        return tf.constant(self.values)

@@ -1,0 +1,152 @@
+"""MLET: multi-layer embedding training (each table trained as a k-wide table times a k x d projection).
+
+Seed paper: "Enhancing cross-category learning in recommendation systems with multi-layer embedding training".
+The factorization only changes training: after training, `tfcompress.fold.fold` multiplies each pair into one
+n x d table, so the deployed model is an ordinary embedding of width d.
+"""
+
+import warnings
+
+import tensorflow as tf
+
+from tfcompress._keras import keras, register_serializable
+from tfcompress.layers import _common
+from tfcompress.layers.hashing_trick import buckets_for
+from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+
+DEFAULT_PROJECTION_STDDEV = 0.25  # the paper's value for DLRM
+
+
+@register_serializable()
+class MLETEmbedding(keras.layers.Layer):
+    """Per feature f a `rows_f x inner_dim` table E_f and an `inner_dim x output_dim` projection P_f.
+
+    The embedding of id x of feature f is E_f[x] . P_f (no bias, no activation), so the layer computes exactly
+    what the single table W_f = E_f . P_f would; `tfcompress.fold.fold_layer` builds that table. What differs is
+    training: every gradient step also moves P_f, which changes the embedding of EVERY id of the feature (a dense
+    update), so rare ids keep learning from the frequent ones (the paper's cross-category learning).
+
+    Each feature has its own projection, as in the paper (one two-layer embedding per table): features of
+    different meaning do not share a linear map, and folding stays per table.
+
+    With `num_buckets` or `compression` the tables are hashed first (id x of feature f reads row x mod m_f, as in
+    `HashingTrickEmbedding`); folding then gives a hashed d-wide table.
+
+    Example:
+
+    >>> layer = MLETEmbedding(cardinalities=[1000, 50], output_dim=8, inner_dim=32)
+    >>> layer(tf.constant([[3, 7], [999, 0]])).shape
+    TensorShape([2, 2, 8])
+    >>> layer.physical_parameters, layer.folded_parameters
+    (34112, 8400)
+
+    Args:
+        cardinalities: ids of feature f lie in [0, cardinalities[f]).
+        output_dim: d, the width of the embedding the rest of the model sees (and of the folded table).
+        inner_dim: k, the width of the trained tables. The paper advises k >= d (a smaller k caps the folded
+            table's rank below d); k < d is allowed but warns.
+        num_buckets: rows per hashed table (an int for all, or a list); default: no hashing.
+        compression: or hash table f to ceil(n_f / compression) rows, >= 1.
+        projection_stddev: standard deviation of the Gaussian initialization of the projections (> 0).
+        gradient: gradient of the tables: "sparse" (the default: coalesced IndexedSlices), "dense" or "auto". The
+            projections always get a dense gradient (they are small and every lookup touches them).
+        out_of_range: "error" (default) or "mod" (see `RobeEmbedding`).
+        embeddings_initializer: initializer of the k-wide tables; the paper's Glorot (Xavier) uniform by default.
+
+    Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
+    """
+
+    def __init__(self, cardinalities, output_dim, inner_dim, num_buckets=None, compression=None,
+                 projection_stddev=DEFAULT_PROJECTION_STDDEV, gradient="sparse", out_of_range="error",
+                 embeddings_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.cardinalities = _common.check_cardinalities(cardinalities)
+        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        self.inner_dim = _common.check_positive_int("inner_dim", inner_dim)
+        if self.inner_dim < self.output_dim:
+            warnings.warn(
+                f"MLETEmbedding inner_dim={self.inner_dim} < output_dim={self.output_dim}: the folded tables have "
+                "rank at most inner_dim; the MLET paper advises inner_dim >= output_dim",
+                UserWarning, stacklevel=2,
+            )
+        if num_buckets is None and compression is None:
+            self.num_buckets = None
+        else:
+            self.num_buckets = buckets_for(self.cardinalities, num_buckets, compression)
+        if not (isinstance(projection_stddev, (int, float)) and projection_stddev > 0):
+            raise ValueError(f"projection_stddev must be a number > 0, got {projection_stddev!r}")
+        self.projection_stddev = float(projection_stddev)
+        self.gradient = gradient
+        self._gradient_modes = [resolve_gradient_mode(gradient, m * self.inner_dim) for m in self.table_rows]
+        self.out_of_range = _common.check_out_of_range(out_of_range)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    @property
+    def hashed(self):
+        return self.num_buckets is not None
+
+    @property
+    def table_rows(self):
+        """Rows of each trained (and folded) table: the hashed row counts, or the cardinalities."""
+        return list(self.num_buckets) if self.hashed else list(self.cardinalities)
+
+    @property
+    def logical_parameters(self):
+        """Size of full unhashed d-wide tables: sum n_f * d."""
+        return sum(self.cardinalities) * self.output_dim
+
+    @property
+    def physical_parameters(self):
+        """Size while training: sum m_f * k + F * k * d."""
+        return sum(self.table_rows) * self.inner_dim + len(self.cardinalities) * self.inner_dim * self.output_dim
+
+    @property
+    def folded_parameters(self):
+        """Size after `fold`: sum m_f * d."""
+        return sum(self.table_rows) * self.output_dim
+
+    def build(self, input_shape):
+        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        # A fresh initializer per table: tf_keras returns identical values from an unseeded initializer instance
+        # called twice, which would start equal-sized tables identical.
+        self.tables = [
+            self.add_weight(name=f"table_{f}", shape=(m, self.inner_dim),
+                            initializer=type(self.embeddings_initializer).from_config(
+                                self.embeddings_initializer.get_config()))
+            for f, m in enumerate(self.table_rows)
+        ]
+        # One [F, k, d] variable holds every P_f: a single einsum projects all features at once.
+        self.projections = self.add_weight(
+            name="projections",
+            shape=(len(self.cardinalities), self.inner_dim, self.output_dim),
+            initializer=keras.initializers.RandomNormal(stddev=self.projection_stddev),
+        )
+        super().build(input_shape)
+
+    def call(self, ids):
+        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        rows = [ids[:, f] for f in range(len(self.cardinalities))]
+        if self.hashed:
+            rows = [tf.math.floormod(r, m) for r, m in zip(rows, self.num_buckets)]
+        inner = tf.stack(
+            [gather_with_gradient(table, r, mode) for table, r, mode in zip(self.tables, rows, self._gradient_modes)],
+            axis=1,
+        )  # [B, F, k]
+        return tf.einsum("bfk,fkd->bfd", inner, self.projections)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            cardinalities=self.cardinalities,
+            output_dim=self.output_dim,
+            inner_dim=self.inner_dim,
+            num_buckets=self.num_buckets,
+            projection_stddev=self.projection_stddev,
+            gradient=self.gradient,
+            out_of_range=self.out_of_range,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config

@@ -1,0 +1,334 @@
+"""Train one pipeline end to end: data -> compression plan -> model -> Keras fit -> exact metrics -> saved model.
+
+Example::
+
+    from tfcompress.pipeline import load_pipeline
+    from tfcompress.train import train, format_results_table
+
+    result = train(load_pipeline("pipelines/synthetic_dlrm_robe.toml"))
+    print(format_results_table([result]))
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import time
+import warnings
+
+from tfcompress._keras import keras
+
+# Keras' streaming AUC only approximates the ROC curve by bucketing scores; enough thresholds make the per-epoch
+# numbers close to the exact AUC that the final report computes with NumPy.
+AUC_THRESHOLDS = 10_000
+
+# Keras 3's Adam turns a sparse (IndexedSlices) gradient into work over the whole variable (it updates the full
+# moment tensors), so every step costs time proportional to the table size. Above this many floats in 2-D tables
+# the pipeline warns and suggests the row-sparse choices (SGD, SparseAdagrad, LazyAdam).
+DENSE_OPTIMIZER_WARN_ELEMENTS = 50_000_000
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """What training needs to know about its data."""
+
+    schema: object
+    train_files: list
+    eval_files: list
+    train_rows: int = None
+    eval_rows: int = None
+    ceiling_auc: float = None
+
+
+def prepare_data(data_config, source="<pipeline>", verbose=1):
+    """Generate (synthetic, cached) or locate (tfrecord) the data of a pipeline's [data] section.
+
+    Returns:
+        PreparedData with the schema, the shard lists, the training row count when known, and the planted
+        model's AUC on the eval split (synthetic only).
+
+    Raises:
+        ValueError: no files match a train/eval path, naming the pipeline file and the path.
+    """
+    from tfcompress.data.schema import Schema
+
+    if data_config.source == "synthetic":
+        from tfcompress.data import synthetic
+
+        out_dir = data_config.synthetic_path()
+        if verbose:
+            print(f"data: synthetic {data_config.dataset}, {data_config.rows:,} train + {data_config.eval_rows:,} "
+                  f"eval rows, seed {data_config.seed}, cardinality scale {data_config.cardinality_scale:g} "
+                  f"-> {out_dir}", flush=True)
+        started = time.perf_counter()
+        stats = synthetic.generate(
+            out_dir,
+            dataset=data_config.dataset,
+            rows=data_config.rows,
+            eval_rows=data_config.eval_rows,
+            seed=data_config.seed,
+            cardinality_scale=data_config.cardinality_scale,
+        )
+        if verbose:
+            print(f"data: ready in {time.perf_counter() - started:.1f} s", flush=True)
+        return PreparedData(
+            schema=Schema.load(out_dir),
+            train_files=_match_files(os.path.join(out_dir, "train"), source, "train"),
+            eval_files=_match_files(os.path.join(out_dir, "eval"), source, "eval"),
+            train_rows=stats["splits"]["train"]["rows"],
+            eval_rows=stats["splits"]["eval"]["rows"],
+            ceiling_auc=stats["splits"]["eval"].get("ceiling_auc"),
+        )
+    train_files = _match_files(data_config.train, source, "train")
+    eval_files = _match_files(data_config.eval, source, "eval")
+    schema_location = data_config.schema or os.path.dirname(train_files[0])
+    return PreparedData(schema=Schema.load(schema_location), train_files=train_files, eval_files=eval_files)
+
+
+def _match_files(paths, source, key):
+    """TFRecord files named by a directory, a glob or a list of them, sorted; ValueError if none match."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            matches = sorted(glob.glob(os.path.join(path, "*.tfrecord")))
+        else:
+            matches = sorted(glob.glob(path))
+        if not matches:
+            raise ValueError(f"{source}: [data] {key}: no TFRecord files match {path!r}")
+        files.extend(matches)
+    return files
+
+
+def build_model(model_config, schema, embedding_layer, name="model"):
+    """The [model] section's architecture on top of `embedding_layer`."""
+    from tfcompress.models import build_dcn, build_dlrm
+
+    if model_config.arch == "dlrm":
+        return build_dlrm(schema, embedding_layer, model_config.bottom_mlp, model_config.top_mlp, name=name)
+    return build_dcn(
+        schema,
+        embedding_layer,
+        cross_layers=model_config.cross_layers,
+        deep_layers=model_config.deep_layers,
+        projection_dim=model_config.projection_dim,
+        structure=model_config.structure,
+        name=name,
+    )
+
+
+def make_optimizer(train_config):
+    """The [train] section's optimizer at its learning rate.
+
+    "adagrad" is `tfcompress.optimizers.SparseAdagrad`: Keras' Adagrad results with row-sparse table updates.
+    "lazy_adam" is `tfcompress.optimizers.LazyAdam`: Adam that updates only the looked-up rows of a table.
+    """
+    from tfcompress.optimizers import LazyAdam, SparseAdagrad
+
+    optimizers = {"sgd": keras.optimizers.SGD, "adagrad": SparseAdagrad, "adam": keras.optimizers.Adam,
+                  "lazy_adam": LazyAdam}
+    return optimizers[train_config.optimizer](learning_rate=train_config.learning_rate)
+
+
+def _model_name(pipeline_name):
+    """Keras model names must be identifiers-ish; pipeline names may hold dashes or dots."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in pipeline_name) or "model"
+
+
+class ThroughputCallback(keras.callbacks.Callback):
+    """Measures training samples per second from batch end to batch end.
+
+    The first batch of each epoch is not counted: in epoch 1 it includes tracing and compiling the train step, and
+    in every epoch it includes starting the input pipeline. Validation runs after the last batch end, so it is not
+    counted either.
+
+    Args:
+        batch_size: samples per training batch (the reader drops the last partial batch, so this is exact).
+    """
+
+    def __init__(self, batch_size):
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.samples = 0
+        self.seconds = 0.0
+        self._last_batch_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_batch_end = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            self.samples += self.batch_size
+            self.seconds += now - self._last_batch_end
+        self._last_batch_end = now
+
+    @property
+    def samples_per_s(self):
+        return self.samples / self.seconds if self.seconds > 0 else None
+
+
+def exact_metrics(model, eval_dataset):
+    """Exact AUC and log loss of the model on one pass over `eval_dataset` ((features, labels) batches)."""
+    import numpy as np
+
+    from tfcompress.metrics import exact_auc, log_loss
+
+    labels, probs = [], []
+    for features, batch_labels in eval_dataset:
+        probs.append(np.asarray(model.predict_on_batch(features)).reshape(-1))
+        labels.append(np.asarray(batch_labels).reshape(-1))
+    labels, probs = np.concatenate(labels), np.concatenate(probs)
+    return exact_auc(labels, probs), log_loss(labels, probs)
+
+
+def _warn_if_optimizer_densifies(optimizer_name, model):
+    if optimizer_name != "adam":
+        return
+    large = sum(int(v.shape.num_elements() or 0) for v in model.trainable_variables if len(v.shape) == 2)
+    if large > DENSE_OPTIMIZER_WARN_ELEMENTS:
+        warnings.warn(
+            f"optimizer {optimizer_name!r} updates every element of the embedding tables each step in Keras 3 "
+            f"({large:,} floats here), which is slow for large full tables; optimizer = \"sgd\", \"adagrad\" or "
+            "\"lazy_adam\" keeps the update sparse",
+            stacklevel=3,
+        )
+
+
+def train(pipeline, runs_dir="runs", verbose=1):
+    """Train and evaluate one pipeline.
+
+    Args:
+        pipeline: a validated `tfcompress.pipeline.Pipeline`.
+        runs_dir: the model is saved to `<runs_dir>/<pipeline name>/model.keras` (with results.json).
+        verbose: 0 silent, 1 progress bar and per-epoch metrics, 2 one line per epoch.
+
+    Returns:
+        dict with name, method, logical_bytes, physical_bytes, ratio, auc, log_loss (exact, on the eval split),
+        ceiling_auc (synthetic data: the planted model's AUC on the eval split; else None), train_samples_per_s,
+        epochs, model_path (None when [train] save_model = false) and train_seconds.
+
+    Raises:
+        ValueError: bad data paths or compression options (named with the pipeline file and section).
+    """
+    import tensorflow as tf
+
+    from tfcompress.data.read import read
+    from tfcompress.plan import make_plan
+
+    config = pipeline.train
+    data = prepare_data(pipeline.data, pipeline.source, verbose)
+    keras.utils.set_random_seed(config.seed)
+    try:
+        plan = make_plan(data.schema.cardinalities, pipeline.model.embedding_dim, **pipeline.compression.plan_kwargs())
+    except ValueError as error:
+        raise ValueError(f"{pipeline.source}: [compression]: {error}") from None
+    model = build_model(pipeline.model, data.schema, plan.build_layer(), name=_model_name(pipeline.name))
+    if verbose:
+        print(f"model: {pipeline.model.arch}, embeddings {plan.method}: logical {_human_bytes(plan.logical_bytes)} "
+              f"-> physical {_human_bytes(plan.physical_bytes)} ({plan.ratio:,.1f}x), "
+              f"{model.count_params():,} parameters", flush=True)
+    _warn_if_optimizer_densifies(config.optimizer, model)
+    model.compile(
+        optimizer=make_optimizer(config),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[
+            keras.metrics.AUC(num_thresholds=AUC_THRESHOLDS, name="auc"),
+            keras.metrics.BinaryCrossentropy(name="log_loss"),
+        ],
+    )
+
+    steps_per_epoch = config.steps_per_epoch
+    if steps_per_epoch is None and data.train_rows:
+        steps_per_epoch = max(1, data.train_rows // config.batch_size)
+    # With a known step count the stream repeats (Keras shows an ETA); without one each epoch is one full pass.
+    train_dataset = read(data.train_files, config.batch_size, schema=data.schema, shuffle=True,
+                         repeat=steps_per_epoch is not None, seed=config.seed, drop_remainder=True)
+    eval_dataset = read(data.eval_files, config.eval_batch_size, schema=data.schema, shuffle=False, repeat=False,
+                        deterministic=True)
+    if data.eval_rows:
+        # A known length gives the validation progress bar its total.
+        eval_dataset = eval_dataset.apply(
+            tf.data.experimental.assert_cardinality(-(-data.eval_rows // config.eval_batch_size)))
+    throughput = ThroughputCallback(config.batch_size)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # Keras warns "input ran out of data" whenever a dataset of unknown length ends, which is how a single
+        # pass (validation, or training without steps_per_epoch) is meant to end here; a repeating training
+        # stream never runs out.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(
+            train_dataset,
+            epochs=config.epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=eval_dataset,
+            callbacks=[throughput],
+            verbose=verbose,
+            shuffle=False,  # the reader shuffles
+        )
+    train_seconds = time.perf_counter() - started
+    auc, loss = exact_metrics(model, eval_dataset)
+
+    result = {
+        "name": pipeline.name,
+        "method": plan.method,
+        "logical_bytes": plan.logical_bytes,
+        "physical_bytes": plan.physical_bytes,
+        "ratio": plan.ratio,
+        "auc": auc,
+        "log_loss": loss,
+        "ceiling_auc": data.ceiling_auc,
+        "train_samples_per_s": throughput.samples_per_s,
+        "epochs": config.epochs,
+        "train_seconds": train_seconds,
+        "model_path": None,
+    }
+    run_dir = os.path.join(runs_dir, pipeline.name)
+    os.makedirs(run_dir, exist_ok=True)
+    if config.save_model:
+        result["model_path"] = os.path.join(run_dir, "model.keras")
+        model.save(result["model_path"])
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"result": result, "pipeline": pipeline.to_dict(), "plan": plan.to_dict()}, f, indent=2,
+                  default=str)
+        f.write("\n")
+    if verbose:
+        print(f"{pipeline.name}: exact eval AUC {auc:.4f}, log loss {loss:.4f}"
+              + (f" (ceiling AUC {data.ceiling_auc:.4f})" if data.ceiling_auc is not None else ""), flush=True)
+    return result
+
+
+def _human_bytes(n):
+    from tfcompress.plan import format_bytes
+
+    return format_bytes(n)
+
+
+def format_results_table(results):
+    """Side-by-side table of `train` results: one row per pipeline.
+
+    Columns: pipeline, method, logical and physical embedding bytes, achieved ratio, exact AUC and log loss on the
+    eval split, the ceiling AUC (planted model, synthetic data) and training samples/s.
+    """
+    header = ("pipeline", "method", "logical", "physical", "ratio", "AUC", "log loss", "ceiling AUC", "samples/s")
+    rows = [
+        (
+            r["name"],
+            r["method"],
+            _human_bytes(r["logical_bytes"]),
+            _human_bytes(r["physical_bytes"]),
+            f"{r['ratio']:,.1f}x",
+            f"{r['auc']:.4f}",
+            f"{r['log_loss']:.4f}",
+            "-" if r.get("ceiling_auc") is None else f"{r['ceiling_auc']:.4f}",
+            "-" if r.get("train_samples_per_s") is None else f"{r['train_samples_per_s']:,.0f}",
+        )
+        for r in results
+    ]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        # Text columns left-aligned, numbers right-aligned.
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
