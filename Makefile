@@ -13,7 +13,7 @@ INSTALLED := $(VENV)/.installed-$(TF_EXTRA)
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
-	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),export,test]"
+	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),data,export,test]"
 	# Legacy tf.keras + TFRS (tests/test_legacy_keras.py) and TF Serving's request protos (tests/test_export.py):
 	# each declares a dependency on the full `tensorflow` wheel, which would land beside tensorflow-cpu; what they
 	# need at run time comes with TensorFlow itself.

@@ -52,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-dim", type=int, default=2)
     parser.add_argument("--combiner", default="sum", choices=("sum", "concat"))
     parser.add_argument("--private-fraction", type=float, default=0.0)
+    parser.add_argument("--min-count", type=int, default=1, help="rarer ids share one row (not clustered)")
     parser.add_argument("--epochs", type=int, default=2, help="training passes of every model (teacher: 1)")
     parser.add_argument("--dim", type=int, default=16, help="embedding width")
     parser.add_argument("--learning-rate", type=float, default=0.5)
@@ -139,7 +140,8 @@ def run_quality(args, work_dir):
         for target in args.targets:
             summary = learn_hash(base, target, output_dir=os.path.join(work_dir, f"lh_s{seed}_t{target:g}"),
                                  combiner=args.combiner, min_rows=args.min_rows,
-                                 private_fraction=args.private_fraction, teacher_tables=teacher, counts=counts,
+                                 private_fraction=args.private_fraction, min_count=args.min_count,
+                                 teacher_tables=teacher, counts=counts,
                                  verbose=0)
             learned = load_pipeline(summary["pipeline_path"])
             hashing = _pipeline(args, data_dir, f"hashing_s{seed}_t{target:g}", seed,
@@ -157,7 +159,8 @@ def run_quality(args, work_dir):
     print(f"\nplanted synthetic Criteo, {args.rows:,} train / {args.eval_rows:,} eval rows, cardinality scale "
           f"{args.cardinality_scale:g}, num_groups {args.num_groups}, within_group_noise {args.within_group_noise}"
           f"; DLRM d={args.dim}, SGD lr {args.learning_rate}, {args.epochs} epoch(s); teacher width "
-          f"{args.teacher_dim} ({args.combiner}); tables >= {args.min_rows} ids compressed; seeds {args.seeds}; "
+          f"{args.teacher_dim} ({args.combiner}), min_count {args.min_count}, private fraction "
+          f"{args.private_fraction:g}; tables >= {args.min_rows} ids compressed; seeds {args.seeds}; "
           f"ceiling AUC {ceiling:.4f}\n")
     print("| rows kept | learned hash AUC (mean ± sd) | hashing trick AUC (mean ± sd) | difference |")
     print("|---|---|---|---|")

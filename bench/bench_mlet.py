@@ -2,7 +2,7 @@
 
 For each embedding width d: one DLRM with full d-wide tables (the baseline), and one MLET DLRM per inner width
 k = m * d (m in --multipliers) trained with the same data, model, optimizer and seeds. Each MLET model is then folded
-(`tfcompress.fold.fold`: W = E . P per table) and evaluated again: the folded model is what would be deployed, and
+(`tfcompress.fold`: W = E . P per table) and evaluated again: the folded model is what would be deployed, and
 its AUC must equal the trained one. Every configuration runs once per training seed (same data); the table shows
 the mean and standard deviation of the exact eval AUC over seeds.
 
@@ -75,7 +75,7 @@ def pipeline_for(args, d, inner_dim, seed, data_dir):
 def folded_metrics(result, eval_dataset):
     """Exact AUC of the folded model, and the largest |difference| of its predictions on the first eval batch."""
     from tfcompress._keras import keras
-    from tfcompress.fold import fold
+    from tfcompress.folding import fold
     from tfcompress.train import exact_metrics
 
     model = keras.models.load_model(result["model_path"])

@@ -72,7 +72,9 @@ __global__ void RobeTileKernel(HashParams p, const int64_t* ids, const int64_t* 
 
   for (int32_t c = threadIdx.x; c < p.num_chunks; c += blockDim.x) chunk_terms[c] = IndexTerm(c, p.r2, p.r1);
   if (p.is_signed) {
-    for (int32_t i = threadIdx.x; i < p.output_dim; i += blockDim.x) element_terms[i] = ElementTermModPrime(i, p.s2, p.s1);
+    for (int32_t i = threadIdx.x; i < p.output_dim; i += blockDim.x) {
+      element_terms[i] = ElementTermModPrime(i, p.s2, p.s1);
+    }
   }
   __syncthreads();
 

@@ -385,7 +385,8 @@ def test_schema_driven_csv(tmp_path):
     label, dense, sparse = read_all(out / "train")
     np.testing.assert_array_equal(label, [r[0] for r in rows])
     np.testing.assert_array_equal(dense[:, 0], np.array([max(0.0, r[1]) for r in rows], np.float32))
-    np.testing.assert_array_equal(sparse, [[py_hash_id(py_string_key(u), 1 << 40), py_hash_id(py_string_key(it), 1 << 40)]
+    buckets = 1 << 40
+    np.testing.assert_array_equal(sparse, [[py_hash_id(py_string_key(u), buckets), py_hash_id(py_string_key(it), buckets)]
                                            for _, _, u, it in rows])
     schema = Schema.load(out)
     assert (schema.name, schema.dense_names, schema.sparse_names) == ("shop", ["price"], ["user", "item"])
@@ -679,13 +680,15 @@ def test_every_real_data_pipeline_trains_on_converted_data(name, converted, tmp_
 # ---- fixed-width records ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_dense,n_sparse,id_bound", [(13, 26, 40_000_000), (0, 23, 1 << 22), (2, 1, 2), (1, 3, 2**62)])
+@pytest.mark.parametrize("n_dense,n_sparse,id_bound", [(13, 26, 40_000_000), (0, 23, 1 << 22), (2, 1, 2),
+                                                      (1, 3, 2**62), (3, 2, 2**14), (1, 2, 2**40)])
 def test_fixed_records_are_ordinary_examples(n_dense, n_sparse, id_bound):
     from tfcompress.data import fixed_records
 
     rng = np.random.default_rng(n_sparse)
     layout = fixed_records.FixedLayout.for_ids_below(n_dense, n_sparse, id_bound)
-    assert (id_bound - 1).bit_length() <= 7 * layout.id_width < (id_bound - 1).bit_length() + 7
+    needed = -(-(id_bound - 1).bit_length() // 7)
+    assert layout.id_width == min(w for w in (1, 2, 4, 8, 9) if w >= needed)
     label = rng.integers(0, 2, 50)
     dense = rng.normal(0, 100, (50, n_dense)).astype(np.float32)
     ids = rng.integers(0, id_bound, (50, n_sparse), dtype=np.int64)
@@ -723,13 +726,15 @@ def test_fast_and_generic_readers_agree_and_damage_is_caught(tmp_path):
     generic = read_all(out / "train", fixed_width=False)
     for a, b in zip(fast, generic):
         np.testing.assert_array_equal(a, b)
-    # Shuffled fast reading with blocks smaller than the files, and two pipelines over 5 files, cover every row.
-    for shards in (1, 2):
+    # Shuffled fast reading with blocks smaller than the files covers every row once: one pipeline, two (files
+    # split between them) and eight (more pipelines than the 5 files: blocks split between them).
+    for shards in (1, 2, 8):
         seen = []
         for pipeline in range(shards):
             context = tf.distribute.InputContext(num_input_pipelines=shards, input_pipeline_id=pipeline)
             ds = read(out / "train", 64, seed=1, repeat=False, input_context=context, shuffle_block=32)
-            seen.extend(map(tuple, np.concatenate([f["sparse"].numpy() for f, _ in ds]).tolist()))
+            for features, _ in ds:
+                seen.extend(map(tuple, features["sparse"].numpy().tolist()))
         assert sorted(seen) == sorted(map(tuple, fast[2].tolist()))
     # One byte of framing flipped: caught while reading; a truncated file: caught before reading.
     shard = sorted((out / "train").iterdir())[0]
@@ -745,3 +750,40 @@ def test_fast_and_generic_readers_agree_and_damage_is_caught(tmp_path):
     with pytest.raises(ValueError, match="declares no fixed-width"):
         convert([path], tmp_path / "canonical", "criteo-tsv", record_layout="canonical")
         read(tmp_path / "canonical" / "train", 8, fixed_width=True)
+
+
+def test_fixed_shard_writer_writes_what_tensorflow_writes(tmp_path):
+    from tfcompress.data import fixed_records
+
+    rng = np.random.default_rng(17)
+    for n_dense, n_sparse, id_bound in ((13, 26, 40_000_000), (0, 23, 1 << 22), (1, 1, 2)):
+        layout = fixed_records.FixedLayout.for_ids_below(n_dense, n_sparse, id_bound)
+        rows = fixed_records.fixed_rows(layout, rng.integers(0, 2, 25), rng.random((25, n_dense)),
+                                        rng.integers(0, id_bound, (25, n_sparse)))
+        directory = tmp_path / f"w{n_sparse}"
+        writer = fixed_records.FixedShardWriter(directory, layout, rows_per_shard=10)
+        writer.write_rows(rows[:7])
+        writer.write_rows(rows[7:])
+        assert [os.path.basename(p) for p in writer.close()] == [f"part-0000{i}.tfrecord" for i in range(3)]
+        reference = tmp_path / f"tf{n_sparse}.tfrecord"
+        with tf.io.TFRecordWriter(str(reference)) as tf_writer:
+            for record in fixed_records.serialize_fixed(layout, *_unpack(layout, rows)):
+                tf_writer.write(record)
+        written = b"".join(open(p, "rb").read() for p in writer.paths)
+        assert written == reference.read_bytes()  # identical framing and CRCs
+    aborted = fixed_records.FixedShardWriter(tmp_path / "aborted", layout, rows_per_shard=10)
+    aborted.write_rows(rows[:3])
+    aborted.abort()
+    assert os.listdir(tmp_path / "aborted") == []
+
+
+def _unpack(layout, rows):
+    """(label, dense, ids) back from fixed rows, through python-protobuf (an independent parser)."""
+    label, dense, ids = [], [], []
+    for row in rows:
+        feature = tf.train.Example.FromString(row.tobytes()).features.feature
+        label.append(feature["label"].int64_list.value[0])
+        dense.append(list(feature["dense"].float_list.value))
+        ids.append(list(feature["sparse"].int64_list.value))
+    return (np.array(label), np.array(dense, np.float32).reshape(len(rows), layout.n_dense),
+            np.array(ids, np.int64).reshape(len(rows), layout.n_sparse))

@@ -377,7 +377,7 @@ def run_python(code, env=None, timeout=300):
 
 
 LAYER_RUN = """
-    import sys, warnings
+    import warnings
     import numpy as np, tensorflow as tf
     from tfcompress import custom_op
     from tfcompress._keras import keras
@@ -405,7 +405,7 @@ LAYER_RUN = """
         out["strict_error"] = np.array("")
     except custom_op.CustomOpUnavailableError as error:
         out["strict_error"] = np.array(str(error))
-    np.savez(sys.argv[1] if len(sys.argv) > 1 else OUT, **out)
+    np.savez(OUT, **out)
 """
 
 

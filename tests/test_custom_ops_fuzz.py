@@ -23,7 +23,8 @@ def test_fuzz_cases_raise_errors_never_crash(tmp_path):
     result = subprocess.run([sys.executable, __file__, str(CASES), "20240611", str(report)], capture_output=True,
                             text=True, env=env, timeout=600)
     last_case = result.stdout.strip().splitlines()[-1:] or ["<none>"]
-    assert result.returncode == 0, f"fuzz process died (rc {result.returncode}) at: {last_case}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"fuzz process died (rc {result.returncode}) at: {last_case}\n{result.stderr[-3000:]}")
     summary = json.loads(report.read_text())
     assert summary["unexpected"] == [], summary["unexpected"][:5]
     assert summary["wrong_values"] == [], summary["wrong_values"][:5]
@@ -151,7 +152,8 @@ def reference(case):
     cards, dim, z, seed = case["cards"], case["output_dim"], case["chunk_size"], case["seed"]
     size = case["memory"].size if case["op"] in ("lookup", "resource_lookup") else case["memory_size"]
     positions = hashing.robe_indices(case["ids"], cards, dim, z, size, seed)
-    signs = hashing.robe_signs(case["ids"], cards, dim, seed) if case["signed"] else np.ones(positions.shape, np.float32)
+    signs = (hashing.robe_signs(case["ids"], cards, dim, seed) if case["signed"]
+             else np.ones(positions.shape, np.float32))
     if case["op"] in ("lookup", "resource_lookup"):
         return [case["memory"][positions] * signs]
     if case["op"] == "positions":

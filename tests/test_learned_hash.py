@@ -161,6 +161,17 @@ def test_mapping_rows_are_in_range_and_the_budget_is_met(combiner):
         assert not np.isin(mapping.rows[k, ~unseen], unseen_rows).any()
 
 
+def test_ids_below_min_count_share_the_rare_row():
+    rng = np.random.default_rng(8)
+    counts = rng.integers(0, 6, 3000)
+    mapping = build_table_mapping(rng.standard_normal((3000, 1)), counts, 200, min_count=3)
+    rare = counts < 3
+    assert mapping.unseen == rare.sum()
+    assert np.unique(mapping.rows[0, rare]).size == 1
+    assert not np.isin(mapping.rows[0, ~rare], mapping.rows[0, rare]).any()
+    assert mapping.num_rows == (200,)
+
+
 def _top_ids(counts, number):
     mask = np.zeros(counts.size, dtype=bool)
     mask[np.lexsort((np.arange(counts.size), -counts))[:number]] = True
@@ -326,3 +337,12 @@ def test_learn_hash_command_writes_mappings_and_a_pipeline_that_plans(tmp_path, 
     expected_rows = sum(n for n in cards if n < 2000) + sum(sum(m.num_rows) for m in mappings)
     assert plan.physical_parameters == expected_rows * 4
     assert plan.build_layer()(np.zeros((2, len(cards)), dtype=np.int64)).shape == (2, len(cards), 4)
+
+
+def test_learn_hash_bad_target_is_a_friendly_error(tmp_path, capsys):
+    from tfcompress import cli
+
+    (tmp_path / "p.toml").write_text('[compression]\nmethod = "hashing"\nratio = 4.0\n')
+    assert cli.main(["learn-hash", "--pipeline", str(tmp_path / "p.toml"), "--target", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: target must be in (0, 1)") and "Traceback" not in err

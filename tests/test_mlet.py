@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfcompress._keras import keras
-from tfcompress.fold import fold, fold_layer, folded_tables
+from tfcompress.folding import fold, fold_layer, folded_tables
 from tfcompress.layers import (FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding,
                                QuantizedEmbedding, RobeEmbedding)
 from tfcompress.plan import CompressionPlan, make_plan
@@ -403,3 +403,9 @@ def test_equal_sized_tables_start_different():
     layer.build((None, 2))
     assert not np.array_equal(layer.tables[0].numpy(), layer.tables[1].numpy())
     assert not np.array_equal(layer.projections.numpy()[0], layer.projections.numpy()[1])
+
+
+def test_fold_is_a_top_level_function():
+    import tfcompress
+
+    assert tfcompress.fold is fold

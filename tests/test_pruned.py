@@ -303,7 +303,6 @@ def test_plan_builds_a_pruned_layer_at_the_ratio():
     assert plan.build_layer()(np.array([[1, 2, 3]])).shape == (1, 3, 8)
 
 
-@pytest.mark.slow
 def test_mirrored_strategy_replicas_make_identical_decisions():
     script = textwrap.dedent("""
         import numpy as np, tensorflow as tf
@@ -396,3 +395,40 @@ def test_legacy_tf_keras_trains_prunes_and_saves(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_raw_unbounded_ids_reach_an_entry_table_by_hashing():
+    from tfcompress.layers.pruned import hash_entry, hash_entry_tf
+
+    cards = [13, 1000]
+    ids = np.array([[0, 2**62 + 12345], [-1, -(2**63)], [2**63 - 1, 7], [10**15, 10**15], [5, 5]], np.int64)
+    np.testing.assert_array_equal(hash_entry_tf(ids, cards).numpy(), hash_entry(ids, cards))
+    entries = hash_entry(ids, cards)
+    assert np.all(entries >= 0) and np.all(entries < np.array(cards))
+    spread = hash_entry(np.arange(10**12, 10**12 + 5000)[:, None].repeat(2, 1), cards)[:, 1]
+    assert np.unique(spread).size > 950  # 5000 consecutive raw ids cover nearly every one of 1000 entries
+    layer = built(num_chunks=2, cards=cards, hash_ids=True, budget=1.0)
+    pruning.allocate(layer, np.arange(layer.capacity))
+    np.testing.assert_array_equal(layer(ids).numpy(), dense_table(layer)[entries + np.array([0, 13])])
+    assert ChunkPrunedEmbedding.from_config(layer.get_config()).hash_ids
+
+
+def test_reallocated_addresses_restart_their_optimizer_state():
+    from tfcompress.optimizers import SparseAdagrad
+
+    layer = ChunkPrunedEmbedding(CARDS, 4, num_chunks=2, budget=0.5, name="pruned")
+    model = planted_model(layer)
+    model.compile(SparseAdagrad(0.1, initial_accumulator_value=0.25), "binary_crossentropy")
+    pruning.allocate(layer, np.arange(0, 40, 2))  # chunk 0 of the first 20 rows: addresses 0..19
+    ids, labels = planted_data(CARDS, rows=64)
+    model.fit(ids, labels, batch_size=64, epochs=1, verbose=0)
+    accumulator = [v for v in model.optimizer.variables if tuple(v.shape) == tuple(layer.pool.shape)]
+    assert len(accumulator) == 1
+    before = np.asarray(accumulator[0]).copy()
+    grown = np.sort(np.argsort(before[:, 0])[-2:])  # two addresses whose accumulators grew
+    assert np.all(before[grown] > 0.25)
+    pruning.evict(layer, grown)
+    np.testing.assert_array_equal(pruning.allocate(layer, [61, 63], optimizer=model.optimizer), grown[::-1])
+    after = np.asarray(accumulator[0])
+    np.testing.assert_array_equal(after[grown], 0.25)
+    np.testing.assert_array_equal(np.delete(after, grown, axis=0), np.delete(before, grown, axis=0))

@@ -283,6 +283,8 @@ def _add_learn_hash_arguments(parser):
                         help="this fraction of each table's most frequent ids keep private rows")
     parser.add_argument("--max-cluster-size", type=int, help="most ids per cluster (default: no cap)")
     parser.add_argument("--unweighted", action="store_true", help="plain (not frequency-weighted) cluster means")
+    parser.add_argument("--min-count", type=int, default=1,
+                        help="ids accessed fewer times share one row instead of being clustered")
 
 
 def _run_learn_hash(args):
@@ -292,7 +294,8 @@ def _run_learn_hash(args):
     learn_hash(load_pipeline(args.pipeline, args.overrides), args.target, output_dir=args.output,
                teacher_dim=args.teacher_dim, combiner=args.combiner, min_rows=args.min_rows,
                private_fraction=args.private_fraction, max_cluster_size=args.max_cluster_size,
-               weighted=not args.unweighted, teacher_steps=args.teacher_steps, teacher_epochs=args.teacher_epochs)
+               weighted=not args.unweighted, min_count=args.min_count, teacher_steps=args.teacher_steps,
+               teacher_epochs=args.teacher_epochs)
     return 0
 
 

@@ -30,7 +30,7 @@ What the serving graph contains (stock TensorFlow ops only: TF Serving's binary 
   training-time gradient plumbing of `tfcompress.ops.gather_with_gradient` is dropped: serving needs no gradient);
 - ROBE-Z: the one shared array plus the chunk hash of `tfcompress.hashing.robe_chunk_hash_tf` (int64), each chunk
   read as one contiguous slice (`robe_serving_call`; bit-identical to the layer);
-- MLET: folded into one table per feature first (`tfcompress.fold.fold`); full, hashed and QR tables as they are;
+- MLET: folded into one table per feature first (`tfcompress.fold`); full, hashed and QR tables as they are;
 - `quantize="int8"`: every float embedding table (ROBE's array included) is stored as int8 with one scale per
   table (the least-error scale of `tfcompress.quantize.quantize_int8`) and de-quantized after the gather;
   `quantize="fp16"`: stored as float16 and cast back to float32 after the gather. Dense layers stay float32.
@@ -165,11 +165,11 @@ def load_keras_model(path):
 
 
 def fold_for_serving(model):
-    """The model with every MLET layer folded into plain tables (`tfcompress.fold.fold`), or the model itself."""
+    """The model with every MLET layer folded into plain tables (`tfcompress.fold`), or the model itself."""
     from tfcompress.layers import MLETEmbedding
 
     if any(isinstance(layer, MLETEmbedding) for layer in _flatten_layers(model)):
-        from tfcompress.fold import fold
+        from tfcompress.folding import fold
 
         return fold(model)
     return model

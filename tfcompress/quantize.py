@@ -140,7 +140,7 @@ def quantize_layer(layer, grid_size=DEFAULT_GRID_SIZE):
             members quantized and copies of the others (ROBE, QR, ... stay as they are); any other layer -> None.
         grid_size: scales tried per table (see `quantize_int8`).
     """
-    from tfcompress.fold import fold_layer, rebuild_planned
+    from tfcompress.folding import fold_layer, rebuild_planned
     from tfcompress.layers import FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding
     from tfcompress.layers.quantized import QuantizedEmbedding
 
@@ -163,7 +163,7 @@ def quantize_layer(layer, grid_size=DEFAULT_GRID_SIZE):
 
 def quantize_model(model, grid_size=DEFAULT_GRID_SIZE):
     """A new model with every full, hashed or MLET (folded first) table stored as int8 (see `quantize_layer`)."""
-    from tfcompress.fold import replace_layers
+    from tfcompress.folding import replace_layers
 
     grid_size = check_grid_size(grid_size)
     return replace_layers(model, lambda layer: quantize_layer(layer, grid_size))

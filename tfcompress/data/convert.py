@@ -22,6 +22,12 @@ its first line); a `.gz` file or a Parquet file is one piece. Pieces are numbere
 input order inside a piece, and nothing a piece writes depends on another piece, so any worker count gives the same
 bytes. The random train/eval split is a hash of (seed, file name, line number), not a random stream.
 
+Records: by default every record has the same length (`tfcompress.data.fixed_records`: ids as padded varints, still
+ordinary tf.train.Examples), which `tfcompress.data.read` loads several times faster, and which the workers frame
+and checksum in NumPy without importing TensorFlow; `record_layout="canonical"` writes protobuf's shortest encoding
+through tf.io.TFRecordWriter instead. Workers are started with the spawn method: a script that calls `convert` with
+workers > 1 must do so under `if __name__ == "__main__":`.
+
 Crash safety: shards are written under a temporary name and renamed when complete (`ShardWriter`); a piece is done
 when its `_state/piece-PPPPP.json` exists, written after its shards, counts and quarantine. A rerun with the same
 inputs and options skips done pieces and redoes the others from scratch (removing their leftovers), which gives
@@ -33,7 +39,6 @@ import dataclasses
 import glob
 import gzip
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -606,8 +611,13 @@ def _convert_piece(piece):
     rows_read = 0
     error = None
     quarantine_path = _piece_state(output, index, ".quarantine.tsv")
-    writers = {split: ShardWriter(os.path.join(output, split), options.rows_per_shard, prefix=f"part-{index:05d}")
-               for split in splits}
+    if context.fixed is not None:  # NumPy framing: no TensorFlow in the worker processes
+        writers = {split: fixed_records.FixedShardWriter(os.path.join(output, split), context.fixed,
+                                                         options.rows_per_shard, prefix=f"part-{index:05d}")
+                   for split in splits}
+    else:
+        writers = {split: ShardWriter(os.path.join(output, split), options.rows_per_shard,
+                                      prefix=f"part-{index:05d}") for split in splits}
     source = piece["path"].encode("utf-8", errors="surrogateescape")
     try:
         with open(f"{quarantine_path}.tmp-{os.getpid()}", "wb") as quarantine:
@@ -670,7 +680,7 @@ def _write_rows(parsed, rule, encoders, options, writers, counts, rows_per_split
         if not rows.size:
             continue
         if fixed is not None:
-            writer.write(fixed_records.serialize_fixed(fixed, parsed.label[rows], dense[rows], ids[rows]))
+            writer.write_rows(fixed_records.fixed_rows(fixed, parsed.label[rows], dense[rows], ids[rows]))
         else:
             writer.write(serialize_rows(parsed.label[rows], dense[rows], ids[rows]))
         rows_per_split[split] += int(rows.size)

@@ -174,7 +174,7 @@ class KeyCounter:
 
     Args:
         dtype: key dtype, np.uint64 (keys) or np.int64 (ids).
-        compact_every: pending (key, count) pairs held before they are merged into the sorted totals.
+        compact_every: pending (key, count) pairs held (at least) before they are merged into the sorted totals.
     """
 
     def __init__(self, dtype=np.uint64, compact_every=1 << 22):
@@ -192,7 +192,10 @@ class KeyCounter:
             keys, counts = np.unique(keys, return_counts=True)
         self._pending.append((keys, np.asarray(counts, dtype=np.int64).reshape(-1)))
         self._pending_size += keys.size
-        if self._pending_size >= self.compact_every:
+        # Merge once the pending pairs are as many as the totals (or compact_every): each merge sorts at most
+        # twice what it adds, so counting costs O(log) per key however many distinct keys pile up, and memory
+        # stays within about twice the distinct keys.
+        if self._pending_size >= max(self.compact_every, self._keys.size):
             self._compact()
 
     def merge(self, other):

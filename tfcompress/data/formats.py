@@ -25,8 +25,8 @@ Example:
     >>> layout = layout_for_format("criteo-tsv")
     >>> parsed = parse_text_block(b"1\\t5" + b"\\t" * 12 + b"\\t68fd1e64" + b"\\t" * 25 + b"\\n", layout,
     ...                           layout.column_map(), first_line=1)
-    >>> parsed.label.tolist(), parsed.dense[0, 0], hex(int(parsed.keys[0, 0]))
-    ([1], 5.0, '0x68fd1e64')
+    >>> parsed.label.tolist(), parsed.dense[0].tolist()[:2], hex(int(parsed.keys[0, 0]))
+    ([1], [5.0, 0.0], '0x68fd1e64')
 """
 
 import dataclasses
@@ -436,7 +436,10 @@ def parse_text_block(block, layout, column_map, first_line):
     good = np.flatnonzero(reason == 0)
     width = column_map.n_columns
     # Every good line has exactly width - 1 delimiters, so its delimiters are a run in `delimiter`.
-    bounds = delimiter[first_delimiter[good][:, None] + np.arange(width - 1)] if width > 1 else np.zeros((good.size, 0), np.int64)
+    if width > 1:
+        bounds = delimiter[first_delimiter[good][:, None] + np.arange(width - 1)]
+    else:
+        bounds = np.zeros((good.size, 0), np.int64)
     field_starts = np.concatenate([line_start[good][:, None], bounds + 1], axis=1)
     field_ends = np.concatenate([bounds, line_end[good][:, None]], axis=1)
 
@@ -511,9 +514,10 @@ def check_parquet_types(arrow_schema, layout, source):
         numeric = pa.types.is_integer(column_type) or pa.types.is_floating(column_type) or pa.types.is_boolean(
             column_type)
         sparse_kinds = {c.kind for c in layout.sparse if c.source == name}
-        if sparse_kinds & {"hour_of_day", "weekday"} and not (_is_text(column_type) or pa.types.is_integer(column_type)):
+        text_or_integer = _is_text(column_type) or pa.types.is_integer(column_type)
+        if sparse_kinds & {"hour_of_day", "weekday"} and not text_or_integer:
             raise FormatError(f"{source}: column {name!r} (YYMMDDHH) must be text or integer, got {column_type}")
-        if sparse_kinds and not (_is_text(column_type) or pa.types.is_integer(column_type)):
+        if sparse_kinds and not text_or_integer:
             raise FormatError(f"{source}: categorical column {name!r} must be integer or text, got {column_type}")
         if not sparse_kinds and not (numeric or _is_text(column_type)):
             raise FormatError(f"{source}: column {name!r} must be numeric or text, got {column_type}")

@@ -1,7 +1,7 @@
 """MLET: multi-layer embedding training (each table trained as a k-wide table times a k x d projection).
 
 Seed paper: "Enhancing cross-category learning in recommendation systems with multi-layer embedding training".
-The factorization only changes training: after training, `tfcompress.fold.fold` multiplies each pair into one
+The factorization only changes training: after training, `tfcompress.fold` multiplies each pair into one
 n x d table, so the deployed model is an ordinary embedding of width d.
 """
 
@@ -22,7 +22,7 @@ class MLETEmbedding(keras.layers.Layer):
     """Per feature f a `rows_f x inner_dim` table E_f and an `inner_dim x output_dim` projection P_f.
 
     The embedding of id x of feature f is E_f[x] . P_f (no bias, no activation), so the layer computes exactly
-    what the single table W_f = E_f . P_f would; `tfcompress.fold.fold_layer` builds that table. What differs is
+    what the single table W_f = E_f . P_f would; `tfcompress.folding.fold_layer` builds that table. What differs is
     training: every gradient step also moves P_f, which changes the embedding of EVERY id of the feature (a dense
     update), so rare ids keep learning from the frequent ones (the paper's cross-category learning).
 

@@ -77,14 +77,17 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
             gradient summed over those accesses) or "frequency" (u <- decay*u + a).
         decay: gamma in (0, 1], the utility's per-step decay.
         gradient: gradient of the pool, "sparse", "dense" or "auto" (see `tfcompress.ops`).
-        out_of_range: "error" or "mod" (see `RobeEmbedding`).
+        out_of_range: "error" or "mod" (see `RobeEmbedding`); ignored with `hash_ids`.
+        hash_ids: ids are raw and unbounded (any int64): id x of feature f reads entry `hash_entry(x, n_f)` of an
+            entry table of n_f = cardinalities[f] entries (a universal hash; colliding ids share an entry and its
+            chunks). Without it ids must lie in [0, n_f).
         embeddings_initializer: initializer of (re)allocated chunks.
 
     Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
     """
 
     def __init__(self, cardinalities, output_dim, num_chunks=1, budget=0.1, utility="gradient", decay=0.99,
-                 gradient="auto", out_of_range="error", embeddings_initializer="uniform", **kwargs):
+                 gradient="auto", out_of_range="error", embeddings_initializer="uniform", hash_ids=False, **kwargs):
         super().__init__(**kwargs)
         self.cardinalities = _common.check_cardinalities(cardinalities)
         self.output_dim = _common.check_positive_int("output_dim", output_dim)
@@ -105,6 +108,7 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
         self.gradient = gradient
         self._gradient_mode = resolve_gradient_mode(gradient, self.capacity * self.chunk_width)
         self.out_of_range = _common.check_out_of_range(out_of_range)
+        self.hash_ids = bool(hash_ids)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self._offsets = hashing.table_offsets(self.cardinalities)
 
@@ -159,7 +163,10 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, ids, training=None):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        if self.hash_ids:
+            ids = hash_entry_tf(ids, self.cardinalities)
+        else:
+            ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
         rows = ids + tf.constant(self._offsets)
         keys = rows[..., None] * self.num_chunks + tf.range(self.num_chunks, dtype=tf.int64)
         flat_addresses = tf.reshape(tf.gather(resource_variable(self.addresses), keys), [-1])
@@ -256,9 +263,41 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
             decay=self.decay,
             gradient=self.gradient,
             out_of_range=self.out_of_range,
+            hash_ids=self.hash_ids,
             embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
         )
         return config
+
+
+def hash_entry_tf(ids, cardinalities, seed=hashing.DEFAULT_SEED):
+    """Entry of raw int64 ids [B, F] in tables of `cardinalities` entries: int64 in [0, n_f), stock ops only.
+
+    The 64-bit id is split into its high (floor x / 2^32) and low (x mod 2^32) words and hashed as a polynomial
+    modulo the prime P of DESIGN.md with its constants R1, R2, R3:
+    h = (((hi mod P) * R3 mod P + lo mod P) * R2 + R1) mod P, then h mod n_f. Every intermediate stays below
+    2P * P + P < 2^63, so int64 arithmetic is exact (no wrap-around; the same in NumPy and ONNX).
+    """
+    prime = hashing.P
+    r1, r2, r3 = (int(c) for c in hashing.hash_constants(seed)[:3])
+    ids = tf.cast(ids, tf.int64)
+    word = tf.constant(2**32, tf.int64)
+    high = tf.math.floormod(tf.math.floordiv(ids, word), prime)  # floor division: the arithmetic shift by 32
+    low = tf.math.floormod(tf.math.floormod(ids, word), prime)
+    h = tf.math.floormod((tf.math.floormod(high * r3, prime) + low) * r2 + r1, prime)
+    return tf.math.floormod(h, tf.constant(np.asarray(cardinalities, np.int64)))
+
+
+def hash_entry(ids, cardinalities, seed=hashing.DEFAULT_SEED):
+    """NumPy reference of `hash_entry_tf` with Python integers (arbitrary precision)."""
+    prime = hashing.P
+    r1, r2, r3 = (int(c) for c in hashing.hash_constants(seed)[:3])
+    ids = np.asarray(ids, np.int64)
+    out = np.empty(ids.shape, np.int64)
+    for index, x in np.ndenumerate(ids):
+        high, low = int(x) // 2**32, int(x) % 2**32
+        h = (((high % prime) * r3 % prime + low % prime) * r2 + r1) % prime
+        out[index] = h % cardinalities[index[-1]]
+    return out
 
 
 def dense_table(layer):

@@ -13,7 +13,7 @@ class QuantizedEmbedding(keras.layers.Layer):
     """One int8 `rows_f x output_dim` table and one float32 scale per feature; lookups return values * scale.
 
     Made from a trained `FullEmbedding` or `HashingTrickEmbedding` (or a folded MLET) by
-    `tfcompress.fold.quantize_model` / `tfcompress.fold.quantize_layer`; the weights are not trainable. With
+    `tfcompress.quantize.quantize_model` / `tfcompress.quantize.quantize_layer`; the weights are not trainable. With
     `num_buckets`, id x of feature f reads row x mod m_f, exactly as the hashed float table did.
 
     Example:

@@ -10,8 +10,12 @@ Row layout of internal table k:
     [clusters_k + unseen, num_rows[k])    private rows of the most frequent ids (frequency-based double hashing)
 
 Unseen-id rule: an id that was never accessed (count 0 in the counts the mapping was built from) has no trained
-teacher value to place it by, so all such ids share ONE extra row per internal table, which the compressed model
-trains as the embedding of "rare, unknown" ids. It is never merged with a cluster of seen ids.
+teacher value to place it by, so all such ids share ONE extra row per internal table. It is never merged with a
+cluster of seen ids. With counts from the training split the student never trains it either: it stays near its
+small initial value, a near-neutral vector, as an untrained row of a full table would. `min_count` > 1 widens the
+rule to ids accessed fewer than `min_count` times: a teacher value learned from one or two rows mostly encodes
+those rows' labels, and clustering by it would group rare ids by their training labels (which the student then
+overfits); these ids then share the row and the student trains it as the embedding of "rare" ids.
 
 Private rows (frequency-based double hashing, `private_fraction` p): the `floor(p * n)` most accessed ids keep a row
 of their own and are not clustered. With the "concat" combiner each internal table holds one private row per such
@@ -60,7 +64,7 @@ class TableMapping:
         combiner: "sum" or "concat": how the layer combines the K looked-up vectors.
         name: the table (feature) name, for messages.
         private: ids with private rows.
-        unseen: ids that share the unseen row.
+        unseen: ids that share the unseen row (count below the mapping's min_count, 1 by default).
     """
 
     rows: np.ndarray
@@ -107,7 +111,7 @@ def _split_rows(total, parts):
 
 
 def build_table_mapping(teacher_values, counts, num_rows, combiner="sum", private_fraction=0.0,
-                        max_cluster_size=None, weighted=True, merge_fraction=0.25, name=""):
+                        max_cluster_size=None, weighted=True, merge_fraction=0.25, min_count=1, name=""):
     """Cluster one table's ids by each teacher dimension into a `TableMapping` of `num_rows` full-width rows.
 
     Args:
@@ -116,6 +120,7 @@ def build_table_mapping(teacher_values, counts, num_rows, combiner="sum", privat
         num_rows: the table's budget in full-width rows (see the module doc), >= K (+ private rows).
         combiner: "sum" or "concat".
         private_fraction: the most frequent floor(private_fraction * n) seen ids keep private rows, in [0, 1).
+        min_count: ids accessed fewer times share the unseen row instead of being clustered (see the module doc).
         max_cluster_size, weighted, merge_fraction: see `cluster_1d`.
         name: the table name, for messages.
 
@@ -139,7 +144,9 @@ def build_table_mapping(teacher_values, counts, num_rows, combiner="sum", privat
     if int(num_rows) != num_rows or num_rows < 1:
         raise ValueError(f"table {name!r}: num_rows must be an integer >= 1, got {num_rows!r}")
 
-    seen = counts > 0
+    if int(min_count) != min_count or min_count < 1:
+        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+    seen = counts >= min_count
     num_private = min(int(np.floor(private_fraction * n)), int(seen.sum()))
     private_ids = np.zeros(0, dtype=np.int64)
     if num_private:

@@ -129,7 +129,7 @@ def train_teacher(pipeline, data, teacher_dim=2, epochs=1, steps=None, verbose=1
     dataset = read(data.train_files, config.batch_size, schema=data.schema, shuffle=True,
                    repeat=steps is not None, seed=config.seed, drop_remainder=True)
     started = time.perf_counter()
-    model.fit(dataset, epochs=epochs_run, steps_per_epoch=steps, verbose=verbose)
+    model.fit(dataset, epochs=epochs_run, steps_per_epoch=steps, verbose=verbose, shuffle=False)  # the reader shuffles
     if verbose:
         print(f"learn-hash: teacher (width {teacher_dim}) trained in {time.perf_counter() - started:.1f} s",
               flush=True)

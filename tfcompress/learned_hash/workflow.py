@@ -26,7 +26,7 @@ DEFAULT_MIN_ROWS = 100_000
 
 def learn_hash(pipeline, target, output_dir=None, teacher_dim=2, combiner="sum", min_rows=DEFAULT_MIN_ROWS,
                private_fraction=0.0, max_cluster_size=None, weighted=True, teacher_steps=None, teacher_epochs=1,
-               teacher_tables=None, counts=None, verbose=1):
+               min_count=1, teacher_tables=None, counts=None, verbose=1):
     """Run the learned-hashing stages for `pipeline` and write `mappings.npz` and a pipeline TOML.
 
     Args:
@@ -38,6 +38,7 @@ def learn_hash(pipeline, target, output_dir=None, teacher_dim=2, combiner="sum",
         min_rows: tables with fewer ids stay full tables.
         private_fraction: the most frequent ids (this fraction of each table) keep private rows.
         max_cluster_size, weighted: clustering options (see `cluster_1d`).
+        min_count: ids accessed fewer times share one row (see `tfcompress.learned_hash.mapping`).
         teacher_steps, teacher_epochs: how long the teacher trains (steps win when given).
         teacher_tables, counts: results of an earlier run's teacher and counting stages (lists per table), to
             build mappings at several targets from one teacher; computed when None.
@@ -84,7 +85,7 @@ def learn_hash(pipeline, target, output_dir=None, teacher_dim=2, combiner="sum",
         table_started = time.perf_counter()
         mapping = build_table_mapping(teacher[t], counts[t], max(teacher_dim, round(target * n)), combiner=combiner,
                                       private_fraction=private_fraction, max_cluster_size=max_cluster_size,
-                                      weighted=weighted, name=name)
+                                      weighted=weighted, min_count=min_count, name=name)
         mappings.append(mapping)
         tables.append(dict(name=name, ids=n, num_rows=list(mapping.num_rows), private=mapping.private,
                            unseen=mapping.unseen, mapping_bytes=mapping.nbytes,

@@ -7,10 +7,10 @@ a `FullEmbedding`, or a `HashingTrickEmbedding` when the MLET tables were hashed
 
 Example::
 
-    from tfcompress.fold import fold
+    import tfcompress
 
-    folded = fold(trained_model)                    # float32 d-wide tables
-    small = fold(trained_model, quantize="int8")    # ... stored as int8 (see tfcompress.quantize)
+    folded = tfcompress.fold(trained_model)                    # float32 d-wide tables
+    small = tfcompress.fold(trained_model, quantize="int8")    # ... stored as int8 (see tfcompress.quantize)
 
 The rewrite goes through the model's config (`get_config` / `from_config`), so it works on functional and
 Sequential models, nested ones included; a subclassed model must swap its layers itself with `fold_layer`.
