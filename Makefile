@@ -10,13 +10,13 @@ INSTALLED := $(VENV)/.installed-$(TF_EXTRA)
 
 .PHONY: install ops demo test test-slow test-all clean
 
+# The --no-deps line: legacy tf.keras + TFRS (tests/test_legacy_keras.py) and TF Serving's request protos
+# (tests/test_export.py) each declare a dependency on the full `tensorflow` wheel, which would land beside
+# tensorflow-cpu; what they need at run time comes with TensorFlow itself.
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
 	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),data,export,test]"
-	# Legacy tf.keras + TFRS (tests/test_legacy_keras.py) and TF Serving's request protos (tests/test_export.py):
-	# each declares a dependency on the full `tensorflow` wheel, which would land beside tensorflow-cpu; what they
-	# need at run time comes with TensorFlow itself.
 	$(PY) -m pip install --quiet --no-deps "tf-keras==2.21.0" "tensorflow-recommenders==0.7.7" \
 		"tensorflow-serving-api==2.21.0"
 	touch $(INSTALLED)

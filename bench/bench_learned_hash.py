@@ -11,10 +11,13 @@ Two parts (run either or both):
   the same total size (`make_plan` method "hashing", same ratio and uncompressed_below) are trained with the same
   data, model, optimizer and seed. Exact eval AUC, mean and spread over seeds.
 
-Run (the numbers in BENCHMARKS.md):
+Run (the numbers in BENCHMARKS.md; each --quality seed takes about 3 minutes on 2 cores):
 
     python bench/bench_learned_hash.py --scale
-    python bench/bench_learned_hash.py --quality --seeds 0 1 --targets 0.1 0.2 0.3
+    python bench/bench_learned_hash.py --quality --seeds 0 1 2 3 --targets 0.1 0.2 0.3 --min-count 3
+
+The byte counts compare the float tables only: learned hashing also stores its id -> row mappings (K per table, in
+the smallest unsigned dtype; 2 x uint16 = 4 bytes per id here), which the hashing trick does not need.
 
 Output: markdown tables on stdout (and --json for the raw numbers).
 """

@@ -306,6 +306,20 @@ def test_plan_builds_a_learned_hash_layer(tmp_path):
         make_plan(cards, 8, "learned_hash", ratio=2.0)
 
 
+def test_counts_come_from_the_converters_counts_file(tmp_path):
+    from tfcompress.data.schema import Schema
+    from tfcompress.learned_hash.teacher import load_counts_file
+
+    schema = Schema(name="x", sparse_names=["a", "b"], cardinalities=[5, 3])
+    path = tmp_path / "train.npz"
+    np.savez(path, ids_a=np.array([0, 4]), counts_a=np.array([7, 2]), ids_b=np.array([1]), counts_b=np.array([9]))
+    counts = load_counts_file(path, schema)
+    assert counts[0].tolist() == [7, 0, 0, 0, 2] and counts[1].tolist() == [0, 9, 0]
+    np.savez(path, ids_a=np.array([5]), counts_a=np.array([1]), ids_b=np.array([1]), counts_b=np.array([9]))
+    with pytest.raises(ValueError, match="outside"):
+        load_counts_file(path, schema)
+
+
 # ---- learn-hash end to end ----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,12 @@ Bad input (a ValueError or a missing file) prints "error: ..." and exits with st
 """
 
 import argparse
+import os
 import sys
+
+# TensorFlow's C++ INFO lines (oneDNN notices, tf.data buffer sizes) drown Keras' progress; warnings still show.
+# Set before any subcommand imports TensorFlow; a user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
 # ---------------------------------------------------------------------------------------------------- train

@@ -100,6 +100,8 @@ class CompressionConfig:
     ratio: float = _option(None, "float")
     budget: object = _option(None, "bytes")
     uncompressed_below: int = _option(0, "int", minimum=0)
+    # method "pruned": steps between pruning events (tfcompress.ChunkPruningCallback's period).
+    pruning_period: int = _option(None, "int", minimum=1)
     # Every other key of [compression]: options of the method's layer, checked by make_plan.
     options: dict = dataclasses.field(default_factory=dict, metadata={"kind": "rest"})
 

@@ -182,6 +182,27 @@ def exact_metrics(model, eval_dataset):
     return exact_auc(labels, probs), log_loss(labels, probs)
 
 
+def _layers_within(layer):
+    """The layer and every layer inside it (Keras sub-layers and PlannedEmbedding members)."""
+    yield layer
+    for inner in list(getattr(layer, "layers", [])) + list(getattr(layer, "members", [])):
+        yield from _layers_within(inner)
+
+
+def _pruning_callbacks(pipeline, model):
+    """A ChunkPruningCallback when the model has chunk-pruned tables: without it they are never pruned."""
+    from tfcompress.layers import ChunkPrunedEmbedding
+    from tfcompress.pruning import ChunkPruningCallback
+
+    if not any(isinstance(layer, ChunkPrunedEmbedding) for layer in _layers_within(model)):
+        return []
+    period = pipeline.compression.pruning_period
+    if period is None:
+        raise ValueError(f"{pipeline.source}: [compression] pruning_period: method 'pruned' needs the number of "
+                         "steps between pruning events, e.g. pruning_period = 1000")
+    return [ChunkPruningCallback(period=period)]
+
+
 def _warn_if_optimizer_densifies(optimizer_name, model):
     if optimizer_name != "adam":
         return
@@ -251,6 +272,7 @@ def train(pipeline, runs_dir="runs", verbose=1):
         eval_dataset = eval_dataset.apply(
             tf.data.experimental.assert_cardinality(-(-data.eval_rows // config.eval_batch_size)))
     throughput = ThroughputCallback(config.batch_size)
+    callbacks = [throughput] + _pruning_callbacks(pipeline, model)
     started = time.perf_counter()
     with warnings.catch_warnings():
         # Keras warns "input ran out of data" whenever a dataset of unknown length ends, which is how a single
@@ -262,7 +284,7 @@ def train(pipeline, runs_dir="runs", verbose=1):
             epochs=config.epochs,
             steps_per_epoch=steps_per_epoch,
             validation_data=eval_dataset,
-            callbacks=[throughput],
+            callbacks=callbacks,
             verbose=verbose,
             shuffle=False,  # the reader shuffles
         )
