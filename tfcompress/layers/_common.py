@@ -3,6 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
+from tfcompress._keras import keras
+
 OUT_OF_RANGE_RULES = ("error", "mod")
 
 
@@ -59,3 +61,59 @@ def check_id_shape(input_shape, num_features, layer_name):
             f"{layer_name} expects ids of shape [batch, {num_features}] (one column per table), "
             f"got shape {tuple(input_shape)}"
         )
+
+
+class IdEmbeddingLayer(keras.layers.Layer):
+    """Base of the layers that map integer ids [batch, F] to float32 [batch, F, output_dim] through trained tables.
+
+    Holds only what those layers share: the checked `cardinalities`, `output_dim`, `gradient`, `out_of_range` and
+    `embeddings_initializer`, `logical_parameters`, the output shape, the id-shape check and the id preparation,
+    and the matching part of `get_config`. Subclasses create their weights in `build` (calling
+    `check_id_shape` first and `super().build` last), call `prepare_ids` in `call`, and extend `get_config` with
+    their own arguments. Not registered as serializable: it is never saved on its own, only its subclasses are.
+
+    Args:
+        cardinalities: ids of feature f lie in [0, cardinalities[f]).
+        output_dim: embedding width D.
+        gradient: gradient mode of the tables ("sparse", "dense" or "auto"); each subclass resolves it against
+            its own table sizes (`tfcompress.ops.resolve_gradient_mode`).
+        out_of_range: "error" or "mod" (see `prepare_ids`).
+        embeddings_initializer: anything `keras.initializers.get` accepts.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, trainable, ...).
+    """
+
+    def __init__(self, cardinalities, output_dim, gradient="sparse", out_of_range="error",
+                 embeddings_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.cardinalities = check_cardinalities(cardinalities)
+        self.output_dim = check_positive_int("output_dim", output_dim)
+        self.gradient = gradient
+        self.out_of_range = check_out_of_range(out_of_range)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    @property
+    def logical_parameters(self):
+        """Size of full uncompressed D-wide tables: sum n_f * D."""
+        return sum(self.cardinalities) * self.output_dim
+
+    def check_id_shape(self, input_shape):
+        """Raise ValueError unless the ids have one column per table."""
+        check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+
+    def prepare_ids(self, ids):
+        """The ids as int64 with this layer's out-of-range rule applied (see the module function)."""
+        return prepare_ids(ids, self.cardinalities, self.out_of_range)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            cardinalities=self.cardinalities,
+            output_dim=self.output_dim,
+            gradient=self.gradient,
+            out_of_range=self.out_of_range,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config

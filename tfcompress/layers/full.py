@@ -2,13 +2,13 @@
 
 import tensorflow as tf
 
-from tfcompress._keras import fresh_initializer, keras, register_serializable
+from tfcompress._keras import fresh_initializer, register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
 
 
 @register_serializable()
-class FullEmbedding(keras.layers.Layer):
+class FullEmbedding(_common.IdEmbeddingLayer):
     """One `cardinalities[f] x output_dim` table per feature.
 
     Example:
@@ -29,24 +29,16 @@ class FullEmbedding(keras.layers.Layer):
 
     def __init__(self, cardinalities, output_dim, gradient="sparse", out_of_range="error",
                  embeddings_initializer="uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.cardinalities = _common.check_cardinalities(cardinalities)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
-        self.gradient = gradient
+        super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
+                         embeddings_initializer=embeddings_initializer, **kwargs)
         self._gradient_modes = [resolve_gradient_mode(gradient, n * self.output_dim) for n in self.cardinalities]
-        self.out_of_range = _common.check_out_of_range(out_of_range)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-
-    @property
-    def logical_parameters(self):
-        return sum(self.cardinalities) * self.output_dim
 
     @property
     def physical_parameters(self):
         return self.logical_parameters
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         self.tables = [
             self.add_weight(name=f"table_{f}", shape=(n, self.output_dim),
                             initializer=fresh_initializer(self.embeddings_initializer))
@@ -55,23 +47,9 @@ class FullEmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, ids):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = self.prepare_ids(ids)
         columns = [
             gather_with_gradient(table, ids[:, f], mode)
             for f, (table, mode) in enumerate(zip(self.tables, self._gradient_modes))
         ]
         return tf.stack(columns, axis=1)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
-        )
-        return config

@@ -4,7 +4,7 @@ import math
 
 import tensorflow as tf
 
-from tfcompress._keras import fresh_initializer, keras, register_serializable
+from tfcompress._keras import fresh_initializer, register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
 
@@ -30,7 +30,7 @@ def buckets_for(cardinalities, num_buckets=None, compression=None):
 
 
 @register_serializable()
-class HashingTrickEmbedding(keras.layers.Layer):
+class HashingTrickEmbedding(_common.IdEmbeddingLayer):
     """One `m_t x output_dim` table per feature; id x of table t reads row x mod m_t.
 
     Example:
@@ -51,25 +51,17 @@ class HashingTrickEmbedding(keras.layers.Layer):
 
     def __init__(self, cardinalities, output_dim, num_buckets=None, compression=None, gradient="sparse",
                  out_of_range="error", embeddings_initializer="uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.cardinalities = _common.check_cardinalities(cardinalities)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
+                         embeddings_initializer=embeddings_initializer, **kwargs)
         self.num_buckets = buckets_for(self.cardinalities, num_buckets, compression)
-        self.gradient = gradient
         self._gradient_modes = [resolve_gradient_mode(gradient, m * self.output_dim) for m in self.num_buckets]
-        self.out_of_range = _common.check_out_of_range(out_of_range)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-
-    @property
-    def logical_parameters(self):
-        return sum(self.cardinalities) * self.output_dim
 
     @property
     def physical_parameters(self):
         return sum(self.num_buckets) * self.output_dim
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         self.tables = [
             self.add_weight(name=f"table_{f}", shape=(m, self.output_dim),
                             initializer=fresh_initializer(self.embeddings_initializer))
@@ -78,24 +70,14 @@ class HashingTrickEmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, ids):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = self.prepare_ids(ids)
         columns = [
             gather_with_gradient(table, tf.math.floormod(ids[:, f], m), mode)
             for f, (table, m, mode) in enumerate(zip(self.tables, self.num_buckets, self._gradient_modes))
         ]
         return tf.stack(columns, axis=1)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
-            num_buckets=self.num_buckets,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
-        )
+        config.update(num_buckets=self.num_buckets)
         return config

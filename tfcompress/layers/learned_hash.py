@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfcompress._keras import fresh_initializer, keras, register_serializable
+from tfcompress._keras import fresh_initializer, register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode, resource_variable
 
@@ -45,7 +45,7 @@ def _as_row_arrays(mappings):
 
 
 @register_serializable()
-class LearnedHashEmbedding(keras.layers.Layer):
+class LearnedHashEmbedding(_common.IdEmbeddingLayer):
     """Per feature: id -> row through learned mappings (one per teacher dimension), then K small tables combined.
 
     Ids that the clustering put together share one row, so they share one vector and their gradients add up in
@@ -81,13 +81,13 @@ class LearnedHashEmbedding(keras.layers.Layer):
 
     def __init__(self, mappings=None, output_dim=None, cardinalities=None, num_rows=None, combiner=None,
                  gradient="sparse", out_of_range="error", embeddings_initializer="uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim if output_dim is not None else 0)
-        self._initial_rows = None
+        # output_dim is checked before the (possibly large) mappings are read; the base class checks it again.
+        output_dim = _common.check_positive_int("output_dim", output_dim if output_dim is not None else 0)
+        initial_rows = None
         mapping_combiner = None
         if mappings is not None:
-            self._initial_rows, mapped_rows, mapping_combiner = _as_row_arrays(mappings)
-            mapped_cards = [int(rows.shape[1]) for rows in self._initial_rows]
+            initial_rows, mapped_rows, mapping_combiner = _as_row_arrays(mappings)
+            mapped_cards = [int(rows.shape[1]) for rows in initial_rows]
             if cardinalities is not None and _common.check_cardinalities(cardinalities) != mapped_cards:
                 raise ValueError(f"cardinalities {list(cardinalities)} do not match the mappings' table sizes "
                                  f"{mapped_cards} (were the mappings built for these tables, in this order?)")
@@ -96,7 +96,9 @@ class LearnedHashEmbedding(keras.layers.Layer):
             cardinalities, num_rows = mapped_cards, mapped_rows
         elif cardinalities is None or num_rows is None:
             raise ValueError("give mappings (a .npz path or arrays), or both cardinalities and num_rows")
-        self.cardinalities = _common.check_cardinalities(cardinalities)
+        super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
+                         embeddings_initializer=embeddings_initializer, **kwargs)
+        self._initial_rows = initial_rows
         if len(num_rows) != len(self.cardinalities):
             raise ValueError(f"num_rows has {len(num_rows)} entries for {len(self.cardinalities)} tables")
         self.num_rows = [[_common.check_positive_int(f"num_rows[{f}]", m) for m in rows]
@@ -114,15 +116,8 @@ class LearnedHashEmbedding(keras.layers.Layer):
                                  f"tables of feature {f}; output_dim must be >= {len(rows)}")
             self.widths.append(_split_width(self.output_dim, len(rows)) if self.combiner == "concat"
                                else [self.output_dim] * len(rows))
-        self.gradient = gradient
         self._gradient_modes = [[resolve_gradient_mode(gradient, m * w) for m, w in zip(rows, widths)]
                                 for rows, widths in zip(self.num_rows, self.widths)]
-        self.out_of_range = _common.check_out_of_range(out_of_range)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-
-    @property
-    def logical_parameters(self):
-        return sum(self.cardinalities) * self.output_dim
 
     @property
     def physical_parameters(self):
@@ -139,7 +134,7 @@ class LearnedHashEmbedding(keras.layers.Layer):
     def build(self, input_shape):
         from tfcompress.learned_hash.mapping import smallest_row_dtype
 
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         self.mappings, self.tables = [], []
         for f, (n, rows, widths) in enumerate(zip(self.cardinalities, self.num_rows, self.widths)):
             dtype = smallest_row_dtype(max(rows) - 1)
@@ -160,7 +155,7 @@ class LearnedHashEmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, ids):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = self.prepare_ids(ids)
         columns = []
         for f in range(len(self.cardinalities)):
             parts = []
@@ -175,20 +170,12 @@ class LearnedHashEmbedding(keras.layers.Layer):
                 columns.append(tf.concat(parts, axis=-1))
         return tf.stack(columns, axis=1)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
     def get_config(self):
         config = super().get_config()
         config.update(
-            mappings=None,  # the arrays are weights (see the class doc); shapes below
-            output_dim=self.output_dim,
-            cardinalities=self.cardinalities,
+            mappings=None,  # the arrays are weights (see the class doc); shapes in the base config and below
             num_rows=self.num_rows,
             combiner=self.combiner,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
         )
         return config
 

@@ -18,7 +18,7 @@ DEFAULT_PROJECTION_STDDEV = 0.25  # the paper's value for DLRM
 
 
 @register_serializable()
-class MLETEmbedding(keras.layers.Layer):
+class MLETEmbedding(_common.IdEmbeddingLayer):
     """Per feature f a `rows_f x inner_dim` table E_f and an `inner_dim x output_dim` projection P_f.
 
     The embedding of id x of feature f is E_f[x] . P_f (no bias, no activation), so the layer computes exactly
@@ -59,9 +59,8 @@ class MLETEmbedding(keras.layers.Layer):
     def __init__(self, cardinalities, output_dim, inner_dim, num_buckets=None, compression=None,
                  projection_stddev=DEFAULT_PROJECTION_STDDEV, gradient="sparse", out_of_range="error",
                  embeddings_initializer="glorot_uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.cardinalities = _common.check_cardinalities(cardinalities)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
+                         embeddings_initializer=embeddings_initializer, **kwargs)
         self.inner_dim = _common.check_positive_int("inner_dim", inner_dim)
         if self.inner_dim < self.output_dim:
             warnings.warn(
@@ -76,10 +75,7 @@ class MLETEmbedding(keras.layers.Layer):
         if not (isinstance(projection_stddev, (int, float)) and projection_stddev > 0):
             raise ValueError(f"projection_stddev must be a number > 0, got {projection_stddev!r}")
         self.projection_stddev = float(projection_stddev)
-        self.gradient = gradient
         self._gradient_modes = [resolve_gradient_mode(gradient, m * self.inner_dim) for m in self.table_rows]
-        self.out_of_range = _common.check_out_of_range(out_of_range)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     @property
     def hashed(self):
@@ -89,11 +85,6 @@ class MLETEmbedding(keras.layers.Layer):
     def table_rows(self):
         """Rows of each trained (and folded) table: the hashed row counts, or the cardinalities."""
         return list(self.num_buckets) if self.hashed else list(self.cardinalities)
-
-    @property
-    def logical_parameters(self):
-        """Size of full unhashed d-wide tables: sum n_f * d."""
-        return sum(self.cardinalities) * self.output_dim
 
     @property
     def physical_parameters(self):
@@ -106,7 +97,7 @@ class MLETEmbedding(keras.layers.Layer):
         return sum(self.table_rows) * self.output_dim
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         # A fresh initializer per table: tf_keras returns identical values from an unseeded initializer instance
         # called twice, which would start equal-sized tables identical.
         self.tables = [
@@ -124,7 +115,7 @@ class MLETEmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, ids):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = self.prepare_ids(ids)
         rows = [ids[:, f] for f in range(len(self.cardinalities))]
         if self.hashed:
             rows = [tf.math.floormod(r, m) for r, m in zip(rows, self.num_buckets)]
@@ -134,19 +125,11 @@ class MLETEmbedding(keras.layers.Layer):
         )  # [B, F, k]
         return tf.einsum("bfk,fkd->bfd", inner, self.projections)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
     def get_config(self):
         config = super().get_config()
         config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
             inner_dim=self.inner_dim,
             num_buckets=self.num_buckets,
             projection_stddev=self.projection_stddev,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
         )
         return config

@@ -27,7 +27,7 @@ def remainder_rows_for(cardinality, compression, operation):
 
 
 @register_serializable()
-class QREmbedding(keras.layers.Layer):
+class QREmbedding(_common.IdEmbeddingLayer):
     """Per feature a quotient table (ceil(n/m) rows) and a remainder table (m rows); id x reads row x // m of the
     first and x mod m of the second, combined by "mult" (element-wise product), "add" or "concat" (each table D/2
     wide). No two ids of one table share both rows, so every id keeps a distinct embedding.
@@ -52,9 +52,8 @@ class QREmbedding(keras.layers.Layer):
 
     def __init__(self, cardinalities, output_dim, num_buckets=None, compression=None, operation="mult",
                  gradient="sparse", out_of_range="error", embeddings_initializer="uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.cardinalities = _common.check_cardinalities(cardinalities)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
+                         embeddings_initializer=embeddings_initializer, **kwargs)
         if operation not in QR_OPERATIONS:
             raise ValueError(f"operation must be one of {QR_OPERATIONS}, got {operation!r}")
         self.operation = operation
@@ -77,13 +76,6 @@ class QREmbedding(keras.layers.Layer):
             self._widths = (self.output_dim // 2, self.output_dim - self.output_dim // 2)
         else:
             self._widths = (self.output_dim, self.output_dim)
-        self.gradient = gradient
-        self.out_of_range = _common.check_out_of_range(out_of_range)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-
-    @property
-    def logical_parameters(self):
-        return sum(self.cardinalities) * self.output_dim
 
     @property
     def physical_parameters(self):
@@ -91,7 +83,7 @@ class QREmbedding(keras.layers.Layer):
         return sum(q * q_width + m * r_width for q, m in zip(self.quotient_rows, self.num_buckets))
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         q_width, r_width = self._widths
         q_init = (keras.initializers.RandomUniform(0.95, 1.05) if self.operation == "mult"
                   else self.embeddings_initializer)
@@ -106,7 +98,7 @@ class QREmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, ids):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = self.prepare_ids(ids)
         q_width, r_width = self._widths
         columns = []
         for f, m in enumerate(self.num_buckets):
@@ -123,18 +115,7 @@ class QREmbedding(keras.layers.Layer):
                 columns.append(tf.concat([q, r], axis=-1))
         return tf.stack(columns, axis=1)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
-            num_buckets=self.num_buckets,
-            operation=self.operation,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
-        )
+        config.update(num_buckets=self.num_buckets, operation=self.operation)
         return config

@@ -5,13 +5,13 @@ import math
 import tensorflow as tf
 
 from tfcompress import custom_op, hashing
-from tfcompress._keras import keras, register_serializable
+from tfcompress._keras import register_serializable
 from tfcompress.layers import _common
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
 
 
 @register_serializable()
-class RobeEmbedding(keras.layers.Layer):
+class RobeEmbedding(_common.IdEmbeddingLayer):
     """F embedding tables stored in ONE trainable 1-D array, addressed by the ROBE-Z hash (DESIGN.md).
 
     Element i of the embedding of id x in table t reads M[h(a, i // Z) + i % Z] with a = x + offset_t: each chunk
@@ -60,9 +60,8 @@ class RobeEmbedding(keras.layers.Layer):
         use_custom_op="auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.cardinalities = _common.check_cardinalities(cardinalities)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
+                         embeddings_initializer=embeddings_initializer, **kwargs)
         chunk_size = min(self.output_dim, 32) if chunk_size is None else chunk_size
         if int(chunk_size) != chunk_size or not 1 <= chunk_size <= self.output_dim:
             raise ValueError(f"chunk_size must be an integer in [1, output_dim={self.output_dim}], got {chunk_size!r}")
@@ -81,23 +80,16 @@ class RobeEmbedding(keras.layers.Layer):
         self.compression = None if compression is None else float(compression)
         self.seed = int(seed)
         self.signed = bool(signed)
-        self.gradient = gradient
         self._gradient_mode = resolve_gradient_mode(gradient, self.memory_size)
-        self.out_of_range = _common.check_out_of_range(out_of_range)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self._offsets = hashing.table_offsets(self.cardinalities)
         self.use_custom_op = custom_op.check_use_custom_op(use_custom_op)
-
-    @property
-    def logical_parameters(self):
-        return sum(self.cardinalities) * self.output_dim
 
     @property
     def physical_parameters(self):
         return self.memory_size
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         self.memory = self.add_weight(
             name="memory", shape=(self.memory_size,), initializer=self.embeddings_initializer, trainable=True
         )
@@ -107,12 +99,12 @@ class RobeEmbedding(keras.layers.Layer):
         if custom_op.should_use(self.use_custom_op):
             # The op checks every id itself (naming feature and value), so only "mod" needs the TF-side pass.
             if self.out_of_range == "mod":
-                ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+                ids = self.prepare_ids(ids)
             return custom_op.robe_lookup(
                 self.memory, ids, self.cardinalities, self.output_dim, self.chunk_size, self.seed, self.signed,
                 self._gradient_mode,
             )
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = self.prepare_ids(ids)
         a = ids + tf.constant(self._offsets)
         positions = hashing.robe_indices_tf(a, self.output_dim, self.chunk_size, self.memory_size, self.seed)
         values = gather_with_gradient(self.memory, positions, self._gradient_mode)
@@ -120,22 +112,14 @@ class RobeEmbedding(keras.layers.Layer):
             values = values * hashing.robe_signs_tf(a, self.output_dim, self.seed)
         return values
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
     def get_config(self):
         config = super().get_config()
         config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
             # memory_size alone fixes the array; compression is kept for display but not passed back twice.
             memory_size=self.memory_size,
             chunk_size=self.chunk_size,
             seed=self.seed,
             signed=self.signed,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
             use_custom_op=self.use_custom_op,
         )
         return config
