@@ -33,13 +33,24 @@ def _add_train_arguments(parser):
     parser.add_argument("--verbose", type=int, default=None, choices=(0, 1, 2),
                         help="Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a "
                              "terminal, 2 when the output goes to a file or pipe)")
+    parser.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),
+                        help="tf.distribute strategy (overrides [train] strategy): mirrored = all local GPUs or the "
+                             "--cpu-replicas logical CPUs, multiworker = MultiWorkerMirroredStrategy from TF_CONFIG; "
+                             "[train] batch_size is per replica")
+    parser.add_argument("--cpu-replicas", type=int, metavar="N",
+                        help="split the CPU into N logical devices (for mirrored training without GPUs, e.g. tests)")
 
 
 def _run_train(args):
     from tfcompress.pipeline import load_pipeline
 
+    if args.cpu_replicas is not None:
+        from tfcompress.train import configure_cpu_replicas
+
+        configure_cpu_replicas(args.cpu_replicas)  # before anything initializes TensorFlow's devices
+    overrides = list(args.overrides) + ([f"train.strategy={args.strategy}"] if args.strategy else [])
     # Validate every pipeline before training any: a typo in the second file should not cost the first run.
-    pipelines = [load_pipeline(path, args.overrides) for path in args.pipeline]
+    pipelines = [load_pipeline(path, overrides) for path in args.pipeline]
     names = [p.name for p in pipelines]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

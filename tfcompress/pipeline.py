@@ -40,6 +40,10 @@ Example pipeline (every key but the section headers is optional; defaults below)
     eval_batch_size = 16384
     seed = 0
     save_model = true                    # write runs/<name>/model.keras
+    strategy = "default"                 # "mirrored" (local GPUs / --cpu-replicas) | "multiworker" (TF_CONFIG)
+    deterministic = false                # fixed reader order: same seed, same batches
+    # checkpoint_every_steps = 1000      # crash-safe: BackupAndRestore every N steps and at epoch end
+    # backup_dir = "runs/<name>/backup"  # where those checkpoints go; a rerun resumes from them
 
 Relative paths are relative to the working directory. Unknown keys and wrong types raise ValueError naming the
 file, the section and the key. Overrides "section.key=value" (the CLI's --set) are applied before validation;
@@ -123,6 +127,15 @@ class TrainConfig:
     eval_batch_size: int = _option(16384, "int", minimum=1)
     seed: int = _option(0, "int", minimum=0)
     save_model: bool = _option(True, "bool")
+    # tf.distribute: "default" (one device), "mirrored" (all local GPUs, or the logical CPUs of --cpu-replicas),
+    # "multiworker" (MultiWorkerMirroredStrategy from TF_CONFIG). batch_size is per replica.
+    strategy: str = _option("default", "str", choices=("default", "mirrored", "multiworker"))
+    # Fixed reader order (a little slower): the same seed gives the same batches on every run.
+    deterministic: bool = _option(False, "bool")
+    # Crash-safe training: BackupAndRestore checkpoints every N steps (and at epoch end) to backup_dir
+    # (default runs/<name>/backup); a rerun of the same pipeline resumes from the last one.
+    checkpoint_every_steps: int = _option(None, "int", minimum=1)
+    backup_dir: str = _option(None, "str")
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "compression": CompressionConfig, "train": TrainConfig}

@@ -174,12 +174,118 @@ def exact_metrics(model, eval_dataset):
 
     from tfcompress.metrics import exact_auc, log_loss
 
+    import tensorflow as tf
+
+    if model.distribute_strategy is tf.distribute.get_strategy():
+        predict = model.predict_on_batch
+    else:
+        # Under a MirroredStrategy predict_on_batch hands the whole batch to every replica and concatenates
+        # their outputs (twice the rows for two replicas); one plain forward pass reads the mirrored weights once.
+        predict = tf.function(lambda features: model(features, training=False))
     labels, probs = [], []
     for features, batch_labels in eval_dataset:
-        probs.append(np.asarray(model.predict_on_batch(features)).reshape(-1))
+        probs.append(np.asarray(predict(features)).reshape(-1))
         labels.append(np.asarray(batch_labels).reshape(-1))
     labels, probs = np.concatenate(labels), np.concatenate(probs)
     return exact_auc(labels, probs), log_loss(labels, probs)
+
+
+def configure_cpu_replicas(count):
+    """Split the first CPU into `count` logical devices, so MirroredStrategy can run `count` replicas on a CPU.
+
+    Must run before TensorFlow initializes its devices (before the first op or dataset): afterwards TensorFlow
+    refuses to change the device list.
+
+    Raises:
+        ValueError: count < 1, or TensorFlow's devices are already initialized.
+    """
+    import tensorflow as tf
+
+    if int(count) != count or count < 1:
+        raise ValueError(f"cpu replicas must be an integer >= 1, got {count!r}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * int(count))
+    except RuntimeError as error:
+        raise ValueError(f"cannot split the CPU into {count} logical devices: {error}") from None
+
+
+def make_strategy(name):
+    """The tf.distribute strategy named by [train] strategy.
+
+    "default": the default strategy (one device). "mirrored": MirroredStrategy over every local GPU, or over every
+    logical CPU when there is no GPU (see `configure_cpu_replicas`). "multiworker": MultiWorkerMirroredStrategy,
+    which reads the cluster from the TF_CONFIG environment variable; it must be created before other TensorFlow
+    work, which is why `train` makes it first.
+
+    Optimizers: an all-reduce of the embedding tables' IndexedSlices gradients concatenates the replicas' slices,
+    so the same row can appear several times. SGD adds them correctly; Keras' stock Adagrad does not (it reads the
+    accumulator once per duplicate), which is why [train] optimizer "adagrad" is `tfcompress.optimizers.
+    SparseAdagrad` and "lazy_adam" is `LazyAdam`: both deduplicate rows before updating.
+    """
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        # Without GPUs NCCL is unavailable; reducing on one device works for any device kind.
+        cross_device_ops = None if gpus else tf.distribute.ReductionToOneDevice()
+        return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross_device_ops)
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy must be one of ['default', 'mirrored', 'multiworker'], got {name!r}")
+
+
+class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore that also checkpoints at every epoch end and records the global step.
+
+    Keras restores the weights, the optimizer state and the epoch, not the position inside the epoch. `train`
+    reads the recorded step (`saved_step`) before fitting, skips that many batches of its (deterministic,
+    repeating) training stream and stops after the planned total number of steps, so a resumed run sees exactly
+    the batches the uninterrupted run would have seen.
+
+    Args:
+        backup_dir: the checkpoint directory (deleted when training completes).
+        save_freq: steps between checkpoints.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self._save_model()
+
+    def _save_model(self):
+        super()._save_model()
+        # Rewrite the metadata with the global step (the optimizer counts one iteration per batch).
+        metadata_path = self._training_metadata_path
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+        metadata["step"] = int(self.model.optimizer.iterations.numpy())
+        with open(metadata_path + ".tmp", "w") as f:
+            json.dump(metadata, f)
+        os.replace(metadata_path + ".tmp", metadata_path)  # atomic: a kill never leaves half a file
+
+    @staticmethod
+    def saved_step(backup_dir):
+        """The global step of the checkpoint in `backup_dir` (0 when there is none)."""
+        path = os.path.join(backup_dir, "training_metadata.json")
+        if not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            return int(json.load(f).get("step", 0))
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Stops fit once the optimizer has taken `total_steps` steps (a resumed run starts part-way into an epoch)."""
+
+    def __init__(self, total_steps):
+        super().__init__()
+        self.total_steps = int(total_steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.total_steps:
+            self.model.stop_training = True
 
 
 def _layers_within(layer):
@@ -227,7 +333,7 @@ def train(pipeline, runs_dir="runs", verbose=1):
     Returns:
         dict with name, method, logical_bytes, physical_bytes, ratio, auc, log_loss (exact, on the eval split),
         ceiling_auc (synthetic data: the planted model's AUC on the eval split; else None), train_samples_per_s,
-        epochs, model_path (None when [train] save_model = false) and train_seconds.
+        epochs, replicas, global_batch_size, model_path (None when [train] save_model = false) and train_seconds.
 
     Raises:
         ValueError: bad data paths or compression options (named with the pipeline file and section).
@@ -238,41 +344,75 @@ def train(pipeline, runs_dir="runs", verbose=1):
     from tfcompress.plan import make_plan
 
     config = pipeline.train
+    # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
+    strategy = make_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    global_batch_size = config.batch_size * replicas
     data = prepare_data(pipeline.data, pipeline.source, verbose)
     keras.utils.set_random_seed(config.seed)
     try:
         plan = make_plan(data.schema.cardinalities, pipeline.model.embedding_dim, **pipeline.compression.plan_kwargs())
     except ValueError as error:
         raise ValueError(f"{pipeline.source}: [compression]: {error}") from None
-    model = build_model(pipeline.model, data.schema, plan.build_layer(), name=_model_name(pipeline.name))
+    # Variables made in the scope are mirrored on every replica; compile's optimizer and metrics too.
+    with strategy.scope():
+        model = build_model(pipeline.model, data.schema, plan.build_layer(), name=_model_name(pipeline.name))
+        _warn_if_optimizer_densifies(config.optimizer, model)
+        model.compile(
+            optimizer=make_optimizer(config),
+            loss=keras.losses.BinaryCrossentropy(),
+            metrics=[
+                keras.metrics.AUC(num_thresholds=AUC_THRESHOLDS, name="auc"),
+                keras.metrics.BinaryCrossentropy(name="log_loss"),
+            ],
+        )
     if verbose:
         print(f"model: {pipeline.model.arch}, embeddings {plan.method}: logical {_human_bytes(plan.logical_bytes)} "
               f"-> physical {_human_bytes(plan.physical_bytes)} ({plan.ratio:,.1f}x), "
-              f"{model.count_params():,} parameters", flush=True)
-    _warn_if_optimizer_densifies(config.optimizer, model)
-    model.compile(
-        optimizer=make_optimizer(config),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[
-            keras.metrics.AUC(num_thresholds=AUC_THRESHOLDS, name="auc"),
-            keras.metrics.BinaryCrossentropy(name="log_loss"),
-        ],
-    )
+              f"{model.count_params():,} parameters; strategy {config.strategy}, {replicas} replica(s), "
+              f"global batch {global_batch_size:,}", flush=True)
 
     steps_per_epoch = config.steps_per_epoch
     if steps_per_epoch is None and data.train_rows:
-        steps_per_epoch = max(1, data.train_rows // config.batch_size)
-    # With a known step count the stream repeats (Keras shows an ETA); without one each epoch is one full pass.
-    train_dataset = read(data.train_files, config.batch_size, schema=data.schema, shuffle=True,
-                         repeat=steps_per_epoch is not None, seed=config.seed, drop_remainder=True)
+        steps_per_epoch = max(1, data.train_rows // global_batch_size)
+    backup_dir = None
+    resume_step = 0
+    if config.checkpoint_every_steps is not None:
+        backup_dir = config.backup_dir or os.path.join(runs_dir, pipeline.name, "backup")
+        if steps_per_epoch is not None:
+            resume_step = StepBackupAndRestore.saved_step(backup_dir)
+        if verbose and resume_step:
+            print(f"resuming from the checkpoint at step {resume_step:,} in {backup_dir}", flush=True)
+
+    def train_input(input_context=None):
+        # With a known step count the stream repeats (Keras shows an ETA); without one each epoch is one pass.
+        dataset = read(data.train_files, config.batch_size, schema=data.schema, shuffle=True,
+                       repeat=steps_per_epoch is not None, seed=config.seed, drop_remainder=True,
+                       deterministic=config.deterministic, input_context=input_context)
+        if resume_step:
+            # The batches the checkpointed run already trained on: each input pipeline feeds
+            # replicas / pipelines replicas per step.
+            pipelines = input_context.num_input_pipelines if input_context is not None else 1
+            dataset = dataset.skip(resume_step * (replicas // pipelines))
+        return dataset
+
+    if config.strategy == "default":
+        train_dataset = train_input()
+    else:
+        # One input pipeline per worker, sharded by the input context; read() takes the per-replica batch.
+        train_dataset = strategy.distribute_datasets_from_function(train_input)
     eval_dataset = read(data.eval_files, config.eval_batch_size, schema=data.schema, shuffle=False, repeat=False,
                         deterministic=True)
     if data.eval_rows:
         # A known length gives the validation progress bar its total.
         eval_dataset = eval_dataset.apply(
             tf.data.experimental.assert_cardinality(-(-data.eval_rows // config.eval_batch_size)))
-    throughput = ThroughputCallback(config.batch_size)
+    throughput = ThroughputCallback(global_batch_size)
     callbacks = [throughput] + _pruning_callbacks(pipeline, model)
+    if backup_dir is not None:
+        callbacks.append(StepBackupAndRestore(backup_dir, save_freq=config.checkpoint_every_steps))
+        if steps_per_epoch is not None:
+            callbacks.append(StopAtStep(config.epochs * steps_per_epoch))
     started = time.perf_counter()
     with warnings.catch_warnings():
         # Keras warns "input ran out of data" whenever a dataset of unknown length ends, which is how a single
@@ -302,10 +442,17 @@ def train(pipeline, runs_dir="runs", verbose=1):
         "ceiling_auc": data.ceiling_auc,
         "train_samples_per_s": throughput.samples_per_s,
         "epochs": config.epochs,
+        "replicas": replicas,
+        "global_batch_size": global_batch_size,
         "train_seconds": train_seconds,
         "model_path": None,
     }
     run_dir = os.path.join(runs_dir, pipeline.name)
+    if not strategy.extended.should_checkpoint:
+        # Multi-worker: every worker holds the same weights; the chief writes runs/<name>/, the others a folder
+        # of their own so that no two processes write one file.
+        task = strategy.cluster_resolver
+        run_dir = os.path.join(run_dir, f"{task.task_type}_{task.task_id}")
     os.makedirs(run_dir, exist_ok=True)
     if config.save_model:
         result["model_path"] = os.path.join(run_dir, "model.keras")

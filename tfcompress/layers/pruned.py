@@ -53,7 +53,7 @@ def _replica_local_weight(layer, name, shape, initializer):
 
 
 @register_serializable()
-class ChunkPrunedEmbedding(keras.layers.Layer):
+class ChunkPrunedEmbedding(_common.IdEmbeddingLayer):
     """F tables of rows split into K chunks of d/K; pruned chunks read as zeros and own no storage.
 
     Live chunks sit in a pool of `capacity` chunks (the budget); which chunks are live is decided every T training
@@ -88,9 +88,8 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
 
     def __init__(self, cardinalities, output_dim, num_chunks=1, budget=0.1, utility="gradient", decay=0.99,
                  gradient="auto", out_of_range="error", embeddings_initializer="uniform", hash_ids=False, **kwargs):
-        super().__init__(**kwargs)
-        self.cardinalities = _common.check_cardinalities(cardinalities)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
+                         embeddings_initializer=embeddings_initializer, **kwargs)
         if int(num_chunks) != num_chunks or not 1 <= num_chunks <= self.output_dim or self.output_dim % num_chunks:
             raise ValueError(f"num_chunks must be a divisor of output_dim={self.output_dim} in "
                              f"[1, {self.output_dim}], got {num_chunks!r}")
@@ -105,11 +104,8 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
         self.decay = float(decay)
-        self.gradient = gradient
         self._gradient_mode = resolve_gradient_mode(gradient, self.capacity * self.chunk_width)
-        self.out_of_range = _common.check_out_of_range(out_of_range)
         self.hash_ids = bool(hash_ids)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self._offsets = hashing.table_offsets(self.cardinalities)
 
     def _capacity_from_budget(self, budget):
@@ -129,10 +125,6 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
         return min(capacity, total_chunks)
 
     @property
-    def logical_parameters(self):
-        return self.num_rows * self.output_dim
-
-    @property
     def physical_parameters(self):
         """Floats of the chunk pool (the budget); the int metadata is `metadata_bytes`."""
         return self.capacity * self.chunk_width
@@ -143,7 +135,7 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
         return self.num_rows * self.num_chunks * 8 + self.capacity * 12 + 12
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         total, capacity = self.num_rows * self.num_chunks, self.capacity
 
         def state(name, shape, dtype, initializer):
@@ -166,7 +158,7 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
         if self.hash_ids:
             ids = hash_entry_tf(ids, self.cardinalities)
         else:
-            ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+            ids = self.prepare_ids(ids)
         rows = ids + tf.constant(self._offsets)
         keys = rows[..., None] * self.num_chunks + tf.range(self.num_chunks, dtype=tf.int64)
         flat_addresses = tf.reshape(tf.gather(resource_variable(self.addresses), keys), [-1])
@@ -249,22 +241,14 @@ class ChunkPrunedEmbedding(keras.layers.Layer):
     def live_chunk_count(self):
         return int(self.capacity - int(tf.convert_to_tensor(self.free_top)))
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
     def get_config(self):
         config = super().get_config()
         config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
             num_chunks=self.num_chunks,
             budget=self.budget,
             utility=self.utility,
             decay=self.decay,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
             hash_ids=self.hash_ids,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
         )
         return config
 
