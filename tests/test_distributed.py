@@ -29,7 +29,8 @@ def train_cli(pipeline, runs, *args):
 
 
 def saved_weights(path):
-    import tfcompress.layers.planned  # noqa: F401 (registers PlannedEmbedding, which load_model looks up)
+    import tfcompress.layers.planned  # noqa: F401 (these imports register the custom classes load_model needs)
+    import tfcompress.models  # noqa: F401
     from tfcompress._keras import keras
 
     return [np.asarray(w) for w in keras.models.load_model(path).get_weights()]

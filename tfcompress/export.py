@@ -49,7 +49,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import warnings
 
 import numpy as np
@@ -57,6 +56,7 @@ import tensorflow as tf
 
 import tfcompress
 from tfcompress import custom_op
+from tfcompress.ops import lookups_replaced_by, resource_variable
 from tfcompress._keras import keras
 
 TENSOR_SIGNATURE = "serving_default"
@@ -176,11 +176,6 @@ def fold_for_serving(model):
 
 
 # -------------------------------------------------------------------------------------------- serving graph
-def _tf_variable(table):
-    """The tf.Variable behind a Keras 3 variable (tf_keras and plain TF hand over the tf.Variable itself)."""
-    return table if isinstance(table, tf.Variable) else getattr(table, "value", table)
-
-
 class ServingLookup:
     """Stands in for `tfcompress.ops.gather_with_gradient` while the serving graph is traced.
 
@@ -195,7 +190,7 @@ class ServingLookup:
 
     def stored(self, table):
         """(what to gather from, scale or None, quantized?) for a layer's float table."""
-        variable = _tf_variable(table)
+        variable = resource_variable(table)
         self.tables[id(variable)] = variable
         substitute = self.substitutes.get(id(variable))
         if substitute is None:
@@ -265,34 +260,25 @@ def robe_serving_call(layer, lookup):
 def serving_mode(model, lookup, serving_out_of_range="mod"):
     """Trace serving graphs inside this block: stock ops only, plain (or de-quantizing) lookups, serving id rule.
 
-    Why patch module globals: every layer reads its tables through `gather_with_gradient`, imported by name into
-    its module; swapping that name for the block's duration turns every lookup, in every layer type, into
-    `lookup` without each layer needing a serving twin. ROBE layers get `robe_serving_call` (chunk gathers).
-    Everything is restored on exit.
+    Every layer reads its tables through `ops.gather_with_gradient`, so `ops.lookups_replaced_by(lookup)` turns
+    every lookup, in every layer type, into `lookup` without each layer needing a serving twin. ROBE layers get
+    `robe_serving_call` (chunk gathers). Everything is restored on exit.
     """
-    from tfcompress import ops
     from tfcompress.layers import RobeEmbedding
 
     layers = [model, *_flatten_layers(model)]
-    original = ops.gather_with_gradient
-    patched = [module for name, module in list(sys.modules.items())
-               if name.startswith("tfcompress") and getattr(module, "gather_with_gradient", None) is original]
     rules = []
     if serving_out_of_range == "mod":
         rules = [(layer, layer.out_of_range) for layer in layers if getattr(layer, "out_of_range", None) == "error"]
     robes = [layer for layer in layers if isinstance(layer, RobeEmbedding)]
     try:
-        for module in patched:
-            module.gather_with_gradient = lookup
         for layer, _ in rules:
             layer.out_of_range = "mod"
         for layer in robes:
             layer.call = robe_serving_call(layer, lookup)  # an instance attribute shadows the class's call
-        with custom_op.disabled():
+        with custom_op.disabled(), lookups_replaced_by(lookup):
             yield
     finally:
-        for module in patched:
-            module.gather_with_gradient = original
         for layer, rule in rules:
             layer.out_of_range = rule
         for layer in robes:
@@ -357,7 +343,7 @@ def variable_paths(model):
     paths = {}
     for weight in model.weights:
         path = getattr(weight, "path", None) or weight.name.split(":")[0]
-        paths[id(_tf_variable(weight))] = path
+        paths[id(resource_variable(weight))] = path
     return paths
 
 
@@ -381,7 +367,7 @@ def size_table(named_variables, model):
     tables: sum over its features of cardinality x output_dim x 4 bytes.
     """
     embedding_layers = outer_embedding_layers(model)
-    embedding_ids = {id(_tf_variable(w)) for layer in embedding_layers for w in layer.weights}
+    embedding_ids = {id(resource_variable(w)) for layer in embedding_layers for w in layer.weights}
     rows = []
     for name, variable in named_variables.items():
         nbytes = int(np.prod(variable.shape, dtype=np.int64)) * variable.dtype.size
