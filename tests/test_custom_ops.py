@@ -113,6 +113,18 @@ def test_forward_equals_numpy_gather_exactly(lib, signed):
         np.testing.assert_array_equal(out.numpy(), expected)
 
 
+@pytest.mark.parametrize("output_dim, chunk_size", [(16, 16), (16, 4), (16, 2), (16, 1), (12, 4)])
+def test_large_outputs_equal_numpy_gather_exactly(lib, output_dim, chunk_size):
+    """Outputs of >= 8 MiB take the kernel's streaming-store path (unsigned, D % 4 == 0); check it value for value."""
+    rng = np.random.default_rng(chunk_size)
+    cards = [1000, 2**20, 7, 50000, 3, 10**6, 123, 9, 2**31]
+    ids = random_ids(rng, cards, 40000)  # 40000 x 9 x 16 floats = 22 MiB
+    memory = rng.standard_normal(4099).astype(np.float32)
+    out = lib.robe_lookup(memory, ids, **attrs(cards, output_dim, chunk_size))
+    expected = memory[hashing.robe_indices(ids, cards, output_dim, chunk_size, 4099)]
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 16])
 def test_layer_forward_custom_op_equals_pure_tf_path(lib, signed, chunk_size):

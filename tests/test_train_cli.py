@@ -295,6 +295,26 @@ def test_trained_model_reloads_with_same_metrics(tmp_path, arch, dataset):
     assert 0.55 < result["auc"] < result["ceiling_auc"] + 0.02
 
 
+def test_tensorboard_log_has_metrics_sizes_and_throughput(tmp_path):
+    import glob
+
+    import tensorflow as tf
+
+    path = write_pipeline(str(tmp_path), "tiny_tb")
+    pipeline = load_pipeline(path, ["train.epochs=2", "train.save_model=false"])
+    result = train_module.train(pipeline, runs_dir=str(tmp_path / "runs"), verbose=0)
+    scalars = {}
+    for event_file in glob.glob(str(tmp_path / "runs" / "tiny_tb" / "tensorboard" / "train" / "*")):
+        for event in tf.compat.v1.train.summary_iterator(event_file):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    for tag in ("epoch_loss", "epoch_auc", "epoch_log_loss", "samples_per_s"):
+        assert len(scalars[tag]) == 2, tag
+    assert scalars["embedding_physical_bytes"][-1] == result["physical_bytes"]
+    assert scalars["embedding_logical_bytes"][-1] == result["logical_bytes"]
+    assert scalars["compression_ratio"][-1] == pytest.approx(result["logical_bytes"] / result["physical_bytes"])
+
+
 def test_make_optimizer_keeps_adagrad_sparse():
     from tfcompress.optimizers import SparseAdagrad
     from tfcompress.pipeline import TrainConfig

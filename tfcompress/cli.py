@@ -315,6 +315,28 @@ def _run_learn_hash(args):
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- tune
+def _add_tune_arguments(parser):
+    parser.add_argument("--pipeline", required=True, metavar="TOML", help="the pipeline whose compression to search")
+    parser.add_argument("--max-trials", type=int, required=True, help="training runs to try")
+    parser.add_argument("--budget", help="byte budget of the embedding tables, e.g. 100MB (over it scores 0)")
+    parser.add_argument("--methods", help="comma-separated methods to search (default: robe,mlet,pruned,hashing,qr)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
+                        help="override a pipeline value first (repeatable)")
+    parser.add_argument("--output", help="output directory (default: runs/<pipeline name>_tune)")
+    parser.add_argument("--seed", type=int, default=0, help="the tuner's seed")
+
+
+def _run_tune(args):
+    from tfcompress.pipeline import load_pipeline
+    from tfcompress.tune import tune
+
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    tune(load_pipeline(args.pipeline, args.overrides), args.max_trials, budget=args.budget,
+         output_dir=args.output, methods=methods, seed=args.seed)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- main
 # (name, help, add_arguments, run). A new subcommand is one more pair of functions and one more line here.
 COMMANDS = [
@@ -328,6 +350,8 @@ COMMANDS = [
     ("data", "data tools: `data convert` turns raw click logs into TFRecords", _add_data_arguments, _run_data),
     ("learn-hash", "learned hashing: teacher, clustering, mappings and a pipeline that trains with them",
      _add_learn_hash_arguments, _run_learn_hash),
+    ("tune", "KerasTuner search over compression method and ratio: trials.csv, pareto.csv, best.toml",
+     _add_tune_arguments, _run_tune),
 ]
 
 

@@ -34,7 +34,7 @@ Example pipeline (every key but the section headers is optional; defaults below)
     [train]
     optimizer = "sgd"                    # "sgd" | "adagrad" | "adam" | "lazy_adam"
     learning_rate = 0.5
-    batch_size = 2048
+    batch_size = 2048                    # per replica: the global batch is batch_size x replicas
     epochs = 1
     # steps_per_epoch = 100              # default: one pass over the training data
     eval_batch_size = 16384
@@ -43,7 +43,8 @@ Example pipeline (every key but the section headers is optional; defaults below)
     strategy = "default"                 # "mirrored" (local GPUs / --cpu-replicas) | "multiworker" (TF_CONFIG)
     deterministic = false                # fixed reader order: same seed, same batches
     # checkpoint_every_steps = 1000      # crash-safe: BackupAndRestore every N steps and at epoch end
-    # backup_dir = "runs/<name>/backup"  # where those checkpoints go; a rerun resumes from them
+    # backup_dir = "runs/<name>/backup"  # where those checkpoints go; a rerun resumes from them (exactly
+    #                                    # where it stopped with deterministic = true and a known step count)
 
 Relative paths are relative to the working directory. Unknown keys and wrong types raise ValueError naming the
 file, the section and the key. Overrides "section.key=value" (the CLI's --set) are applied before validation;
@@ -127,6 +128,8 @@ class TrainConfig:
     eval_batch_size: int = _option(16384, "int", minimum=1)
     seed: int = _option(0, "int", minimum=0)
     save_model: bool = _option(True, "bool")
+    # TensorBoard logs under runs/<name>/tensorboard: loss, AUC, log loss, embedding bytes, ratio, samples/s.
+    tensorboard: bool = _option(True, "bool")
     # tf.distribute: "default" (one device), "mirrored" (all local GPUs, or the logical CPUs of --cpu-replicas),
     # "multiworker" (MultiWorkerMirroredStrategy from TF_CONFIG). batch_size is per replica.
     strategy: str = _option("default", "str", choices=("default", "mirrored", "multiworker"))

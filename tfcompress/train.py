@@ -168,6 +168,33 @@ class ThroughputCallback(keras.callbacks.Callback):
         return self.samples / self.seconds if self.seconds > 0 else None
 
 
+class EmbeddingSummaryCallback(keras.callbacks.Callback):
+    """Writes what Keras' TensorBoard callback does not know to the same log: per epoch, the embedding's logical and
+    physical bytes, the compression ratio and training samples/s (from `throughput`).
+
+    Args:
+        log_dir: the TensorBoard log directory (these scalars go to its "train" run, next to Keras' loss and AUC).
+        plan: the run's `CompressionPlan`.
+        throughput: the run's `ThroughputCallback`.
+    """
+
+    def __init__(self, log_dir, plan, throughput):
+        super().__init__()
+        self.log_dir, self.plan, self.throughput = log_dir, plan, throughput
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        with writer.as_default(step=epoch):
+            tf.summary.scalar("embedding_logical_bytes", float(self.plan.logical_bytes))
+            tf.summary.scalar("embedding_physical_bytes", float(self.plan.physical_bytes))
+            tf.summary.scalar("compression_ratio", float(self.plan.ratio))
+            if self.throughput.samples_per_s is not None:
+                tf.summary.scalar("samples_per_s", self.throughput.samples_per_s)
+        writer.close()
+
+
 def exact_metrics(model, eval_dataset):
     """Exact AUC and log loss of the model on one pass over `eval_dataset` ((features, labels) batches)."""
     import numpy as np
@@ -288,6 +315,26 @@ class StopAtStep(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def _check_multiworker_supported(strategy):
+    """ValueError for MultiWorkerMirroredStrategy with several workers under Keras 3.
+
+    Keras 3's fit (checked with 3.15) reduces its first batch and its per-step logs with collective reductions
+    that MultiWorkerMirroredStrategy rejects as soon as there are two workers; legacy tf.keras (tf_keras) trains
+    the same pipelines across workers.
+    """
+    from tfcompress._keras import USING_LEGACY_KERAS
+
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or USING_LEGACY_KERAS:
+        return
+    cluster = resolver.cluster_spec().as_dict()
+    workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    if workers > 1:
+        raise ValueError(
+            f"[train] strategy \"multiworker\" with {workers} workers needs legacy tf.keras: Keras 3's fit cannot "
+            "reduce its batches and logs across workers; set TF_USE_LEGACY_KERAS=1 (with tf_keras installed)")
+
+
 def _layers_within(layer):
     """The layer and every layer inside it (Keras sub-layers and PlannedEmbedding members)."""
     yield layer
@@ -346,6 +393,7 @@ def train(pipeline, runs_dir="runs", verbose=1):
     config = pipeline.train
     # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
     strategy = make_strategy(config.strategy)
+    _check_multiworker_supported(strategy)
     replicas = strategy.num_replicas_in_sync
     global_batch_size = config.batch_size * replicas
     data = prepare_data(pipeline.data, pipeline.source, verbose)
@@ -398,17 +446,33 @@ def train(pipeline, runs_dir="runs", verbose=1):
 
     if config.strategy == "default":
         train_dataset = train_input()
+        # Under a distribution strategy Keras' fit makes one iterator of the training data for its symbolic build
+        # and discards it before making its own, and the reader reshuffles on every new iterator, so fit trains
+        # on the data's second shuffle order. Discarding one iterator here too gives the same seed the same
+        # batches with any strategy (and a 2-replica run equals a one-device run).
+        iter(train_dataset)  # made and dropped at once
     else:
         # One input pipeline per worker, sharded by the input context; read() takes the per-replica batch.
         train_dataset = strategy.distribute_datasets_from_function(train_input)
     eval_dataset = read(data.eval_files, config.eval_batch_size, schema=data.schema, shuffle=False, repeat=False,
                         deterministic=True)
+    if config.strategy != "default":
+        # Keras distributes validation data itself; sharding it by file fails with fewer files than workers,
+        # by element works with any number (each worker evaluates every num_workers-th batch).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        eval_dataset = eval_dataset.with_options(options)
     if data.eval_rows:
         # A known length gives the validation progress bar its total.
         eval_dataset = eval_dataset.apply(
             tf.data.experimental.assert_cardinality(-(-data.eval_rows // config.eval_batch_size)))
     throughput = ThroughputCallback(global_batch_size)
     callbacks = [throughput] + _pruning_callbacks(pipeline, model)
+    if config.tensorboard:
+        # Loss, AUC and log loss per epoch from Keras, plus bytes, ratio and samples/s: `tensorboard --logdir runs`.
+        log_dir = os.path.join(runs_dir, pipeline.name, "tensorboard")
+        callbacks += [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+                      EmbeddingSummaryCallback(log_dir, plan, throughput)]
     if backup_dir is not None:
         callbacks.append(StepBackupAndRestore(backup_dir, save_freq=config.checkpoint_every_steps))
         if steps_per_epoch is not None:
