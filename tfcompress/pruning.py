@@ -243,10 +243,10 @@ def check_pool(layer):
 
 def chunk_pruned_layers(model):
     """Every ChunkPrunedEmbedding inside `model` (nested layers included)."""
+    from tfcompress.layers._common import nested_layers
     from tfcompress.layers.pruned import ChunkPrunedEmbedding
 
-    found = model._flatten_layers(include_self=True, recursive=True) if hasattr(model, "_flatten_layers") else []
-    return [layer for layer in found if isinstance(layer, ChunkPrunedEmbedding)]
+    return [layer for layer in [model, *nested_layers(model)] if isinstance(layer, ChunkPrunedEmbedding)]
 
 
 class ChunkPruningCallback(keras.callbacks.Callback):

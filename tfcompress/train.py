@@ -17,6 +17,7 @@ import time
 import warnings
 
 from tfcompress._keras import keras
+from tfcompress.plan import format_bytes, make_plan
 
 # Keras' streaming AUC only approximates the ROC curve by bucketing scores; enough thresholds make the per-epoch
 # numbers close to the exact AUC that the final report computes with NumPy.
@@ -335,19 +336,11 @@ def _check_multiworker_supported(strategy):
             "reduce its batches and logs across workers; set TF_USE_LEGACY_KERAS=1 (with tf_keras installed)")
 
 
-def _layers_within(layer):
-    """The layer and every layer inside it (Keras sub-layers and PlannedEmbedding members)."""
-    yield layer
-    for inner in list(getattr(layer, "layers", [])) + list(getattr(layer, "members", [])):
-        yield from _layers_within(inner)
-
-
 def _pruning_callbacks(pipeline, model):
     """A ChunkPruningCallback when the model has chunk-pruned tables: without it they are never pruned."""
-    from tfcompress.layers import ChunkPrunedEmbedding
-    from tfcompress.pruning import ChunkPruningCallback
+    from tfcompress.pruning import ChunkPruningCallback, chunk_pruned_layers
 
-    if not any(isinstance(layer, ChunkPrunedEmbedding) for layer in _layers_within(model)):
+    if not chunk_pruned_layers(model):
         return []
     period = pipeline.compression.pruning_period
     if period is None:
@@ -388,7 +381,6 @@ def train(pipeline, runs_dir="runs", verbose=1):
     import tensorflow as tf
 
     from tfcompress.data.read import read
-    from tfcompress.plan import make_plan
 
     config = pipeline.train
     # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
@@ -415,8 +407,8 @@ def train(pipeline, runs_dir="runs", verbose=1):
             ],
         )
     if verbose:
-        print(f"model: {pipeline.model.arch}, embeddings {plan.method}: logical {_human_bytes(plan.logical_bytes)} "
-              f"-> physical {_human_bytes(plan.physical_bytes)} ({plan.ratio:,.1f}x), "
+        print(f"model: {pipeline.model.arch}, embeddings {plan.method}: logical {format_bytes(plan.logical_bytes)} "
+              f"-> physical {format_bytes(plan.physical_bytes)} ({plan.ratio:,.1f}x), "
               f"{model.count_params():,} parameters; strategy {config.strategy}, {replicas} replica(s), "
               f"global batch {global_batch_size:,}", flush=True)
 
@@ -531,12 +523,6 @@ def train(pipeline, runs_dir="runs", verbose=1):
     return result
 
 
-def _human_bytes(n):
-    from tfcompress.plan import format_bytes
-
-    return format_bytes(n)
-
-
 def format_results_table(results):
     """Side-by-side table of `train` results: one row per pipeline.
 
@@ -548,8 +534,8 @@ def format_results_table(results):
         (
             r["name"],
             r["method"],
-            _human_bytes(r["logical_bytes"]),
-            _human_bytes(r["physical_bytes"]),
+            format_bytes(r["logical_bytes"]),
+            format_bytes(r["physical_bytes"]),
             f"{r['ratio']:,.1f}x",
             f"{r['auc']:.4f}",
             f"{r['log_loss']:.4f}",

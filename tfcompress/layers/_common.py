@@ -117,3 +117,14 @@ class IdEmbeddingLayer(keras.layers.Layer):
             embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
         )
         return config
+
+
+def nested_layers(layer):
+    """Every layer inside `layer`, at any depth (nested models, PlannedEmbedding members), not `layer` itself."""
+    if hasattr(layer, "_flatten_layers"):  # Keras 3 and tf_keras both track sub-layers this way
+        return list(layer._flatten_layers(include_self=False, recursive=True))
+    found = []
+    for child in getattr(layer, "layers", []):
+        found.append(child)
+        found.extend(nested_layers(child))
+    return found
