@@ -56,6 +56,7 @@ import tensorflow as tf
 
 import tfcompress
 from tfcompress import custom_op
+from tfcompress.layers._common import nested_layers
 from tfcompress.ops import lookups_replaced_by, resource_variable
 from tfcompress._keras import keras
 
@@ -89,25 +90,14 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def _flatten_layers(layer):
-    """Every layer inside `layer` (nested models and layers held by layers, e.g. PlannedEmbedding members)."""
-    if hasattr(layer, "_flatten_layers"):
-        return list(layer._flatten_layers(include_self=False, recursive=True))
-    found = []
-    for child in getattr(layer, "layers", []):
-        found.append(child)
-        found.extend(_flatten_layers(child))
-    return found
-
-
 def _is_embedding(layer):
     return hasattr(layer, "cardinalities") and hasattr(layer, "logical_parameters")
 
 
 def outer_embedding_layers(model):
     """Embedding layers that are not members of another embedding layer (each counted once in size tables)."""
-    embeddings = [layer for layer in _flatten_layers(model) if _is_embedding(layer)]
-    inner = {id(sub) for layer in embeddings for sub in _flatten_layers(layer)}
+    embeddings = [layer for layer in nested_layers(model) if _is_embedding(layer)]
+    inner = {id(sub) for layer in embeddings for sub in nested_layers(layer)}
     return [layer for layer in embeddings if id(layer) not in inner]
 
 
@@ -168,7 +158,7 @@ def fold_for_serving(model):
     """The model with every MLET layer folded into plain tables (`tfcompress.fold`), or the model itself."""
     from tfcompress.layers import MLETEmbedding
 
-    if any(isinstance(layer, MLETEmbedding) for layer in _flatten_layers(model)):
+    if any(isinstance(layer, MLETEmbedding) for layer in nested_layers(model)):
         from tfcompress.folding import fold
 
         return fold(model)
@@ -224,7 +214,6 @@ def robe_serving_call(layer, lookup):
 
     size, width, chunk = layer.memory_size, layer.output_dim, layer.chunk_size
     chunks = hashing.num_chunks(width, chunk)
-    element = np.arange(width)
     num_features = len(layer.cardinalities)
 
     def call(ids):
@@ -234,7 +223,7 @@ def robe_serving_call(layer, lookup):
         stored, scale, quantized = lookup.stored(layer.memory)
 
         def per_element():
-            positions = tf.gather(starts, element // chunk, axis=-1) + tf.constant(element % chunk, tf.int64)
+            positions = hashing.chunk_positions_tf(starts, width, chunk)
             return tf.gather(stored, positions)
 
         def per_chunk():
@@ -266,7 +255,7 @@ def serving_mode(model, lookup, serving_out_of_range="mod"):
     """
     from tfcompress.layers import RobeEmbedding
 
-    layers = [model, *_flatten_layers(model)]
+    layers = [model, *nested_layers(model)]
     rules = []
     if serving_out_of_range == "mod":
         rules = [(layer, layer.out_of_range) for layer in layers if getattr(layer, "out_of_range", None) == "error"]

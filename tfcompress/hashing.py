@@ -127,10 +127,18 @@ def robe_indices_tf(a, output_dim, chunk_size, memory_size, seed=DEFAULT_SEED):
     import tensorflow as tf
 
     chunks = num_chunks(output_dim, chunk_size)
-    h = robe_chunk_hash_tf(a, chunks, memory_size, chunk_size, seed)
+    return chunk_positions_tf(robe_chunk_hash_tf(a, chunks, memory_size, chunk_size, seed), output_dim, chunk_size)
+
+
+def chunk_positions_tf(chunk_starts, output_dim, chunk_size):
+    """Per-element positions from per-chunk starts: int64 [..., num_chunks] -> int64 [..., output_dim].
+
+    Spreads each chunk's start over its Z elements, then adds the in-chunk offset.
+    """
+    import tensorflow as tf
+
     element = np.arange(output_dim)
-    # Spread each chunk's start over its Z elements, then add the in-chunk offset.
-    h_per_element = tf.gather(h, element // chunk_size, axis=-1)
+    h_per_element = tf.gather(chunk_starts, element // chunk_size, axis=-1)
     return h_per_element + tf.constant(element % chunk_size, dtype=tf.int64)
 
 

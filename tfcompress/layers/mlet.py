@@ -9,7 +9,7 @@ import warnings
 
 import tensorflow as tf
 
-from tfcompress._keras import keras, register_serializable
+from tfcompress._keras import fresh_initializer, keras, register_serializable
 from tfcompress.layers import _common
 from tfcompress.layers.hashing_trick import buckets_for
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
@@ -98,12 +98,9 @@ class MLETEmbedding(_common.IdEmbeddingLayer):
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)
-        # A fresh initializer per table: tf_keras returns identical values from an unseeded initializer instance
-        # called twice, which would start equal-sized tables identical.
         self.tables = [
             self.add_weight(name=f"table_{f}", shape=(m, self.inner_dim),
-                            initializer=type(self.embeddings_initializer).from_config(
-                                self.embeddings_initializer.get_config()))
+                            initializer=fresh_initializer(self.embeddings_initializer))
             for f, m in enumerate(self.table_rows)
         ]
         # One [F, k, d] variable holds every P_f: a single einsum projects all features at once.

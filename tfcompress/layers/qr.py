@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, keras, register_serializable
 from tfcompress.layers import _common
+from tfcompress.layers.hashing_trick import buckets_for
 from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
 
 QR_OPERATIONS = ("mult", "add", "concat")
@@ -63,19 +64,17 @@ class QREmbedding(_common.IdEmbeddingLayer):
             if not compression >= 1.0:
                 raise ValueError(f"compression must be >= 1, got {compression!r}")
             num_buckets = [remainder_rows_for(n, compression, operation) for n in self.cardinalities]
-        elif isinstance(num_buckets, int):
-            num_buckets = [num_buckets] * len(self.cardinalities)
-        if len(num_buckets) != len(self.cardinalities):
-            raise ValueError(f"num_buckets has {len(num_buckets)} entries for {len(self.cardinalities)} tables")
-        self.num_buckets = [
-            min(_common.check_positive_int(f"num_buckets[{f}]", m), n)
-            for f, (m, n) in enumerate(zip(num_buckets, self.cardinalities))
-        ]
+        self.num_buckets = buckets_for(self.cardinalities, num_buckets)
         self.quotient_rows = [-(-n // m) for n, m in zip(self.cardinalities, self.num_buckets)]
         if operation == "concat":
             self._widths = (self.output_dim // 2, self.output_dim - self.output_dim // 2)
         else:
             self._widths = (self.output_dim, self.output_dim)
+        q_width, r_width = self._widths
+        self._gradient_modes = [
+            (resolve_gradient_mode(gradient, q * q_width), resolve_gradient_mode(gradient, m * r_width))
+            for q, m in zip(self.quotient_rows, self.num_buckets)
+        ]
 
     @property
     def physical_parameters(self):
@@ -99,14 +98,11 @@ class QREmbedding(_common.IdEmbeddingLayer):
 
     def call(self, ids):
         ids = self.prepare_ids(ids)
-        q_width, r_width = self._widths
         columns = []
-        for f, m in enumerate(self.num_buckets):
+        for f, (m, (q_mode, r_mode)) in enumerate(zip(self.num_buckets, self._gradient_modes)):
             x = ids[:, f]
-            q = gather_with_gradient(self.quotient_tables[f], x // m,
-                                     resolve_gradient_mode(self.gradient, self.quotient_rows[f] * q_width))
-            r = gather_with_gradient(self.remainder_tables[f], tf.math.floormod(x, m),
-                                     resolve_gradient_mode(self.gradient, m * r_width))
+            q = gather_with_gradient(self.quotient_tables[f], x // m, q_mode)
+            r = gather_with_gradient(self.remainder_tables[f], tf.math.floormod(x, m), r_mode)
             if self.operation == "mult":
                 columns.append(q * r)
             elif self.operation == "add":

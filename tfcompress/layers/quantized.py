@@ -6,6 +6,7 @@ import tensorflow as tf
 from tfcompress._keras import keras, register_serializable
 from tfcompress.layers import _common
 from tfcompress.layers.hashing_trick import buckets_for
+from tfcompress.quantize import storage_bytes
 
 
 @register_serializable()
@@ -58,7 +59,7 @@ class QuantizedEmbedding(keras.layers.Layer):
     @property
     def physical_bytes(self):
         """One byte per int8 entry, four per float32 scale."""
-        return sum(self.table_rows) * self.output_dim + 4 * len(self.cardinalities)
+        return storage_bytes(sum(self.table_rows), self.output_dim, int8=True, tables=len(self.cardinalities))
 
     def build(self, input_shape):
         _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)

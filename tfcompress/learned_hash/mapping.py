@@ -159,17 +159,18 @@ def build_table_mapping(teacher_values, counts, num_rows, combiner="sum", privat
     per_table = _split_rows(cluster_budget, num_tables) if combiner == "sum" else [cluster_budget] * num_tables
     rows = np.empty((num_tables, n), dtype=np.int64)
     table_rows = []
-    unseen_total = 0
+    # Ids never seen (or too rare) share one row per internal table; the same ids in every table.
+    unseen = ~seen & ~private
+    has_unseen = bool(unseen.any())
     for k in range(num_tables):
         has_private = num_private > 0 and (combiner == "concat" or k == 0)
-        clustered = seen & ~private if has_private else seen.copy()
-        unseen = ~seen & ~private
-        clusters = per_table[k] - int(unseen.any())
+        clustered = seen & ~private if has_private else seen
+        clusters = per_table[k] - int(has_unseen)
         if clusters < 1 and clustered.any():
             raise ValueError(
                 f"table {name!r}: num_rows={num_rows} leaves {per_table[k]} row(s) for internal table {k} after "
-                f"{num_private} private rows; need at least {1 + int(unseen.any())} (one cluster"
-                f"{' + the unseen row' if unseen.any() else ''})")
+                f"{num_private} private rows; need at least {1 + int(has_unseen)} (one cluster"
+                f"{' + the unseen row' if has_unseen else ''})")
         members = np.flatnonzero(clustered)
         clusters = min(clusters, members.size)  # fewer ids than rows: every id keeps its own row
         if members.size:
@@ -177,14 +178,13 @@ def build_table_mapping(teacher_values, counts, num_rows, combiner="sum", privat
                                 weighted=weighted, merge_fraction=merge_fraction)
             rows[k, members] = result.labels
         rows[k, unseen] = clusters
-        next_row = clusters + int(unseen.any())
+        next_row = clusters + int(has_unseen)
         if has_private:
             rows[k, private_ids] = next_row + np.arange(num_private)
             next_row += num_private
         table_rows.append(next_row)
-        unseen_total = int(unseen.sum())
     return TableMapping(rows=rows, num_rows=tuple(table_rows), combiner=combiner, name=name, private=num_private,
-                        unseen=unseen_total)
+                        unseen=int(unseen.sum()))
 
 
 def save_mappings(path, mappings):

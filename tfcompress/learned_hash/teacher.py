@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from tfcompress.data.convert import dense_count_array
+
 COUNTS_FILE = os.path.join("counts", "train.npz")
 TEACHER_DIMS = (1, 2, 3, 4)
 
@@ -53,9 +55,7 @@ def load_counts_file(path, schema):
             ids, table_counts = data[f"ids_{name}"], data[f"counts_{name}"]
             if ids.size and (ids.min() < 0 or ids.max() >= n):
                 raise ValueError(f"{path}: table {name!r} has ids outside [0, {n}) (max {int(ids.max())})")
-            dense = np.zeros(n, dtype=np.int64)
-            dense[ids] = table_counts
-            counts.append(dense)
+            counts.append(dense_count_array(ids, table_counts, n))
     return counts
 
 
