@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(TF_EXTRA)
 
-.PHONY: install ops demo test test-slow test-all clean
+.PHONY: install ops demo test test-slow test-all reproduce clean
 
 # The --no-deps line: legacy tf.keras + TFRS (tests/test_legacy_keras.py) and TF Serving's request protos
 # (tests/test_export.py) each declare a dependency on the full `tensorflow` wheel, which would land beside
@@ -38,6 +38,11 @@ test-slow: ops
 
 test-all: ops
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# The seed papers' claims on planted-signal synthetic data, <= 60 minutes on 2 cores: reproduce/REPORT.md.
+# REPRODUCE_ARGS="--data data/criteo_kaggle" runs it on converted real data; rerunning resumes.
+reproduce: ops
+	$(VENV)/bin/tfcompress reproduce --profile full --out reproduce $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info tfcompress/*.so

@@ -15,6 +15,7 @@ Bad input (a ValueError or a missing file) prints "error: ..." and exits with st
 
 import argparse
 import os
+import shlex
 import sys
 
 # TensorFlow's C++ INFO lines (oneDNN notices, tf.data buffer sizes) drown Keras' progress; warnings still show.
@@ -337,6 +338,32 @@ def _run_tune(args):
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ reproduce
+def _add_reproduce_arguments(parser):
+    from tfcompress.reproduce.profiles import PROFILES
+    from tfcompress.reproduce.runner import EXPERIMENTS
+
+    parser.add_argument("--profile", default="full", choices=list(PROFILES),
+                        help="full: <= 60 minutes on 2 CPU cores; tiny: a smoke test of every experiment")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data and every training run")
+    parser.add_argument("--data", metavar="DIR",
+                        help="converted TFRecords (`tfcompress data convert` output) instead of synthetic data")
+    parser.add_argument("--out", default="reproduce", help="output directory; rerunning resumes there")
+    parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), metavar="EXPERIMENT",
+                        help=f"run only these experiments ({', '.join(EXPERIMENTS)})")
+    parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras training output")
+
+
+def _run_reproduce(args):
+    from tfcompress.reproduce.runner import run_reproduce
+
+    # The report and every figure name the command that made them, as typed.
+    command = " ".join(["tfcompress", *map(shlex.quote, args.argv)])
+    run_reproduce(out_dir=args.out, profile=args.profile, seed=args.seed, data_dir=args.data, only=args.only,
+                  command=command, verbose=args.verbose)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- main
 # (name, help, add_arguments, run). A new subcommand is one more pair of functions and one more line here.
 COMMANDS = [
@@ -352,6 +379,8 @@ COMMANDS = [
      _add_learn_hash_arguments, _run_learn_hash),
     ("tune", "KerasTuner search over compression method and ratio: trials.csv, pareto.csv, best.toml",
      _add_tune_arguments, _run_tune),
+    ("reproduce", "rerun the seed papers' claims (compressed vs full) and write REPORT.md with PNG plots",
+     _add_reproduce_arguments, _run_reproduce),
 ]
 
 
@@ -371,7 +400,9 @@ def build_parser():
 
 def main(argv=None):
     """Entry point of the `tfcompress` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
