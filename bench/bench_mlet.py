@@ -26,6 +26,9 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Shared with `tfcompress reproduce` (its MLET grid), so both configure and fold MLET the same way.
+from tfcompress.reproduce.mlet_grid import compression_for, folded_metrics  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,11 +52,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def compression_for(inner_dim):
-    """The [compression] section: full tables, or unhashed MLET (ratio 1: the folded tables are full size)."""
-    return {"method": "full"} if inner_dim is None else {"method": "mlet", "ratio": 1.0, "inner_dim": inner_dim}
-
-
 def pipeline_for(args, d, inner_dim, seed, data_dir):
     """The pipeline of one run: full d-wide tables (inner_dim None) or MLET with k = inner_dim."""
     from tfcompress.pipeline import pipeline_from_dict
@@ -70,20 +68,6 @@ def pipeline_for(args, d, inner_dim, seed, data_dir):
                   "epochs": args.epochs, "seed": seed, "save_model": inner_dim is not None},
     }
     return pipeline_from_dict(raw, source="bench_mlet")
-
-
-def folded_metrics(result, eval_dataset):
-    """Exact AUC of the folded model, and the largest |difference| of its predictions on the first eval batch."""
-    from tfcompress._keras import keras
-    from tfcompress.folding import fold
-    from tfcompress.train import exact_metrics
-
-    model = keras.models.load_model(result["model_path"])
-    folded = fold(model)
-    features, _ = next(iter(eval_dataset))
-    difference = float(np.max(np.abs(model.predict_on_batch(features) - folded.predict_on_batch(features))))
-    auc, loss = exact_metrics(folded, eval_dataset)
-    return auc, loss, difference
 
 
 def run_grid(args):
@@ -125,7 +109,7 @@ def run_grid(args):
                                    fold_max_abs_diff=float("nan"))
                     elif inner_dim is not None:
                         run["folded_auc"], run["folded_log_loss"], run["fold_max_abs_diff"] = folded_metrics(
-                            result, eval_dataset)
+                            result["model_path"], eval_dataset)
                     run["seconds"] = time.perf_counter() - started
                     shutil.rmtree(os.path.join(runs_dir, pipeline.name), ignore_errors=True)
                     runs.append(run)

@@ -20,7 +20,6 @@ Adagrad accumulator), freed between sections.
 import argparse
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -32,6 +31,10 @@ import tensorflow as tf  # noqa: E402
 from tfcompress import custom_op, hashing  # noqa: E402
 from tfcompress._keras import keras  # noqa: E402
 from tfcompress.layers.robe import RobeEmbedding  # noqa: E402
+# The timing helpers and the dense-vs-sparse measurement are shared with `tfcompress reproduce` (experiment
+# "gradients"), so the bench and the report time the same thing.
+from tfcompress.reproduce.gradients import (materialize, median_times, time_gradient_forms,  # noqa: E402
+                                            training_step)
 
 KAGGLE_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
                         5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
@@ -43,26 +46,6 @@ def zipf_ids(rng, batch, cardinalities, exponent=1.1):
     """Zipf ranks per feature, scattered over each table so the hot ids are not the low ids."""
     columns = [((rng.zipf(exponent, batch) - 1) * 2654435761 + 12345) % c for c in cardinalities]
     return np.stack(columns, axis=1).astype(np.int64)
-
-
-def median_times(methods, repeats, warmup=2):
-    """{name: median seconds}; each repeat runs every method once, in turn."""
-    for fn in methods.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def materialize(result):
-    """Block on the result (CPU eager returns when done; reading one element makes that explicit and is cheap)."""
-    flat = tf.nest.flatten(result)
-    return [t.numpy().ravel()[:1] if hasattr(t, "numpy") and t.shape.rank else t for t in flat]
 
 
 def report(title, timings, lookups, baseline=None):
@@ -124,19 +107,6 @@ def bench_forward(ids, repeats):
     return timings
 
 
-def training_step(layer_or_fn, variables, optimizer, ids, upstream):
-    """One compiled step: forward, loss = sum(out * upstream), gradients, optimizer update."""
-
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer_or_fn(x) * upstream)
-        optimizer.apply(tape.gradient(loss, variables), variables)
-        return loss
-
-    return step
-
-
 def bench_training(ids, repeats, optimizer_names):
     lookups = ids.size
     rng = np.random.default_rng(5)
@@ -160,7 +130,7 @@ def bench_training(ids, repeats, optimizer_names):
         ]:
             optimizer = make_optimizer()
             optimizer.build(layer.trainable_variables)
-            steps[label] = training_step(call, layer.trainable_variables, optimizer, ids_tensor, upstream)
+            steps[label] = training_step(call, layer.trainable_variables, optimizer, upstream)
         print(f"\ntraining step ({optimizer_name}): full table {sum(KAGGLE_CARDINALITIES)} x {OUTPUT_DIM} vs "
               f"ROBE |M|={robe_op.memory_size}", flush=True)
         timings = median_times({name: (lambda fn=fn: materialize(fn(ids_tensor))) for name, fn in steps.items()},
@@ -176,28 +146,15 @@ def bench_training(ids, repeats, optimizer_names):
 
 
 def bench_gradient_forms(ids, repeats, sizes):
-    lookups = ids.size
-    rng = np.random.default_rng(6)
-    upstream = tf.constant(rng.standard_normal((*ids.shape, OUTPUT_DIM)).astype(np.float32) * 1e-3)
-    ids_tensor = tf.constant(ids)
-    print(f"\n## dense vs sparse gradient as |M| grows (fused op, Z=16, fwd+bwd+SGD step, {lookups} ids)")
+    print(f"\n## dense vs sparse gradient as |M| grows (fused op, Z=16, fwd+bwd+SGD step, {ids.size} ids)")
     print(f"  {'|M| floats':>12s} {'dense ms':>10s} {'sparse ms':>10s}  sparse/dense time")
-    results = {}
-    for memory_size in sizes:
-        steps = {}
-        for gradient in ("dense", "sparse"):
-            layer = robe_layer(16, True, gradient=gradient, memory_size=memory_size)
-            optimizer = keras.optimizers.SGD(0.01)
-            optimizer.build(layer.trainable_variables)
-            steps[gradient] = training_step(layer, layer.trainable_variables, optimizer, ids_tensor, upstream)
-        timings = median_times({name: (lambda fn=fn: materialize(fn(ids_tensor))) for name, fn in steps.items()},
-                               max(3, repeats // 2))
-        results[memory_size] = timings
+
+    def print_row(memory_size, timings):
         print(f"  {memory_size:>12d} {timings['dense'] * 1e3:10.2f} {timings['sparse'] * 1e3:10.2f}  "
               f"{timings['sparse'] / timings['dense']:6.2f}", flush=True)
-        del steps
-        gc.collect()
-    return results
+
+    return time_gradient_forms(ids, KAGGLE_CARDINALITIES, OUTPUT_DIM, 16, sizes, max(3, repeats // 2),
+                               use_custom_op=True, on_size=print_row)
 
 
 def main(argv=None):

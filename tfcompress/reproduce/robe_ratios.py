@@ -13,7 +13,7 @@ from tfcompress.reproduce.report import markdown_table
 NAME = "robe_ratios"
 TITLE = "ROBE-Z compression ratio vs full tables"
 SETTINGS = {
-    "full": {"ratios": [10, 100, 1000, 10000], "passes": 4, "evals_per_pass": 2, "chunk_size": 4},
+    "full": {"ratios": [10, 100, 1000, 10000], "passes": 5, "evals_per_pass": 4, "chunk_size": 4},
     "tiny": {"ratios": [10, 1000], "passes": 2, "evals_per_pass": 1, "chunk_size": 2},
 }
 
