@@ -24,14 +24,12 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfcompress import export  # noqa: E402
@@ -39,12 +37,13 @@ from tfcompress._keras import keras  # noqa: E402
 from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 from tfcompress.layers import FullEmbedding, RobeEmbedding  # noqa: E402
 from tfcompress.models import build_dlrm  # noqa: E402
+from tfcompress.reproduce.systems import directory_bytes, make_batches, time_side_by_side  # noqa: E402
 
 N_DENSE = 13
 DIM = 16
 BOTTOM_MLP = (512, 256, 64)  # build_dlrm appends the embedding width: 13-512-256-64-16
 TOP_MLP = (512, 256)  # ... and the 1-unit logit: 512-256-1
-DISTRIBUTIONS = ("uniform", "zipf")
+DISTRIBUTIONS = ("uniform", "zipf")  # the id distributions of `tfcompress.reproduce.systems.make_batches`
 
 
 def build_model(kind, compression, chunk_size):
@@ -66,41 +65,6 @@ def embedding_function(model):
     return lambda dense, sparse: {"probability": function(sparse)}
 
 
-def directory_bytes(path):
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def make_batches(batch, count, distribution, seed):
-    rng = np.random.default_rng(seed)
-    cards = np.asarray(CRITEO_KAGGLE_CARDINALITIES, np.int64)
-    batches = []
-    for _ in range(count):
-        if distribution == "uniform":
-            sparse = (rng.random((batch, len(cards))) * cards).astype(np.int64)
-        else:
-            # Zipf(1.1) ranks folded into each table; a fixed per-table shuffle spreads the hot ids over the table.
-            ranks = rng.zipf(1.1, size=(batch, len(cards))) - 1
-            sparse = (ranks * 2654435761) % cards  # a multiplicative scramble, deterministic per id
-        dense = rng.lognormal(1.0, 1.0, size=(batch, N_DENSE)).astype(np.float32)
-        batches.append((tf.constant(np.log1p(dense)), tf.constant(sparse)))
-    return batches
-
-
-def time_side_by_side(signatures, batches, repeats):
-    """Median seconds per batch of each signature, calls interleaved so load drifts affect both alike."""
-    for fn in signatures.values():  # warm up: first calls build kernels and thread pools
-        for dense, sparse in batches[:2]:
-            fn(dense=dense, sparse=sparse)["probability"].numpy()
-    times = {name: [] for name in signatures}
-    for r in range(repeats):
-        dense, sparse = batches[r % len(batches)]
-        for name, fn in signatures.items():
-            started = time.perf_counter()
-            fn(dense=dense, sparse=sparse)["probability"].numpy()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16384)
@@ -113,7 +77,8 @@ def main(argv=None):
 
     results = {"batch": args.batch, "repeats": args.repeats, "compression": args.compression,
                "chunk_size": args.chunk_size, "threads": os.cpu_count(), "timings": {}, "sizes": {}}
-    batches = {distribution: make_batches(args.batch, 4, distribution, seed=0) for distribution in DISTRIBUTIONS}
+    batches = {distribution: make_batches(CRITEO_KAGGLE_CARDINALITIES, args.batch, 4, distribution, seed=0)
+               for distribution in DISTRIBUTIONS}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         base_dir = args.base_dir or tmp
         models = {kind: build_model(kind, args.compression, args.chunk_size) for kind in ("robe", "full")}

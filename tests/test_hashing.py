@@ -99,3 +99,63 @@ def test_reference_rejects_out_of_range_ids_and_bad_arguments():
         hashing.robe_indices([[0, 0]], [10, 20], 4, 5, 100)
     with pytest.raises(ValueError, match="memory_size"):
         hashing.robe_indices([[0, 0]], [10, 20], 4, 4, 3)
+
+
+def _adversarial_offset_ids(r3):
+    """Offset ids that stress the int64-per-id / int32-per-chunk split of the TF twin."""
+    inverse = pow(r3, -1, P)  # a * r3 = t (mod P) for a = t * inverse
+    a_terms = [0, 1, P - 1, P - 2, P // 2]
+    # a_term right at the fold point of chunk constant k: a_term + k crosses P there (u = a_term - (P - k) ~ 0).
+    for c in range(16):
+        k = (c * R2 + R1) % P
+        a_terms += [(P - k - 1) % P, (P - k) % P, (P - k + 1) % P]
+    ids = [t * inverse % P for t in a_terms]
+    ids += [0, 1, P - 1, P, P + 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**34, 2**40 - 1, 2**62, 2**63 - 2, 2**63 - 1]
+    return ids
+
+
+@pytest.mark.parametrize("output_dim, chunk_size, memory_size", [
+    (16, 4, 4099),  # the common case
+    (10, 4, 1000),  # a partial last chunk
+    (7, 1, 97),  # Z = 1
+    (16, 16, 16),  # Z = D = |M|: one possible chunk start
+    (8, 3, 2**31 - 1), (8, 4, 2**31), (8, 4, 2**31 + 5),  # |M| around int32's limit
+    (8, 2, P), (8, 2, P + 1), (8, 2, P + 2), (8, 2, 2**40),  # |M| - Z + 1 around P and beyond
+])
+def test_tf_twin_equals_reference_bit_for_bit_on_adversarial_ids(output_dim, chunk_size, memory_size):
+    ids = _adversarial_offset_ids(R3)
+    a = np.array(ids + [-1, -P, -(2**63)], dtype=np.int64)  # negative a: the general path reduces them mod P too
+    element = np.arange(output_dim)
+    want = [[((x * R3 + (i // chunk_size) * R2 + R1) % P) % (memory_size - chunk_size + 1) + i % chunk_size
+             for i in range(output_dim)] for x in a.tolist()]
+    numpy_reference = hashing.robe_chunk_hash(a[:, None], element // chunk_size, memory_size, chunk_size) \
+        + element % chunk_size
+    np.testing.assert_array_equal(numpy_reference, want)
+    for dtype in (None, tf.int32, tf.int64):
+        got = hashing.robe_indices_tf(tf.constant(a), output_dim, chunk_size, memory_size, dtype=dtype)
+        assert got.dtype == (dtype or tf.int64)
+        np.testing.assert_array_equal(got.numpy(), want)
+    # The serving shortcut: ids known to lie in [0, bound) with bound <= P skip the first reduction.
+    in_range = (a >= 0) & (a < P)
+    got = hashing.robe_indices_tf(tf.constant(a[in_range]), output_dim, chunk_size, memory_size, id_bound=P)
+    np.testing.assert_array_equal(got.numpy(), np.array(want)[in_range])
+    # A larger bound must not skip it: a * R3 overflows int64 once a > 2^63 / R3 (about 2^33.3).
+    below = (a >= 0) & (a < 2**40)
+    got = hashing.robe_indices_tf(tf.constant(a[below]), output_dim, chunk_size, memory_size, id_bound=2**40)
+    np.testing.assert_array_equal(got.numpy(), np.array(want)[below])
+
+
+def test_tf_signs_equal_reference_on_adversarial_ids():
+    s1, s2, s3 = (int(v) for v in hashing.hash_constants()[3:6])
+    a = np.array(_adversarial_offset_ids(s3) + [-1, -(2**63)], dtype=np.int64)
+    want = [[1.0 if ((x * s3 + i * s2 + s1) % P) % 2 == 0 else -1.0 for i in range(9)] for x in a.tolist()]
+    np.testing.assert_array_equal(hashing.robe_signs_tf(tf.constant(a), 9).numpy(), want)
+    in_range = (a >= 0) & (a < P)
+    np.testing.assert_array_equal(hashing.robe_signs_tf(tf.constant(a[in_range]), 9, id_bound=P).numpy(),
+                                  np.array(want)[in_range])
+
+
+def test_int32_positions_are_refused_when_they_cannot_hold_the_largest_position():
+    assert hashing.max_position(2**40, 3) == P - 1 + 2
+    with pytest.raises(ValueError, match="int32 positions"):
+        hashing.robe_indices_tf(tf.constant([0], tf.int64), 2**28, 2**28, 2**40, dtype=tf.int32)

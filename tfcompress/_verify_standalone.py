@@ -24,6 +24,9 @@ Checks, per SavedModel directory (each one PASS, FAIL or SKIP with the reason):
                   the ids folded with a floor modulo (computed here with NumPy); with a raising rule an
                   InvalidArgumentError, after which the model still serves valid rows
   onnx            model.onnx (when exported) run with onnxruntime vs the SavedModel, valid and bad ids (1e-5)
+  raw             (exports with the raw-string signature) `raw_features` on the stored sample raw rows equals what
+                  the converter wrote for them (ids, valid flags and reject reasons exactly, dense to 1e-6), and
+                  `raw` equals serving_default on the converter's rows (1e-6), NaN where the row is rejected
 
 and prints the size table (bytes per saved variable from the checkpoint itself, total, against the uncompressed
 model). Exit status 0 when nothing FAILed, 1 otherwise, 2 for bad arguments.
@@ -50,6 +53,10 @@ from tensorflow.python.framework import op_def_registry  # noqa: E402
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "tfcompress_export.json"
 SAMPLES_FILE = "tfcompress_samples.npz"
+RAW_SAMPLES_FILE = "tfcompress_raw_samples.npz"
+RAW_SIGNATURE = "raw"
+RAW_FEATURES_SIGNATURE = "raw_features"
+RAW_INPUT = "fields"
 WARMUP_FILE = "tf_serving_warmup_requests"
 TENSOR_SIGNATURE = "serving_default"
 EXAMPLE_SIGNATURE = "examples"
@@ -322,6 +329,61 @@ def check_onnx(report, path, metadata, signature, samples, required):
     (report.passed if worst <= metadata["parity_tolerance"] else report.failed)("onnx", message)
 
 
+def unpack_fields(arrays):
+    """The sample raw rows: an object array [N, F] of bytes (stored as one byte buffer plus offsets)."""
+    data, offsets = arrays["fields_data"].tobytes(), arrays["fields_offsets"]
+    flat = [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return np.array(flat, dtype=object).reshape(tuple(int(s) for s in arrays["fields_shape"]))
+
+
+def check_raw(report, loaded, path, metadata):
+    """The raw-string signatures against the converter's output for the same rows, and against serving_default."""
+    if RAW_SIGNATURE not in metadata["signatures"]:
+        report.skipped("raw", "no raw-string signature (export with raw_preprocessing= / --raw-signature)")
+        return
+    problems = []
+    for name in (RAW_SIGNATURE, RAW_FEATURES_SIGNATURE):
+        if name not in loaded.signatures:
+            problems.append(f"missing signature {name!r}")
+            continue
+        spec = loaded.signatures[name].structured_input_signature[1].get(RAW_INPUT)
+        dtype, shape = metadata["signatures"][name]["inputs"][RAW_INPUT]
+        if spec is None or spec.dtype.name != dtype or spec.shape.as_list() != shape:
+            problems.append(f"{name}.{RAW_INPUT}: expected {dtype} {shape}, got {spec}")
+    if problems:
+        report.failed("raw", "; ".join(problems))
+        return
+    with np.load(os.path.join(path, METADATA_DIR, RAW_SAMPLES_FILE)) as data:
+        stored = {key: data[key] for key in data.files}
+    fields = tf.constant([[bytes(v) for v in row] for row in unpack_fields(stored)], tf.string)
+    features = {k: v.numpy() for k, v in loaded.signatures[RAW_FEATURES_SIGNATURE](**{RAW_INPUT: fields}).items()}
+    for key in ("sparse", "valid", "reject_reason"):
+        if not np.array_equal(features[key], stored[f"converter_{key}"]):
+            rows = np.flatnonzero(np.any(np.reshape(features[key] != stored[f"converter_{key}"],
+                                                    (len(features[key]), -1)), axis=1))
+            problems.append(f"raw_features {key} differs from the converter's on rows {rows[:5].tolist()}")
+    dense_difference = _max_difference(features["dense"], stored["converter_dense"])
+    if not dense_difference <= EXACT_TOLERANCE:
+        problems.append(f"raw_features dense differs from the converter's by {dense_difference:.2e}")
+    result = loaded.signatures[RAW_SIGNATURE](**{RAW_INPUT: fields})
+    probability = result[OUTPUT_KEY].numpy()
+    valid = stored["converter_valid"]
+    reference = _probability(loaded.signatures[TENSOR_SIGNATURE], stored["converter_dense"][valid],
+                             stored["converter_sparse"][valid])
+    difference = _max_difference(probability[valid], reference)
+    if not difference <= EXACT_TOLERANCE:
+        problems.append(f"raw probability differs from serving_default on the converter's rows by {difference:.2e}")
+    if not np.all(np.isnan(probability[~valid])) or not np.array_equal(result["valid"].numpy(), valid):
+        problems.append("rejected rows must give NaN with valid = False")
+    message = (f"{len(valid)} raw rows ({int(np.sum(~valid))} rejected: "
+               f"{sorted(set(r.decode() for r in stored['converter_reject_reason'][~valid]))}): max |diff| vs "
+               f"serving_default {difference:.2e}, dense vs converter {dense_difference:.2e}")
+    if problems:
+        report.failed("raw", "; ".join(problems))
+    else:
+        report.passed("raw", message)
+
+
 # ---------------------------------------------------------------------------------------------- size table
 def _unescape_checkpoint_name(name):
     """Object-graph names escape '/' as '.S' and '.' as '..' in checkpoint keys."""
@@ -397,6 +459,7 @@ def verify_one(path, require_serving_api=False, require_onnx=False):
     check_warmup(report, loaded, path)
     check_bad_ids(report, tensors, metadata, samples)
     check_onnx(report, path, metadata, tensors, samples, require_onnx)
+    check_raw(report, loaded, path, metadata)
     report.details["sizes"] = size_table(path, metadata)
     check_isolation(report)  # again (the later result is kept): nothing above may have pulled tfcompress in
     return report

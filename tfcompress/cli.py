@@ -163,6 +163,10 @@ def _add_export_arguments(parser):
                              "keep each layer's training rule")
     parser.add_argument("--config-base-path",
                         help="base_path written to models.config (default: the absolute path of BASE_DIR/NAME)")
+    parser.add_argument("--raw-signature", metavar="DATA_DIR",
+                        help="also export the `raw` and `raw_features` signatures on raw string fields (Criteo hex, "
+                             "Avazu strings), preprocessed in graph exactly as `tfcompress data convert` did for "
+                             "DATA_DIR (the converted data directory the model was trained on)")
     parser.add_argument("--verify", action="store_true",
                         help="then run `tfcompress verify` on the new version (fresh process)")
 
@@ -187,7 +191,7 @@ def _run_export(args):
     path = export_saved_model(load_keras_model(checkpoint), base_dir=args.base_dir, name=name,
                               version=args.version, quantize=args.quantize, onnx=args.onnx,
                               serving_out_of_range=args.serving_out_of_range,
-                              config_base_path=args.config_base_path)
+                              config_base_path=args.config_base_path, raw_preprocessing=args.raw_signature)
     print(f"exported {path} (registered in {os.path.join(args.base_dir, 'models.config')})", flush=True)
     if args.verify:
         return _verify_paths([path])

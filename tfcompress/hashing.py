@@ -109,45 +109,116 @@ def robe_signs(ids, cardinalities, output_dim, seed=DEFAULT_SEED):
 
 # ---------------------------------------------------------------------------------------------------------------
 # TensorFlow twin. Stock ops only: these functions are what exported serving graphs contain.
+#
+# Speed (they run on every serving call): integer divisions are scalar hardware divisions per element, so only two
+# are int64 and per *id* ((a mod P), then (.. * R mod P)); the per-chunk (or per-element) part is int32. a_term and
+# every folded chunk constant c_k = (c*R2 + R1) mod P are < P < 2^31, and
+#     u = a_term - (P - c_k)        lies in (-P, P): no int32 overflow (a_term + c_k could reach 2P > 2^31)
+#     (a_term + c_k) mod P = floormod(u, P)
+# then one int32 floormod by |M| - Z + 1. (floormod(u, P) measured as fast as a compare-and-select fix-up, which
+# would also compute an overflowing u + P in the lanes it discards.) Chunk starts are int32 for every |M| (h < P);
+# positions can be int32 too (`max_position`), which halves the index tensors the gathers read.
+
+INT32_MAX = 2**31 - 1
 
 
-def robe_chunk_hash_tf(a, num_chunk, memory_size, chunk_size, seed=DEFAULT_SEED):
-    """h(a, c) for every chunk: int64 a [...] -> int64 [..., num_chunk]. One hash per chunk, not per element."""
-    import tensorflow as tf
-
-    r1, r2, r3 = (int(v) for v in hash_constants(seed)[:3])
-    a_term = tf.math.floormod(tf.math.floormod(a, P) * r3, P)[..., None]
-    chunk_term = tf.constant([(c * r2) % P for c in range(num_chunk)], dtype=tf.int64)
-    mixed = tf.math.floormod(a_term + chunk_term + r1, P)
-    return tf.math.floormod(mixed, memory_size - chunk_size + 1)
+def max_position(memory_size, chunk_size):
+    """The largest position the index function can return: h < min(P, |M| - Z + 1), plus an offset < Z."""
+    return min(memory_size - chunk_size, P - 1) + chunk_size - 1
 
 
-def robe_indices_tf(a, output_dim, chunk_size, memory_size, seed=DEFAULT_SEED):
-    """Positions for already-offset ids `a` (int64 [...]) -> int64 [..., output_dim]."""
-    import tensorflow as tf
+def _a_term_tf(a, multiplier, id_bound):
+    """(a*multiplier) mod P per id, exactly, as int32 (it is < P < 2^31): int64 a [...] -> int32 [...].
 
-    chunks = num_chunks(output_dim, chunk_size)
-    return chunk_positions_tf(robe_chunk_hash_tf(a, chunks, memory_size, chunk_size, seed), output_dim, chunk_size)
-
-
-def chunk_positions_tf(chunk_starts, output_dim, chunk_size):
-    """Per-element positions from per-chunk starts: int64 [..., num_chunks] -> int64 [..., output_dim].
-
-    Spreads each chunk's start over its Z elements, then adds the in-chunk offset.
+    (a mod P) * multiplier < 2^62 fits int64 for any int64 a. When the caller guarantees 0 <= a < id_bound <= P,
+    a mod P = a and that division is skipped.
     """
     import tensorflow as tf
 
-    element = np.arange(output_dim)
-    h_per_element = tf.gather(chunk_starts, element // chunk_size, axis=-1)
-    return h_per_element + tf.constant(element % chunk_size, dtype=tf.int64)
+    a = tf.cast(a, tf.int64)
+    if id_bound is None or not 0 < id_bound <= P:
+        a = tf.math.floormod(a, P)
+    return tf.cast(tf.math.floormod(a * multiplier, P), tf.int32)
 
 
-def robe_signs_tf(a, output_dim, seed=DEFAULT_SEED):
-    """The +-1 per element for already-offset ids `a` (int64 [...]) -> float32 [..., output_dim]."""
+def _add_mod_p_tf(a_term, constants):
+    """(a_term + k) mod P for int32 a_term [...] and folded constants k in [0, P): -> int32 [..., len(constants)]."""
+    import tensorflow as tf
+
+    shifted = a_term[..., None] + tf.constant([int(k) - P for k in constants], dtype=tf.int32)  # in (-P, P)
+    return tf.math.floormod(shifted, P)
+
+
+def robe_chunk_hash_tf(a, num_chunk, memory_size, chunk_size, seed=DEFAULT_SEED, id_bound=None):
+    """h(a, c) for every chunk: int64 a [...] -> int32 [..., num_chunk]. One hash per chunk, not per element.
+
+    Args:
+        a: already-offset ids (int64, any shape).
+        num_chunk: chunks per row (`num_chunks(output_dim, chunk_size)`).
+        memory_size: |M|; chunk_size: Z; seed: the hash constants' seed.
+        id_bound: optional; the caller guarantees 0 <= a < id_bound (e.g. the total rows, after `prepare_ids`),
+            which saves one division per id when id_bound <= P. None: any int64 a.
+
+    Returns:
+        The chunk starts, equal to `robe_chunk_hash` bit for bit; int32 for any memory_size, since h is a
+        residue mod P < 2^31.
+    """
+    import tensorflow as tf
+
+    r1, r2, r3 = (int(v) for v in hash_constants(seed)[:3])
+    modulus = memory_size - chunk_size + 1
+    a_term = _a_term_tf(a, r3, id_bound)
+    mixed = _add_mod_p_tf(a_term, [(c * r2 + r1) % P for c in range(num_chunk)])  # [..., num_chunk], < P
+    if modulus >= P:  # a huge array: mixed < P <= modulus already
+        return mixed
+    return tf.math.floormod(mixed, modulus)
+
+
+def robe_indices_tf(a, output_dim, chunk_size, memory_size, seed=DEFAULT_SEED, dtype=None, id_bound=None):
+    """Positions for already-offset ids `a` (int64 [...]) -> [..., output_dim], equal to `robe_indices`.
+
+    Args:
+        dtype: dtype of the positions; None: int64 (what `ops.gather_with_gradient` documents). tf.int32 is
+            cheaper to build and to gather with, and holds every position unless Z > 10^8 (`max_position`).
+        id_bound: as in `robe_chunk_hash_tf`.
+    """
+    import tensorflow as tf
+
+    dtype = tf.int64 if dtype is None else tf.as_dtype(dtype)
+    if dtype == tf.int32 and max_position(memory_size, chunk_size) > INT32_MAX:
+        raise ValueError(f"int32 positions cannot reach {max_position(memory_size, chunk_size)} "
+                         f"(memory_size={memory_size}, chunk_size={chunk_size}); use int64")
+    chunks = num_chunks(output_dim, chunk_size)
+    starts = robe_chunk_hash_tf(a, chunks, memory_size, chunk_size, seed, id_bound)
+    # Widen the per-chunk starts (num_chunks per id), never the Z times larger per-element positions.
+    return chunk_positions_tf(tf.cast(starts, dtype), output_dim, chunk_size)
+
+
+def chunk_positions_tf(chunk_starts, output_dim, chunk_size):
+    """Per-element positions from per-chunk starts: [..., num_chunks] -> [..., output_dim], same integer dtype.
+
+    A broadcast add of the in-chunk offsets 0..Z-1 ([..., chunks, 1] + [Z]) and a free reshape; a partial last
+    chunk is computed whole and its tail cut off.
+    """
+    import tensorflow as tf
+
+    chunks = num_chunks(output_dim, chunk_size)
+    offsets = tf.constant(np.arange(chunk_size), dtype=chunk_starts.dtype)
+    positions = chunk_starts[..., None] + offsets  # [..., chunks, Z]
+    shape = tf.concat([tf.shape(chunk_starts)[:-1], [chunks * chunk_size]], axis=0)
+    positions = tf.reshape(positions, shape)
+    return positions if chunks * chunk_size == output_dim else positions[..., :output_dim]
+
+
+def robe_signs_tf(a, output_dim, seed=DEFAULT_SEED, id_bound=None):
+    """The +-1 per element for already-offset ids `a` (int64 [...]) -> float32 [..., output_dim].
+
+    Args:
+        id_bound: as in `robe_chunk_hash_tf`.
+    """
     import tensorflow as tf
 
     s1, s2, s3 = (int(v) for v in hash_constants(seed)[3:6])
-    a_term = tf.math.floormod(tf.math.floormod(a, P) * s3, P)[..., None]
-    element_term = tf.constant([(i * s2) % P for i in range(output_dim)], dtype=tf.int64)
-    mixed = tf.math.floormod(a_term + element_term + s1, P)
+    a_term = _a_term_tf(a, s3, id_bound)
+    mixed = _add_mod_p_tf(a_term, [(i * s2 + s1) % P for i in range(output_dim)])
     return tf.cast(1 - 2 * tf.bitwise.bitwise_and(mixed, 1), tf.float32)
