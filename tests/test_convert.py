@@ -323,6 +323,29 @@ def test_criteo_csv_vocabulary_and_random_split(tmp_path):
         np.testing.assert_array_equal(sparse, exp[2])
 
 
+def test_vocabulary_on_hex_keys_folded_by_max_ind_range(tmp_path):
+    # MLPerf's vocab with max_ind_range: hex keys are folded mod the range before counting AND before lookup, so
+    # a key above the range gets the id of its folded key (not "unseen").
+    rows = criteo_rows(np.random.default_rng(5), 300)
+    path = tmp_path / "day_0"
+    path.write_text(criteo_text(rows))
+    out = tmp_path / "out"
+    check_report(convert([path], out, "criteo-tsv", encoding="vocab", max_ind_range=50, min_count=2), out)
+
+    def fold(h):
+        return MISSING if h == "" else int(h, 16) % 50
+
+    vocab = []
+    for j in range(26):
+        counts = Counter(fold(r[2][j]) for r in rows)
+        kept = sorted((k for k, c in counts.items() if c >= 2), key=lambda k: (-counts[k], k))
+        vocab.append({k: i + 1 for i, k in enumerate(kept)})
+    _, _, sparse = read_all(out / "train")
+    expected = np.array([[vocab[j].get(fold(h), 0) for j, h in enumerate(r[2])] for r in rows], dtype=np.int64)
+    np.testing.assert_array_equal(sparse, expected)
+    assert (expected[:, 1:] > 0).mean() > 0.9  # folded to 50 keys, nearly every key repeats: few unseen ids
+
+
 def avazu_text(rng, n):
     header = formats.AVAZU_COLUMNS
     rows, lines = [], [",".join(header)]

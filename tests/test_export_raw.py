@@ -28,6 +28,7 @@ from tfcompress.verify import verify
 CASES = {  # name: (format, convert options)
     "criteo_hexmod": ("criteo-tsv", {"max_ind_range": 97}),
     "criteo_vocab": ("criteo-tsv", {"encoding": "vocab", "min_count": 2}),
+    "criteo_vocab_folded": ("criteo-tsv", {"encoding": "vocab", "min_count": 2, "max_ind_range": 4096}),
     "criteo_hash": ("criteo-tsv", {"encoding": "hash", "hash_buckets": 61}),
     "avazu_hash": ("avazu-csv", {"hash_buckets": 53}),
     "avazu_vocab": ("avazu-csv", {"encoding": "vocab", "min_count": 2}),

@@ -35,7 +35,8 @@ Why the graph equals the converter (`tfcompress.data.formats`, `.encoding`, `.co
   rejected (`wrong_column_count`). When several reasons apply the first in `formats.REJECT_REASONS` order wins.
 - Ids: the encoders the converter built for the dataset (read back from schema.json / vocabulary.npz by the
   converter's own `_encoders`): hex-mod = key mod max_ind_range (missing -> 0); hash = splitmix64(key) mod
-  buckets (missing hashed like any key); vocab = a lookup table from key to 1..V (unseen -> 0; the missing key is
+  buckets (missing hashed like any key); vocab = a lookup table from key (hex keys folded mod max_ind_range first
+  when it is set) to 1..V (unseen -> 0; the missing key is
   an ordinary key and has an id when the training data had enough empty fields), loaded from a text asset of
   the vocabulary (tf.lookup.TextFileInitializer: TF Serving restores it with the SavedModel); derived hour
   features as they are.
@@ -354,6 +355,9 @@ class RawPreprocessor(tf.Module):
             table = self.tables.get(f"f{j:03d}")
             if table is None:  # an empty vocabulary: every key is out of vocabulary
                 return tf.zeros(tf.shape(keys), tf.int64)
+            if encoder.key_modulus is not None:  # MLPerf: hex keys folded before the lookup, as the vocabulary was
+                keys = tf.where(tf.equal(keys, _u64(_MISSING)), keys,
+                                tf.math.floormod(keys, _u64(encoder.key_modulus)))
             return table.lookup(tf.bitcast(keys, tf.int64)) + 1  # line i holds id i + 1; unseen: -1 + 1 = 0
         raise ValueError(f"unknown encoder kind {encoder.kind!r} of feature {feature.name!r}")
 

@@ -489,7 +489,8 @@ def _encoders(context):
             elif options.encoding == "hash":
                 encoders.append(enc.HashEncoder(options.hash_buckets))
             else:
-                encoders.append(enc.VocabularyEncoder(vocabulary[column.name]))
+                modulus = options.max_ind_range if column.kind == "hex" else None
+                encoders.append(enc.VocabularyEncoder(vocabulary[column.name], key_modulus=modulus))
         context.encoders = encoders
         if options.record_layout == "fixed":
             context.fixed = fixed_records.FixedLayout.for_ids_below(
@@ -498,14 +499,14 @@ def _encoders(context):
 
 
 def _vocab_keys(keys, layout, options):
-    """The keys the vocabulary is built on: hex keys folded by max_ind_range first when it is set (MLPerf)."""
-    if options.max_ind_range is None:
-        return keys
+    """The keys the vocabulary is built on: hex keys folded by max_ind_range first when it is set (MLPerf).
+
+    `_encoders` gives the same hex columns' VocabularyEncoder the same key_modulus, so encoding folds alike.
+    """
     keys = keys.copy()
     for j, column in enumerate(layout.sparse):
         if column.kind == "hex":
-            missing = keys[:, j] == enc.MISSING_KEY
-            keys[:, j] = np.where(missing, enc.MISSING_KEY, keys[:, j] % np.uint64(options.max_ind_range))
+            keys[:, j] = enc.fold_keys(keys[:, j], options.max_ind_range)
     return keys
 
 

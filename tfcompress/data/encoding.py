@@ -272,16 +272,28 @@ class HashEncoder:
         return (splitmix64(np.asarray(keys, dtype=np.uint64)) % np.uint64(self.buckets)).astype(np.int64)
 
 
+def fold_keys(keys, modulus):
+    """keys mod `modulus` (uint64), the missing key left as it is; None: keys unchanged."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    if modulus is None:
+        return keys
+    return np.where(keys == MISSING_KEY, MISSING_KEY, keys % np.uint64(modulus))
+
+
 class VocabularyEncoder:
     """Keys with a count >= min_count get ids 1..V by decreasing count (ties: smaller key first); others -> 0.
 
     Args:
         keys: the vocabulary keys in id order (keys[i] has id i + 1), uint64, distinct.
+        key_modulus: fold keys by this modulus before the lookup (MLPerf: hex keys mod max_ind_range); the
+            missing key stays itself. The vocabulary must have been built on keys folded the same way
+            (`fold_keys`).
     """
 
     kind = "vocab"
 
-    def __init__(self, keys):
+    def __init__(self, keys, key_modulus=None):
+        self.key_modulus = key_modulus
         self.keys = np.asarray(keys, dtype=np.uint64)
         self._order = np.argsort(self.keys, kind="stable")
         self._sorted = self.keys[self._order]
@@ -305,7 +317,7 @@ class VocabularyEncoder:
         return int(self.keys.size) + 1
 
     def encode(self, keys):
-        keys = np.asarray(keys, dtype=np.uint64)
+        keys = fold_keys(keys, self.key_modulus)
         if self._sorted.size == 0:
             return np.zeros(keys.shape, np.int64)
         position = np.minimum(np.searchsorted(self._sorted, keys), self._sorted.size - 1)

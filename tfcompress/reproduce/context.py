@@ -76,6 +76,23 @@ class Context:
         return train_pipeline(self.pipeline(name, compression, model, train), runs_dir=self.runs_dir,
                               verbose=self.verbose)
 
+    def saved_model_numbers(self, run_name, result, filename, measure):
+        """`measure(model_path)` (a JSON-able dict) of a finished run, kept in runs/<run_name>/<filename>.
+
+        The saved model (large: tables plus optimizer state) is deleted once measured; a resumed run reads the
+        numbers back and needs no model file.
+        """
+        path = os.path.join(self.runs_dir, run_name, filename)
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        numbers = measure(result["model_path"])
+        with open(path + ".tmp", "w") as f:
+            json.dump(numbers, f)
+        os.replace(path + ".tmp", path)
+        os.remove(result["model_path"])
+        return numbers
+
     def figure(self, figure, name, caption):
         """Save a matplotlib figure as figures/<name>.png, stamped with the command and seed; its markdown."""
         import matplotlib.pyplot as plt

@@ -9,9 +9,6 @@ folded (`tfcompress.fold`) and evaluated again: the folded model is what would b
 the trained one (the fold is exact up to float32 rounding).
 """
 
-import json
-import os
-
 from tfcompress.reproduce.report import markdown_table
 
 NAME = "mlet_grid"
@@ -58,22 +55,6 @@ def folded_metrics(model_path, eval_dataset):
     return auc, loss, difference
 
 
-def cached_folded_metrics(context, run_name, result, eval_dataset):
-    """`folded_metrics` of a finished run, kept in runs/<run_name>/folded.json so that a resumed reproduce run
-    does not need the model file; the (large: n*k floats plus optimizer state) model file is removed once folded."""
-    path = os.path.join(context.runs_dir, run_name, "folded.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    auc, loss, difference = folded_metrics(result["model_path"], eval_dataset)
-    folded = {"folded_auc": auc, "folded_log_loss": loss, "fold_max_abs_diff": difference}
-    with open(path + ".tmp", "w") as f:
-        json.dump(folded, f)
-    os.replace(path + ".tmp", path)
-    os.remove(result["model_path"])
-    return folded
-
-
 def run(context):
     from tfcompress.data.read import read
     from tfcompress.plan import make_plan
@@ -97,7 +78,8 @@ def run(context):
                      "deployed_parameters": plan.deployed_parameters,
                      "train_seconds": result["train_seconds"]}
             if inner_dim is not None:
-                entry.update(cached_folded_metrics(context, run_name, result, eval_dataset))
+                entry.update(context.saved_model_numbers(run_name, result, "folded.json", lambda path: dict(
+                    zip(("folded_auc", "folded_log_loss", "fold_max_abs_diff"), folded_metrics(path, eval_dataset)))))
             runs.append(entry)
     return {"runs": runs, "dims": settings["dims"], "multipliers": settings["multipliers"],
             "passes": settings["passes"], "ceiling_auc": data.ceiling_auc}

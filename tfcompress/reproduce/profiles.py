@@ -28,7 +28,8 @@ class Profile:
 
 PROFILES = {
     # 26 Criteo tables scaled to 1% of Kaggle's sizes (338k ids); Adagrad, as the ROBE-Z paper trains DLRM.
-    "full": Profile(name="full", rows=400_000, eval_rows=50_000, cardinality_scale=0.01, embedding_dim=16,
+    # Measured: every experiment together in about 30 minutes on 2 quiet cores (REPORT.md lists each one's time).
+    "full": Profile(name="full", rows=1_000_000, eval_rows=100_000, cardinality_scale=0.01, embedding_dim=16,
                     bottom_mlp=(64, 32), top_mlp=(128, 64), optimizer="adagrad", learning_rate=0.2,
                     batch_size=2048, eval_batch_size=16384),
     "tiny": Profile(name="tiny", rows=6_000, eval_rows=2_000, cardinality_scale=0.0005, embedding_dim=8,

@@ -10,8 +10,6 @@ pool slot) is not part of the ratio, so the memory actually saved is the full ta
 bookkeeping, which this experiment reports from the trained layers themselves.
 """
 
-import json
-import os
 
 from tfcompress.reproduce.report import markdown_table
 
@@ -50,21 +48,6 @@ def pool_state(model_path):
     }
 
 
-def cached_pool_state(context, run_name, result):
-    """`pool_state` of a finished run, kept in runs/<run_name>/pool_state.json (the model file is removed then:
-    a resumed reproduce run needs only the numbers)."""
-    path = os.path.join(context.runs_dir, run_name, "pool_state.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    state = pool_state(result["model_path"])
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f)
-    os.replace(path + ".tmp", path)
-    os.remove(result["model_path"])
-    return state
-
-
 def run(context):
     settings = SETTINGS[context.profile.name]
     dim = context.profile.embedding_dim
@@ -81,7 +64,7 @@ def run(context):
             compression = {"method": "pruned", "ratio": float(ratio), "num_chunks": chunks,
                            "pruning_period": settings["period"]}
             result = context.train(run_name, compression, train=dict(train, save_model=True))
-            state = cached_pool_state(context, run_name, result)
+            state = context.saved_model_numbers(run_name, result, "pool_state.json", pool_state)
             runs.append(dict(state, ratio=ratio, chunks=chunks, auc=result["auc"], log_loss=result["log_loss"],
                              full_table_bytes=result["logical_bytes"], train_seconds=result["train_seconds"],
                              samples_per_s=result["train_samples_per_s"]))

@@ -4,16 +4,20 @@ The seed paper (ROBE-Z) reports that hashing contiguous chunks (Z > 1) keeps the
 hashing (Z = 1, HashedNet) while reading memory in runs of Z floats, and that a sign hash is optional. Here every
 (Z, signed) pair trains the same DLRM at one ratio for the same number of epochs; a full-table model of the same
 embedding dim is the reference. The index contract needs Z <= embedding dim, so the experiment sets its own dim
-(32 in the full profile, so that Z = 32 hashes whole rows).
+(32 in the full profile, so that Z = 32 hashes whole rows). The differences between chunk sizes are small, so
+every configuration trains with several seeds (the run's seed plus each offset in `seeds`) and the table shows
+the mean and spread.
 """
+
+import statistics
 
 from tfcompress.reproduce.report import markdown_table
 
 NAME = "robe_chunks"
 TITLE = "ROBE-Z chunk size and signed vs unsigned"
 SETTINGS = {
-    "full": {"ratio": 1000, "chunk_sizes": [1, 4, 16, 32], "embedding_dim": 32, "epochs": 2},
-    "tiny": {"ratio": 100, "chunk_sizes": [1, 4, 8], "embedding_dim": 8, "epochs": 1},
+    "full": {"ratio": 1000, "chunk_sizes": [1, 4, 16, 32], "embedding_dim": 32, "epochs": 2, "seeds": [0, 1]},
+    "tiny": {"ratio": 100, "chunk_sizes": [1, 4, 8], "embedding_dim": 8, "epochs": 1, "seeds": [0]},
 }
 
 
@@ -31,15 +35,19 @@ def configs(settings):
 def run(context):
     settings = SETTINGS[context.profile.name]
     model = {"embedding_dim": settings["embedding_dim"]}
-    train = {"epochs": settings["epochs"]}
+    seeds = [context.seed + offset for offset in settings["seeds"]]
     runs = []
     for label, compression, chunk_size, signed in configs(settings):
-        result = context.train(f"{NAME}_{label}", compression, model=model, train=train)
-        runs.append({"label": label, "chunk_size": chunk_size, "signed": signed, "ratio": result["ratio"],
-                     "physical_bytes": result["physical_bytes"], "auc": result["auc"],
-                     "log_loss": result["log_loss"], "samples_per_s": result["train_samples_per_s"]})
+        results = [context.train(f"{NAME}_{label}_seed{seed}", compression, model=model,
+                                 train={"epochs": settings["epochs"], "seed": seed}) for seed in seeds]
+        aucs = [r["auc"] for r in results]
+        speeds = [r["train_samples_per_s"] for r in results if r["train_samples_per_s"] is not None]
+        runs.append({"label": label, "chunk_size": chunk_size, "signed": signed, "ratio": results[0]["ratio"],
+                     "physical_bytes": results[0]["physical_bytes"], "aucs": aucs, "auc": statistics.fmean(aucs),
+                     "auc_sd": statistics.pstdev(aucs), "log_loss": statistics.fmean(r["log_loss"] for r in results),
+                     "samples_per_s": statistics.fmean(speeds) if speeds else None})
     return {"runs": runs, "ratio": settings["ratio"], "embedding_dim": settings["embedding_dim"],
-            "epochs": settings["epochs"], "ceiling_auc": context.data().ceiling_auc}
+            "epochs": settings["epochs"], "seeds": seeds, "ceiling_auc": context.data().ceiling_auc}
 
 
 def report(results, context):
@@ -56,14 +64,14 @@ def report(results, context):
         speed = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:,.0f}"
         rows.append(["full tables" if r is full else f"{r['chunk_size']}",
                      "-" if r is full else ("yes" if r["signed"] else "no"), f"{r['ratio']:,.0f}x",
-                     f"{r['physical_bytes']:,}", f"{r['auc']:.4f}", f"{r['log_loss']:.4f}",
+                     f"{r['physical_bytes']:,}", f"{r['auc']:.4f} ± {r['auc_sd']:.4f}", f"{r['log_loss']:.4f}",
                      f"{r['auc'] - full['auc']:+.4f}", "-" if ceiling is None else f"{ceiling - r['auc']:.4f}",
                      speed])
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for signed, marker in ((False, "o"), (True, "s")):
         line = sorted((r for r in robe if r["signed"] == signed), key=lambda r: r["chunk_size"])
-        axis.plot([r["chunk_size"] for r in line], [r["auc"] for r in line], marker=marker,
-                  label=f"ROBE-Z {results['ratio']:,}x, {'signed' if signed else 'unsigned'}")
+        axis.errorbar([r["chunk_size"] for r in line], [r["auc"] for r in line],
+                      yerr=[r["auc_sd"] for r in line], marker=marker, capsize=3, label=f"ROBE-Z {results['ratio']:,}x, {'signed' if signed else 'unsigned'}")
     axis.axhline(full["auc"], color="C2", linestyle="-.", label="full tables")
     if ceiling is not None:
         axis.axhline(ceiling, color="k", linestyle="--", label="ceiling (planted model)")
@@ -81,8 +89,9 @@ def report(results, context):
         f"DLRM with embedding dim {results['embedding_dim']} (so that every Z up to {max(chunk_sizes)} fits in one "
         f"embedding), ROBE-Z at {results['ratio']:,}x with chunk size Z in {chunk_sizes}, each without and with "
         f"the sign hash, and the full-table model as reference; every model trained {results['epochs']} "
-        "epoch(s). AUC and log loss are exact, on the eval split; samples/s is training throughput (single runs "
-        "on a shared machine). The seed paper finds Z > 1 as accurate as element-wise hashing (Z = 1).", "",
+        f"epoch(s) with training seeds {results['seeds']} (AUC: mean ± sd over seeds; error bars in the figure). "
+        "AUC and log loss are exact, on the eval split; samples/s is training throughput (single runs on a shared "
+        "machine). The seed paper finds Z > 1 as accurate as element-wise hashing (Z = 1).", "",
         markdown_table(["Z", "signed", "ratio", "embedding bytes", "final AUC", "final log loss", "AUC - full",
                         "ceiling - AUC", "train samples/s"], rows),
         figure_md])
