@@ -284,15 +284,34 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._save_model()
 
     def _save_model(self):
-        super()._save_model()
-        # Rewrite the metadata with the global step (the optimizer counts one iteration per batch).
-        metadata_path = self._training_metadata_path
-        with open(metadata_path) as f:
-            metadata = json.load(f)
-        metadata["step"] = int(self.model.optimizer.iterations.numpy())
-        with open(metadata_path + ".tmp", "w") as f:
+        # Keras writes the weights and then the metadata in place, so a kill between (or during) the two writes
+        # leaves weights and metadata of different steps. Here each checkpoint's weights go to a file of their
+        # own (step-N.weights.h5, renamed into place when complete), and the metadata, which names that file
+        # and records the step, is replaced atomically last: at any kill it points at complete weights of its
+        # own step.
+        os.makedirs(self.backup_dir, exist_ok=True)
+        step = int(self.model.optimizer.iterations.numpy())
+        weights = f"step-{step}.weights.h5"
+        partial = os.path.join(self.backup_dir, f"partial-{step}.weights.h5")
+        self.model.save_weights(partial, overwrite=True)
+        os.replace(partial, os.path.join(self.backup_dir, weights))
+        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "step": step, "weights": weights}
+        with open(self._training_metadata_path + ".tmp", "w") as f:
             json.dump(metadata, f)
-        os.replace(metadata_path + ".tmp", metadata_path)  # atomic: a kill never leaves half a file
+        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+        for name in os.listdir(self.backup_dir):  # older checkpoints, and any partial file of a killed save
+            if name.endswith(".weights.h5") and name != weights:
+                os.remove(os.path.join(self.backup_dir, name))
+
+    def _load_model(self):
+        if not os.path.exists(self._training_metadata_path):
+            return
+        with open(self._training_metadata_path) as f:
+            metadata = json.load(f)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # its slots must exist to be restored
+        self.model.load_weights(os.path.join(self.backup_dir, metadata["weights"]))
+        self.model._initial_epoch = metadata["epoch"]
 
     @staticmethod
     def saved_step(backup_dir):

@@ -205,5 +205,5 @@ def report(results, context):
         f"each of {results['repeats']} repeats, medians reported. {crossover}. In the PSS paper's Table 2 the "
         "dense step grows with the array while the sparse one stays flat. The layers' `gradient=\"auto\"` "
         f"switches to sparse above {DENSE_GRADIENT_MAX_ELEMENTS:,} floats (dashed line).", "",
-        markdown_table(["|M| floats", "MiB", "dense ms", "sparse ms", "dense / sparse"], table),
+        markdown_table(["array floats", "MiB", "dense ms", "sparse ms", "dense / sparse"], table),
         figure_md])
