@@ -60,6 +60,7 @@ import tensorflow as tf
 
 import tfcompress
 from tfcompress import custom_op
+from tfcompress._files import write_atomically
 from tfcompress.layers._common import nested_layers
 from tfcompress.ops import lookups_replaced_by, resource_variable
 from tfcompress._keras import keras
@@ -667,10 +668,7 @@ def update_models_config(base_dir, name, base_path=None):
     except Exception as error:  # text_format.ParseError: a field ModelServerConfig does not have
         raise ValueError(f"{path} is not a valid ModelServerConfig: {error}") from None
     os.makedirs(base_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(new_text)
-    os.replace(tmp, path)
+    write_atomically(path, new_text)
     return path
 
 

@@ -16,6 +16,7 @@ import os
 import time
 import warnings
 
+from tfcompress._files import write_json_atomically
 from tfcompress._keras import keras
 from tfcompress.plan import format_bytes, make_plan
 
@@ -296,9 +297,7 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.model.save_weights(partial, overwrite=True)
         os.replace(partial, os.path.join(self.backup_dir, weights))
         metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "step": step, "weights": weights}
-        with open(self._training_metadata_path + ".tmp", "w") as f:
-            json.dump(metadata, f)
-        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+        write_json_atomically(self._training_metadata_path, metadata)
         for name in os.listdir(self.backup_dir):  # older checkpoints, and any partial file of a killed save
             if name.endswith(".weights.h5") and name != weights:
                 os.remove(os.path.join(self.backup_dir, name))

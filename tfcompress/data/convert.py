@@ -49,6 +49,7 @@ import zlib
 
 import numpy as np
 
+from tfcompress._files import write_atomically
 from tfcompress.data import encoding as enc
 from tfcompress.data import fixed_records, formats
 from tfcompress.data.schema import Schema
@@ -536,13 +537,6 @@ class _IdCounts:
         return self.sparse.result()
 
 
-def _atomic_write_bytes(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _atomic_savez(path, arrays):
     """np.savez, but byte-stable: fixed zip timestamps and sorted names, so equal arrays give equal files."""
     import zipfile
@@ -658,7 +652,7 @@ def _convert_piece(piece):
     }
     # The json is the done marker: written last, and not at all when the input broke off (a rerun redoes it).
     name = ".json" if error is None else ".error.json"
-    _atomic_write_bytes(_piece_state(output, index, name), json.dumps(report, sort_keys=True).encode())
+    write_atomically(_piece_state(output, index, name), json.dumps(report, sort_keys=True).encode())
     return report
 
 
@@ -883,7 +877,7 @@ def convert(inputs, output, format, *, workers=1, encoding=None, max_ind_range=N
         rules = dict(zip(files, _split_rules(files, options, pieces_per_file)))
         pieces = [dict(piece, index=i) for i, piece in enumerate(p for per_file in pieces_per_file for p in per_file)]
         plan.update(pieces=pieces, rules=rules)
-        _atomic_write_bytes(os.path.join(output, STATE_DIR, "plan.json"), json.dumps(plan, indent=1).encode())
+        write_atomically(os.path.join(output, STATE_DIR, "plan.json"), json.dumps(plan, indent=1).encode())
 
     counter = multiprocessing.get_context("spawn").Value("q", 0)
     context = _Context(output, layout, options, column_maps, rules, strict, progress=counter)
@@ -1021,7 +1015,7 @@ def _finish(output, files, pieces, layout, options, context, errors, skipped, st
     if report["rows_read"] != report["rows_written"] + report["rows_rejected"]:  # pragma: no cover - a bug
         raise AssertionError(f"rows_read {report['rows_read']} != written {report['rows_written']} + rejected "
                              f"{report['rows_rejected']}")
-    _atomic_write_bytes(os.path.join(output, REPORT_FILENAME),
+    write_atomically(os.path.join(output, REPORT_FILENAME),
                         (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     return report
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 
+from tfcompress._files import write_json_atomically
 from tfcompress.pipeline import pipeline_from_dict
 
 
@@ -87,9 +88,7 @@ class Context:
             with open(path) as f:
                 return json.load(f)
         numbers = measure(result["model_path"])
-        with open(path + ".tmp", "w") as f:
-            json.dump(numbers, f)
-        os.replace(path + ".tmp", path)
+        write_json_atomically(path, numbers)
         os.remove(result["model_path"])
         return numbers
 

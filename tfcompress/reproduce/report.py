@@ -4,6 +4,8 @@ import datetime
 import os
 import platform
 
+from tfcompress._files import write_atomically
+
 
 def markdown_table(headers, rows):
     """A GitHub markdown table; numbers are formatted by the caller (cells are str()-ed as they are)."""
@@ -46,7 +48,5 @@ def write_report(context, sections, seconds_by_experiment):
     """Write <out>/REPORT.md from the experiments' sections (each a markdown string); returns its path."""
     path = os.path.join(context.out_dir, "REPORT.md")
     text = header(context, seconds_by_experiment) + "\n" + "\n".join(sections)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, text)
     return path

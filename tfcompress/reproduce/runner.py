@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+from tfcompress._files import write_json_atomically
 from tfcompress.reproduce.context import Context
 from tfcompress.reproduce.profiles import get_profile
 from tfcompress.reproduce.report import write_report
@@ -24,21 +25,19 @@ def run_key(context):
 
 
 def run_experiment(context, name):
-    """The results of one experiment: loaded from results/<name>.json when this run already finished it."""
+    """(results, seconds it took, reused): loaded from results/<name>.json when this run already finished it."""
     path = os.path.join(context.out_dir, "results", f"{name}.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         if saved["key"] == run_key(context):
-            return saved["results"], saved["seconds"]
+            return saved["results"], saved["seconds"], True
     started = time.perf_counter()
     results = experiment_module(name).run(context)
     seconds = time.perf_counter() - started
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"key": run_key(context), "seconds": seconds, "results": results}, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return results, seconds
+    write_json_atomically(path, {"key": run_key(context), "seconds": seconds, "results": results}, indent=1)
+    return results, seconds, False
 
 
 def run_reproduce(out_dir="reproduce", profile="full", seed=0, data_dir=None, only=None, command=None,
@@ -71,9 +70,10 @@ def run_reproduce(out_dir="reproduce", profile="full", seed=0, data_dir=None, on
     sections, seconds_by_experiment = [], {}
     for name in names:
         print(f"reproduce: {name} ...", flush=True)
-        results, seconds_by_experiment[name] = run_experiment(context, name)
+        results, seconds_by_experiment[name], reused = run_experiment(context, name)
         sections.append(experiment_module(name).report(results, context))
-        print(f"reproduce: {name} done ({seconds_by_experiment[name] / 60:.1f} min)", flush=True)
+        how = f"reused results/{name}.json (it took" if reused else "done (in"
+        print(f"reproduce: {name} {how} {seconds_by_experiment[name] / 60:.1f} min)", flush=True)
     path = write_report(context, sections, seconds_by_experiment)
     print(f"reproduce: wrote {path}", flush=True)
     return path
