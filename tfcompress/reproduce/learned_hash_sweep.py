@@ -26,7 +26,7 @@ NAME = "learned_hash_sweep"
 TITLE = "Learned hashing vs the hashing trick"
 # SGD at lr 0.5 for the teacher and every model, the setting bench/bench_learned_hash.py measured (BENCHMARKS.md).
 # With the full profile's Adagrad (lr 0.2) learned hashing trailed badly at 10% (AUC 0.669 vs the hashing trick's
-# 0.700, seed 0); with SGD the two are within seed noise here.
+# 0.700, seed 0, 400k rows); with SGD on the full profile's 1M rows learned hashing leads (reproduce/REPORT.md).
 OPTIMIZER = {"optimizer": "sgd", "learning_rate": 0.5}
 SETTINGS = {
     "full": {"targets": [0.1, 0.2, 0.3], "seeds": 2, "passes": 2, "teacher_dim": 2, "teacher_steps": None,
