@@ -63,33 +63,26 @@ def check_id_shape(input_shape, num_features, layer_name):
         )
 
 
-class IdEmbeddingLayer(keras.layers.Layer):
-    """Base of the layers that map integer ids [batch, F] to float32 [batch, F, output_dim] through trained tables.
+class IdLayer(keras.layers.Layer):
+    """Base of the layers that map integer ids [batch, F] to float32 [batch, F, output_dim].
 
-    Holds only what those layers share: the checked `cardinalities`, `output_dim`, `gradient`, `out_of_range` and
-    `embeddings_initializer`, `logical_parameters`, the output shape, the id-shape check and the id preparation,
-    and the matching part of `get_config`. Subclasses create their weights in `build` (calling
-    `check_id_shape` first and `super().build` last), call `prepare_ids` in `call`, and extend `get_config` with
-    their own arguments. Not registered as serializable: it is never saved on its own, only its subclasses are.
+    Holds the checked `cardinalities`, `output_dim` and `out_of_range`, `logical_parameters`, the output shape, the
+    id-shape check and the id preparation, and the matching part of `get_config`. Subclasses create their weights
+    in `build` (calling `check_id_shape` first and `super().build` last), call `prepare_ids` in `call`, and
+    extend `get_config` with their own arguments. Not registered as serializable: only subclasses are saved.
 
     Args:
         cardinalities: ids of feature f lie in [0, cardinalities[f]).
         output_dim: embedding width D.
-        gradient: gradient mode of the tables ("sparse", "dense" or "auto"); each subclass resolves it against
-            its own table sizes (`tfcompress.ops.resolve_gradient_mode`).
         out_of_range: "error" or "mod" (see `prepare_ids`).
-        embeddings_initializer: anything `keras.initializers.get` accepts.
         **kwargs: passed to `keras.layers.Layer` (name, dtype, trainable, ...).
     """
 
-    def __init__(self, cardinalities, output_dim, gradient="sparse", out_of_range="error",
-                 embeddings_initializer="uniform", **kwargs):
+    def __init__(self, cardinalities, output_dim, out_of_range="error", **kwargs):
         super().__init__(**kwargs)
         self.cardinalities = check_cardinalities(cardinalities)
         self.output_dim = check_positive_int("output_dim", output_dim)
-        self.gradient = gradient
         self.out_of_range = check_out_of_range(out_of_range)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     @property
     def logical_parameters(self):
@@ -109,13 +102,32 @@ class IdEmbeddingLayer(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
-            gradient=self.gradient,
-            out_of_range=self.out_of_range,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
-        )
+        config.update(cardinalities=self.cardinalities, output_dim=self.output_dim, out_of_range=self.out_of_range)
+        return config
+
+
+class IdEmbeddingLayer(IdLayer):
+    """Base of the layers that look ids up in trained tables: `IdLayer` plus the tables' `gradient` mode and
+    `embeddings_initializer`.
+
+    Args:
+        cardinalities, output_dim, out_of_range: as in `IdLayer`.
+        gradient: gradient mode of the tables ("sparse", "dense" or "auto"); each subclass resolves it against
+            its own table sizes (`tfcompress.ops.resolve_gradient_mode`).
+        embeddings_initializer: anything `keras.initializers.get` accepts.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, trainable, ...).
+    """
+
+    def __init__(self, cardinalities, output_dim, gradient="sparse", out_of_range="error",
+                 embeddings_initializer="uniform", **kwargs):
+        super().__init__(cardinalities, output_dim, out_of_range=out_of_range, **kwargs)
+        self.gradient = gradient
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(gradient=self.gradient,
+                      embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer))
         return config
 
 

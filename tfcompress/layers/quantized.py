@@ -3,14 +3,14 @@
 import numpy as np
 import tensorflow as tf
 
-from tfcompress._keras import keras, register_serializable
+from tfcompress._keras import register_serializable
 from tfcompress.layers import _common
 from tfcompress.layers.hashing_trick import buckets_for
 from tfcompress.quantize import storage_bytes
 
 
 @register_serializable()
-class QuantizedEmbedding(keras.layers.Layer):
+class QuantizedEmbedding(_common.IdLayer):
     """One int8 `rows_f x output_dim` table and one float32 scale per feature; lookups return values * scale.
 
     Made from a trained `FullEmbedding` or `HashingTrickEmbedding` (or a folded MLET) by
@@ -33,11 +33,8 @@ class QuantizedEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, cardinalities, output_dim, num_buckets=None, out_of_range="error", **kwargs):
-        super().__init__(**kwargs)
-        self.cardinalities = _common.check_cardinalities(cardinalities)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        super().__init__(cardinalities, output_dim, out_of_range=out_of_range, **kwargs)
         self.num_buckets = None if num_buckets is None else buckets_for(self.cardinalities, num_buckets)
-        self.out_of_range = _common.check_out_of_range(out_of_range)
 
     @property
     def hashed(self):
@@ -46,10 +43,6 @@ class QuantizedEmbedding(keras.layers.Layer):
     @property
     def table_rows(self):
         return list(self.num_buckets) if self.hashed else list(self.cardinalities)
-
-    @property
-    def logical_parameters(self):
-        return sum(self.cardinalities) * self.output_dim
 
     @property
     def physical_parameters(self):
@@ -62,7 +55,7 @@ class QuantizedEmbedding(keras.layers.Layer):
         return storage_bytes(sum(self.table_rows), self.output_dim, int8=True, tables=len(self.cardinalities))
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        self.check_id_shape(input_shape)
         self.tables = [
             self.add_weight(name=f"table_{f}", shape=(m, self.output_dim), dtype="int8", initializer="zeros",
                             trainable=False)
@@ -92,22 +85,14 @@ class QuantizedEmbedding(keras.layers.Layer):
         self.scales.assign(np.asarray(scales, np.float32))
 
     def call(self, ids):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = self.prepare_ids(ids)
         columns = []
         for f, table in enumerate(self.tables):
             rows = ids[:, f] if not self.hashed else tf.math.floormod(ids[:, f], self.num_buckets[f])
             columns.append(tf.cast(tf.gather(table, rows), tf.float32) * self.scales[f])
         return tf.stack(columns, axis=1)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            cardinalities=self.cardinalities,
-            output_dim=self.output_dim,
-            num_buckets=self.num_buckets,
-            out_of_range=self.out_of_range,
-        )
+        config.update(num_buckets=self.num_buckets)
         return config
