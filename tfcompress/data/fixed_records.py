@@ -30,6 +30,8 @@ import sys
 
 import numpy as np
 
+from tfcompress.data.tfrecord import ShardWriter
+
 SCHEMA_KEY = "fixed_record"  # schema.json `extra` key that declares a dataset's records fixed width
 FRAME_OVERHEAD = 16  # TFRecord framing: uint64 length, uint32 masked CRC of it, data, uint32 masked CRC of data
 
@@ -258,12 +260,12 @@ def tfrecord_frames(layout, rows):
     return frames
 
 
-class FixedShardWriter:
+class FixedShardWriter(ShardWriter):
     """Writes fixed-width records into numbered TFRecord shards of at most `rows_per_shard` records, without
     TensorFlow (frames and CRCs are computed in NumPy, a block at a time).
 
-    Same contract as `tfcompress.data.tfrecord.ShardWriter`: shards are named `<prefix>-00000.tfrecord`, ...,
-    written under a temporary name and renamed when full or closed; `abort` drops the open shard.
+    `tfcompress.data.tfrecord.ShardWriter`'s shards (names, temporary files renamed when full or closed, `abort`),
+    written with `write_rows` a block at a time into plain files.
 
     Args:
         directory: where the shards go (created if missing).
@@ -273,57 +275,21 @@ class FixedShardWriter:
     """
 
     def __init__(self, directory, layout, rows_per_shard, prefix="part"):
-        import os
+        super().__init__(directory, rows_per_shard, prefix)
+        self.layout = layout
 
-        if int(rows_per_shard) != rows_per_shard or rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard must be an integer >= 1, got {rows_per_shard!r}")
-        self.directory, self.layout, self.prefix = os.fspath(directory), layout, prefix
-        self.rows_per_shard = int(rows_per_shard)
-        self.paths, self.rows_written = [], 0
-        self._file, self._tmp_path, self._rows_in_shard = None, None, 0
-        os.makedirs(self.directory, exist_ok=True)
+    def _open_file(self, path):
+        return open(path, "wb")  # the frames carry their own TFRecord length and CRC fields
 
     def write_rows(self, rows):
         """Append records given as a uint8 matrix [N, record_bytes] (`fixed_rows`)."""
-        import os
-
         frames = tfrecord_frames(self.layout, rows)
         start = 0
         while start < frames.shape[0]:
-            if self._file is None:
-                final = os.path.join(self.directory, f"{self.prefix}-{len(self.paths):05d}.tfrecord")
-                self._tmp_path = f"{final}.tmp-{os.getpid()}"
-                self._file = open(self._tmp_path, "wb")
-                self._rows_in_shard = 0
-            take = min(frames.shape[0] - start, self.rows_per_shard - self._rows_in_shard)
-            self._file.write(frames[start:start + take].tobytes())
+            take = min(frames.shape[0] - start, self._room())
+            self._writer.write(frames[start:start + take].tobytes())
             start += take
-            self._rows_in_shard += take
-            self.rows_written += take
-            if self._rows_in_shard == self.rows_per_shard:
-                self._finish_shard()
-
-    def _finish_shard(self):
-        import os
-
-        self._file.close()
-        final = self._tmp_path[: self._tmp_path.rindex(".tmp-")]
-        os.replace(self._tmp_path, final)
-        self.paths.append(final)
-        self._file, self._tmp_path = None, None
-
-    def close(self):
-        if self._file is not None:
-            self._finish_shard()
-        return self.paths
-
-    def abort(self):
-        import os
-
-        if self._file is not None:
-            self._file.close()
-            os.remove(self._tmp_path)
-            self._file, self._tmp_path = None, None
+            self._wrote(take)
 
 
 def decoder(layout):

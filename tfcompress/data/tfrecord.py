@@ -209,13 +209,27 @@ class ShardWriter:
         self._rows_in_shard = 0
         os.makedirs(self.directory, exist_ok=True)
 
-    def _open_next(self):
+    def _open_file(self, path):
+        """The writer of one shard file (subclasses that frame records themselves open a plain file)."""
         import tensorflow as tf
 
-        final = os.path.join(self.directory, shard_name(len(self.paths), self.prefix))
-        self._tmp_path = f"{final}.tmp-{os.getpid()}"
-        self._writer = tf.io.TFRecordWriter(self._tmp_path)
-        self._rows_in_shard = 0
+        return tf.io.TFRecordWriter(path)
+
+    def _room(self):
+        """How many more records the open shard takes; opens the next shard first when none is open."""
+        if self._writer is None:
+            final = os.path.join(self.directory, shard_name(len(self.paths), self.prefix))
+            self._tmp_path = f"{final}.tmp-{os.getpid()}"
+            self._writer = self._open_file(self._tmp_path)
+            self._rows_in_shard = 0
+        return self.rows_per_shard - self._rows_in_shard
+
+    def _wrote(self, count):
+        """Count `count` records just written to the open shard; finish the shard when it is full."""
+        self._rows_in_shard += count
+        self.rows_written += count
+        if self._rows_in_shard == self.rows_per_shard:
+            self._finish_shard()
 
     def _finish_shard(self):
         self._writer.close()
@@ -228,13 +242,9 @@ class ShardWriter:
     def write(self, records):
         """Append serialized records (an iterable of bytes), starting new shards as they fill."""
         for record in records:
-            if self._writer is None:
-                self._open_next()
+            self._room()
             self._writer.write(record)
-            self._rows_in_shard += 1
-            self.rows_written += 1
-            if self._rows_in_shard == self.rows_per_shard:
-                self._finish_shard()
+            self._wrote(1)
 
     def close(self):
         """Finish the open shard; returns the list of shard paths."""
