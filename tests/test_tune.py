@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from tfcompress.pipeline import load_pipeline
-from tfcompress.tune import MAX_RATIO, MIN_RATIO, TRIAL_COLUMNS, pareto_front, pipeline_toml
+from tfcompress.pipeline import load_pipeline, pipeline_toml
+from tfcompress.tune import MAX_RATIO, MIN_RATIO, TRIAL_COLUMNS, pareto_front
 
 from test_train_cli import write_pipeline
 

@@ -52,6 +52,8 @@ the value is read as a TOML value when it parses as one (0.1, [64, 32], true, "x
 """
 
 import dataclasses
+import json
+import numbers
 import os
 import tomllib
 
@@ -256,6 +258,48 @@ def apply_overrides(raw, overrides, source="<dict>"):
             table.pop("budget" if key == "ratio" else "ratio", None)
         table[key] = value
     return raw
+
+
+def raw_pipeline(pipeline):
+    """The pipeline as a raw dict (as `tomllib` reads it): its TOML file with the --set overrides applied, or,
+    for a pipeline not read from a file, its validated values."""
+    if os.path.isfile(pipeline.source):
+        with open(pipeline.source, "rb") as f:
+            return apply_overrides(tomllib.load(f), pipeline.overrides, pipeline.source)
+    raw = pipeline.to_dict()
+    for key in ("source", "overrides"):
+        raw.pop(key)
+    raw["compression"] = dict(raw["compression"].pop("options"), **raw["compression"])
+    return raw
+
+
+def pipeline_toml(raw, comment=None):
+    """A raw pipeline dict written as TOML: top-level keys first, then one table per section; None values are
+    left out. Values may be strings, booleans, numbers (NumPy's too) and lists of them.
+
+    Args:
+        raw: the dict.
+        comment: an optional first line (without the "# ").
+    """
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, numbers.Integral):  # NumPy integers register as Integral, NumPy floats as Real
+            return str(int(v))
+        if isinstance(v, numbers.Real):
+            return repr(float(v))
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise ValueError(f"cannot write {v!r} ({type(v).__name__}) as a TOML value")
+
+    lines = [f"# {comment}", ""] if comment else []
+    lines += [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict) and v is not None]
+    for section, table in raw.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
 
 
 def _section_from_dict(cls, table, source, section):

@@ -26,7 +26,6 @@ Example::
 
 import csv
 import os
-import tomllib
 
 SEARCHED_METHODS = ("robe", "mlet", "pruned", "hashing", "qr")
 MIN_RATIO, MAX_RATIO = 10.0, 10_000.0
@@ -80,43 +79,6 @@ def pareto_front(rows):
     return sorted(front, key=lambda r: (r["physical_bytes"], -r["auc"]))
 
 
-def pipeline_toml(raw):
-    """A pipeline dict (as `tomllib` reads it) written as TOML: top-level keys first, then one table per section.
-
-    Values may be strings, booleans, numbers and lists of them; None values are left out.
-    """
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise ValueError(f"cannot write {v!r} ({type(v).__name__}) as a TOML value")
-
-    lines = [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict) and v is not None]
-    for section, table in raw.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def _base_raw(pipeline):
-    """The pipeline as a raw dict: its TOML file with the --set overrides applied, or its validated values."""
-    from tfcompress.pipeline import apply_overrides
-
-    if os.path.isfile(pipeline.source):
-        with open(pipeline.source, "rb") as f:
-            return apply_overrides(tomllib.load(f), pipeline.overrides, pipeline.source)
-    raw = pipeline.to_dict()
-    for key in ("source", "overrides"):
-        raw.pop(key)
-    raw["compression"] = dict(raw["compression"].pop("options"), **raw["compression"])
-    return raw
-
-
 def _trial_raw(base, name, compression):
     raw = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
     raw["name"] = name
@@ -152,7 +114,7 @@ def tune(pipeline, max_trials, budget=None, output_dir=None, methods=None, seed=
     """
     import keras_tuner as kt
 
-    from tfcompress.pipeline import pipeline_from_dict
+    from tfcompress.pipeline import pipeline_from_dict, pipeline_toml, raw_pipeline
     from tfcompress.plan import methods as known_methods
     from tfcompress.plan import parse_bytes
     from tfcompress.train import prepare_data, train
@@ -167,7 +129,7 @@ def tune(pipeline, max_trials, budget=None, output_dir=None, methods=None, seed=
     budget_bytes = None if budget is None else parse_bytes(budget)
     output_dir = output_dir or os.path.join("runs", f"{pipeline.name}_tune")
     os.makedirs(output_dir, exist_ok=True)
-    base = _base_raw(pipeline)
+    base = raw_pipeline(pipeline)
     embedding_dim = pipeline.model.embedding_dim
     # A ratio above the largest table's row count would leave less than one row.
     data = prepare_data(pipeline.data, pipeline.source, verbose=0)

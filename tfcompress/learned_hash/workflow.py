@@ -130,40 +130,11 @@ def _full_width_rows(mapping):
 
 def write_pipeline(pipeline, path, name, compression, description=""):
     """Write `pipeline` (its file with its overrides applied) under a new name with a new [compression] section."""
-    from tfcompress.pipeline import apply_overrides
+    from tfcompress.pipeline import pipeline_toml, raw_pipeline
 
-    if pipeline.source and os.path.isfile(pipeline.source):
-        with open(pipeline.source, "rb") as f:
-            raw = apply_overrides(tomllib.load(f), pipeline.overrides, pipeline.source)
-    else:
-        raw = {}
-        for section in ("data", "model", "train"):
-            raw[section] = {k: list(v) if isinstance(v, tuple) else v
-                            for k, v in pipeline.to_dict()[section].items() if v is not None}
-    raw["name"] = name
-    raw["description"] = description
-    raw["compression"] = compression
-    lines = [f"# Written by `tfcompress learn-hash` from {pipeline.source}.", ""]
-    lines += [f"{key} = {_toml_value(raw[key])}" for key in ("name", "description") if key in raw]
-    for section in ("data", "model", "compression", "train"):
-        table = raw.get(section) or {}
-        lines += ["", f"[{section}]"] + [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    raw = dict(raw_pipeline(pipeline), name=name, description=description, compression=compression)
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(pipeline_toml(raw, comment=f"Written by `tfcompress learn-hash` from {pipeline.source}."))
     with open(path, "rb") as f:  # what was written must read back as written
         if tomllib.load(f)["compression"] != compression:
             raise AssertionError(f"{path}: the [compression] section did not round-trip")
-
-
-def _toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) to a pipeline TOML")
