@@ -139,10 +139,8 @@ def check_use_custom_op(use_custom_op):
     """Validate a layer's use_custom_op argument; True must be satisfiable right away."""
     if not (use_custom_op is True or use_custom_op is False or use_custom_op == "auto"):
         raise ValueError(f"use_custom_op must be one of {USE_CUSTOM_OP_CHOICES}, got {use_custom_op!r}")
-    if use_custom_op is True and not _is_disabled() and load_library() is None:
-        raise CustomOpUnavailableError(
-            f"use_custom_op=True but the ROBE-Z custom ops cannot be loaded: {_state['reason']}"
-        )
+    if use_custom_op is True and not _is_disabled():
+        _require("use_custom_op=True but ")
     return use_custom_op
 
 
@@ -151,18 +149,16 @@ def should_use(use_custom_op):
     if use_custom_op is False or _is_disabled():
         return False
     if use_custom_op is True:
-        if load_library() is None:
-            raise CustomOpUnavailableError(
-                f"use_custom_op=True but the ROBE-Z custom ops cannot be loaded: {_state['reason']}"
-            )
+        _require("use_custom_op=True but ")
         return True
     return load_library() is not None
 
 
-def _require():
+def _require(context=""):
+    """The loaded library, or CustomOpUnavailableError saying why there is none (after `context`)."""
     library = load_library()
     if library is None:
-        raise CustomOpUnavailableError(f"the ROBE-Z custom ops cannot be loaded: {_state['reason']}")
+        raise CustomOpUnavailableError(f"{context}the ROBE-Z custom ops cannot be loaded: {_state['reason']}")
     return library
 
 
