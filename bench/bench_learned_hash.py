@@ -78,7 +78,7 @@ def synthetic_table(n, seed=0, groups=64):
 
 
 def run_scale(args):
-    from tfcompress.learned_hash import build_table_mapping, cluster_1d
+    from tfcompress.learn_hash import build_table_mapping, cluster_1d
 
     started = time.perf_counter()
     teacher, counts = synthetic_table(args.ids)
@@ -123,8 +123,8 @@ def _pipeline(args, data_dir, name, seed, compression):
 
 def run_quality(args, work_dir):
     from tfcompress.data import synthetic
-    from tfcompress.learned_hash.teacher import id_counts, train_teacher
-    from tfcompress.learned_hash.workflow import learn_hash
+    from tfcompress.learn_hash.teacher import id_counts, train_teacher
+    from tfcompress.learn_hash.workflow import learn_hash
     from tfcompress.pipeline import load_pipeline
     from tfcompress.train import prepare_data, train
 

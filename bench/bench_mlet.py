@@ -71,7 +71,7 @@ def pipeline_for(args, d, inner_dim, seed, data_dir):
 
 
 def run_grid(args):
-    from tfcompress.data.read import read
+    from tfcompress.data import read
     from tfcompress.plan import make_plan
     from tfcompress.train import prepare_data, train
 

@@ -83,7 +83,7 @@ def embedding_layer(config, cardinalities):
 
 def timed_pruning_callback(period, sample_size, seed=0):
     """A ChunkPruningCallback that records how long each pruning event took."""
-    from tfcompress.pruning import ChunkPruningCallback
+    from tfcompress.chunk_pruning import ChunkPruningCallback
 
     class Timed(ChunkPruningCallback):
         def prune(self, step):
@@ -162,7 +162,7 @@ def run_auc(config):
     import tensorflow as tf
 
     from tfcompress._keras import keras
-    from tfcompress.data.read import read
+    from tfcompress.data import read
     from tfcompress.data.schema import Schema
     from tfcompress.models import build_dlrm
     from tfcompress.train import exact_metrics

@@ -48,7 +48,7 @@ def make_raw_criteo(path, rows, seed=0):
 def readers(files, schema, batch_size):
     import tensorflow as tf
 
-    from tfcompress.data.read import example_parser, feature_spec, read
+    from tfcompress.data.reader import example_parser, feature_spec, read
 
     spec = feature_spec(schema)
     parse_batch = example_parser(schema)
@@ -113,7 +113,7 @@ def main(argv=None):
     import tensorflow as tf
 
     from tfcompress.data.convert import convert
-    from tfcompress.data.read import list_files
+    from tfcompress.data.reader import list_files
     from tfcompress.data.schema import Schema
 
     data = args.data

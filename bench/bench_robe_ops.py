@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfcompress import custom_op, hashing  # noqa: E402
+from tfcompress import fused_ops, robe_hash  # noqa: E402
 from tfcompress._keras import keras  # noqa: E402
 from tfcompress.layers.robe import RobeEmbedding  # noqa: E402
 # The timing helpers and the dense-vs-sparse measurement are shared with `tfcompress reproduce` (experiment
@@ -67,7 +67,7 @@ def robe_layer(chunk_size, use_custom_op, gradient="auto", memory_size=None):
 
 def bench_forward(ids, repeats):
     lookups = ids.size
-    offsets = tf.constant(hashing.table_offsets(KAGGLE_CARDINALITIES))
+    offsets = tf.constant(robe_hash.table_offsets(KAGGLE_CARDINALITIES))
     ids_tensor = tf.constant(ids)
     rows = sum(KAGGLE_CARDINALITIES)
     # A full-size table of distinct values (the pages are really there, as in a trained model).
@@ -112,7 +112,7 @@ def bench_training(ids, repeats, optimizer_names):
     rng = np.random.default_rng(5)
     upstream = tf.constant(rng.standard_normal((*ids.shape, OUTPUT_DIM)).astype(np.float32) * 1e-3)
     ids_tensor = tf.constant(ids)
-    offsets = tf.constant(hashing.table_offsets(KAGGLE_CARDINALITIES))
+    offsets = tf.constant(robe_hash.table_offsets(KAGGLE_CARDINALITIES))
     all_timings = {}
     for optimizer_name in optimizer_names:
         def make_optimizer():
@@ -170,8 +170,8 @@ def main(argv=None):
         args.batch, args.repeats = 2048, 5
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    if not custom_op.is_available():
-        print(f"custom ops unavailable: {custom_op.unavailable_reason()}", file=sys.stderr)
+    if not fused_ops.is_available():
+        print(f"custom ops unavailable: {fused_ops.unavailable_reason()}", file=sys.stderr)
         return 1
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads "
           f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}; batch {args.batch}, "

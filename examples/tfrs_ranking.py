@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
-from tfcompress.data.read import read  # noqa: E402
+from tfcompress.data import read  # noqa: E402
 from tfcompress.data.schema import Schema  # noqa: E402
 from tfcompress.data.synthetic import generate  # noqa: E402
 from tfcompress.export import export_saved_model  # noqa: E402

@@ -25,7 +25,7 @@ from tfcompress.data import convert as data_convert
 from tfcompress.data import encoding as enc
 from tfcompress.data import formats, tfio
 from tfcompress.data.convert import ConvertError, convert, load_counts
-from tfcompress.data.read import read
+from tfcompress.data import read
 from tfcompress.data.schema import Schema
 
 MASK64 = 2**64 - 1

@@ -1,6 +1,6 @@
-"""The fused ROBE-Z custom ops (custom_ops/, loaded by tfcompress.custom_op) against independent references.
+"""The fused ROBE-Z custom ops (custom_ops/, loaded by tfcompress.fused_ops) against independent references.
 
-References: tfcompress.hashing.robe_indices / robe_signs (NumPy), np.add.at in float64 for scatters, and the
+References: tfcompress.robe_hash.robe_indices / robe_signs (NumPy), np.add.at in float64 for scatters, and the
 pure-TF layer path (use_custom_op=False). The library is built on first use if `make`/build.py has not built it;
 a machine where it cannot load fails here (with the reason) rather than skipping.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcompress import custom_op, hashing
+from tfcompress import fused_ops, robe_hash
 from tfcompress._keras import keras
 from tfcompress.layers.robe import RobeEmbedding
 
@@ -24,14 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def lib():
-    library = custom_op.load_library()
-    assert library is not None, f"custom ops did not load: {custom_op.unavailable_reason()}"
+    library = fused_ops.load_library()
+    assert library is not None, f"custom ops did not load: {fused_ops.unavailable_reason()}"
     return library
 
 
-def attrs(cards, output_dim, chunk_size, seed=hashing.DEFAULT_SEED, signed=False):
+def attrs(cards, output_dim, chunk_size, seed=robe_hash.DEFAULT_SEED, signed=False):
     return dict(cardinalities=list(cards), output_dim=output_dim, chunk_size=chunk_size,
-                hash_constants=custom_op.hash_constant_attr(seed), signed=signed)
+                hash_constants=fused_ops.hash_constant_attr(seed), signed=signed)
 
 
 def random_ids(rng, cards, batch):
@@ -44,8 +44,8 @@ class Scatter(np.ndarray):
 
 def reference_scatter(grad, ids, cards, output_dim, chunk_size, memory_size, seed, signed):
     """float64 np.add.at of sign * grad at the NumPy positions (with the sum of |terms| as .magnitude)."""
-    positions = hashing.robe_indices(ids, cards, output_dim, chunk_size, memory_size, seed).ravel()
-    signs = hashing.robe_signs(ids, cards, output_dim, seed) if signed else 1.0
+    positions = robe_hash.robe_indices(ids, cards, output_dim, chunk_size, memory_size, seed).ravel()
+    signs = robe_hash.robe_signs(ids, cards, output_dim, seed) if signed else 1.0
     terms = (np.asarray(grad, np.float64) * signs).ravel()
     out = np.zeros(memory_size, np.float64)
     np.add.at(out, positions, terms)
@@ -80,8 +80,8 @@ def test_positions_bit_identical_to_robe_indices_for_every_chunk_size(lib):
             ids[0] = [c - 1 for c in cards]  # the largest id of every table
             positions, signs = lib.robe_positions(ids, memory_size, **attrs(cards, output_dim, chunk_size, seed, True))
             np.testing.assert_array_equal(
-                positions.numpy(), hashing.robe_indices(ids, cards, output_dim, chunk_size, memory_size, seed))
-            np.testing.assert_array_equal(signs.numpy(), hashing.robe_signs(ids, cards, output_dim, seed))
+                positions.numpy(), robe_hash.robe_indices(ids, cards, output_dim, chunk_size, memory_size, seed))
+            np.testing.assert_array_equal(signs.numpy(), robe_hash.robe_signs(ids, cards, output_dim, seed))
 
 
 @pytest.mark.parametrize("memory_size", [1, 7, 2**31 - 1, 2**31 + 11, 2**32 + 1, 2**40 + 3])
@@ -94,7 +94,7 @@ def test_positions_bit_identical_across_modulus_ranges(lib, memory_size):
     ids[:3, 0] = [0, 2**32 - 2, 2**31]
     for seed in (1024, 1, 99991):
         positions, _ = lib.robe_positions(ids, memory_size, **attrs(cards, 4, chunk_size, seed))
-        np.testing.assert_array_equal(positions.numpy(), hashing.robe_indices(ids, cards, 4, chunk_size, memory_size,
+        np.testing.assert_array_equal(positions.numpy(), robe_hash.robe_indices(ids, cards, 4, chunk_size, memory_size,
                                                                               seed))
 
 
@@ -107,9 +107,9 @@ def test_forward_equals_numpy_gather_exactly(lib, signed):
         ids = random_ids(rng, cards, 300)
         memory = rng.standard_normal(memory_size).astype(np.float32)
         out = lib.robe_lookup(memory, ids, **attrs(cards, output_dim, chunk_size, 77, signed))
-        expected = memory[hashing.robe_indices(ids, cards, output_dim, chunk_size, memory_size, 77)]
+        expected = memory[robe_hash.robe_indices(ids, cards, output_dim, chunk_size, memory_size, 77)]
         if signed:
-            expected = expected * hashing.robe_signs(ids, cards, output_dim, 77)
+            expected = expected * robe_hash.robe_signs(ids, cards, output_dim, 77)
         np.testing.assert_array_equal(out.numpy(), expected)
 
 
@@ -121,7 +121,7 @@ def test_large_outputs_equal_numpy_gather_exactly(lib, output_dim, chunk_size):
     ids = random_ids(rng, cards, 40000)  # 40000 x 9 x 16 floats = 22 MiB
     memory = rng.standard_normal(4099).astype(np.float32)
     out = lib.robe_lookup(memory, ids, **attrs(cards, output_dim, chunk_size))
-    expected = memory[hashing.robe_indices(ids, cards, output_dim, chunk_size, 4099)]
+    expected = memory[robe_hash.robe_indices(ids, cards, output_dim, chunk_size, 4099)]
     np.testing.assert_array_equal(out.numpy(), expected)
 
 
@@ -146,9 +146,9 @@ def test_layer_forward_custom_op_equals_pure_tf_path(lib, signed, chunk_size):
 def test_float16_memory_is_computed_in_float32_and_cast_back(lib):
     memory = np.linspace(-1, 1, 40).astype(np.float16)
     ids = np.array([[1, 2], [0, 4]])
-    out = custom_op.robe_lookup(tf.constant(memory), ids, [3, 5], 4, 2, seed=5)
+    out = fused_ops.robe_lookup(tf.constant(memory), ids, [3, 5], 4, 2, seed=5)
     assert out.dtype == tf.float16
-    np.testing.assert_array_equal(out.numpy(), memory[hashing.robe_indices(ids, [3, 5], 4, 2, 40, 5)])
+    np.testing.assert_array_equal(out.numpy(), memory[robe_hash.robe_indices(ids, [3, 5], 4, 2, 40, 5)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_sparse_gradient_is_coalesced_sorted_and_equal_to_the_dense_one(lib, sig
     grad = rng.standard_normal((4000, 3, output_dim)).astype(np.float32)
     indices, values = lib.robe_lookup_sparse_grad(grad, ids, memory_size,
                                                   **attrs(cards, output_dim, chunk_size, 4, signed))
-    positions = hashing.robe_indices(ids, cards, output_dim, chunk_size, memory_size, 4)
+    positions = robe_hash.robe_indices(ids, cards, output_dim, chunk_size, memory_size, 4)
     np.testing.assert_array_equal(indices.numpy(), np.unique(positions))  # sorted, unique, every touched element
     expected = reference_scatter(grad, ids, cards, output_dim, chunk_size, memory_size, 4, signed)
     assert_relative_close(values.numpy(), expected[indices.numpy()], rtol=1e-6 * expected.magnitude.max()
@@ -250,7 +250,7 @@ def test_layer_gradient_custom_op_equals_pure_tf(lib, gradient, signed, compiled
                               use_custom_op=use_custom_op, embeddings_initializer=keras.initializers.Constant(0.5))
         raw, grads[use_custom_op] = layer_gradient(layer, ids, upstream, compiled)
         assert isinstance(raw, tf.IndexedSlices) == (gradient == "sparse")
-    expected = reference_scatter(upstream, ids, cards, 16, 5, 3001, hashing.DEFAULT_SEED, signed)
+    expected = reference_scatter(upstream, ids, cards, 16, 5, 3001, robe_hash.DEFAULT_SEED, signed)
     assert_relative_close(grads[True], expected)
     assert_relative_close(grads[True], grads[False])
 
@@ -303,7 +303,7 @@ def test_shape_and_argument_errors_are_invalid_argument(lib):
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="chunk_size"):
         lib.robe_lookup(np.zeros(10, np.float32), ids, **{**a, "chunk_size": 5})
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="hash_constants"):
-        lib.robe_lookup(np.zeros(10, np.float32), ids, **{**a, "hash_constants": [1, 2, 3, 4, 5, hashing.P]})
+        lib.robe_lookup(np.zeros(10, np.float32), ids, **{**a, "hash_constants": [1, 2, 3, 4, 5, robe_hash.P]})
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="memory_size"):
         lib.robe_lookup_grad(np.zeros((1, 2, 4), np.float32), ids, 1, **a)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="grad must have shape|Dimensions"):
@@ -342,7 +342,7 @@ def test_disabled_scope_traces_stock_ops_only(lib):
     ids = np.array([[1, 2]])
     assert "RobeResourceLookup" in graph_op_types(layer, ids)
     with_op = layer(ids).numpy()
-    with custom_op.disabled():
+    with fused_ops.disabled():
         types = graph_op_types(layer, ids)
         without_op = layer(ids).numpy()
     assert not any(t.startswith("Robe") for t in types)
@@ -391,7 +391,7 @@ def run_python(code, env=None, timeout=300):
 LAYER_RUN = """
     import warnings
     import numpy as np, tensorflow as tf
-    from tfcompress import custom_op
+    from tfcompress import fused_ops
     from tfcompress._keras import keras
     from tfcompress.layers.robe import RobeEmbedding
     cards = [40, 3000, 7]
@@ -411,11 +411,11 @@ LAYER_RUN = """
             out[gradient + "_g"] = tf.convert_to_tensor(tape.gradient(loss, layer.trainable_variables)[0]).numpy()
             out[gradient + "_memory"] = layer.memory.numpy()
     out["warnings"] = np.array([str(w.message) for w in caught if "custom ops" in str(w.message)])
-    out["available"] = np.array(custom_op.is_available())
+    out["available"] = np.array(fused_ops.is_available())
     try:
         RobeEmbedding(cards, 8, memory_size=501, use_custom_op=True)
         out["strict_error"] = np.array("")
-    except custom_op.CustomOpUnavailableError as error:
+    except fused_ops.CustomOpUnavailableError as error:
         out["strict_error"] = np.array(str(error))
     np.savez(OUT, **out)
 """
@@ -423,7 +423,7 @@ LAYER_RUN = """
 
 def test_fallback_when_the_library_is_missing_gives_identical_results(lib, tmp_path):
     runs = {}
-    for name, env in (("op", {}), ("fallback", {custom_op.LIBRARY_ENV: str(tmp_path / "missing.so")})):
+    for name, env in (("op", {}), ("fallback", {fused_ops.LIBRARY_ENV: str(tmp_path / "missing.so")})):
         path = tmp_path / f"{name}.npz"
         result = run_python(f"OUT = {str(path)!r}\n" + textwrap.dedent(LAYER_RUN), env=env)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -496,9 +496,9 @@ def test_mirrored_strategy_on_two_logical_cpus(lib, tmp_path):
 
 
 def test_library_name_tracks_tensorflow_version_and_sources():
-    builder = custom_op._load_builder()
+    builder = fused_ops._load_builder()
     name = builder.library_name()
     assert name.startswith(f"_robe_ops-tf{tf.__version__}-") and name.endswith(".so")
     assert builder.library_name(tf_version="0.0.1") != name
     assert builder.library_name(digest="0" * 16) != name
-    assert (custom_op.PACKAGE_DIR / name).is_file() or custom_op.unavailable_reason() is not None
+    assert (fused_ops.PACKAGE_DIR / name).is_file() or fused_ops.unavailable_reason() is not None

@@ -3,7 +3,7 @@
 The cases run in a subprocess (this file's __main__), so a segfault or an abort inside a kernel fails the test with
 the last case's description instead of killing pytest. Every call must either succeed or raise one of TensorFlow's
 errors / TypeError / ValueError; a call that succeeds on valid inputs must also match the NumPy reference
-(tfcompress.hashing), so the fuzz checks values, not only survival.
+(tfcompress.robe_hash), so the fuzz checks values, not only survival.
 """
 
 import json
@@ -51,14 +51,14 @@ OPS = ("lookup", "resource_lookup", "grad", "sparse_grad", "positions")
 
 def random_case(rng):
     """One random call: mostly near-valid inputs with one thing perturbed, sometimes anything goes."""
-    from tfcompress import hashing
+    from tfcompress import robe_hash
 
     features = int(rng.integers(1, 5))
     cards = [int(rng.choice([1, 2, 7, 1000, 2**32 + 3])) for _ in range(features)]
     output_dim = int(rng.integers(1, 20))
     chunk_size = int(rng.integers(1, output_dim + 1))
     seed = int(rng.integers(0, 2**31))
-    constants = [int(v) for v in hashing.hash_constants(seed)[:6]]
+    constants = [int(v) for v in robe_hash.hash_constants(seed)[:6]]
     memory_size = int(rng.integers(chunk_size, 300))
     batch = int(rng.choice([0, 1, 3, 17, 64]))
     ids = np.stack([rng.integers(0, c, batch) for c in cards], axis=1).reshape(batch, features).astype(np.int64)
@@ -147,12 +147,12 @@ def run_op(lib, case):
 
 def reference(case):
     """Expected outputs for a valid case (NumPy, float64 scatters)."""
-    from tfcompress import hashing
+    from tfcompress import robe_hash
 
     cards, dim, z, seed = case["cards"], case["output_dim"], case["chunk_size"], case["seed"]
     size = case["memory"].size if case["op"] in ("lookup", "resource_lookup") else case["memory_size"]
-    positions = hashing.robe_indices(case["ids"], cards, dim, z, size, seed)
-    signs = (hashing.robe_signs(case["ids"], cards, dim, seed) if case["signed"]
+    positions = robe_hash.robe_indices(case["ids"], cards, dim, z, size, seed)
+    signs = (robe_hash.robe_signs(case["ids"], cards, dim, seed) if case["signed"]
              else np.ones(positions.shape, np.float32))
     if case["op"] in ("lookup", "resource_lookup"):
         return [case["memory"][positions] * signs]
@@ -181,11 +181,11 @@ def matches(actual, expected):
 def main(count, seed, report_path):
     import tensorflow as tf
 
-    from tfcompress import custom_op
+    from tfcompress import fused_ops
 
-    lib = custom_op.load_library()
+    lib = fused_ops.load_library()
     if lib is None:
-        raise SystemExit(f"custom ops unavailable: {custom_op.unavailable_reason()}")
+        raise SystemExit(f"custom ops unavailable: {fused_ops.unavailable_reason()}")
     rng = np.random.default_rng(seed)
     summary = dict(ok=0, errors=0, checked=0, unexpected=[], wrong_values=[])
     for index in range(count):

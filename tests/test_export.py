@@ -19,7 +19,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import model_pb2, predict_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tfcompress import custom_op, export
+from tfcompress import export, fused_ops
 from tfcompress._keras import keras
 from tfcompress.data.schema import Schema
 from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES
@@ -98,7 +98,7 @@ def custom_op_saved_model(target):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.int64, name="sparse")])
     def lookup(sparse):
-        return {"probability": tf.reduce_sum(custom_op.robe_lookup(memory, sparse, [10, 5], 4, 2), axis=[1, 2])}
+        return {"probability": tf.reduce_sum(fused_ops.robe_lookup(memory, sparse, [10, 5], 4, 2), axis=[1, 2])}
 
     module = tf.Module()
     module.memory = memory
@@ -127,7 +127,7 @@ def exported(tmp_path_factory):
     }
     bad = str(tmp_path_factory.mktemp("bad"))
     paths["unknown_op"] = unknown_op_copy(paths["float"], os.path.join(bad, "unknown_op"))
-    if custom_op.is_available():
+    if fused_ops.is_available():
         paths["custom_op"] = custom_op_saved_model(os.path.join(bad, "custom_op"))
     result = verify(list(paths.values()), require_serving_api=True, require_onnx=True)
     return {"base": base, "paths": paths, "result": result, "models": {"mixed": mixed, "avazu": avazu,

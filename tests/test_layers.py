@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcompress import hashing
+from tfcompress import robe_hash
 from tfcompress._keras import keras
 from tfcompress.layers import FullEmbedding, HashingTrickEmbedding, PlannedEmbedding, QREmbedding, RobeEmbedding
 
@@ -39,8 +39,8 @@ def sketch_matrix(cards, dim, chunk_size, memory_size, signed):
     for t, ids in enumerate(ids_per_table):
         full = np.zeros((len(ids), len(cards)), dtype=np.int64)
         full[:, t] = ids
-        idx = hashing.robe_indices(full, cards, dim, chunk_size, memory_size)[:, t, :]
-        sign = hashing.robe_signs(full, cards, dim)[:, t, :] if signed else np.ones_like(idx, dtype=np.float32)
+        idx = robe_hash.robe_indices(full, cards, dim, chunk_size, memory_size)[:, t, :]
+        sign = robe_hash.robe_signs(full, cards, dim)[:, t, :] if signed else np.ones_like(idx, dtype=np.float32)
         s = np.zeros((len(ids) * dim, memory_size), dtype=np.float32)
         s[np.arange(len(ids) * dim), idx.reshape(-1)] = sign.reshape(-1)
         rows.append(s)
@@ -54,7 +54,7 @@ def test_robe_forward_equals_sketch_matrix_product(signed):
     ids = random_ids(20, cards)
     out = layer(ids).numpy()
     virtual = (sketch_matrix(cards, dim, chunk, memory, signed) @ layer.memory.numpy()).reshape(-1, dim)
-    offsets = hashing.table_offsets(cards)
+    offsets = robe_hash.table_offsets(cards)
     np.testing.assert_allclose(out, virtual[ids + offsets], rtol=0, atol=1e-6)
 
 
@@ -100,8 +100,8 @@ def test_robe_dense_and_sparse_gradients_equal_a_plain_gather(signed):
         grads[mode] = tf.convert_to_tensor(grad).numpy()
     # Reference: tf.GradientTape through a plain tf.gather from a plain variable.
     variable = tf.Variable(layer.memory.numpy())
-    idx = hashing.robe_indices(ids, cards, dim, chunk, memory)
-    sign = hashing.robe_signs(ids, cards, dim) if signed else 1.0
+    idx = robe_hash.robe_indices(ids, cards, dim, chunk, memory)
+    sign = robe_hash.robe_signs(ids, cards, dim) if signed else 1.0
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.gather(variable, idx) * sign * upstream)
     reference = tf.convert_to_tensor(tape.gradient(loss, variable)).numpy()

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfcompress._keras import keras
 from tfcompress.layers import LearnedHashEmbedding
-from tfcompress.learned_hash import (
+from tfcompress.learn_hash import (
     TableMapping,
     build_table_mapping,
     cluster_1d,
@@ -16,7 +16,7 @@ from tfcompress.learned_hash import (
     save_mappings,
     smallest_row_dtype,
 )
-from tfcompress.learned_hash.cluster import _chain_split, _smallest
+from tfcompress.learn_hash.cluster import _chain_split, _smallest
 
 
 def _random_table(n, seed):
@@ -308,7 +308,7 @@ def test_plan_builds_a_learned_hash_layer(tmp_path):
 
 def test_counts_come_from_the_converters_counts_file(tmp_path):
     from tfcompress.data.schema import Schema
-    from tfcompress.learned_hash.teacher import load_counts_file
+    from tfcompress.learn_hash.teacher import load_counts_file
 
     schema = Schema(name="x", sparse_names=["a", "b"], cardinalities=[5, 3])
     path = tmp_path / "train.npz"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcompress.data.read import read
+from tfcompress.data import read
 from tfcompress.data.schema import Schema
 from tfcompress.data.synthetic import PlantedModel, generate
 from tfcompress.data.tfrecord import ShardWriter, serialize_rows

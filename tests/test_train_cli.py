@@ -283,7 +283,7 @@ def test_train_two_pipelines_end_to_end_prints_one_table(tmp_path):
 @pytest.mark.parametrize("arch, dataset", [("dcn", "criteo"), ("dlrm", "avazu")])  # avazu: no dense features
 def test_trained_model_reloads_with_same_metrics(tmp_path, arch, dataset):
     from tfcompress._keras import keras
-    from tfcompress.data.read import read
+    from tfcompress.data import read
 
     path = write_pipeline(str(tmp_path), f"tiny_{arch}", arch=arch, dataset=dataset)
     pipeline = load_pipeline(path, ["train.epochs=1"])

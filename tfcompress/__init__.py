@@ -18,7 +18,7 @@ _LAZY = {
     "fold": ("tfcompress.folding", "fold"),
     "make_plan": ("tfcompress.plan", "make_plan"),
     "export_saved_model": ("tfcompress.export", "export_saved_model"),
-    "ChunkPruningCallback": ("tfcompress.pruning", "ChunkPruningCallback"),
+    "ChunkPruningCallback": ("tfcompress.chunk_pruning", "ChunkPruningCallback"),
     "SparseAdagrad": ("tfcompress.optimizers", "SparseAdagrad"),
     "LazyAdam": ("tfcompress.optimizers", "LazyAdam"),
 }

@@ -309,7 +309,7 @@ def _add_learn_hash_arguments(parser):
 
 
 def _run_learn_hash(args):
-    from tfcompress.learned_hash.workflow import learn_hash
+    from tfcompress.learn_hash.workflow import learn_hash
     from tfcompress.pipeline import load_pipeline
 
     learn_hash(load_pipeline(args.pipeline, args.overrides), args.target, output_dir=args.output,

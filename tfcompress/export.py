@@ -29,9 +29,9 @@ and `saved_models/models.config` (TF Serving's ModelServerConfig text format) ga
 
 What the serving graph contains (stock TensorFlow ops only: TF Serving's binary cannot load our custom ops):
 
-- every layer runs its pure-TF path (`tfcompress.custom_op.disabled()`), and lookups are plain gathers (the
-  training-time gradient plumbing of `tfcompress.ops.gather_with_gradient` is dropped: serving needs no gradient);
-- ROBE-Z: the one shared array plus the chunk hash of `tfcompress.hashing.robe_chunk_hash_tf` (int64 per id, int32
+- every layer runs its pure-TF path (`tfcompress.fused_ops.disabled()`), and lookups are plain gathers (the
+  training-time gradient plumbing of `tfcompress.lookup.gather_with_gradient` is dropped: serving needs no gradient);
+- ROBE-Z: the one shared array plus the chunk hash of `tfcompress.robe_hash.robe_chunk_hash_tf` (int64 per id, int32
   per chunk), each chunk read as one contiguous slice (`robe_serving_call`; bit-identical to the layer);
 - MLET: folded into one table per feature first (`tfcompress.fold`); full, hashed and QR tables as they are;
 - `quantize="int8"`: every float embedding table (ROBE's array included) is stored as int8 with one scale per
@@ -59,10 +59,10 @@ import numpy as np
 import tensorflow as tf
 
 import tfcompress
-from tfcompress import custom_op
+from tfcompress import fused_ops
 from tfcompress._files import write_atomically
-from tfcompress.layers._common import nested_layers
-from tfcompress.ops import lookups_replaced_by, resource_variable
+from tfcompress.layers.base import nested_layers
+from tfcompress.lookup import lookups_replaced_by, resource_variable
 from tfcompress._keras import keras
 
 TENSOR_SIGNATURE = "serving_default"
@@ -173,7 +173,7 @@ def fold_for_serving(model):
 
 # -------------------------------------------------------------------------------------------- serving graph
 class ServingLookup:
-    """Stands in for `tfcompress.ops.gather_with_gradient` while the serving graph is traced.
+    """Stands in for `tfcompress.lookup.gather_with_gradient` while the serving graph is traced.
 
     Serving needs no gradient, so a lookup is one plain gather. Tables listed in `substitutes` (by tf.Variable id)
     are read from their quantized copy instead: (values variable, scale or None) gives
@@ -215,28 +215,28 @@ def robe_serving_call(layer, lookup):
     copies per call, so a small batch (fewer lookups than W holds) takes the element path instead; both branches
     give bit-identical values (`tf.cond`, stock ops, converted to ONNX If).
 
-    The hash is `hashing.robe_chunk_hash_tf` told that ids are in [0, total rows) (true after `prepare_ids`), so it
+    The hash is `robe_hash.robe_chunk_hash_tf` told that ids are in [0, total rows) (true after `prepare_ids`), so it
     runs one int64 division per id and int32 arithmetic per chunk; starts and element positions are int32.
     Only the saved variable M (or its quantized copy) is stored: W is rebuilt in graph on every call.
     """
-    from tfcompress import hashing
-    from tfcompress.layers import _common
+    from tfcompress import robe_hash
+    from tfcompress.layers import base
 
     size, width, chunk = layer.memory_size, layer.output_dim, layer.chunk_size
-    chunks = hashing.num_chunks(width, chunk)
+    chunks = robe_hash.num_chunks(width, chunk)
     num_features = len(layer.cardinalities)
     total_rows = int(sum(layer.cardinalities))  # prepare_ids puts every offset id in [0, total_rows)
-    window_rows = min(size - chunk + 1, hashing.P)  # every chunk start h < min(|M| - Z + 1, P)
-    position_dtype = tf.int32 if hashing.max_position(size, chunk) <= hashing.INT32_MAX else tf.int64
+    window_rows = min(size - chunk + 1, robe_hash.P)  # every chunk start h < min(|M| - Z + 1, P)
+    position_dtype = tf.int32 if robe_hash.max_position(size, chunk) <= robe_hash.INT32_MAX else tf.int64
 
     def call(ids):
-        ids = _common.prepare_ids(ids, layer.cardinalities, layer.out_of_range)
+        ids = base.prepare_ids(ids, layer.cardinalities, layer.out_of_range)
         a = ids + tf.constant(layer._offsets)
-        starts = hashing.robe_chunk_hash_tf(a, chunks, size, chunk, layer.seed, id_bound=total_rows)  # i32 [B,F,c]
+        starts = robe_hash.robe_chunk_hash_tf(a, chunks, size, chunk, layer.seed, id_bound=total_rows)  # i32 [B,F,c]
         stored, scale, quantized = lookup.stored(layer.memory)
 
         def per_element():
-            positions = hashing.chunk_positions_tf(tf.cast(starts, position_dtype), width, chunk)
+            positions = robe_hash.chunk_positions_tf(tf.cast(starts, position_dtype), width, chunk)
             return tf.gather(stored, positions)
 
         def per_chunk():
@@ -256,7 +256,7 @@ def robe_serving_call(layer, lookup):
             values = tf.cond(lookups >= window_rows * chunk, per_chunk, per_element)
         values = lookup.dequantize(values, scale, quantized)
         if layer.signed:
-            values = values * hashing.robe_signs_tf(a, width, layer.seed, id_bound=total_rows)
+            values = values * robe_hash.robe_signs_tf(a, width, layer.seed, id_bound=total_rows)
         return values
 
     return call
@@ -282,7 +282,7 @@ def serving_mode(model, lookup, serving_out_of_range="mod"):
             layer.out_of_range = "mod"
         for layer in robes:
             layer.call = robe_serving_call(layer, lookup)  # an instance attribute shadows the class's call
-        with custom_op.disabled(), lookups_replaced_by(lookup):
+        with fused_ops.disabled(), lookups_replaced_by(lookup):
             yield
     finally:
         for layer, rule in rules:
@@ -916,7 +916,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         sample_rows(n_dense, cardinalities)
     raw_spec = _raw_spec(raw_preprocessing, n_dense, cardinalities) if raw_preprocessing is not None else None
     # The pure-TF path gives the same values as the custom ops (their contract) and needs no op library here.
-    with custom_op.disabled():
+    with fused_ops.disabled():
         keras_probability = np.asarray(model(samples, training=False), np.float32).reshape(-1, 1)
 
     serving_model = fold_for_serving(model)

@@ -11,7 +11,7 @@ square of their sum; SparseAdagrad sums duplicates first.)
 import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, keras, register_serializable
-from tfcompress.ops import resource_variable
+from tfcompress.lookup import resource_variable
 
 
 @register_serializable()

@@ -254,7 +254,7 @@ def make_plan(cardinalities, output_dim, method, ratio=None, budget=None, uncomp
         ValueError: unknown method, ratio < 1, both or neither of ratio/budget for a compressing method, a budget
             that the uncompressed small tables already exceed, or a bad layer option.
     """
-    from tfcompress.layers._common import check_cardinalities
+    from tfcompress.layers.base import check_cardinalities
 
     cardinalities = check_cardinalities(cardinalities)
     if method not in _PLANNERS:

@@ -356,7 +356,7 @@ def _check_multiworker_supported(strategy):
 
 def _pruning_callbacks(pipeline, model):
     """A ChunkPruningCallback when the model has chunk-pruned tables: without it they are never pruned."""
-    from tfcompress.pruning import ChunkPruningCallback, chunk_pruned_layers
+    from tfcompress.chunk_pruning import ChunkPruningCallback, chunk_pruned_layers
 
     if not chunk_pruned_layers(model):
         return []
@@ -399,7 +399,7 @@ def train(pipeline, runs_dir="runs", verbose=1):
     """
     import tensorflow as tf
 
-    from tfcompress.data.read import read
+    from tfcompress.data import read
 
     config = pipeline.train
     # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work.

@@ -1,16 +1,25 @@
 """Data: schema.json, TFRecord writing, the tf.data reader and the planted-signal synthetic generator.
 
-    from tfcompress.data import generate
-    from tfcompress.data.read import read
+    from tfcompress.data import generate, read
     generate("data/synthetic", dataset="criteo", rows=1_000_000)      # TFRecords + schema.json + stats.json
     train = read("data/synthetic/train", batch_size=4096, seed=0)     # ({"dense", "sparse"}, label) batches
 
-The reader lives in `tfcompress.data.read` (the module shares the function's name, so it is not re-exported
-here); importing this package does not import TensorFlow.
+`read` lives in `tfcompress.data.reader` and is loaded on first use, so importing this package does not import
+TensorFlow.
 """
 
 from tfcompress.data.schema import Schema
 from tfcompress.data.synthetic import PlantedModel, generate
 from tfcompress.data.tfrecord import ShardWriter, serialize_rows
 
-__all__ = ["PlantedModel", "Schema", "ShardWriter", "generate", "serialize_rows"]
+__all__ = ["PlantedModel", "Schema", "ShardWriter", "generate", "read", "serialize_rows"]
+
+
+def __getattr__(name):
+    # The reader imports TensorFlow; resolving it here on first use keeps `import tfcompress.data` light.
+    if name == "read":
+        from tfcompress.data.reader import read
+
+        globals()["read"] = read
+        return read
+    raise AttributeError(f"module 'tfcompress.data' has no attribute {name!r}")

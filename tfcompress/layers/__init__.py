@@ -5,7 +5,7 @@ from tfcompress.layers.hashing_trick import HashingTrickEmbedding
 from tfcompress.layers.learned_hash import LearnedHashEmbedding
 from tfcompress.layers.mlet import MLETEmbedding
 from tfcompress.layers.planned import PlannedEmbedding
-from tfcompress.layers.pruned import ChunkPrunedEmbedding
+from tfcompress.layers.chunk_pruned import ChunkPrunedEmbedding
 from tfcompress.layers.qr import QREmbedding
 from tfcompress.layers.quantized import QuantizedEmbedding
 from tfcompress.layers.robe import RobeEmbedding

@@ -3,12 +3,12 @@
 import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, register_serializable
-from tfcompress.layers import _common
-from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+from tfcompress.layers import base
+from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 
 
 @register_serializable()
-class FullEmbedding(_common.IdEmbeddingLayer):
+class FullEmbedding(base.IdEmbeddingLayer):
     """One `cardinalities[f] x output_dim` table per feature.
 
     Example:

@@ -5,8 +5,8 @@ import math
 import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, register_serializable
-from tfcompress.layers import _common
-from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+from tfcompress.layers import base
+from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 
 
 def buckets_for(cardinalities, num_buckets=None, compression=None):
@@ -25,12 +25,12 @@ def buckets_for(cardinalities, num_buckets=None, compression=None):
     if len(num_buckets) != len(cardinalities):
         raise ValueError(f"num_buckets has {len(num_buckets)} entries for {len(cardinalities)} tables")
     for f, m in enumerate(num_buckets):
-        _common.check_positive_int(f"num_buckets[{f}]", m)
+        base.check_positive_int(f"num_buckets[{f}]", m)
     return [min(int(m), n) for m, n in zip(num_buckets, cardinalities)]
 
 
 @register_serializable()
-class HashingTrickEmbedding(_common.IdEmbeddingLayer):
+class HashingTrickEmbedding(base.IdEmbeddingLayer):
     """One `m_t x output_dim` table per feature; id x of table t reads row x mod m_t.
 
     Example:

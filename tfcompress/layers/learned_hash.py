@@ -4,8 +4,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, register_serializable
-from tfcompress.layers import _common
-from tfcompress.ops import gather_with_gradient, resolve_gradient_mode, resource_variable
+from tfcompress.layers import base
+from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode, resource_variable
 
 COMBINERS = ("sum", "concat")
 
@@ -17,7 +17,7 @@ def _split_width(output_dim, parts):
 
 def _as_row_arrays(mappings):
     """Normalize `mappings` to (list per feature of [K, n] integer arrays, list of num_rows, combiner or None)."""
-    from tfcompress.learned_hash.mapping import TableMapping, load_mappings
+    from tfcompress.learn_hash.mapping import TableMapping, load_mappings
 
     if isinstance(mappings, (str, bytes)) or hasattr(mappings, "__fspath__"):
         mappings = load_mappings(mappings)
@@ -45,13 +45,13 @@ def _as_row_arrays(mappings):
 
 
 @register_serializable()
-class LearnedHashEmbedding(_common.IdEmbeddingLayer):
+class LearnedHashEmbedding(base.IdEmbeddingLayer):
     """Per feature: id -> row through learned mappings (one per teacher dimension), then K small tables combined.
 
     Ids that the clustering put together share one row, so they share one vector and their gradients add up in
     it. With K mappings per table (a K-dimensional teacher) the layer holds K internal tables per feature: "sum"
     adds K vectors of width d, "concat" joins K vectors of width about d/K. Build the mappings with
-    `tfcompress.learned_hash` (or `tfcompress learn-hash`); the frequency-based double-hashing variant, where the
+    `tfcompress.learn_hash` (or `tfcompress learn-hash`); the frequency-based double-hashing variant, where the
     most frequent ids keep rows of their own, is a mapping option (`private_fraction`).
 
     Example:
@@ -67,7 +67,7 @@ class LearnedHashEmbedding(_common.IdEmbeddingLayer):
     (`cardinalities`, `num_rows`), never the arrays (10M ids would make a config of tens of MB).
 
     Args:
-        mappings: a .npz path written by `tfcompress.learned_hash.save_mappings`, a list of `TableMapping`, or a
+        mappings: a .npz path written by `tfcompress.learn_hash.save_mappings`, a list of `TableMapping`, or a
             list of integer arrays [K, n] (or [n]) per feature. None only when restoring from a config, where the
             weights are loaded afterwards.
         output_dim: embedding width d.
@@ -82,13 +82,13 @@ class LearnedHashEmbedding(_common.IdEmbeddingLayer):
     def __init__(self, mappings=None, output_dim=None, cardinalities=None, num_rows=None, combiner=None,
                  gradient="sparse", out_of_range="error", embeddings_initializer="uniform", **kwargs):
         # output_dim is checked before the (possibly large) mappings are read; the base class checks it again.
-        output_dim = _common.check_positive_int("output_dim", output_dim if output_dim is not None else 0)
+        output_dim = base.check_positive_int("output_dim", output_dim if output_dim is not None else 0)
         initial_rows = None
         mapping_combiner = None
         if mappings is not None:
             initial_rows, mapped_rows, mapping_combiner = _as_row_arrays(mappings)
             mapped_cards = [int(rows.shape[1]) for rows in initial_rows]
-            if cardinalities is not None and _common.check_cardinalities(cardinalities) != mapped_cards:
+            if cardinalities is not None and base.check_cardinalities(cardinalities) != mapped_cards:
                 raise ValueError(f"cardinalities {list(cardinalities)} do not match the mappings' table sizes "
                                  f"{mapped_cards} (were the mappings built for these tables, in this order?)")
             if num_rows is not None and [list(map(int, r)) for r in num_rows] != mapped_rows:
@@ -101,7 +101,7 @@ class LearnedHashEmbedding(_common.IdEmbeddingLayer):
         self._initial_rows = initial_rows
         if len(num_rows) != len(self.cardinalities):
             raise ValueError(f"num_rows has {len(num_rows)} entries for {len(self.cardinalities)} tables")
-        self.num_rows = [[_common.check_positive_int(f"num_rows[{f}]", m) for m in rows]
+        self.num_rows = [[base.check_positive_int(f"num_rows[{f}]", m) for m in rows]
                          for f, rows in enumerate(num_rows)]
         self.combiner = combiner or mapping_combiner or "sum"
         if self.combiner not in COMBINERS:
@@ -126,13 +126,13 @@ class LearnedHashEmbedding(_common.IdEmbeddingLayer):
 
     @property
     def mapping_bytes(self):
-        from tfcompress.learned_hash.mapping import smallest_row_dtype
+        from tfcompress.learn_hash.mapping import smallest_row_dtype
 
         return sum(n * len(rows) * smallest_row_dtype(max(rows) - 1).itemsize
                    for n, rows in zip(self.cardinalities, self.num_rows))
 
     def build(self, input_shape):
-        from tfcompress.learned_hash.mapping import smallest_row_dtype
+        from tfcompress.learn_hash.mapping import smallest_row_dtype
 
         self.check_id_shape(input_shape)
         self.mappings, self.tables = [], []

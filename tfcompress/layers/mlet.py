@@ -10,15 +10,15 @@ import warnings
 import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, keras, register_serializable
-from tfcompress.layers import _common
+from tfcompress.layers import base
 from tfcompress.layers.hashing_trick import buckets_for
-from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 
 DEFAULT_PROJECTION_STDDEV = 0.25  # the paper's value for DLRM
 
 
 @register_serializable()
-class MLETEmbedding(_common.IdEmbeddingLayer):
+class MLETEmbedding(base.IdEmbeddingLayer):
     """Per feature f a `rows_f x inner_dim` table E_f and an `inner_dim x output_dim` projection P_f.
 
     The embedding of id x of feature f is E_f[x] . P_f (no bias, no activation), so the layer computes exactly
@@ -61,7 +61,7 @@ class MLETEmbedding(_common.IdEmbeddingLayer):
                  embeddings_initializer="glorot_uniform", **kwargs):
         super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
                          embeddings_initializer=embeddings_initializer, **kwargs)
-        self.inner_dim = _common.check_positive_int("inner_dim", inner_dim)
+        self.inner_dim = base.check_positive_int("inner_dim", inner_dim)
         if self.inner_dim < self.output_dim:
             warnings.warn(
                 f"MLETEmbedding inner_dim={self.inner_dim} < output_dim={self.output_dim}: the folded tables have "

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress._keras import keras, register_serializable
-from tfcompress.layers import _common
+from tfcompress.layers import base
 
 
 @register_serializable()
@@ -27,9 +27,9 @@ class PlannedEmbedding(keras.layers.Layer):
 
     def __init__(self, num_features, output_dim, groups, out_of_range="error", **kwargs):
         super().__init__(**kwargs)
-        self.out_of_range = _common.check_out_of_range(out_of_range)
-        self.num_features = _common.check_positive_int("num_features", num_features)
-        self.output_dim = _common.check_positive_int("output_dim", output_dim)
+        self.out_of_range = base.check_out_of_range(out_of_range)
+        self.num_features = base.check_positive_int("num_features", num_features)
+        self.output_dim = base.check_positive_int("output_dim", output_dim)
         self.group_features = [[int(f) for f in group["features"]] for group in groups]
         covered = sorted(f for features in self.group_features for f in features)
         if covered != list(range(self.num_features)):
@@ -61,14 +61,14 @@ class PlannedEmbedding(keras.layers.Layer):
         return sum(member.physical_parameters for member in self.members)
 
     def build(self, input_shape):
-        _common.check_id_shape(input_shape, self.num_features, type(self).__name__)
+        base.check_id_shape(input_shape, self.num_features, type(self).__name__)
         for member, features in zip(self.members, self.group_features):
             if not member.built:  # deserialized members arrive built from their own build_config
                 member.build((input_shape[0], len(features)))
         super().build(input_shape)
 
     def call(self, ids):
-        ids = _common.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = base.prepare_ids(ids, self.cardinalities, self.out_of_range)
         if self._identity_order:
             return self.members[0](ids)
         outputs = [

@@ -5,9 +5,9 @@ import math
 import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, keras, register_serializable
-from tfcompress.layers import _common
+from tfcompress.layers import base
 from tfcompress.layers.hashing_trick import buckets_for
-from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 
 QR_OPERATIONS = ("mult", "add", "concat")
 
@@ -28,7 +28,7 @@ def remainder_rows_for(cardinality, compression, operation):
 
 
 @register_serializable()
-class QREmbedding(_common.IdEmbeddingLayer):
+class QREmbedding(base.IdEmbeddingLayer):
     """Per feature a quotient table (ceil(n/m) rows) and a remainder table (m rows); id x reads row x // m of the
     first and x mod m of the second, combined by "mult" (element-wise product), "add" or "concat" (each table D/2
     wide). No two ids of one table share both rows, so every id keeps a distinct embedding.

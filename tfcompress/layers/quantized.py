@@ -4,13 +4,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress._keras import register_serializable
-from tfcompress.layers import _common
+from tfcompress.layers import base
 from tfcompress.layers.hashing_trick import buckets_for
 from tfcompress.quantize import storage_bytes
 
 
 @register_serializable()
-class QuantizedEmbedding(_common.IdLayer):
+class QuantizedEmbedding(base.IdLayer):
     """One int8 `rows_f x output_dim` table and one float32 scale per feature; lookups return values * scale.
 
     Made from a trained `FullEmbedding` or `HashingTrickEmbedding` (or a folded MLET) by

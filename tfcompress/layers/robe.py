@@ -4,14 +4,14 @@ import math
 
 import tensorflow as tf
 
-from tfcompress import custom_op, hashing
+from tfcompress import fused_ops, robe_hash
 from tfcompress._keras import register_serializable
-from tfcompress.layers import _common
-from tfcompress.ops import gather_with_gradient, resolve_gradient_mode
+from tfcompress.layers import base
+from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 
 
 @register_serializable()
-class RobeEmbedding(_common.IdEmbeddingLayer):
+class RobeEmbedding(base.IdEmbeddingLayer):
     """F embedding tables stored in ONE trainable 1-D array, addressed by the ROBE-Z hash (DESIGN.md).
 
     Element i of the embedding of id x in table t reads M[h(a, i // Z) + i % Z] with a = x + offset_t: each chunk
@@ -40,7 +40,7 @@ class RobeEmbedding(_common.IdEmbeddingLayer):
         use_custom_op: "auto" (default) runs the fused C++/CUDA op (custom_ops/) when its library loads and the
             pure-TF path otherwise (warned once); True requires the op (CustomOpUnavailableError if it cannot
             load); False always takes the pure-TF path. Results are identical; inside
-            `tfcompress.custom_op.disabled()` the pure-TF path is always taken (serving exports).
+            `tfcompress.fused_ops.disabled()` the pure-TF path is always taken (serving exports).
 
     Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
     """
@@ -52,7 +52,7 @@ class RobeEmbedding(_common.IdEmbeddingLayer):
         memory_size=None,
         compression=None,
         chunk_size=None,
-        seed=hashing.DEFAULT_SEED,
+        seed=robe_hash.DEFAULT_SEED,
         signed=False,
         gradient="auto",
         out_of_range="error",
@@ -81,8 +81,8 @@ class RobeEmbedding(_common.IdEmbeddingLayer):
         self.seed = int(seed)
         self.signed = bool(signed)
         self._gradient_mode = resolve_gradient_mode(gradient, self.memory_size)
-        self._offsets = hashing.table_offsets(self.cardinalities)
-        self.use_custom_op = custom_op.check_use_custom_op(use_custom_op)
+        self._offsets = robe_hash.table_offsets(self.cardinalities)
+        self.use_custom_op = fused_ops.check_use_custom_op(use_custom_op)
 
     @property
     def physical_parameters(self):
@@ -96,20 +96,20 @@ class RobeEmbedding(_common.IdEmbeddingLayer):
         super().build(input_shape)
 
     def call(self, ids):
-        if custom_op.should_use(self.use_custom_op):
+        if fused_ops.should_use(self.use_custom_op):
             # The op checks every id itself (naming feature and value), so only "mod" needs the TF-side pass.
             if self.out_of_range == "mod":
                 ids = self.prepare_ids(ids)
-            return custom_op.robe_lookup(
+            return fused_ops.robe_lookup(
                 self.memory, ids, self.cardinalities, self.output_dim, self.chunk_size, self.seed, self.signed,
                 self._gradient_mode,
             )
         ids = self.prepare_ids(ids)
         a = ids + tf.constant(self._offsets)
-        positions = hashing.robe_indices_tf(a, self.output_dim, self.chunk_size, self.memory_size, self.seed)
+        positions = robe_hash.robe_indices_tf(a, self.output_dim, self.chunk_size, self.memory_size, self.seed)
         values = gather_with_gradient(self.memory, positions, self._gradient_mode)
         if self.signed:
-            values = values * hashing.robe_signs_tf(a, self.output_dim, self.seed)
+            values = values * robe_hash.robe_signs_tf(a, self.output_dim, self.seed)
         return values
 
     def get_config(self):

@@ -124,7 +124,7 @@ def time_gradient_forms(ids, cardinalities, output_dim, chunk_size, memory_sizes
 
 def first_batch_ids(context):
     """The sparse ids of the first `batch_size` rows of the run's training data (fewer if the data is smaller)."""
-    from tfcompress.data.read import read
+    from tfcompress.data import read
 
     data = context.data()
     dataset = read(data.train_files, context.profile.batch_size, schema=data.schema, shuffle=False, repeat=False,
@@ -134,7 +134,7 @@ def first_batch_ids(context):
 
 
 def run(context):
-    from tfcompress import custom_op
+    from tfcompress import fused_ops
 
     settings = SETTINGS[context.profile.name]
     ids = first_batch_ids(context)
@@ -152,7 +152,7 @@ def run(context):
     rows = [{"memory_size": size, "dense_s": t["dense"], "sparse_s": t["sparse"],
              "dense_over_sparse": t["dense"] / t["sparse"]} for size, t in timings.items()]
     return {"rows": rows, "batch": int(ids.shape[0]), "features": int(ids.shape[1]), "embedding_dim": dim,
-            "chunk_size": chunk_size, "repeats": settings["repeats"], "custom_op": custom_op.should_use("auto")}
+            "chunk_size": chunk_size, "repeats": settings["repeats"], "custom_op": fused_ops.should_use("auto")}
 
 
 def report(results, context):
@@ -162,7 +162,7 @@ def report(results, context):
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    from tfcompress.ops import DENSE_GRADIENT_MAX_ELEMENTS
+    from tfcompress.lookup import DENSE_GRADIENT_MAX_ELEMENTS
 
     rows = results["rows"]
     sizes = [r["memory_size"] for r in rows]

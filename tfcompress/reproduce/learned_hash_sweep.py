@@ -1,6 +1,6 @@
 """Learned hashing against the hashing trick at 10%, 20% and 30% of the rows, plus full tables.
 
-Learned hashing (`tfcompress.learned_hash`): a narrow teacher (full tables of width `teacher_dim`) trains for one
+Learned hashing (`tfcompress.learn_hash`): a narrow teacher (full tables of width `teacher_dim`) trains for one
 pass; its per-id values and the ids' access counts cluster every table with >= `min_rows` ids into
 round(target * n) rows (ids seen fewer than `min_count` times share one row: 3 measured better than the default 1
 in bench/bench_learned_hash.py); the compressed model then trains with those id -> row mappings. The hashing trick
@@ -44,7 +44,7 @@ def work_dir(context):
 
 def teacher_and_counts(context, settings):
     """The teacher's per-table values and the per-table id counts: loaded from teacher.npz, else made and saved."""
-    from tfcompress.learned_hash.teacher import id_counts, train_teacher
+    from tfcompress.learn_hash.teacher import id_counts, train_teacher
 
     path = os.path.join(work_dir(context), "teacher.npz")
     data = context.data()
@@ -68,9 +68,9 @@ def teacher_and_counts(context, settings):
 def learned_compression(context, settings, target, teacher):
     """The [compression] section of the learned-hash pipeline at `target`, and its summary (mapping bytes...).
 
-    Built with `tfcompress.learned_hash.workflow.learn_hash` unless its files from an earlier run are there.
+    Built with `tfcompress.learn_hash.workflow.learn_hash` unless its files from an earlier run are there.
     """
-    from tfcompress.learned_hash.workflow import learn_hash
+    from tfcompress.learn_hash.workflow import learn_hash
 
     output_dir = os.path.join(work_dir(context), f"target_{target:g}")
     summary_path = os.path.join(output_dir, "learn_hash.json")

@@ -56,7 +56,7 @@ def folded_metrics(model_path, eval_dataset):
 
 
 def run(context):
-    from tfcompress.data.read import read
+    from tfcompress.data import read
     from tfcompress.plan import make_plan
 
     settings = SETTINGS[context.profile.name]

@@ -33,7 +33,7 @@ def pool_state(model_path):
     """
     import tfcompress.models  # noqa: F401  (registers DLRM's layers for loading)
     from tfcompress._keras import keras
-    from tfcompress.pruning import chunk_pruned_layers
+    from tfcompress.chunk_pruning import chunk_pruned_layers
 
     model = keras.models.load_model(model_path, compile=False)
     layers = chunk_pruned_layers(model)

@@ -10,12 +10,12 @@ The library is found, in this order:
    the running TensorFlow version.
 
 When none of that works (no compiler, a failed build, a library that does not load) the reason is warned ONCE and
-every caller falls back to the pure-TensorFlow path (tfcompress.hashing + tfcompress.ops), which gives the same
+every caller falls back to the pure-TensorFlow path (tfcompress.robe_hash + tfcompress.lookup), which gives the same
 results. `TFCOMPRESS_CUSTOM_OPS=0` turns the ops off without a warning.
 
 Gradients are registered here: RobeLookup's attr `gradient` picks "dense" (RobeLookupGrad: one race-free
 scatter-add into an |M| tensor) or "sparse" (RobeLookupSparseGrad: coalesced, sorted unique positions, returned as
-tf.IndexedSlices), the same two forms tfcompress.ops.gather_with_gradient gives.
+tf.IndexedSlices), the same two forms tfcompress.lookup.gather_with_gradient gives.
 
 Serving exports must never reference these ops (TF Serving cannot load them): build export graphs inside
 `with custom_op.disabled():`, which makes every layer take the stock-op path.
@@ -33,7 +33,7 @@ from pathlib import Path
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
-from tfcompress import hashing
+from tfcompress import robe_hash
 
 LIBRARY_ENV = "TFCOMPRESS_ROBE_OPS_LIBRARY"
 SWITCH_ENV = "TFCOMPRESS_CUSTOM_OPS"
@@ -165,7 +165,7 @@ def _require(context=""):
 @functools.lru_cache(maxsize=None)
 def hash_constant_attr(seed):
     """[R1, R2, R3, S1, S2, S3] as Python ints: the ops' `hash_constants` attr for a seed."""
-    return [int(v) for v in hashing.hash_constants(seed)[:6]]
+    return [int(v) for v in robe_hash.hash_constants(seed)[:6]]
 
 
 def _attrs(cardinalities, output_dim, chunk_size, seed, signed):
@@ -178,11 +178,11 @@ def _attrs(cardinalities, output_dim, chunk_size, seed, signed):
     )
 
 
-def robe_lookup(memory, ids, cardinalities, output_dim, chunk_size, seed=hashing.DEFAULT_SEED, signed=False,
+def robe_lookup(memory, ids, cardinalities, output_dim, chunk_size, seed=robe_hash.DEFAULT_SEED, signed=False,
                 gradient="dense"):
     """Fused ROBE-Z lookup: f32[M] memory, raw ids i64[B, F] -> [B, F, output_dim].
 
-    Equals `memory[hashing.robe_indices(ids, ...)]` (times `robe_signs` when signed) bit for bit.
+    Equals `memory[robe_hash.robe_indices(ids, ...)]` (times `robe_signs` when signed) bit for bit.
 
     Args:
         memory: the shared array (a Keras/TF variable or tensor, 1-D); other float dtypes are computed in float32
@@ -190,7 +190,7 @@ def robe_lookup(memory, ids, cardinalities, output_dim, chunk_size, seed=hashing
         ids: integer [B, F]; column f in [0, cardinalities[f]) (out-of-range ids raise InvalidArgumentError naming
             the feature and the value).
         cardinalities, output_dim, chunk_size, seed, signed: as RobeEmbedding.
-        gradient: "dense" or "sparse" (resolve "auto" with tfcompress.ops.resolve_gradient_mode first).
+        gradient: "dense" or "sparse" (resolve "auto" with tfcompress.lookup.resolve_gradient_mode first).
     """
     if gradient not in ("dense", "sparse"):
         raise ValueError(f"gradient must be 'dense' or 'sparse', got {gradient!r}")
@@ -225,7 +225,7 @@ def _float32_variable(memory):
     return variable
 
 
-def robe_lookup_grad(grad, ids, memory_size, cardinalities, output_dim, chunk_size, seed=hashing.DEFAULT_SEED,
+def robe_lookup_grad(grad, ids, memory_size, cardinalities, output_dim, chunk_size, seed=robe_hash.DEFAULT_SEED,
                      signed=False, scatter_algorithm="auto"):
     """Dense gradient of `robe_lookup`: f32[B, F, D] -> f32[memory_size] (scatter_algorithm: "auto", "serial",
     "partial_sums" or "destination_ranges"; all give the same sums, "serial" and "destination_ranges" bit for bit)."""
@@ -236,7 +236,7 @@ def robe_lookup_grad(grad, ids, memory_size, cardinalities, output_dim, chunk_si
 
 
 def robe_lookup_sparse_grad(grad, ids, memory_size, cardinalities, output_dim, chunk_size,
-                            seed=hashing.DEFAULT_SEED, signed=False):
+                            seed=robe_hash.DEFAULT_SEED, signed=False):
     """Coalesced sparse gradient of `robe_lookup`: tf.IndexedSlices with sorted unique indices into [memory_size]."""
     memory_size = tf.cast(memory_size, tf.int64)
     indices, values = _require().robe_lookup_sparse_grad(
@@ -245,8 +245,8 @@ def robe_lookup_sparse_grad(grad, ids, memory_size, cardinalities, output_dim, c
     return tf.IndexedSlices(values, indices, tf.reshape(memory_size, [1]))
 
 
-def robe_positions(ids, cardinalities, output_dim, chunk_size, memory_size, seed=hashing.DEFAULT_SEED, signed=False):
-    """(positions i64[B, F, D], signs f32[B, F, D]) as the kernels compute them (for checks against hashing.py)."""
+def robe_positions(ids, cardinalities, output_dim, chunk_size, memory_size, seed=robe_hash.DEFAULT_SEED, signed=False):
+    """(positions i64[B, F, D], signs f32[B, F, D]) as the kernels compute them (for checks against robe_hash.py)."""
     return _require().robe_positions(
         tf.cast(ids, tf.int64), tf.cast(memory_size, tf.int64),
         **_attrs(cardinalities, output_dim, chunk_size, seed, signed),

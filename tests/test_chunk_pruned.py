@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcompress import pruning
+from tfcompress import chunk_pruning
 from tfcompress._keras import keras
 from tfcompress.layers import ChunkPrunedEmbedding
-from tfcompress.layers.pruned import dense_table
+from tfcompress.layers.chunk_pruned import dense_table
 from tfcompress.plan import make_plan
 
 CARDS = [20, 7, 13]
@@ -100,16 +100,16 @@ def test_inference_does_not_record_utilities():
 @pytest.mark.parametrize("profile, exponent", [("power", 2.0), ("power", 3.0), ("linear", 1.0)])
 def test_profile_is_capped_and_its_mean_is_the_target(profile, exponent):
     for k, mean in [(8, 0.9), (4, 0.5), (2, 0.93)]:
-        ratios = pruning.chunk_pruning_ratios(k, mean, profile, exponent)
+        ratios = chunk_pruning.chunk_pruning_ratios(k, mean, profile, exponent)
         assert ratios.mean() == pytest.approx(mean, abs=1e-9)
         assert ratios.max() <= 0.95 + 1e-12 and np.all(np.diff(ratios) >= -1e-12)
         free = ratios < 0.95 - 1e-9
         shape = np.arange(1, k + 1)[free] ** exponent
         np.testing.assert_allclose(ratios[free] / shape, (ratios[free] / shape)[0], rtol=1e-9)  # the power law
-    assert pruning.chunk_pruning_ratios(8, 0.9, profile, exponent)[-1] == pytest.approx(0.95)  # the cap is hit
-    np.testing.assert_allclose(pruning.chunk_pruning_ratios(1, 0.9), [0.9])
+    assert chunk_pruning.chunk_pruning_ratios(8, 0.9, profile, exponent)[-1] == pytest.approx(0.95)  # the cap is hit
+    np.testing.assert_allclose(chunk_pruning.chunk_pruning_ratios(1, 0.9), [0.9])
     with pytest.raises(ValueError, match="0.97"):
-        pruning.chunk_pruning_ratios(4, 0.97)
+        chunk_pruning.chunk_pruning_ratios(4, 0.97)
 
 
 def test_thresholds_hit_the_requested_per_chunk_ratios_when_the_sample_covers_all():
@@ -117,19 +117,19 @@ def test_thresholds_hit_the_requested_per_chunk_ratios_when_the_sample_covers_al
     rng = np.random.default_rng(0)
     set_utilities(layer, rng.permutation(R * 4) + 1.0)  # distinct, positive
     ratios = np.array([0.1, 0.3, 0.55, 0.8])
-    stats = pruning.prune_step(layer, "manual", ratios, sample_size=R)
+    stats = chunk_pruning.prune_step(layer, "manual", ratios, sample_size=R)
     u = table_utilities(layer)
     theta = np.array(stats["thresholds"])
     np.testing.assert_array_equal((u < theta).sum(axis=0), np.floor(ratios * R))
     live = np.asarray(layer.addresses).reshape(R, 4) >= 0
     np.testing.assert_array_equal(live.sum(axis=0), R - np.floor(ratios * R))
-    pruning.check_pool(layer)
+    chunk_pruning.check_pool(layer)
 
 
 def test_dynamic_mode_uses_one_global_threshold():
     layer = built(num_chunks=2, budget=1.0)
     set_utilities(layer, np.random.default_rng(3).permutation(R * 2) + 1.0)
-    stats = pruning.prune_step(layer, "dynamic", 0.75, sample_size=R)
+    stats = chunk_pruning.prune_step(layer, "dynamic", 0.75, sample_size=R)
     live = np.asarray(layer.addresses) >= 0
     assert live.sum() == R * 2 - np.floor(0.75 * R * 2)
     assert stats["thresholds"][0] == stats["thresholds"][1]
@@ -141,14 +141,14 @@ def test_dynamic_mode_uses_one_global_threshold():
 def test_freed_addresses_are_reused_last_in_first_out():
     layer = built(budget=4 / (R * 2))  # capacity 4
     assert layer.capacity == 4 and layer.pool.shape == (4, 2)
-    np.testing.assert_array_equal(pruning.allocate(layer, [10, 11, 12]), [0, 1, 2])
-    pruning.evict(layer, [1, 2])  # pushed 1 then 2
-    np.testing.assert_array_equal(pruning.allocate(layer, [30]), [2])
-    np.testing.assert_array_equal(pruning.allocate(layer, [31]), [1])
-    np.testing.assert_array_equal(pruning.allocate(layer, [32]), [3])
-    pruning.check_pool(layer)
+    np.testing.assert_array_equal(chunk_pruning.allocate(layer, [10, 11, 12]), [0, 1, 2])
+    chunk_pruning.evict(layer, [1, 2])  # pushed 1 then 2
+    np.testing.assert_array_equal(chunk_pruning.allocate(layer, [30]), [2])
+    np.testing.assert_array_equal(chunk_pruning.allocate(layer, [31]), [1])
+    np.testing.assert_array_equal(chunk_pruning.allocate(layer, [32]), [3])
+    chunk_pruning.check_pool(layer)
     with pytest.raises(ValueError, match="only 0 free"):
-        pruning.allocate(layer, [33])
+        chunk_pruning.allocate(layer, [33])
 
 
 def test_live_plus_free_is_capacity_through_random_pruning_events():
@@ -156,10 +156,10 @@ def test_live_plus_free_is_capacity_through_random_pruning_events():
     rng = np.random.default_rng(7)
     for event in range(12):
         set_utilities(layer, rng.exponential(size=R * 2) * (rng.random(R * 2) < 0.6))
-        ratios = pruning.chunk_pruning_ratios(2, rng.uniform(0.2, 0.9))
-        stats = pruning.prune_step(layer, "manual", ratios, sample_size=int(rng.integers(5, 60)),
+        ratios = chunk_pruning.chunk_pruning_ratios(2, rng.uniform(0.2, 0.9))
+        stats = chunk_pruning.prune_step(layer, "manual", ratios, sample_size=int(rng.integers(5, 60)),
                                    enforce_ratio=rng.uniform(0, 0.2), rng=rng)
-        pruning.check_pool(layer)
+        chunk_pruning.check_pool(layer)
         assert stats["live"] == int((np.asarray(layer.addresses) >= 0).sum()) <= layer.capacity
 
 
@@ -167,12 +167,12 @@ def test_regrowth_gives_fresh_values_and_pruned_chunks_read_zero():
     layer = built(num_chunks=2, budget=0.5)
     ids = np.array([[4, 0, 0]])
     key = 4 * 2 + 1  # row 4 of table 0, chunk 1
-    pruning.allocate(layer, [key])
+    chunk_pruning.allocate(layer, [key])
     before = layer(ids).numpy()[0, 0]
     assert np.all(before[:2] == 0) and np.all(before[2:] != 0)
-    pruning.evict(layer, [0])
+    chunk_pruning.evict(layer, [0])
     np.testing.assert_array_equal(layer(ids).numpy()[0, 0], 0)
-    pruning.allocate(layer, [key])  # same address again (LIFO), new values
+    chunk_pruning.allocate(layer, [key])  # same address again (LIFO), new values
     after = layer(ids).numpy()[0, 0]
     assert np.all(after[2:] != 0) and not np.allclose(after[2:], before[2:])
 
@@ -181,21 +181,21 @@ def test_no_eviction_while_crossings_stay_below_the_enforce_ratio():
     layer = built(num_chunks=1, budget=10 / R)  # capacity 10
     u = np.arange(R, dtype=np.float32) + 1.0
     set_utilities(layer, u)
-    pruning.prune_step(layer, "manual", [1 - 10 / R], sample_size=R)
+    chunk_pruning.prune_step(layer, "manual", [1 - 10 / R], sample_size=R)
     live_before = np.asarray(layer.addresses).copy()
     assert (live_before >= 0).sum() == 10 and np.all(live_before[-10:] >= 0)  # the 10 highest utilities
     # Two live rows fall below the threshold: 2 crossings of a capacity of 10.
     u[-2:] = 0.5
     u[:2] = [100.0, 101.0]
     set_utilities(layer, u)
-    stats = pruning.prune_step(layer, "manual", [1 - 10 / R], sample_size=R, enforce_ratio=0.25)
+    stats = chunk_pruning.prune_step(layer, "manual", [1 - 10 / R], sample_size=R, enforce_ratio=0.25)
     assert stats["crossings"] == 2 and stats["evicted"] == 0 and stats["allocated"] == 0  # the pool is full
     np.testing.assert_array_equal(np.asarray(layer.addresses), live_before)
-    stats = pruning.prune_step(layer, "manual", [1 - 10 / R], sample_size=R, enforce_ratio=0.1)
+    stats = chunk_pruning.prune_step(layer, "manual", [1 - 10 / R], sample_size=R, enforce_ratio=0.1)
     assert stats["evicted"] == 2 and stats["allocated"] == 2
     live = np.asarray(layer.addresses) >= 0
     assert live[0] and live[1] and not live[-1] and not live[-2]
-    pruning.check_pool(layer)
+    chunk_pruning.check_pool(layer)
 
 
 # ---- forward and gradients -------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_no_eviction_while_crossings_stay_below_the_enforce_ratio():
 
 def test_pruned_chunks_are_zero_and_gradients_reach_only_live_storage():
     layer = built(num_chunks=2, budget=0.5, gradient="sparse")
-    pruning.allocate(layer, [3 * 2, (20 + 1) * 2 + 1, (27 + 5) * 2])  # (t0 row3 c0), (t1 row1 c1), (t2 row5 c0)
+    chunk_pruning.allocate(layer, [3 * 2, (20 + 1) * 2 + 1, (27 + 5) * 2])  # (t0 row3 c0), (t1 row1 c1), (t2 row5 c0)
     ids = np.array([[3, 1, 5], [3, 2, 5], [0, 1, 12]])
     upstream = np.random.default_rng(2).normal(size=(3, 3, 4)).astype(np.float32)
     out, grad = run_step(layer, ids, upstream)
@@ -222,7 +222,7 @@ def test_one_chunk_equals_whole_row_pruning():
     layer = built(num_chunks=1, budget=0.25, dim=6)
     u = np.random.default_rng(5).permutation(R).astype(np.float32) + 1.0
     set_utilities(layer, u)
-    pruning.prune_step(layer, "manual", pruning.chunk_pruning_ratios(1, 0.75), sample_size=R)
+    chunk_pruning.prune_step(layer, "manual", chunk_pruning.chunk_pruning_ratios(1, 0.75), sample_size=R)
     keep = u >= np.sort(u)[int(np.floor(0.75 * R))]  # row pruning: the top quarter of rows by utility
     np.testing.assert_array_equal(np.asarray(layer.addresses) >= 0, keep)
     table = dense_table(layer)
@@ -239,7 +239,7 @@ def test_arguments_are_validated():
     with pytest.raises(ValueError, match="decay"):
         ChunkPrunedEmbedding(CARDS, 4, decay=0.0)
     with pytest.raises(ValueError, match="period"):
-        pruning.ChunkPruningCallback(period=0)
+        chunk_pruning.ChunkPruningCallback(period=0)
     layer = ChunkPrunedEmbedding(CARDS, 4, num_chunks=2, budget="80B")  # 80 bytes = 10 chunks of 2 floats
     assert layer.capacity == 10
 
@@ -268,7 +268,7 @@ def test_pruning_runs_only_at_multiples_of_the_period():
     layer = ChunkPrunedEmbedding(CARDS, 4, num_chunks=2, budget=0.5)
     model = planted_model(layer)
     ids, labels = planted_data(CARDS, rows=70)
-    callback = pruning.ChunkPruningCallback(period=3)
+    callback = chunk_pruning.ChunkPruningCallback(period=3)
     model.fit(ids, labels, batch_size=10, epochs=1, verbose=0, callbacks=[callback])  # 7 steps
     assert [event["step"] for event in callback.history] == [3, 6]
     assert callback.history[0]["allocated"] > 0
@@ -278,11 +278,11 @@ def test_short_fit_with_the_callback_lowers_the_loss_and_saves_its_state(tmp_pat
     layer = ChunkPrunedEmbedding([50, 9], 8, num_chunks=2, budget=0.5, name="pruned")
     model = planted_model(layer)
     ids, labels = planted_data([50, 9])
-    callback = pruning.ChunkPruningCallback(period=4, sample_size=30)
+    callback = chunk_pruning.ChunkPruningCallback(period=4, sample_size=30)
     history = model.fit(ids, labels, batch_size=32, epochs=8, verbose=0, callbacks=[callback])
     losses = history.history["loss"]
     assert losses[-1] < losses[0] - 0.05
-    pruning.check_pool(layer)
+    chunk_pruning.check_pool(layer)
     assert 0 < layer.live_chunk_count() <= layer.capacity
 
     path = str(tmp_path / "pruned.keras")
@@ -309,7 +309,7 @@ def test_mirrored_strategy_replicas_make_identical_decisions():
         tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
             [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
         from tfcompress._keras import keras
-        from tfcompress import pruning
+        from tfcompress import chunk_pruning
         from tfcompress.layers import ChunkPrunedEmbedding
 
         def run(strategy):
@@ -323,7 +323,7 @@ def test_mirrored_strategy_replicas_make_identical_decisions():
             rng = np.random.default_rng(0)
             ids = np.stack([rng.integers(0, 40, 64), rng.integers(0, 9, 64)], 1)
             model.fit(ids, rng.normal(size=(64, 1)), batch_size=16, epochs=3, verbose=0, shuffle=False,
-                      callbacks=[pruning.ChunkPruningCallback(period=4, sample_size=49)])
+                      callbacks=[chunk_pruning.ChunkPruningCallback(period=4, sample_size=49)])
             values = [np.asarray(layer.utilities), np.asarray(layer.addresses)]
             for name in ("utilities", "addresses", "pool"):
                 var = getattr(layer, name).value
@@ -350,7 +350,7 @@ def test_export_writes_only_the_pool_and_the_address_table(tmp_path):
     keras.utils.set_random_seed(3)
     layer = ChunkPrunedEmbedding([100, 20, 7], 8, num_chunks=2, budget=0.3, name="pruned")
     model = build_dlrm((3, 3), layer, (16,), (16,), name="pr")
-    pruning.allocate(layer, np.arange(0, 254, 4))  # some rows partly, some fully pruned
+    chunk_pruning.allocate(layer, np.arange(0, 254, 4))  # some rows partly, some fully pruned
     path = export.export_saved_model(model, base_dir=str(tmp_path), name="pr")
     rng = np.random.default_rng(0)
     inputs = {"dense": rng.normal(size=(32, 3)).astype(np.float32),
@@ -368,7 +368,7 @@ def test_legacy_tf_keras_trains_prunes_and_saves(tmp_path):
     script = textwrap.dedent("""
         import os, sys, numpy as np
         from tfcompress._keras import keras, USING_LEGACY_KERAS
-        from tfcompress import pruning
+        from tfcompress import chunk_pruning
         from tfcompress.layers import ChunkPrunedEmbedding
         assert USING_LEGACY_KERAS
         keras.utils.set_random_seed(0)
@@ -380,11 +380,11 @@ def test_legacy_tf_keras_trains_prunes_and_saves(tmp_path):
         rng = np.random.default_rng(0)
         ids = np.stack([rng.integers(0, 50, 256), rng.integers(0, 9, 256)], 1)
         labels = (ids[:, :1] % 2).astype("float32")
-        callback = pruning.ChunkPruningCallback(period=4, sample_size=30)
+        callback = chunk_pruning.ChunkPruningCallback(period=4, sample_size=30)
         history = model.fit(ids, labels, batch_size=32, epochs=12, verbose=0, callbacks=[callback])
         assert history.history["loss"][-1] < history.history["loss"][0] - 0.05, history.history["loss"]
         assert [e["step"] for e in callback.history][:3] == [4, 8, 12]
-        pruning.check_pool(layer)
+        chunk_pruning.check_pool(layer)
         path = os.path.join(sys.argv[1], "m.keras")
         model.save(path)
         loaded = keras.models.load_model(path)
@@ -399,7 +399,7 @@ def test_legacy_tf_keras_trains_prunes_and_saves(tmp_path):
 
 
 def test_raw_unbounded_ids_reach_an_entry_table_by_hashing():
-    from tfcompress.layers.pruned import hash_entry, hash_entry_tf
+    from tfcompress.layers.chunk_pruned import hash_entry, hash_entry_tf
 
     cards = [13, 1000]
     ids = np.array([[0, 2**62 + 12345], [-1, -(2**63)], [2**63 - 1, 7], [10**15, 10**15], [5, 5]], np.int64)
@@ -409,7 +409,7 @@ def test_raw_unbounded_ids_reach_an_entry_table_by_hashing():
     spread = hash_entry(np.arange(10**12, 10**12 + 5000)[:, None].repeat(2, 1), cards)[:, 1]
     assert np.unique(spread).size > 950  # 5000 consecutive raw ids cover nearly every one of 1000 entries
     layer = built(num_chunks=2, cards=cards, hash_ids=True, budget=1.0)
-    pruning.allocate(layer, np.arange(layer.capacity))
+    chunk_pruning.allocate(layer, np.arange(layer.capacity))
     np.testing.assert_array_equal(layer(ids).numpy(), dense_table(layer)[entries + np.array([0, 13])])
     assert ChunkPrunedEmbedding.from_config(layer.get_config()).hash_ids
 
@@ -420,7 +420,7 @@ def test_reallocated_addresses_restart_their_optimizer_state():
     layer = ChunkPrunedEmbedding(CARDS, 4, num_chunks=2, budget=0.5, name="pruned")
     model = planted_model(layer)
     model.compile(SparseAdagrad(0.1, initial_accumulator_value=0.25), "binary_crossentropy")
-    pruning.allocate(layer, np.arange(0, 40, 2))  # chunk 0 of the first 20 rows: addresses 0..19
+    chunk_pruning.allocate(layer, np.arange(0, 40, 2))  # chunk 0 of the first 20 rows: addresses 0..19
     ids, labels = planted_data(CARDS, rows=64)
     model.fit(ids, labels, batch_size=64, epochs=1, verbose=0)
     accumulator = [v for v in model.optimizer.variables if tuple(v.shape) == tuple(layer.pool.shape)]
@@ -428,8 +428,8 @@ def test_reallocated_addresses_restart_their_optimizer_state():
     before = np.asarray(accumulator[0]).copy()
     grown = np.sort(np.argsort(before[:, 0])[-2:])  # two addresses whose accumulators grew
     assert np.all(before[grown] > 0.25)
-    pruning.evict(layer, grown)
-    np.testing.assert_array_equal(pruning.allocate(layer, [61, 63], optimizer=model.optimizer), grown[::-1])
+    chunk_pruning.evict(layer, grown)
+    np.testing.assert_array_equal(chunk_pruning.allocate(layer, [61, 63], optimizer=model.optimizer), grown[::-1])
     after = np.asarray(accumulator[0])
     np.testing.assert_array_equal(after[grown], 0.25)
     np.testing.assert_array_equal(np.delete(after, grown, axis=0), np.delete(before, grown, axis=0))

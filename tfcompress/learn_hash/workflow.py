@@ -7,7 +7,7 @@ Example::
     # then: tfcompress train --pipeline runs/lh/synthetic_dlrm_robe_learned_hash.toml
 
 Every table with at least `min_rows` ids gets round(target * n) full-width rows (see
-`tfcompress.learned_hash.mapping` for how they are split over the K internal tables); smaller tables stay full
+`tfcompress.learn_hash.mapping` for how they are split over the K internal tables); smaller tables stay full
 tables. The written pipeline is the input pipeline with a new name and its [compression] section replaced by
 method "learned_hash", the mapping file, `uncompressed_below = min_rows` and the ratio those sizes give.
 """
@@ -19,7 +19,7 @@ import tomllib
 
 import numpy as np
 
-from tfcompress.learned_hash.mapping import build_table_mapping, save_mappings
+from tfcompress.learn_hash.mapping import build_table_mapping, save_mappings
 
 DEFAULT_MIN_ROWS = 100_000
 
@@ -38,7 +38,7 @@ def learn_hash(pipeline, target, output_dir=None, teacher_dim=2, combiner="sum",
         min_rows: tables with fewer ids stay full tables.
         private_fraction: the most frequent ids (this fraction of each table) keep private rows.
         max_cluster_size, weighted: clustering options (see `cluster_1d`).
-        min_count: ids accessed fewer times share one row (see `tfcompress.learned_hash.mapping`).
+        min_count: ids accessed fewer times share one row (see `tfcompress.learn_hash.mapping`).
         teacher_steps, teacher_epochs: how long the teacher trains (steps win when given).
         teacher_tables, counts: results of an earlier run's teacher and counting stages (lists per table), to
             build mappings at several targets from one teacher; computed when None.
@@ -50,7 +50,7 @@ def learn_hash(pipeline, target, output_dir=None, teacher_dim=2, combiner="sum",
     Raises:
         ValueError: target outside (0, 1), no table with min_rows ids, or a stage's own argument errors.
     """
-    from tfcompress.learned_hash.teacher import id_counts, train_teacher
+    from tfcompress.learn_hash.teacher import id_counts, train_teacher
     from tfcompress.train import prepare_data
 
     if not 0.0 < target < 1.0:

@@ -11,7 +11,7 @@ Storage (the paper's VHPI design), all Keras weights so it checkpoints and saves
 - `utilities` [R*K] float32 + `utility_scale` float32: per-chunk utility u <- gamma*u + a*||g||_2, stored scaled
   (see `_record_utilities`) so one step costs O(batch), not O(table).
 
-The decisions (which chunks live) are made by `tfcompress.pruning` (ChunkPruningCallback), outside the training
+The decisions (which chunks live) are made by `tfcompress.chunk_pruning` (ChunkPruningCallback), outside the training
 step; the layer only reads through the address table and records utilities from its output gradient.
 """
 
@@ -20,10 +20,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfcompress import hashing
+from tfcompress import robe_hash
 from tfcompress._keras import USING_LEGACY_KERAS, fresh_initializer, keras, register_serializable
-from tfcompress.layers import _common
-from tfcompress.ops import gather_with_gradient, resolve_gradient_mode, resource_variable
+from tfcompress.layers import base
+from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode, resource_variable
 
 UTILITY_KINDS = ("gradient", "frequency")
 # Utilities are stored multiplied by gamma^-(steps since the last rescale); past this factor the whole array is
@@ -53,7 +53,7 @@ def _replica_local_weight(layer, name, shape, initializer):
 
 
 @register_serializable()
-class ChunkPrunedEmbedding(_common.IdEmbeddingLayer):
+class ChunkPrunedEmbedding(base.IdEmbeddingLayer):
     """F tables of rows split into K chunks of d/K; pruned chunks read as zeros and own no storage.
 
     Live chunks sit in a pool of `capacity` chunks (the budget); which chunks are live is decided every T training
@@ -76,7 +76,7 @@ class ChunkPrunedEmbedding(_common.IdEmbeddingLayer):
         utility: "gradient" (u <- decay*u + a*||g||_2, a = accesses of the row in the step, g the chunk's output
             gradient summed over those accesses) or "frequency" (u <- decay*u + a).
         decay: gamma in (0, 1], the utility's per-step decay.
-        gradient: gradient of the pool, "sparse", "dense" or "auto" (see `tfcompress.ops`).
+        gradient: gradient of the pool, "sparse", "dense" or "auto" (see `tfcompress.lookup`).
         out_of_range: "error" or "mod" (see `RobeEmbedding`); ignored with `hash_ids`.
         hash_ids: ids are raw and unbounded (any int64): id x of feature f reads entry `hash_entry(x, n_f)` of an
             entry table of n_f = cardinalities[f] entries (a universal hash; colliding ids share an entry and its
@@ -106,7 +106,7 @@ class ChunkPrunedEmbedding(_common.IdEmbeddingLayer):
         self.decay = float(decay)
         self._gradient_mode = resolve_gradient_mode(gradient, self.capacity * self.chunk_width)
         self.hash_ids = bool(hash_ids)
-        self._offsets = hashing.table_offsets(self.cardinalities)
+        self._offsets = robe_hash.table_offsets(self.cardinalities)
 
     def _capacity_from_budget(self, budget):
         total_chunks = self.num_rows * self.num_chunks
@@ -253,7 +253,7 @@ class ChunkPrunedEmbedding(_common.IdEmbeddingLayer):
         return config
 
 
-def hash_entry_tf(ids, cardinalities, seed=hashing.DEFAULT_SEED):
+def hash_entry_tf(ids, cardinalities, seed=robe_hash.DEFAULT_SEED):
     """Entry of raw int64 ids [B, F] in tables of `cardinalities` entries: int64 in [0, n_f), stock ops only.
 
     The 64-bit id is split into its high (floor x / 2^32) and low (x mod 2^32) words and hashed as a polynomial
@@ -261,8 +261,8 @@ def hash_entry_tf(ids, cardinalities, seed=hashing.DEFAULT_SEED):
     h = (((hi mod P) * R3 mod P + lo mod P) * R2 + R1) mod P, then h mod n_f. Every intermediate stays below
     2P * P + P < 2^63, so int64 arithmetic is exact (no wrap-around; the same in NumPy and ONNX).
     """
-    prime = hashing.P
-    r1, r2, r3 = (int(c) for c in hashing.hash_constants(seed)[:3])
+    prime = robe_hash.P
+    r1, r2, r3 = (int(c) for c in robe_hash.hash_constants(seed)[:3])
     ids = tf.cast(ids, tf.int64)
     word = tf.constant(2**32, tf.int64)
     high = tf.math.floormod(tf.math.floordiv(ids, word), prime)  # floor division: the arithmetic shift by 32
@@ -271,10 +271,10 @@ def hash_entry_tf(ids, cardinalities, seed=hashing.DEFAULT_SEED):
     return tf.math.floormod(h, tf.constant(np.asarray(cardinalities, np.int64)))
 
 
-def hash_entry(ids, cardinalities, seed=hashing.DEFAULT_SEED):
+def hash_entry(ids, cardinalities, seed=robe_hash.DEFAULT_SEED):
     """NumPy reference of `hash_entry_tf` with Python integers (arbitrary precision)."""
-    prime = hashing.P
-    r1, r2, r3 = (int(c) for c in hashing.hash_constants(seed)[:3])
+    prime = robe_hash.P
+    r1, r2, r3 = (int(c) for c in robe_hash.hash_constants(seed)[:3])
     ids = np.asarray(ids, np.int64)
     out = np.empty(ids.shape, np.int64)
     for index, x in np.ndenumerate(ids):

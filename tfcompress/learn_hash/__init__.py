@@ -11,8 +11,8 @@ Stages, one module each:
 The layer that uses the mappings is `tfcompress.layers.LearnedHashEmbedding`.
 """
 
-from tfcompress.learned_hash.cluster import ClusterResult, cluster_1d
-from tfcompress.learned_hash.mapping import (
+from tfcompress.learn_hash.cluster import ClusterResult, cluster_1d
+from tfcompress.learn_hash.mapping import (
     TableMapping,
     build_table_mapping,
     load_mappings,

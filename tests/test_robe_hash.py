@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcompress import hashing
+from tfcompress import robe_hash
 
 P = 2038074743
 R1, R2, R3 = 634329019, 1825252241, 871205356  # the constants DESIGN.md lists for seed 1024
@@ -18,8 +18,8 @@ def contract_index(x, table, cardinalities, i, chunk_size, memory_size, r=(R1, R
 
 
 def test_constants_are_the_documented_draw():
-    assert list(hashing.hash_constants(1024)[:3]) == [R1, R2, R3]
-    other = hashing.hash_constants(7)
+    assert list(robe_hash.hash_constants(1024)[:3]) == [R1, R2, R3]
+    other = robe_hash.hash_constants(7)
     assert list(other) == list(np.random.RandomState(7).randint(0, P, 50))
     assert list(other[:3]) != [R1, R2, R3]
 
@@ -29,7 +29,7 @@ def test_hand_worked_examples():
     #   x=0 of table 0, element 0: a=0, c=0 -> R1 mod 97 = 634329019 mod 97 = 41
     #   element 5: c=1, o=1 -> ((R2 + R1) mod P) mod 97 + 1 = (421506517 mod 97) + 1 = 1 + 1 = 2
     #   x=0 of table 1 (10 rows before it): a=10 -> ((10 R3 + R1) mod P) mod 97 = 27
-    idx = hashing.robe_indices([[0, 0]], [10, 20], output_dim=8, chunk_size=4, memory_size=100)
+    idx = robe_hash.robe_indices([[0, 0]], [10, 20], output_dim=8, chunk_size=4, memory_size=100)
     assert idx[0, 0, 0] == 41
     assert list(idx[0, 0, 4:]) == [2 - 1, 2, 3, 4]
     assert idx[0, 1, 0] == 27
@@ -41,7 +41,7 @@ def test_matches_exact_integer_formula(chunk_size):
     cards = [5, 1000, 3, 70000]
     ids = np.stack([rng.integers(0, n, 40) for n in cards], axis=1)
     memory_size = 997
-    got = hashing.robe_indices(ids, cards, output_dim=8, chunk_size=chunk_size, memory_size=memory_size)
+    got = robe_hash.robe_indices(ids, cards, output_dim=8, chunk_size=chunk_size, memory_size=memory_size)
     for b in range(ids.shape[0]):
         for t in range(len(cards)):
             for i in range(8):
@@ -51,7 +51,7 @@ def test_matches_exact_integer_formula(chunk_size):
 def test_chunks_are_contiguous_and_never_wrap():
     cards = [100000]
     ids = np.arange(100000)[:, None]
-    idx = hashing.robe_indices(ids, cards, output_dim=8, chunk_size=4, memory_size=50)
+    idx = robe_hash.robe_indices(ids, cards, output_dim=8, chunk_size=4, memory_size=50)
     assert idx.min() >= 0 and idx.max() <= 49
     np.testing.assert_array_equal(np.diff(idx[:, :, :4], axis=-1), 1)
     np.testing.assert_array_equal(np.diff(idx[:, :, 4:], axis=-1), 1)
@@ -61,7 +61,7 @@ def test_large_ids_stay_exact():
     # a close to 2^32: a*R3 alone is about 2^62.9, so naive int64 arithmetic would overflow with c*R2 added.
     cards = [2**32 - 10]
     ids = np.array([[2**32 - 11], [123456789]])
-    got = hashing.robe_indices(ids, cards, output_dim=16, chunk_size=2, memory_size=10**6)
+    got = robe_hash.robe_indices(ids, cards, output_dim=16, chunk_size=2, memory_size=10**6)
     for b in range(2):
         for i in range(16):
             assert got[b, 0, i] == contract_index(int(ids[b, 0]), 0, cards, i, 2, 10**6)
@@ -72,33 +72,33 @@ def test_tf_twin_is_bit_identical():
     cards = [17, 40000, 9, 2**31]
     ids = np.stack([rng.integers(0, n, 64) for n in cards], axis=1)
     for chunk_size, dim, seed in [(1, 5, 1024), (4, 16, 1024), (3, 16, 99), (16, 16, 5)]:
-        want = hashing.robe_indices(ids, cards, dim, chunk_size, 4099, seed)
-        a = tf.constant(ids + hashing.table_offsets(cards)[None, :])
-        got = hashing.robe_indices_tf(a, dim, chunk_size, 4099, seed).numpy()
+        want = robe_hash.robe_indices(ids, cards, dim, chunk_size, 4099, seed)
+        a = tf.constant(ids + robe_hash.table_offsets(cards)[None, :])
+        got = robe_hash.robe_indices_tf(a, dim, chunk_size, 4099, seed).numpy()
         np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(hashing.robe_signs_tf(a, dim, seed).numpy(),
-                                      hashing.robe_signs(ids, cards, dim, seed))
+        np.testing.assert_array_equal(robe_hash.robe_signs_tf(a, dim, seed).numpy(),
+                                      robe_hash.robe_signs(ids, cards, dim, seed))
 
 
 def test_signs_are_an_independent_balanced_hash():
     cards = [200000]
     ids = np.arange(200000)[:, None]
-    signs = hashing.robe_signs(ids, cards, output_dim=4)
+    signs = robe_hash.robe_signs(ids, cards, output_dim=4)
     assert set(np.unique(signs)) == {-1.0, 1.0}
     assert abs(signs.mean()) < 0.01
     # Independent of the location hash: the sign does not follow the parity of the position.
-    idx = hashing.robe_indices(ids, cards, 4, 4, 1000)
+    idx = robe_hash.robe_indices(ids, cards, 4, 4, 1000)
     agreement = np.mean((idx % 2 == 0) == (signs > 0))
     assert 0.48 < agreement < 0.52
 
 
 def test_reference_rejects_out_of_range_ids_and_bad_arguments():
     with pytest.raises(ValueError, match="feature 1"):
-        hashing.robe_indices([[0, 20]], [10, 20], 4, 2, 100)
+        robe_hash.robe_indices([[0, 20]], [10, 20], 4, 2, 100)
     with pytest.raises(ValueError, match="chunk_size"):
-        hashing.robe_indices([[0, 0]], [10, 20], 4, 5, 100)
+        robe_hash.robe_indices([[0, 0]], [10, 20], 4, 5, 100)
     with pytest.raises(ValueError, match="memory_size"):
-        hashing.robe_indices([[0, 0]], [10, 20], 4, 4, 3)
+        robe_hash.robe_indices([[0, 0]], [10, 20], 4, 4, 3)
 
 
 def _adversarial_offset_ids(r3):
@@ -128,34 +128,34 @@ def test_tf_twin_equals_reference_bit_for_bit_on_adversarial_ids(output_dim, chu
     element = np.arange(output_dim)
     want = [[((x * R3 + (i // chunk_size) * R2 + R1) % P) % (memory_size - chunk_size + 1) + i % chunk_size
              for i in range(output_dim)] for x in a.tolist()]
-    numpy_reference = hashing.robe_chunk_hash(a[:, None], element // chunk_size, memory_size, chunk_size) \
+    numpy_reference = robe_hash.robe_chunk_hash(a[:, None], element // chunk_size, memory_size, chunk_size) \
         + element % chunk_size
     np.testing.assert_array_equal(numpy_reference, want)
     for dtype in (None, tf.int32, tf.int64):
-        got = hashing.robe_indices_tf(tf.constant(a), output_dim, chunk_size, memory_size, dtype=dtype)
+        got = robe_hash.robe_indices_tf(tf.constant(a), output_dim, chunk_size, memory_size, dtype=dtype)
         assert got.dtype == (dtype or tf.int64)
         np.testing.assert_array_equal(got.numpy(), want)
     # The serving shortcut: ids known to lie in [0, bound) with bound <= P skip the first reduction.
     in_range = (a >= 0) & (a < P)
-    got = hashing.robe_indices_tf(tf.constant(a[in_range]), output_dim, chunk_size, memory_size, id_bound=P)
+    got = robe_hash.robe_indices_tf(tf.constant(a[in_range]), output_dim, chunk_size, memory_size, id_bound=P)
     np.testing.assert_array_equal(got.numpy(), np.array(want)[in_range])
     # A larger bound must not skip it: a * R3 overflows int64 once a > 2^63 / R3 (about 2^33.3).
     below = (a >= 0) & (a < 2**40)
-    got = hashing.robe_indices_tf(tf.constant(a[below]), output_dim, chunk_size, memory_size, id_bound=2**40)
+    got = robe_hash.robe_indices_tf(tf.constant(a[below]), output_dim, chunk_size, memory_size, id_bound=2**40)
     np.testing.assert_array_equal(got.numpy(), np.array(want)[below])
 
 
 def test_tf_signs_equal_reference_on_adversarial_ids():
-    s1, s2, s3 = (int(v) for v in hashing.hash_constants()[3:6])
+    s1, s2, s3 = (int(v) for v in robe_hash.hash_constants()[3:6])
     a = np.array(_adversarial_offset_ids(s3) + [-1, -(2**63)], dtype=np.int64)
     want = [[1.0 if ((x * s3 + i * s2 + s1) % P) % 2 == 0 else -1.0 for i in range(9)] for x in a.tolist()]
-    np.testing.assert_array_equal(hashing.robe_signs_tf(tf.constant(a), 9).numpy(), want)
+    np.testing.assert_array_equal(robe_hash.robe_signs_tf(tf.constant(a), 9).numpy(), want)
     in_range = (a >= 0) & (a < P)
-    np.testing.assert_array_equal(hashing.robe_signs_tf(tf.constant(a[in_range]), 9, id_bound=P).numpy(),
+    np.testing.assert_array_equal(robe_hash.robe_signs_tf(tf.constant(a[in_range]), 9, id_bound=P).numpy(),
                                   np.array(want)[in_range])
 
 
 def test_int32_positions_are_refused_when_they_cannot_hold_the_largest_position():
-    assert hashing.max_position(2**40, 3) == P - 1 + 2
+    assert robe_hash.max_position(2**40, 3) == P - 1 + 2
     with pytest.raises(ValueError, match="int32 positions"):
-        hashing.robe_indices_tf(tf.constant([0], tf.int64), 2**28, 2**28, 2**40, dtype=tf.int32)
+        robe_hash.robe_indices_tf(tf.constant([0], tf.int64), 2**28, 2**28, 2**40, dtype=tf.int32)

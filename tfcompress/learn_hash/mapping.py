@@ -40,7 +40,7 @@ import os
 
 import numpy as np
 
-from tfcompress.learned_hash.cluster import cluster_1d
+from tfcompress.learn_hash.cluster import cluster_1d
 
 COMBINERS = ("sum", "concat")
 MAPPING_FORMAT_VERSION = 1

@@ -61,7 +61,7 @@ def load_counts_file(path, schema):
 
 def count_ids_in_files(files, schema, batch_size=65536):
     """Accesses per id of every table over one pass of TFRecord shards: a list of int64 [n_t] arrays."""
-    from tfcompress.data.read import read
+    from tfcompress.data import read
 
     counts = [np.zeros(n, dtype=np.int64) for n in schema.cardinalities]
     dataset = read(files, batch_size, schema=schema, shuffle=False, repeat=False)
@@ -108,7 +108,7 @@ def train_teacher(pipeline, data, teacher_dim=2, epochs=1, steps=None, verbose=1
         list of float32 [n_t, teacher_dim] arrays, one per table.
     """
     from tfcompress._keras import keras
-    from tfcompress.data.read import read
+    from tfcompress.data import read
     from tfcompress.layers import FullEmbedding
     from tfcompress.train import build_model, make_optimizer
 

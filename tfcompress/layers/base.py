@@ -113,7 +113,7 @@ class IdEmbeddingLayer(IdLayer):
     Args:
         cardinalities, output_dim, out_of_range: as in `IdLayer`.
         gradient: gradient mode of the tables ("sparse", "dense" or "auto"); each subclass resolves it against
-            its own table sizes (`tfcompress.ops.resolve_gradient_mode`).
+            its own table sizes (`tfcompress.lookup.resolve_gradient_mode`).
         embeddings_initializer: anything `keras.initializers.get` accepts.
         **kwargs: passed to `keras.layers.Layer` (name, dtype, trainable, ...).
     """
