@@ -27,7 +27,7 @@ from tfcompress.layers import (FullEmbedding, HashingTrickEmbedding, MLETEmbeddi
                                QuantizedEmbedding, RobeEmbedding)
 from tfcompress.models import build_dcn, build_dlrm
 from tfcompress.plan import make_plan
-from tfcompress.quantize import quantize_model
+from tfcompress.model_rewrite import quantize_model
 from tfcompress.verify import STANDALONE_SCRIPT, verify
 
 MIXED_CARDS = [100, 20, 7, 300, 50, 1000, 33, 12]

@@ -106,7 +106,7 @@ def run_case(name, out_dir, init_dir):
     import tensorflow as tf
 
     from tfcompress._keras import keras
-    from tfcompress.folding import fold_layer
+    from tfcompress.model_rewrite import fold_layer
 
     ids, upstream = case_inputs()
     layer = build_case(name)
@@ -140,7 +140,7 @@ def run_case(name, out_dir, init_dir):
 def run_fold_model(out_dir, init_dir):
     """`fold` rewrites a whole functional model through its config (the stacks' config formats differ)."""
     from tfcompress._keras import keras
-    from tfcompress.folding import fold
+    from tfcompress.model_rewrite import fold
     from tfcompress.layers import MLETEmbedding
 
     ids, _ = case_inputs()

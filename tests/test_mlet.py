@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfcompress._keras import keras
-from tfcompress.folding import fold, fold_layer, folded_tables
+from tfcompress.model_rewrite import fold, fold_layer, folded_tables
 from tfcompress.layers import (FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding,
                                QuantizedEmbedding, RobeEmbedding)
 from tfcompress.plan import CompressionPlan, make_plan

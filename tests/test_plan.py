@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tfcompress.plan import CompressionPlan, make_plan, parse_bytes
+from tfcompress.plan import CompressionPlan, make_plan
+from tfcompress.sizes import parse_bytes
 
 KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306,
           10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]

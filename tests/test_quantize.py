@@ -6,8 +6,9 @@ import pytest
 from tfcompress._keras import keras
 from tfcompress.layers import (FullEmbedding, HashingTrickEmbedding, PlannedEmbedding, QuantizedEmbedding,
                                RobeEmbedding)
-from tfcompress.quantize import (deployment_sizes, format_deployment_sizes, quantize_int8, quantize_layer,
-                                 quantize_model)
+from tfcompress.model_rewrite import quantize_layer, quantize_model
+from tfcompress.quantize import quantize_int8
+from tfcompress.sizes import deployment_sizes, format_deployment_sizes
 
 
 def l2_error(table, values, scale):

@@ -5,7 +5,7 @@ Import the pieces you need::
     from tfcompress.layers import RobeEmbedding
     from tfcompress.plan import make_plan
     import tfcompress
-    folded = tfcompress.fold(model)          # MLET tables -> one table each (tfcompress.folding)
+    folded = tfcompress.fold(model)          # MLET tables -> one table each (tfcompress.model_rewrite)
 
 Top-level names are loaded on first use, so `import tfcompress` itself does not import TensorFlow (the serving
 verifier and the CLI's --help stay fast).
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # name -> (module, attribute): resolved lazily by __getattr__ below.
 _LAZY = {
-    "fold": ("tfcompress.folding", "fold"),
+    "fold": ("tfcompress.model_rewrite", "fold"),
     "make_plan": ("tfcompress.plan", "make_plan"),
     "export_saved_model": ("tfcompress.export", "export_saved_model"),
     "ChunkPruningCallback": ("tfcompress.chunk_pruning", "ChunkPruningCallback"),

@@ -265,7 +265,7 @@ def _run_data(args):
     import json
 
     from tfcompress.data import convert as data_convert
-    from tfcompress.plan import parse_bytes
+    from tfcompress.sizes import parse_bytes
 
     options = {}
     if args.hash_buckets is not None:

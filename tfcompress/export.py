@@ -165,7 +165,7 @@ def fold_for_serving(model):
     from tfcompress.layers import MLETEmbedding
 
     if any(isinstance(layer, MLETEmbedding) for layer in nested_layers(model)):
-        from tfcompress.folding import fold
+        from tfcompress.model_rewrite import fold
 
         return fold(model)
     return model

@@ -12,35 +12,12 @@ New methods register a planner with `register_method`.
 
 import dataclasses
 import math
-import re
 import warnings
 
-BYTES_PER_PARAMETER = 4  # float32
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(budget):
-    """'100MB' -> 100_000_000, '64MiB' -> 67_108_864, 1500 -> 1500. Decimal units are powers of 10."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        value = float(budget)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"budget must look like '100MB', '64MiB' or a number of bytes, got {budget!r}")
-        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"budget must be > 0 bytes, got {budget!r}")
-    return int(value)
-
-
-def format_bytes(n):
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
+from tfcompress.layers import (ChunkPrunedEmbedding, FullEmbedding, HashingTrickEmbedding, LearnedHashEmbedding,
+                               MLETEmbedding, PlannedEmbedding, QREmbedding, RobeEmbedding)
+from tfcompress.layers.base import check_cardinalities
+from tfcompress.sizes import BYTES_PER_PARAMETER, format_bytes, parse_bytes
 
 @dataclasses.dataclass
 class MemberPlan:
@@ -61,83 +38,87 @@ class MemberPlan:
         return self.physical_parameters if self.folded_parameters is None else self.folded_parameters
 
 
-# A planner maps (cardinalities of its features, output_dim, compression for them, options) to
-# (layer class name, constructor kwargs, shared?). `compression` is None for uncompressed methods.
-_PLANNERS = {}
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A compression method as plans use it: its layer class, and the layer arguments for a compression.
+
+    `options(cardinalities, output_dim, compression, options)` returns the layer's keyword arguments (besides
+    cardinalities and output_dim) that reach `compression` = logical / physical for these tables; `compression`
+    is None for uncompressed methods. `shared`: the features share one array (ROBE), so no per-feature size exists.
+    """
+
+    layer_class: type
+    options: object
+    shared: bool = False
 
 
-def register_method(name, planner):
-    """Make `make_plan(..., method=name)` available."""
-    _PLANNERS[name] = planner
+_METHODS = {}
 
 
-def _layer_class(class_name):
-    from tfcompress import layers
-
-    return getattr(layers, class_name)
-
-
-def _plan_full(cardinalities, output_dim, compression, options):
-    return "FullEmbedding", dict(options), False
+def register_method(name, layer_class, options, shared=False):
+    """Make `make_plan(..., method=name)` available: `layer_class` sized by `layer_class.parameter_counts`."""
+    _METHODS[name] = Method(layer_class, options, shared)
 
 
-def _plan_robe(cardinalities, output_dim, compression, options):
-    memory_size = math.floor(sum(cardinalities) * output_dim / compression)
-    return "RobeEmbedding", dict(options, memory_size=memory_size), True
+def _robe_options(cardinalities, output_dim, compression, options):
+    return dict(options, memory_size=math.floor(sum(cardinalities) * output_dim / compression))
 
 
-def _plan_hashing(cardinalities, output_dim, compression, options):
-    return "HashingTrickEmbedding", dict(options, compression=compression), False
-
-
-def _plan_qr(cardinalities, output_dim, compression, options):
-    return "QREmbedding", dict(options, compression=compression), False
-
-
-def _plan_mlet(cardinalities, output_dim, compression, options):
+def _mlet_options(cardinalities, output_dim, compression, options):
     # The ratio or budget is met by the DEPLOYED (folded) size: hash the tables to n / compression rows; the
     # k-wide training tables are temporary. compression 1 (ratio 1) means no hashing.
-    hashing = {} if compression is None or compression <= 1.0 else {"compression": compression}
-    return "MLETEmbedding", dict(options, **hashing), False
+    hashed = {} if compression is None or compression <= 1.0 else {"compression": compression}
+    return dict(options, **hashed)
 
 
-def _plan_pruned(cardinalities, output_dim, compression, options):
+def _pruned_options(cardinalities, output_dim, compression, options):
     # The budget is the chunk pool (the live chunks); address table and utilities are bookkeeping on top.
-    return "ChunkPrunedEmbedding", dict(options, budget=1.0 / compression), False
+    return dict(options, budget=1.0 / compression)
 
 
-def _plan_learned_hash(cardinalities, output_dim, compression, options):
+def _learned_hash_options(cardinalities, output_dim, compression, options):
     # Sizes come from the mappings (`tfcompress learn-hash` writes them and a ratio that matches), not from
     # `compression`: the clustering already decided how many rows each table gets.
     if "mappings" not in options:
         raise ValueError("method 'learned_hash' needs the option mappings = \"<file>.npz\" (made by "
                          "`tfcompress learn-hash`)")
-    return "LearnedHashEmbedding", dict(options), False
+    return dict(options)
 
 
-register_method("full", _plan_full)
-register_method("robe", _plan_robe)
-register_method("hashing", _plan_hashing)
-register_method("qr", _plan_qr)
-register_method("mlet", _plan_mlet)
-register_method("pruned", _plan_pruned)
-register_method("learned_hash", _plan_learned_hash)
+def _as_given(cardinalities, output_dim, compression, options):
+    return dict(options)
+
+
+def _with_compression(cardinalities, output_dim, compression, options):
+    return dict(options, compression=compression)
+
+
+register_method("full", FullEmbedding, _as_given)
+register_method("robe", RobeEmbedding, _robe_options, shared=True)
+register_method("hashing", HashingTrickEmbedding, _with_compression)
+register_method("qr", QREmbedding, _with_compression)
+register_method("mlet", MLETEmbedding, _mlet_options)
+register_method("pruned", ChunkPrunedEmbedding, _pruned_options)
+register_method("learned_hash", LearnedHashEmbedding, _learned_hash_options)
 
 
 def methods():
-    return sorted(_PLANNERS)
+    return sorted(_METHODS)
 
 
 def _member(method, features, cardinalities, output_dim, compression, options):
     cards = [cardinalities[f] for f in features]
-    class_name, kwargs, shared = _PLANNERS[method](cards, output_dim, compression, options)
-    kwargs = dict(kwargs, cardinalities=cards, output_dim=output_dim)
+    spec = _METHODS[method]
+    kwargs = spec.options(cards, output_dim, compression, options)
     try:
-        layer = _layer_class(class_name)(**kwargs)  # validates every option now, not at training time
-    except TypeError as error:  # Keras 3 raises ValueError for unknown keywords, tf_keras TypeError
+        trained, deployed = spec.layer_class.parameter_counts(cards, output_dim, **kwargs)
+    except TypeError as error:  # e.g. a required option left out
         raise ValueError(f"method {method!r}: bad option ({error})") from None
-    return MemberPlan(method, class_name, list(features), kwargs, layer.logical_parameters,
-                      layer.physical_parameters, shared, getattr(layer, "folded_parameters", None))
+    except ValueError as error:
+        raise ValueError(f"method {method!r}: {error}") from None
+    kwargs = dict(kwargs, cardinalities=cards, output_dim=output_dim)
+    return MemberPlan(method, spec.layer_class.__name__, list(features), kwargs, sum(cards) * output_dim, trained,
+                      spec.shared, deployed)
 
 
 @dataclasses.dataclass
@@ -185,10 +166,8 @@ class CompressionPlan:
 
     def build_layer(self, name="embedding"):
         """The Keras layer that implements the plan: ids [B, F] -> [B, F, output_dim]."""
-        from tfcompress.layers import PlannedEmbedding
-
         groups = [
-            {"features": m.features, "layer": _layer_class(m.class_name)(name=f"{name}_{m.method}_{i}", **m.kwargs)}
+            {"features": m.features, "layer": _METHODS[m.method].layer_class(name=f"{name}_{m.method}_{i}", **m.kwargs)}
             for i, m in enumerate(self.members)
         ]
         out_of_range = self.members[-1].kwargs.get("out_of_range", "error")
@@ -254,10 +233,8 @@ def make_plan(cardinalities, output_dim, method, ratio=None, budget=None, uncomp
         ValueError: unknown method, ratio < 1, both or neither of ratio/budget for a compressing method, a budget
             that the uncompressed small tables already exceed, or a bad layer option.
     """
-    from tfcompress.layers.base import check_cardinalities
-
     cardinalities = check_cardinalities(cardinalities)
-    if method not in _PLANNERS:
+    if method not in _METHODS:
         raise ValueError(f"method must be one of {methods()}, got {method!r}")
     if uncompressed_below < 0:
         raise ValueError(f"uncompressed_below must be >= 0, got {uncompressed_below}")

@@ -18,7 +18,8 @@ import warnings
 
 from tfcompress._files import write_json_atomically
 from tfcompress._keras import keras
-from tfcompress.plan import format_bytes, make_plan
+from tfcompress.plan import make_plan
+from tfcompress.sizes import format_bytes
 
 # Keras' streaming AUC only approximates the ROC curve by bucketing scores; enough thresholds make the per-epoch
 # numbers close to the exact AUC that the final report computes with NumPy.

@@ -116,7 +116,7 @@ def tune(pipeline, max_trials, budget=None, output_dir=None, methods=None, seed=
 
     from tfcompress.pipeline import pipeline_from_dict, pipeline_toml, raw_pipeline
     from tfcompress.plan import methods as known_methods
-    from tfcompress.plan import parse_bytes
+    from tfcompress.sizes import parse_bytes
     from tfcompress.train import prepare_data, train
 
     if int(max_trials) != max_trials or max_trials < 1:

@@ -1,9 +1,12 @@
-"""Argument checks and id handling shared by every embedding layer (same calling convention everywhere)."""
+"""Base classes of the embedding layers: argument checks, id handling and sizing shared by every method."""
+
+import inspect
 
 import numpy as np
 import tensorflow as tf
 
 from tfcompress._keras import keras
+from tfcompress.lookup import GRADIENT_MODES
 
 OUT_OF_RANGE_RULES = ("error", "mod")
 
@@ -55,6 +58,16 @@ def prepare_ids(ids, cardinalities, out_of_range):
         return tf.identity(ids)
 
 
+def check_option_names(layer_class, options):
+    """Raise ValueError naming any key of `options` that `layer_class`'s constructor does not take by name."""
+    parameters = inspect.signature(layer_class.__init__).parameters
+    known = {name for name, p in parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "cardinalities", "output_dim"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{layer_class.__name__} has no option {unknown[0]!r}; its options are {sorted(known)}")
+
+
 def check_id_shape(input_shape, num_features, layer_name):
     if input_shape[-1] is not None and input_shape[-1] != num_features:
         raise ValueError(
@@ -83,6 +96,31 @@ class IdLayer(keras.layers.Layer):
         self.cardinalities = check_cardinalities(cardinalities)
         self.output_dim = check_positive_int("output_dim", output_dim)
         self.out_of_range = check_out_of_range(out_of_range)
+
+    @classmethod
+    def parameter_counts(cls, cardinalities, output_dim, **options):
+        """(trained, deployed) float parameters of `cls(cardinalities, output_dim, **options)`, without making it.
+
+        Plans size every method through this (a layer is only made when the model is built). The deployed count
+        differs from the trained one where export rewrites the layer (MLET folds to n*d per table); it is None
+        otherwise. Option names are checked against the constructor's, and the options that decide the size by
+        the same functions the constructor uses.
+
+        Raises:
+            ValueError: an unknown option, or a value the constructor would refuse.
+        """
+        check_option_names(cls, options)
+        if "out_of_range" in options:
+            check_out_of_range(options["out_of_range"])
+        if options.get("gradient", "auto") not in GRADIENT_MODES:
+            raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {options['gradient']!r}")
+        return cls._parameter_counts(check_cardinalities(cardinalities), check_positive_int("output_dim", output_dim),
+                                     **options)
+
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, **options):
+        """Each planned method computes (trained, deployed or None) from its checked arguments."""
+        raise TypeError(f"{cls.__name__} is not a planned method (it has no sizing from arguments)")
 
     @property
     def logical_parameters(self):

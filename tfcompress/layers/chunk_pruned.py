@@ -24,6 +24,7 @@ from tfcompress import robe_hash
 from tfcompress._keras import USING_LEGACY_KERAS, fresh_initializer, keras, register_serializable
 from tfcompress.layers import base
 from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode, resource_variable
+from tfcompress.sizes import BYTES_PER_FLOAT, parse_bytes
 
 UTILITY_KINDS = ("gradient", "frequency")
 # Utilities are stored multiplied by gamma^-(steps since the last rescale); past this factor the whole array is
@@ -50,6 +51,30 @@ def _replica_local_weight(layer, name, shape, initializer):
                                   aggregation="only_first_replica", synchronization="on_read", name=name)
     layer._track_variable(variable)  # what add_weight does (its signature has no `synchronization`)
     return variable
+
+
+def pool_shape(num_rows, output_dim, num_chunks, budget):
+    """(K, chunk width d/K, pool capacity in chunks) for `num_rows` rows of width `output_dim`, checked.
+
+    `budget` is a fraction in (0, 1] of all R*K chunks, or a byte size ("64MB", a count > 1) of the float32 pool.
+    """
+    if int(num_chunks) != num_chunks or not 1 <= num_chunks <= output_dim or output_dim % num_chunks:
+        raise ValueError(f"num_chunks must be a divisor of output_dim={output_dim} in [1, {output_dim}], "
+                         f"got {num_chunks!r}")
+    num_chunks = int(num_chunks)
+    chunk_width = output_dim // num_chunks
+    total_chunks = num_rows * num_chunks
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 < budget <= 1:
+        capacity = math.floor(budget * total_chunks)
+    else:
+        try:
+            capacity = parse_bytes(budget) // (BYTES_PER_FLOAT * chunk_width)
+        except ValueError:
+            raise ValueError(f"budget must be a fraction in (0, 1] of the full table's chunks or a byte size "
+                             f"such as '64MB', got {budget!r}") from None
+    if capacity < 1:
+        raise ValueError(f"budget {budget!r} leaves no room for one chunk of {chunk_width} floats")
+    return num_chunks, chunk_width, min(capacity, total_chunks)
 
 
 @register_serializable()
@@ -90,14 +115,10 @@ class ChunkPrunedEmbedding(base.IdEmbeddingLayer):
                  gradient="auto", out_of_range="error", embeddings_initializer="uniform", hash_ids=False, **kwargs):
         super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
                          embeddings_initializer=embeddings_initializer, **kwargs)
-        if int(num_chunks) != num_chunks or not 1 <= num_chunks <= self.output_dim or self.output_dim % num_chunks:
-            raise ValueError(f"num_chunks must be a divisor of output_dim={self.output_dim} in "
-                             f"[1, {self.output_dim}], got {num_chunks!r}")
-        self.num_chunks = int(num_chunks)
-        self.chunk_width = self.output_dim // self.num_chunks
         self.num_rows = sum(self.cardinalities)
+        self.num_chunks, self.chunk_width, self.capacity = pool_shape(self.num_rows, self.output_dim, num_chunks,
+                                                                      budget)
         self.budget = budget
-        self.capacity = self._capacity_from_budget(budget)
         if utility not in UTILITY_KINDS:
             raise ValueError(f"utility must be one of {UTILITY_KINDS}, got {utility!r}")
         self.utility = utility
@@ -108,26 +129,15 @@ class ChunkPrunedEmbedding(base.IdEmbeddingLayer):
         self.hash_ids = bool(hash_ids)
         self._offsets = robe_hash.table_offsets(self.cardinalities)
 
-    def _capacity_from_budget(self, budget):
-        total_chunks = self.num_rows * self.num_chunks
-        if isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 < budget <= 1:
-            capacity = math.floor(budget * total_chunks)
-        else:
-            from tfcompress.plan import parse_bytes  # a byte budget: "64MB", "1GiB" or a count > 1
-
-            try:
-                capacity = parse_bytes(budget) // (4 * self.chunk_width)
-            except ValueError:
-                raise ValueError(f"budget must be a fraction in (0, 1] of the full table's chunks or a byte size "
-                                 f"such as '64MB', got {budget!r}") from None
-        if capacity < 1:
-            raise ValueError(f"budget {budget!r} leaves no room for one chunk of {self.chunk_width} floats")
-        return min(capacity, total_chunks)
-
     @property
     def physical_parameters(self):
         """Floats of the chunk pool (the budget); the int metadata is `metadata_bytes`."""
         return self.capacity * self.chunk_width
+
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, num_chunks=1, budget=0.1, **options):
+        _, chunk_width, capacity = pool_shape(sum(cardinalities), output_dim, num_chunks, budget)
+        return capacity * chunk_width, None
 
     @property
     def metadata_bytes(self):

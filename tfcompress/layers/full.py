@@ -37,6 +37,10 @@ class FullEmbedding(base.IdEmbeddingLayer):
     def physical_parameters(self):
         return self.logical_parameters
 
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, **options):
+        return sum(cardinalities) * output_dim, None
+
     def build(self, input_shape):
         self.check_id_shape(input_shape)
         self.tables = [

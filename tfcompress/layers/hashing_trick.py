@@ -60,6 +60,10 @@ class HashingTrickEmbedding(base.IdEmbeddingLayer):
     def physical_parameters(self):
         return sum(self.num_buckets) * self.output_dim
 
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, num_buckets=None, compression=None, **options):
+        return sum(buckets_for(cardinalities, num_buckets, compression)) * output_dim, None
+
     def build(self, input_shape):
         self.check_id_shape(input_shape)
         self.tables = [

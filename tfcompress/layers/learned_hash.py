@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, register_serializable
 from tfcompress.layers import base
+from tfcompress.learn_hash.mapping import TableMapping, load_mappings, smallest_row_dtype
 from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode, resource_variable
 
 COMBINERS = ("sum", "concat")
@@ -17,8 +18,6 @@ def _split_width(output_dim, parts):
 
 def _as_row_arrays(mappings):
     """Normalize `mappings` to (list per feature of [K, n] integer arrays, list of num_rows, combiner or None)."""
-    from tfcompress.learn_hash.mapping import TableMapping, load_mappings
-
     if isinstance(mappings, (str, bytes)) or hasattr(mappings, "__fspath__"):
         mappings = load_mappings(mappings)
     if len(mappings) == 0:
@@ -42,6 +41,48 @@ def _as_row_arrays(mappings):
     if len(combiners) > 1:
         raise ValueError(f"all mappings of one layer must share a combiner, got {sorted(combiners)}")
     return arrays, num_rows, (combiners.pop() if combiners else None)
+
+
+def resolve_tables(output_dim, mappings=None, cardinalities=None, num_rows=None, combiner=None):
+    """The tables a layer with these arguments holds, checked against each other.
+
+    Returns:
+        (initial rows per feature or None, cardinalities, num_rows [per feature, K ints], combiner, widths [per
+        feature, K ints]).
+    """
+    initial_rows = None
+    mapping_combiner = None
+    if mappings is not None:
+        initial_rows, mapped_rows, mapping_combiner = _as_row_arrays(mappings)
+        mapped_cards = [int(rows.shape[1]) for rows in initial_rows]
+        if cardinalities is not None and base.check_cardinalities(cardinalities) != mapped_cards:
+            raise ValueError(f"cardinalities {list(cardinalities)} do not match the mappings' table sizes "
+                             f"{mapped_cards} (were the mappings built for these tables, in this order?)")
+        if num_rows is not None and [list(map(int, r)) for r in num_rows] != mapped_rows:
+            raise ValueError(f"num_rows {num_rows} do not match the mappings' {mapped_rows}")
+        cardinalities, num_rows = mapped_cards, mapped_rows
+    elif cardinalities is None or num_rows is None:
+        raise ValueError("give mappings (a .npz path or arrays), or both cardinalities and num_rows")
+    cardinalities = base.check_cardinalities(cardinalities)
+    if len(num_rows) != len(cardinalities):
+        raise ValueError(f"num_rows has {len(num_rows)} entries for {len(cardinalities)} tables")
+    num_rows = [[base.check_positive_int(f"num_rows[{f}]", m) for m in rows] for f, rows in enumerate(num_rows)]
+    combiner = combiner or mapping_combiner or "sum"
+    if combiner not in COMBINERS:
+        raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+    if mapping_combiner is not None and combiner != mapping_combiner:
+        raise ValueError(f"combiner {combiner!r} differs from the {mapping_combiner!r} the mappings were sized for")
+    widths = []
+    for f, rows in enumerate(num_rows):
+        if combiner == "concat" and len(rows) > output_dim:
+            raise ValueError(f"combiner 'concat' splits output_dim={output_dim} over {len(rows)} internal "
+                             f"tables of feature {f}; output_dim must be >= {len(rows)}")
+        widths.append(_split_width(output_dim, len(rows)) if combiner == "concat" else [output_dim] * len(rows))
+    return initial_rows, cardinalities, num_rows, combiner, widths
+
+
+def _parameters(num_rows, widths):
+    return sum(m * w for rows, row_widths in zip(num_rows, widths) for m, w in zip(rows, row_widths))
 
 
 @register_serializable()
@@ -83,57 +124,29 @@ class LearnedHashEmbedding(base.IdEmbeddingLayer):
                  gradient="sparse", out_of_range="error", embeddings_initializer="uniform", **kwargs):
         # output_dim is checked before the (possibly large) mappings are read; the base class checks it again.
         output_dim = base.check_positive_int("output_dim", output_dim if output_dim is not None else 0)
-        initial_rows = None
-        mapping_combiner = None
-        if mappings is not None:
-            initial_rows, mapped_rows, mapping_combiner = _as_row_arrays(mappings)
-            mapped_cards = [int(rows.shape[1]) for rows in initial_rows]
-            if cardinalities is not None and base.check_cardinalities(cardinalities) != mapped_cards:
-                raise ValueError(f"cardinalities {list(cardinalities)} do not match the mappings' table sizes "
-                                 f"{mapped_cards} (were the mappings built for these tables, in this order?)")
-            if num_rows is not None and [list(map(int, r)) for r in num_rows] != mapped_rows:
-                raise ValueError(f"num_rows {num_rows} do not match the mappings' {mapped_rows}")
-            cardinalities, num_rows = mapped_cards, mapped_rows
-        elif cardinalities is None or num_rows is None:
-            raise ValueError("give mappings (a .npz path or arrays), or both cardinalities and num_rows")
+        self._initial_rows, cardinalities, self.num_rows, self.combiner, self.widths = resolve_tables(
+            output_dim, mappings, cardinalities, num_rows, combiner)
         super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
                          embeddings_initializer=embeddings_initializer, **kwargs)
-        self._initial_rows = initial_rows
-        if len(num_rows) != len(self.cardinalities):
-            raise ValueError(f"num_rows has {len(num_rows)} entries for {len(self.cardinalities)} tables")
-        self.num_rows = [[base.check_positive_int(f"num_rows[{f}]", m) for m in rows]
-                         for f, rows in enumerate(num_rows)]
-        self.combiner = combiner or mapping_combiner or "sum"
-        if self.combiner not in COMBINERS:
-            raise ValueError(f"combiner must be one of {COMBINERS}, got {self.combiner!r}")
-        if mapping_combiner is not None and self.combiner != mapping_combiner:
-            raise ValueError(f"combiner {self.combiner!r} differs from the {mapping_combiner!r} the mappings were "
-                             f"sized for")
-        self.widths = []
-        for f, rows in enumerate(self.num_rows):
-            if self.combiner == "concat" and len(rows) > self.output_dim:
-                raise ValueError(f"combiner 'concat' splits output_dim={self.output_dim} over {len(rows)} internal "
-                                 f"tables of feature {f}; output_dim must be >= {len(rows)}")
-            self.widths.append(_split_width(self.output_dim, len(rows)) if self.combiner == "concat"
-                               else [self.output_dim] * len(rows))
         self._gradient_modes = [[resolve_gradient_mode(gradient, m * w) for m, w in zip(rows, widths)]
                                 for rows, widths in zip(self.num_rows, self.widths)]
 
     @property
     def physical_parameters(self):
         """Trainable floats (the mappings are integers, counted in `mapping_bytes`)."""
-        return sum(m * w for rows, widths in zip(self.num_rows, self.widths) for m, w in zip(rows, widths))
+        return _parameters(self.num_rows, self.widths)
+
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, mappings=None, num_rows=None, combiner=None, **options):
+        _, _, num_rows, _, widths = resolve_tables(output_dim, mappings, cardinalities, num_rows, combiner)
+        return _parameters(num_rows, widths), None
 
     @property
     def mapping_bytes(self):
-        from tfcompress.learn_hash.mapping import smallest_row_dtype
-
         return sum(n * len(rows) * smallest_row_dtype(max(rows) - 1).itemsize
                    for n, rows in zip(self.cardinalities, self.num_rows))
 
     def build(self, input_shape):
-        from tfcompress.learn_hash.mapping import smallest_row_dtype
-
         self.check_id_shape(input_shape)
         self.mappings, self.tables = [], []
         for f, (n, rows, widths) in enumerate(zip(self.cardinalities, self.num_rows, self.widths)):

@@ -17,12 +17,23 @@ from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 DEFAULT_PROJECTION_STDDEV = 0.25  # the paper's value for DLRM
 
 
+def hashed_rows(cardinalities, num_buckets=None, compression=None):
+    """Rows of each hashed table (see `buckets_for`), or None when the tables are not hashed."""
+    if num_buckets is None and compression is None:
+        return None
+    return buckets_for(cardinalities, num_buckets, compression)
+
+
+def _trained_parameters(table_rows, inner_dim, output_dim):
+    return sum(table_rows) * inner_dim + len(table_rows) * inner_dim * output_dim
+
+
 @register_serializable()
 class MLETEmbedding(base.IdEmbeddingLayer):
     """Per feature f a `rows_f x inner_dim` table E_f and an `inner_dim x output_dim` projection P_f.
 
     The embedding of id x of feature f is E_f[x] . P_f (no bias, no activation), so the layer computes exactly
-    what the single table W_f = E_f . P_f would; `tfcompress.folding.fold_layer` builds that table. What differs is
+    what the single table W_f = E_f . P_f would; `tfcompress.model_rewrite.fold_layer` builds that table. What differs is
     training: every gradient step also moves P_f, which changes the embedding of EVERY id of the feature (a dense
     update), so rare ids keep learning from the frequent ones (the paper's cross-category learning).
 
@@ -68,10 +79,7 @@ class MLETEmbedding(base.IdEmbeddingLayer):
                 "rank at most inner_dim; the MLET paper advises inner_dim >= output_dim",
                 UserWarning, stacklevel=2,
             )
-        if num_buckets is None and compression is None:
-            self.num_buckets = None
-        else:
-            self.num_buckets = buckets_for(self.cardinalities, num_buckets, compression)
+        self.num_buckets = hashed_rows(self.cardinalities, num_buckets, compression)
         if not (isinstance(projection_stddev, (int, float)) and projection_stddev > 0):
             raise ValueError(f"projection_stddev must be a number > 0, got {projection_stddev!r}")
         self.projection_stddev = float(projection_stddev)
@@ -89,12 +97,19 @@ class MLETEmbedding(base.IdEmbeddingLayer):
     @property
     def physical_parameters(self):
         """Size while training: sum m_f * k + F * k * d."""
-        return sum(self.table_rows) * self.inner_dim + len(self.cardinalities) * self.inner_dim * self.output_dim
+        return _trained_parameters(self.table_rows, self.inner_dim, self.output_dim)
 
     @property
     def folded_parameters(self):
         """Size after `fold`: sum m_f * d."""
         return sum(self.table_rows) * self.output_dim
+
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, inner_dim=None, num_buckets=None, compression=None,
+                          **options):
+        inner_dim = base.check_positive_int("inner_dim", inner_dim if inner_dim is not None else 0)
+        rows = hashed_rows(cardinalities, num_buckets, compression) or cardinalities
+        return _trained_parameters(rows, inner_dim, output_dim), sum(rows) * output_dim
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)

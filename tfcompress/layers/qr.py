@@ -27,6 +27,27 @@ def remainder_rows_for(cardinality, compression, operation):
     return max(1, min(n, math.ceil((row_budget + math.sqrt(discriminant)) / 2.0)))
 
 
+def table_shapes(cardinalities, output_dim, num_buckets=None, compression=None, operation="mult"):
+    """(remainder rows m, quotient rows ceil(n/m), (quotient width, remainder width)) per the layer's arguments."""
+    if operation not in QR_OPERATIONS:
+        raise ValueError(f"operation must be one of {QR_OPERATIONS}, got {operation!r}")
+    if (num_buckets is None) == (compression is None):
+        raise ValueError("give exactly one of num_buckets or compression")
+    if compression is not None:
+        if not compression >= 1.0:
+            raise ValueError(f"compression must be >= 1, got {compression!r}")
+        num_buckets = [remainder_rows_for(n, compression, operation) for n in cardinalities]
+    remainder_rows = buckets_for(cardinalities, num_buckets)
+    quotient_rows = [-(-n // m) for n, m in zip(cardinalities, remainder_rows)]
+    widths = (output_dim // 2, output_dim - output_dim // 2) if operation == "concat" else (output_dim, output_dim)
+    return remainder_rows, quotient_rows, widths
+
+
+def _parameters(quotient_rows, remainder_rows, widths):
+    q_width, r_width = widths
+    return sum(q * q_width + m * r_width for q, m in zip(quotient_rows, remainder_rows))
+
+
 @register_serializable()
 class QREmbedding(base.IdEmbeddingLayer):
     """Per feature a quotient table (ceil(n/m) rows) and a remainder table (m rows); id x reads row x // m of the
@@ -55,21 +76,9 @@ class QREmbedding(base.IdEmbeddingLayer):
                  gradient="sparse", out_of_range="error", embeddings_initializer="uniform", **kwargs):
         super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
                          embeddings_initializer=embeddings_initializer, **kwargs)
-        if operation not in QR_OPERATIONS:
-            raise ValueError(f"operation must be one of {QR_OPERATIONS}, got {operation!r}")
+        self.num_buckets, self.quotient_rows, self._widths = table_shapes(
+            self.cardinalities, self.output_dim, num_buckets, compression, operation)
         self.operation = operation
-        if (num_buckets is None) == (compression is None):
-            raise ValueError("give exactly one of num_buckets or compression")
-        if compression is not None:
-            if not compression >= 1.0:
-                raise ValueError(f"compression must be >= 1, got {compression!r}")
-            num_buckets = [remainder_rows_for(n, compression, operation) for n in self.cardinalities]
-        self.num_buckets = buckets_for(self.cardinalities, num_buckets)
-        self.quotient_rows = [-(-n // m) for n, m in zip(self.cardinalities, self.num_buckets)]
-        if operation == "concat":
-            self._widths = (self.output_dim // 2, self.output_dim - self.output_dim // 2)
-        else:
-            self._widths = (self.output_dim, self.output_dim)
         q_width, r_width = self._widths
         self._gradient_modes = [
             (resolve_gradient_mode(gradient, q * q_width), resolve_gradient_mode(gradient, m * r_width))
@@ -78,8 +87,14 @@ class QREmbedding(base.IdEmbeddingLayer):
 
     @property
     def physical_parameters(self):
-        q_width, r_width = self._widths
-        return sum(q * q_width + m * r_width for q, m in zip(self.quotient_rows, self.num_buckets))
+        return _parameters(self.quotient_rows, self.num_buckets, self._widths)
+
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, num_buckets=None, compression=None, operation="mult",
+                          **options):
+        remainder_rows, quotient_rows, widths = table_shapes(cardinalities, output_dim, num_buckets, compression,
+                                                             operation)
+        return _parameters(quotient_rows, remainder_rows, widths), None
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)

@@ -6,7 +6,7 @@ import tensorflow as tf
 from tfcompress._keras import register_serializable
 from tfcompress.layers import base
 from tfcompress.layers.hashing_trick import buckets_for
-from tfcompress.quantize import storage_bytes
+from tfcompress.sizes import storage_bytes
 
 
 @register_serializable()
@@ -14,7 +14,7 @@ class QuantizedEmbedding(base.IdLayer):
     """One int8 `rows_f x output_dim` table and one float32 scale per feature; lookups return values * scale.
 
     Made from a trained `FullEmbedding` or `HashingTrickEmbedding` (or a folded MLET) by
-    `tfcompress.quantize.quantize_model` / `tfcompress.quantize.quantize_layer`; the weights are not trainable. With
+    `tfcompress.model_rewrite.quantize_model` / `tfcompress.model_rewrite.quantize_layer`; the weights are not trainable. With
     `num_buckets`, id x of feature f reads row x mod m_f, exactly as the hashed float table did.
 
     Example:

@@ -10,6 +10,29 @@ from tfcompress.layers import base
 from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 
 
+def array_size(logical_parameters, output_dim, memory_size=None, compression=None, chunk_size=None):
+    """(chunk_size, memory_size) of a ROBE-Z array from the layer's arguments, checked.
+
+    The chunk size defaults to min(output_dim, 32); `compression` gives |M| = ceil(logical / compression), never
+    less than one chunk.
+    """
+    chunk_size = min(output_dim, 32) if chunk_size is None else chunk_size
+    if int(chunk_size) != chunk_size or not 1 <= chunk_size <= output_dim:
+        raise ValueError(f"chunk_size must be an integer in [1, output_dim={output_dim}], got {chunk_size!r}")
+    chunk_size = int(chunk_size)
+    if (memory_size is None) == (compression is None):
+        raise ValueError("give exactly one of memory_size or compression")
+    if compression is not None:
+        if not compression >= 1.0:
+            raise ValueError(f"compression must be >= 1 (1000.0 = 1000x smaller), got {compression!r}")
+        memory_size = max(chunk_size, math.ceil(logical_parameters / compression))
+    if int(memory_size) != memory_size or memory_size < chunk_size:
+        raise ValueError(
+            f"memory_size must be an integer >= chunk_size={chunk_size} (one chunk), got {memory_size!r}"
+        )
+    return chunk_size, int(memory_size)
+
+
 @register_serializable()
 class RobeEmbedding(base.IdEmbeddingLayer):
     """F embedding tables stored in ONE trainable 1-D array, addressed by the ROBE-Z hash (DESIGN.md).
@@ -62,21 +85,8 @@ class RobeEmbedding(base.IdEmbeddingLayer):
     ):
         super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
                          embeddings_initializer=embeddings_initializer, **kwargs)
-        chunk_size = min(self.output_dim, 32) if chunk_size is None else chunk_size
-        if int(chunk_size) != chunk_size or not 1 <= chunk_size <= self.output_dim:
-            raise ValueError(f"chunk_size must be an integer in [1, output_dim={self.output_dim}], got {chunk_size!r}")
-        self.chunk_size = int(chunk_size)
-        if (memory_size is None) == (compression is None):
-            raise ValueError("give exactly one of memory_size or compression")
-        if compression is not None:
-            if not compression >= 1.0:
-                raise ValueError(f"compression must be >= 1 (1000.0 = 1000x smaller), got {compression!r}")
-            memory_size = max(self.chunk_size, math.ceil(self.logical_parameters / compression))
-        if int(memory_size) != memory_size or memory_size < self.chunk_size:
-            raise ValueError(
-                f"memory_size must be an integer >= chunk_size={self.chunk_size} (one chunk), got {memory_size!r}"
-            )
-        self.memory_size = int(memory_size)
+        self.chunk_size, self.memory_size = array_size(self.logical_parameters, self.output_dim, memory_size,
+                                                       compression, chunk_size)
         self.compression = None if compression is None else float(compression)
         self.seed = int(seed)
         self.signed = bool(signed)
@@ -87,6 +97,12 @@ class RobeEmbedding(base.IdEmbeddingLayer):
     @property
     def physical_parameters(self):
         return self.memory_size
+
+    @classmethod
+    def _parameter_counts(cls, cardinalities, output_dim, memory_size=None, compression=None, chunk_size=None,
+                          **options):
+        _, size = array_size(sum(cardinalities) * output_dim, output_dim, memory_size, compression, chunk_size)
+        return size, None
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)

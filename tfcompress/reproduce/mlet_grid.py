@@ -43,7 +43,7 @@ def folded_metrics(model_path, eval_dataset):
 
     import tfcompress.models  # noqa: F401  (registers DLRM's layers for loading)
     from tfcompress._keras import keras
-    from tfcompress.folding import fold
+    from tfcompress.model_rewrite import fold
     from tfcompress.train import exact_metrics
 
     model = keras.models.load_model(model_path, compile=False)  # the optimizer state is not needed to predict

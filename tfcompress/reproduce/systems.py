@@ -304,7 +304,7 @@ def metric_rows(results):
 
 
 def _format(value, unit):
-    from tfcompress.plan import format_bytes
+    from tfcompress.sizes import format_bytes
 
     return format_bytes(value) if unit == "bytes" else f"{value:,.0f}"
 
@@ -316,7 +316,7 @@ def report(results, context):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from tfcompress.plan import format_bytes
+    from tfcompress.sizes import format_bytes
 
     spec, settings = results["spec"], results["settings"]
     rows = metric_rows(results)

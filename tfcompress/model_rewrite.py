@@ -1,4 +1,8 @@
-"""Folding: turn a model trained with MLET embeddings into the same model with one plain table per feature.
+"""Model rewriting: a new Keras model with some embedding layers replaced, every other layer and weight kept.
+
+`replace_layers(model, convert)` is the one mechanism; `fold` and `quantize_model` are its uses.
+
+Folding turns a model trained with MLET embeddings into the same model with one plain table per feature.
 
 An `MLETEmbedding` computes E_f[x] . P_f, so the table W_f = E_f . P_f (n_f x d) gives the same embeddings with
 one lookup and no projection. `fold(model)` returns a new model, identical elsewhere (same architecture, copies of
@@ -10,7 +14,7 @@ Example::
     import tfcompress
 
     folded = tfcompress.fold(trained_model)                    # float32 d-wide tables
-    small = tfcompress.fold(trained_model, quantize="int8")    # ... stored as int8 (see tfcompress.quantize)
+    small = tfcompress.fold(trained_model, quantize="int8")    # ... stored as int8 (see `quantize_model`)
 
 The rewrite goes through the model's config (`get_config` / `from_config`), so it works on functional and
 Sequential models, nested ones included; a subclassed model must swap its layers itself with `fold_layer`.
@@ -21,7 +25,8 @@ import warnings
 import numpy as np
 
 from tfcompress._keras import keras
-from tfcompress.layers import FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding
+from tfcompress.layers import FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding, QuantizedEmbedding
+from tfcompress.quantize import DEFAULT_GRID_SIZE, check_grid_size, quantize_int8
 
 QUANTIZE_CHOICES = (None, "int8")
 
@@ -170,7 +175,7 @@ def fold(model, quantize=None, grid_size=None):
     Args:
         model: a trained functional or Sequential model (e.g. `tfcompress.models.build_dlrm(...)`).
         quantize: None (float32 tables) or "int8": also store every full or hashed table (folded or not) as int8
-            with one grid-searched scale per table (`tfcompress.quantize.quantize_model`).
+            with one grid-searched scale per table (`quantize_model`).
         grid_size: scales tried per table when quantizing (default `tfcompress.quantize.DEFAULT_GRID_SIZE`).
 
     Returns:
@@ -179,7 +184,37 @@ def fold(model, quantize=None, grid_size=None):
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     if quantize == "int8":
-        from tfcompress.quantize import DEFAULT_GRID_SIZE, quantize_model
-
         return quantize_model(model, grid_size=DEFAULT_GRID_SIZE if grid_size is None else grid_size)
     return replace_layers(model, fold_layer)
+
+
+def quantize_layer(layer, grid_size=DEFAULT_GRID_SIZE):
+    """The int8 replacement of one layer, or None when it has no float table to quantize.
+
+    Args:
+        layer: a built `FullEmbedding` or `HashingTrickEmbedding` -> a `QuantizedEmbedding` with the same rows and
+            name; an `MLETEmbedding` -> folded first, then quantized; a `PlannedEmbedding` -> a new one with those
+            members quantized and copies of the others (ROBE, QR, ... stay as they are); any other layer -> None.
+        grid_size: scales tried per table (see `tfcompress.quantize.quantize_int8`).
+    """
+    if isinstance(layer, MLETEmbedding):
+        layer = fold_layer(layer)
+    if isinstance(layer, (FullEmbedding, HashingTrickEmbedding)):
+        if not layer.built:
+            raise ValueError(
+                f"{type(layer).__name__} {layer.name!r} is not built (no weights yet); call it on ids first")
+        num_buckets = layer.num_buckets if isinstance(layer, HashingTrickEmbedding) else None
+        quantized = QuantizedEmbedding(layer.cardinalities, layer.output_dim, num_buckets=num_buckets,
+                                       out_of_range=layer.out_of_range, name=layer.name)
+        pairs = [quantize_int8(table.numpy(), grid_size) for table in layer.tables]
+        quantized.set_quantized([values for values, _ in pairs], [scale for _, scale in pairs])
+        return quantized
+    if isinstance(layer, PlannedEmbedding):
+        return rebuild_planned(layer, lambda member: quantize_layer(member, grid_size))
+    return None
+
+
+def quantize_model(model, grid_size=DEFAULT_GRID_SIZE):
+    """A new model with every full, hashed or MLET (folded first) table stored as int8 (see `quantize_layer`)."""
+    grid_size = check_grid_size(grid_size)
+    return replace_layers(model, lambda layer: quantize_layer(layer, grid_size))
