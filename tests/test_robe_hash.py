@@ -1,4 +1,4 @@
-"""The ROBE-Z index contract of DESIGN.md, checked against exact Python-integer arithmetic written out here."""
+"""The ROBE-Z index contract of docs/robe_z.md, checked against exact Python-integer arithmetic written out here."""
 
 import numpy as np
 import pytest
@@ -7,11 +7,11 @@ import tensorflow as tf
 from tfcompress import robe_hash
 
 P = 2038074743
-R1, R2, R3 = 634329019, 1825252241, 871205356  # the constants DESIGN.md lists for seed 1024
+R1, R2, R3 = 634329019, 1825252241, 871205356  # the constants docs/robe_z.md lists for seed 1024
 
 
 def contract_index(x, table, cardinalities, i, chunk_size, memory_size, r=(R1, R2, R3)):
-    """DESIGN.md's formula with Python's unbounded ints: no reduction tricks, no NumPy."""
+    """docs/robe_z.md's formula with Python's unbounded ints: no reduction tricks, no NumPy."""
     a = x + sum(cardinalities[:table])
     c, o = divmod(i, chunk_size)
     return ((a * r[2] + c * r[1] + r[0]) % P) % (memory_size - chunk_size + 1) + o

@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, fresh_initializer, keras
+from tfcompress.layers.base import nested_layers
+from tfcompress.layers.chunk_pruned import ChunkPrunedEmbedding
 from tfcompress.lookup import resource_variable
 
 MAX_CHUNK_RATIO = 0.95
@@ -243,8 +245,6 @@ def check_pool(layer):
 
 def chunk_pruned_layers(model):
     """Every ChunkPrunedEmbedding inside `model` (nested layers included)."""
-    from tfcompress.layers.base import nested_layers
-    from tfcompress.layers.chunk_pruned import ChunkPrunedEmbedding
 
     return [layer for layer in [model, *nested_layers(model)] if isinstance(layer, ChunkPrunedEmbedding)]
 

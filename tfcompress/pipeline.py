@@ -57,6 +57,8 @@ import numbers
 import os
 import tomllib
 
+from tfcompress.plan import methods
+
 SECTIONS = ("data", "model", "compression", "train")
 TOP_LEVEL_KEYS = ("name", "description")
 
@@ -366,7 +368,6 @@ def _check_value(value, spec, source, section, key):
 def _check_consistency(pipeline):
     """Checks that span keys: what each data source needs, ratio vs budget."""
     source, data, compression = pipeline.source, pipeline.data, pipeline.compression
-    from tfcompress.plan import methods  # stdlib-only module: no TensorFlow import at validation time
 
     if compression.method not in methods():
         raise ValueError(f"{source}: [compression] method: must be one of {methods()}, got {compression.method!r}")

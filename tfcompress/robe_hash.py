@@ -1,4 +1,4 @@
-"""The ROBE-Z index function (DESIGN.md, "ROBE-Z index function"), in NumPy and in TensorFlow.
+"""The ROBE-Z index function (docs/robe_z.md), in NumPy and in TensorFlow.
 
 All tables share one 1-D array M. For token id x of table t, element i of its D-dim embedding, chunk size Z::
 
@@ -27,7 +27,7 @@ DEFAULT_SEED = 1024
 
 
 def hash_constants(seed=DEFAULT_SEED):
-    """The 50 universal-hash constants drawn as DESIGN.md fixes: RandomState(seed).randint(0, P, 50), int64."""
+    """The 50 universal-hash constants drawn as docs/robe_z.md fixes: RandomState(seed).randint(0, P, 50), int64."""
     return np.random.RandomState(seed).randint(0, P, 50).astype(np.int64)
 
 
@@ -81,7 +81,7 @@ def robe_indices(ids, cardinalities, output_dim, chunk_size, memory_size, seed=D
         output_dim: D, the embedding width.
         chunk_size: Z, 1 <= Z <= D; elements of one chunk are contiguous in the array.
         memory_size: |M|, at least Z.
-        seed: draws the hash constants (DESIGN.md); 1024 is the default.
+        seed: draws the hash constants (docs/robe_z.md); 1024 is the default.
 
     Raises:
         ValueError: an id outside its table's range, or arguments outside their ranges.

@@ -16,8 +16,17 @@ import os
 import time
 import warnings
 
+import numpy as np
+import tensorflow as tf
+
 from tfcompress._files import write_json_atomically
-from tfcompress._keras import keras
+from tfcompress._keras import USING_LEGACY_KERAS, keras
+from tfcompress.chunk_pruning import ChunkPruningCallback, chunk_pruned_layers
+from tfcompress.data import read, synthetic
+from tfcompress.data.schema import Schema
+from tfcompress.metrics import exact_auc, log_loss
+from tfcompress.models import build_dcn, build_dlrm
+from tfcompress.optimizers import LazyAdam, SparseAdagrad
 from tfcompress.plan import make_plan
 from tfcompress.sizes import format_bytes
 
@@ -53,11 +62,8 @@ def prepare_data(data_config, source="<pipeline>", verbose=1):
     Raises:
         ValueError: no files match a train/eval path, naming the pipeline file and the path.
     """
-    from tfcompress.data.schema import Schema
 
     if data_config.source == "synthetic":
-        from tfcompress.data import synthetic
-
         out_dir = data_config.synthetic_path()
         if verbose:
             print(f"data: synthetic {data_config.dataset}, {data_config.rows:,} train + {data_config.eval_rows:,} "
@@ -105,7 +111,6 @@ def _match_files(paths, source, key):
 
 def build_model(model_config, schema, embedding_layer, name="model"):
     """The [model] section's architecture on top of `embedding_layer`."""
-    from tfcompress.models import build_dcn, build_dlrm
 
     if model_config.arch == "dlrm":
         return build_dlrm(schema, embedding_layer, model_config.bottom_mlp, model_config.top_mlp, name=name)
@@ -126,7 +131,6 @@ def make_optimizer(train_config):
     "adagrad" is `tfcompress.optimizers.SparseAdagrad`: Keras' Adagrad results with row-sparse table updates.
     "lazy_adam" is `tfcompress.optimizers.LazyAdam`: Adam that updates only the looked-up rows of a table.
     """
-    from tfcompress.optimizers import LazyAdam, SparseAdagrad
 
     optimizers = {"sgd": keras.optimizers.SGD, "adagrad": SparseAdagrad, "adam": keras.optimizers.Adam,
                   "lazy_adam": LazyAdam}
@@ -186,8 +190,6 @@ class EmbeddingSummaryCallback(keras.callbacks.Callback):
         self.log_dir, self.plan, self.throughput = log_dir, plan, throughput
 
     def on_epoch_end(self, epoch, logs=None):
-        import tensorflow as tf
-
         writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
         with writer.as_default(step=epoch):
             tf.summary.scalar("embedding_logical_bytes", float(self.plan.logical_bytes))
@@ -200,11 +202,6 @@ class EmbeddingSummaryCallback(keras.callbacks.Callback):
 
 def exact_metrics(model, eval_dataset):
     """Exact AUC and log loss of the model on one pass over `eval_dataset` ((features, labels) batches)."""
-    import numpy as np
-
-    from tfcompress.metrics import exact_auc, log_loss
-
-    import tensorflow as tf
 
     if model.distribute_strategy is tf.distribute.get_strategy():
         predict = model.predict_on_batch
@@ -229,7 +226,6 @@ def configure_cpu_replicas(count):
     Raises:
         ValueError: count < 1, or TensorFlow's devices are already initialized.
     """
-    import tensorflow as tf
 
     if int(count) != count or count < 1:
         raise ValueError(f"cpu replicas must be an integer >= 1, got {count!r}")
@@ -253,7 +249,6 @@ def make_strategy(name):
     accumulator once per duplicate), which is why [train] optimizer "adagrad" is `tfcompress.optimizers.
     SparseAdagrad` and "lazy_adam" is `LazyAdam`: both deduplicate rows before updating.
     """
-    import tensorflow as tf
 
     if name == "default":
         return tf.distribute.get_strategy()
@@ -342,7 +337,6 @@ def _check_multiworker_supported(strategy):
     that MultiWorkerMirroredStrategy rejects as soon as there are two workers; legacy tf.keras (tf_keras) trains
     the same pipelines across workers.
     """
-    from tfcompress._keras import USING_LEGACY_KERAS
 
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or USING_LEGACY_KERAS:
@@ -357,7 +351,6 @@ def _check_multiworker_supported(strategy):
 
 def _pruning_callbacks(pipeline, model):
     """A ChunkPruningCallback when the model has chunk-pruned tables: without it they are never pruned."""
-    from tfcompress.chunk_pruning import ChunkPruningCallback, chunk_pruned_layers
 
     if not chunk_pruned_layers(model):
         return []
@@ -398,9 +391,6 @@ def train(pipeline, runs_dir="runs", verbose=1):
     Raises:
         ValueError: bad data paths or compression options (named with the pipeline file and section).
     """
-    import tensorflow as tf
-
-    from tfcompress.data import read
 
     config = pipeline.train
     # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work.

@@ -27,6 +27,11 @@ Example::
 import csv
 import os
 
+from tfcompress.pipeline import pipeline_from_dict, pipeline_toml, raw_pipeline
+from tfcompress.plan import methods as known_methods
+from tfcompress.sizes import parse_bytes
+from tfcompress.train import prepare_data, train
+
 SEARCHED_METHODS = ("robe", "mlet", "pruned", "hashing", "qr")
 MIN_RATIO, MAX_RATIO = 10.0, 10_000.0
 ROBE_CHUNK_SIZES = (1, 2, 4, 8)
@@ -113,11 +118,6 @@ def tune(pipeline, max_trials, budget=None, output_dir=None, methods=None, seed=
         ImportError: keras-tuner is not installed.
     """
     import keras_tuner as kt
-
-    from tfcompress.pipeline import pipeline_from_dict, pipeline_toml, raw_pipeline
-    from tfcompress.plan import methods as known_methods
-    from tfcompress.sizes import parse_bytes
-    from tfcompress.train import prepare_data, train
 
     if int(max_trials) != max_trials or max_trials < 1:
         raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")

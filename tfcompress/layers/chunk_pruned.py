@@ -267,7 +267,7 @@ def hash_entry_tf(ids, cardinalities, seed=robe_hash.DEFAULT_SEED):
     """Entry of raw int64 ids [B, F] in tables of `cardinalities` entries: int64 in [0, n_f), stock ops only.
 
     The 64-bit id is split into its high (floor x / 2^32) and low (x mod 2^32) words and hashed as a polynomial
-    modulo the prime P of DESIGN.md with its constants R1, R2, R3:
+    modulo the prime P of docs/robe_z.md with its constants R1, R2, R3:
     h = (((hi mod P) * R3 mod P + lo mod P) * R2 + R1) mod P, then h mod n_f. Every intermediate stays below
     2P * P + P < 2^63, so int64 arithmetic is exact (no wrap-around; the same in NumPy and ONNX).
     """

@@ -35,7 +35,7 @@ def array_size(logical_parameters, output_dim, memory_size=None, compression=Non
 
 @register_serializable()
 class RobeEmbedding(base.IdEmbeddingLayer):
-    """F embedding tables stored in ONE trainable 1-D array, addressed by the ROBE-Z hash (DESIGN.md).
+    """F embedding tables stored in ONE trainable 1-D array, addressed by the ROBE-Z hash (docs/robe_z.md).
 
     Element i of the embedding of id x in table t reads M[h(a, i // Z) + i % Z] with a = x + offset_t: each chunk
     of Z consecutive elements is one contiguous slice of M, and the hash is computed once per chunk. Z = 1 is
@@ -53,7 +53,7 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         memory_size: |M|, floats in the shared array. Give this or `compression`.
         compression: logical size / |M| (1000.0 = 1000x smaller than full tables), >= 1.
         chunk_size: Z in [1, output_dim]; default min(output_dim, 32).
-        seed: draws the hash constants (DESIGN.md); another seed gives another independent hash.
+        seed: draws the hash constants (docs/robe_z.md); another seed gives another independent hash.
         signed: multiply each element by an independent +-1 hash (reduces collision bias).
         gradient: "sparse" (coalesced IndexedSlices), "dense" (one scatter-add into an |M|-sized tensor) or
             "auto" (dense when |M| <= 16M floats). Both give the same update.

@@ -20,8 +20,13 @@ import os
 import time
 
 import numpy as np
+import tensorflow as tf
 
+from tfcompress._keras import keras
+from tfcompress.data import read
 from tfcompress.data.convert import dense_count_array
+from tfcompress.layers import FullEmbedding
+from tfcompress.train import build_model, make_optimizer
 
 COUNTS_FILE = os.path.join("counts", "train.npz")
 TEACHER_DIMS = (1, 2, 3, 4)
@@ -61,7 +66,6 @@ def load_counts_file(path, schema):
 
 def count_ids_in_files(files, schema, batch_size=65536):
     """Accesses per id of every table over one pass of TFRecord shards: a list of int64 [n_t] arrays."""
-    from tfcompress.data import read
 
     counts = [np.zeros(n, dtype=np.int64) for n in schema.cardinalities]
     dataset = read(files, batch_size, schema=schema, shuffle=False, repeat=False)
@@ -107,10 +111,6 @@ def train_teacher(pipeline, data, teacher_dim=2, epochs=1, steps=None, verbose=1
     Returns:
         list of float32 [n_t, teacher_dim] arrays, one per table.
     """
-    from tfcompress._keras import keras
-    from tfcompress.data import read
-    from tfcompress.layers import FullEmbedding
-    from tfcompress.train import build_model, make_optimizer
 
     if teacher_dim not in TEACHER_DIMS:
         raise ValueError(f"teacher_dim must be one of {TEACHER_DIMS}, got {teacher_dim!r}")
@@ -133,6 +133,5 @@ def train_teacher(pipeline, data, teacher_dim=2, epochs=1, steps=None, verbose=1
     if verbose:
         print(f"learn-hash: teacher (width {teacher_dim}) trained in {time.perf_counter() - started:.1f} s",
               flush=True)
-    import tensorflow as tf
 
     return [tf.convert_to_tensor(table).numpy() for table in embedding.tables]

@@ -20,6 +20,9 @@ import tomllib
 import numpy as np
 
 from tfcompress.learn_hash.mapping import build_table_mapping, save_mappings
+from tfcompress.learn_hash.teacher import id_counts, train_teacher
+from tfcompress.pipeline import pipeline_toml, raw_pipeline
+from tfcompress.train import prepare_data
 
 DEFAULT_MIN_ROWS = 100_000
 
@@ -50,8 +53,6 @@ def learn_hash(pipeline, target, output_dir=None, teacher_dim=2, combiner="sum",
     Raises:
         ValueError: target outside (0, 1), no table with min_rows ids, or a stage's own argument errors.
     """
-    from tfcompress.learn_hash.teacher import id_counts, train_teacher
-    from tfcompress.train import prepare_data
 
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1) (0.1 keeps 10% of each table's rows), got {target!r}")
@@ -130,7 +131,6 @@ def _full_width_rows(mapping):
 
 def write_pipeline(pipeline, path, name, compression, description=""):
     """Write `pipeline` (its file with its overrides applied) under a new name with a new [compression] section."""
-    from tfcompress.pipeline import pipeline_toml, raw_pipeline
 
     raw = dict(raw_pipeline(pipeline), name=name, description=description, compression=compression)
     with open(path, "w") as f:
