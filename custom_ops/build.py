@@ -23,8 +23,8 @@ SOURCE_DIR = Path(__file__).resolve().parent
 PACKAGE_DIR = SOURCE_DIR.parent / "tfcompress"
 LIBRARY_PREFIX = "_robe_ops"
 
-HEADERS = ("robe_hash.h", "robe_hash_avx2.h", "robe_functor.h", "robe_gpu_kernels.cu.h")
-CPU_SOURCES = ("robe_ops.cc", "robe_kernels.cc")
+HEADERS = ("robe_hash.h", "robe_hash_avx2.h", "robe_functor.h", "robe_cpu_functors.h", "robe_gpu_kernels.cu.h")
+CPU_SOURCES = ("robe_ops.cc", "robe_kernels.cc", "robe_cpu_functors.cc")
 GPU_SOURCES = ("robe_kernels.cu.cc",)
 CXX_FLAGS = ("-O3", "-shared", "-fPIC", "-Wall", "-Wno-sign-compare", "-Wno-unused-function")
 
@@ -79,11 +79,19 @@ def _flags(with_cuda):
     return compile_flags, link_flags
 
 
+def hashed_files():
+    """The files whose contents name the library: the listed headers and sources, then any other header or source in
+    custom_ops/ (so a file added to the build but not to these lists still rebuilds the library), then this script."""
+    listed = HEADERS + CPU_SOURCES + GPU_SOURCES
+    others = sorted({path.name for pattern in ("*.h", "*.cc") for path in SOURCE_DIR.glob(pattern)} - set(listed))
+    return listed + tuple(others) + ("build.py",)
+
+
 def source_hash(with_cuda=None):
     """sha256 over every source, this script, and the flags: part of the library's file name."""
     with_cuda = cuda_enabled() if with_cuda is None else with_cuda
     digest = hashlib.sha256()
-    for name in HEADERS + CPU_SOURCES + GPU_SOURCES + ("build.py",):
+    for name in hashed_files():
         digest.update(name.encode())
         digest.update((SOURCE_DIR / name).read_bytes())
     compile_flags, link_flags = _flags(with_cuda)

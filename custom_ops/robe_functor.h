@@ -1,6 +1,7 @@
 // Functors of the ROBE-Z ops, in the layout of TensorFlow's own kernels (tensorflow/core/kernels/gather_functor.h):
-// one template per op, the CPU specialization in robe_kernels.cc, the GPU one in robe_kernels.cu.cc. The index
-// arithmetic itself lives in robe_hash.h so that the CPU, the GPU and the standalone CUDA harness share one copy.
+// one template per op, the CPU specialization in robe_cpu_functors.cc (declared in robe_cpu_functors.h), the GPU one
+// in robe_kernels.cu.cc; the op kernels that call them are in robe_kernels.cc. The index arithmetic itself lives in
+// robe_hash.h so that the CPU, the GPU and the standalone CUDA harness share one copy.
 //
 // Shapes: ids i64[rows = B * F] (row-major [B, F]), embeddings / upstream gradients f32[rows, D].
 // Ids reaching a functor are already validated (0 <= id < cardinality of its feature).
@@ -11,6 +12,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "robe_hash.h"
 
 namespace tensorflow {
@@ -18,6 +20,13 @@ class OpKernelContext;
 }  // namespace tensorflow
 
 namespace tfcompress {
+
+// absl::InvalidArgumentError from pieces (TensorFlow's errors::InvalidArgument is deprecated).
+template <typename... Args>
+absl::Status InvalidArgument(const Args&... args) {
+  return absl::InvalidArgumentError(absl::StrCat(args...));
+}
+
 namespace functor {
 
 // The per-call inputs every functor shares. `ids` lives on the functor's device; `offsets` and `cardinalities` are

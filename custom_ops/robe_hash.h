@@ -1,5 +1,6 @@
-// The ROBE-Z index arithmetic (DESIGN.md, "ROBE-Z index function"), written once for the CPU kernels, the CUDA
-// kernels and the standalone CUDA harness. No TensorFlow here: the harness compiles this header with plain nvcc.
+// The ROBE-Z index arithmetic (the index function contract of docs/robe_z.md), written once for the CPU kernels,
+// the CUDA kernels and the standalone CUDA harness. No TensorFlow here: the harness compiles this header with
+// plain nvcc.
 //
 // For an already-offset id a = x + offset_t, chunk c = i / Z and in-chunk offset o = i % Z:
 //
@@ -27,7 +28,7 @@
 namespace tfcompress {
 namespace robe {
 
-// DESIGN.md's prime. Every hash constant lies in [0, kPrime).
+// The prime of docs/robe_z.md. Every hash constant lies in [0, kPrime).
 constexpr int64_t kPrime = 2038074743;
 
 // (a mod P) * r mod P for a >= 0: the per-row term of both hashes. Unsigned arithmetic (equal for a >= 0) lets the

@@ -1,6 +1,6 @@
 // AVX2 form of the CPU forward's hashing stage (robe_hash.h's ChunkStart and RowTerm, four rows at a time), for the
 // CPU kernels only. Compiled with a per-function target attribute instead of -mavx2, so the library still builds
-// and loads on any x86-64 machine: robe_kernels.cc calls it only when the CPU reports AVX2 at run time.
+// and loads on any x86-64 machine: robe_cpu_functors.cc calls it only when the CPU reports AVX2 at run time.
 //
 // Why it is exact (bit for bit the scalar result): every value is an integer below 2^62 computed with 32x32->64-bit
 // multiplies (_mm256_mul_epu32), and only the quotient of each modulo is estimated in double precision. For

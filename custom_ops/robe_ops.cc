@@ -1,4 +1,5 @@
-// Registration and shape functions of the ROBE-Z ops. Kernels: robe_kernels.cc (CPU), robe_kernels.cu.cc (GPU).
+// Registration and shape functions of the ROBE-Z ops. Kernels: robe_kernels.cc, calling the functors of
+// robe_cpu_functors.cc (CPU) and robe_kernels.cu.cc (GPU).
 //
 // Every op takes the raw per-feature ids i64[B, F] (column f holds ids of table f) and the layer's static
 // description as attrs, so a kernel can validate each id against its own table and name the feature in the error:
