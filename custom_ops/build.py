@@ -4,7 +4,7 @@
     python custom_ops/build.py --force    # rebuild even if current
 
 The library name carries the TensorFlow version and a hash of the sources and flags, so a TensorFlow upgrade or an
-edited kernel never loads a stale binary: `tfcompress.custom_op` looks for exactly that name and, when it is absent,
+edited kernel never loads a stale binary: `tfcompress.fused_ops` looks for exactly that name and, when it is absent,
 calls `build()` from this file (build on first use). Sources compile in parallel (g++ -O3, TensorFlow's own
 compile and link flags from tf.sysconfig); the CUDA kernels join only when TensorFlow is a CUDA build and nvcc is on
 PATH (or $NVCC).

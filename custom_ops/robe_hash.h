@@ -8,8 +8,8 @@
 //   idx(a, i) = h(a, c) + o
 //   sign(a,i) = +1 if ((a*S3 + i*S2 + S1) mod P) is even else -1
 //
-// Every term is reduced mod P exactly as tfcompress/hashing.py does ((a mod P) * R3 < 2^62 fits int64), so the
-// indices equal tfcompress.hashing.robe_indices bit for bit. The row term (a mod P) * R3 mod P is computed once per
+// Every term is reduced mod P exactly as tfcompress/robe_hash.py does ((a mod P) * R3 < 2^62 fits int64), so the
+// indices equal tfcompress.robe_hash.robe_indices bit for bit. The row term (a mod P) * R3 mod P is computed once per
 // embedding row and the chunk term c * R2 mod P + R1 once per kernel, which leaves one add, one conditional
 // subtract and one modulo by |M| - Z + 1 per chunk. That last modulo uses a precomputed reciprocal (Lemire,
 // "Faster Remainder by Direct Computation", 2019), exact for every 32-bit dividend and divisor.
@@ -43,7 +43,7 @@ ROBE_HOST_DEVICE int64_t RowTerm(int64_t a, int64_t r) {
 ROBE_HOST_DEVICE int64_t IndexTerm(int64_t k, int64_t r, int64_t offset) { return (k * r) % kPrime + offset; }
 
 // (row_term + index_term) mod P where both terms are < P and < 2P respectively: the sum is < 3P, so two
-// conditional subtractions give the same value as the % in hashing.py without a division.
+// conditional subtractions give the same value as the % in robe_hash.py without a division.
 ROBE_HOST_DEVICE int64_t AddModPrime(int64_t row_term, int64_t index_term) {
   int64_t mixed = row_term + index_term;
   if (mixed >= kPrime) mixed -= kPrime;

@@ -78,7 +78,7 @@ class RobeAttrs {
       OP_REQUIRES(ctx, cardinalities_[f] >= 1,
                   InvalidArgument("cardinalities[", f, "] must be >= 1, got ", cardinalities_[f]));
       offsets_[f] = total;
-      // a = id + offset < sum of cardinalities must fit int64 (hashing.py's contract: non-negative int64 a).
+      // a = id + offset < sum of cardinalities must fit int64 (robe_hash.py's contract: non-negative int64 a).
       OP_REQUIRES(ctx, cardinalities_[f] <= std::numeric_limits<int64_t>::max() - total,
                   InvalidArgument("the sum of cardinalities overflows int64 at feature ", f));
       total += cardinalities_[f];

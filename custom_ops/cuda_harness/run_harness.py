@@ -1,4 +1,4 @@
-"""Compile the standalone CUDA harness and check the ROBE-Z kernels against tfcompress.hashing (NumPy only).
+"""Compile the standalone CUDA harness and check the ROBE-Z kernels against tfcompress.robe_hash (NumPy only).
 
     python custom_ops/cuda_harness/run_harness.py --mode device          # on a GPU machine (no TensorFlow needed)
     python custom_ops/cuda_harness/run_harness.py --mode host            # the shared arithmetic, no GPU needed
@@ -31,15 +31,15 @@ KAGGLE_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93
                         5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
 
 
-def load_hashing():
-    """tfcompress/hashing.py by path: it needs only NumPy, and the GPU machine has no TensorFlow."""
-    spec = importlib.util.spec_from_file_location("robe_hashing", ROOT / "tfcompress" / "hashing.py")
+def load_robe_hash():
+    """tfcompress/robe_hash.py by path: it needs only NumPy, and the GPU machine has no TensorFlow."""
+    spec = importlib.util.spec_from_file_location("robe_hash", ROOT / "tfcompress" / "robe_hash.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-hashing = load_hashing()
+robe_hash = load_robe_hash()
 
 
 def compile_harness(nvcc, arch):
@@ -50,13 +50,13 @@ def compile_harness(nvcc, arch):
 
 
 def write_input(path, ids, cardinalities, output_dim, chunk_size, memory, grad, signed, seed, repeats):
-    constants = hashing.hash_constants(seed)[:6]
+    constants = robe_hash.hash_constants(seed)[:6]
     header = np.array(
         [MAGIC, ids.shape[0] * ids.shape[1], ids.shape[1], output_dim, chunk_size, memory.size, int(signed),
          *constants, repeats, 0, 0], dtype=np.int64,
     )
     with open(path, "wb") as f:
-        for array in (header, np.asarray(cardinalities, np.int64), hashing.table_offsets(cardinalities),
+        for array in (header, np.asarray(cardinalities, np.int64), robe_hash.table_offsets(cardinalities),
                       ids.astype(np.int64).ravel(), memory.astype(np.float32), grad.astype(np.float32).ravel()):
             f.write(np.ascontiguousarray(array).tobytes())
 
@@ -94,8 +94,8 @@ def run_case(mode, name, ids, cardinalities, output_dim, chunk_size, memory_size
         return first_bad == bad_row, f"first bad row {first_bad}, expected {bad_row}"
     if first_bad >= 0:
         return False, f"harness rejected row {first_bad} of a valid batch"
-    positions = hashing.robe_indices(ids, cardinalities, output_dim, chunk_size, memory_size, seed).ravel()
-    signs = (hashing.robe_signs(ids, cardinalities, output_dim, seed).ravel() if signed
+    positions = robe_hash.robe_indices(ids, cardinalities, output_dim, chunk_size, memory_size, seed).ravel()
+    signs = (robe_hash.robe_signs(ids, cardinalities, output_dim, seed).ravel() if signed
              else np.ones(positions.size, np.float32))
     embeddings = memory[positions] * signs
     memory_grad = np.zeros(memory_size, np.float64)
