@@ -52,8 +52,8 @@ import numpy as np
 from tfcompress._files import write_atomically
 from tfcompress.data import encoding as enc
 from tfcompress.data import fixed_records, formats
+from tfcompress.data.encoding import splitmix64
 from tfcompress.data.schema import Schema
-from tfcompress.data.synthetic import splitmix64
 from tfcompress.data.tfrecord import ShardWriter, serialize_rows
 
 CONVERTER_VERSION = 1
