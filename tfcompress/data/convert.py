@@ -798,7 +798,7 @@ def convert(inputs, output, format, *, workers=1, encoding=None, max_ind_range=N
             eval_fraction=0.1, seed=2020, test_day=23, shard_bytes=DEFAULT_SHARD_BYTES,
             rows_per_shard=DEFAULT_ROWS_PER_SHARD, schema=None, record_layout="fixed", strict=False, overwrite=False,
             progress=False, on_piece_done=None):
-    """Convert raw click logs into the TFRecord layout of DESIGN.md; see the module docstring for the output.
+    """Convert raw click logs into the TFRecord layout of docs/tfrecord_layout.md (module docstring: the output).
 
     Args:
         inputs: file paths, directories or glob patterns (a `.gz` file is read as gzip whatever its name).

@@ -1,4 +1,4 @@
-"""Rows -> tf.train.Example bytes -> sharded TFRecord files (DESIGN.md, "TFRecord layout").
+"""Rows -> tf.train.Example bytes -> sharded TFRecord files (docs/tfrecord_layout.md).
 
 One Example per row with three wide keys: `label` int64[1], `dense` float[n_dense], `sparse` int64[n_sparse].
 
