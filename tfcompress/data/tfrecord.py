@@ -211,7 +211,7 @@ class ShardWriter:
 
     def _open_file(self, path):
         """The writer of one shard file (subclasses that frame records themselves open a plain file)."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazily: writers that frame records themselves never need it
 
         return tf.io.TFRecordWriter(path)
 
