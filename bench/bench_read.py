@@ -6,7 +6,7 @@
 Readers, measured side by side in rounds (A B C D A B C D ...) so that a noisy, shared machine slows them alike:
 
     record-at-a-time   interleave files -> parse_single_example per record -> batch
-    batch-then-parse   interleave files -> batch serialized records -> parse_example (DESIGN.md's pipeline)
+    batch-then-parse   interleave files -> batch serialized records -> parse_example (docs/tfrecord_layout.md)
     batch+shuffle      the same with a 65536-record shuffle before the batch (`read` before blocks)
     read generic       tfcompress.data.read(..., fixed_width=False): blocks of records + parse_example
     read (shuffle)     tfcompress.data.read(..., shuffle=True): fixed-width fast path (training)

@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from tfcompress import cli
-from tfcompress.data import convert as data_convert
+from tfcompress.data import convert_plan
 from tfcompress.data import encoding as enc
 from tfcompress.data import formats, tfio
 from tfcompress.data.convert import ConvertError, convert, load_counts
@@ -216,7 +216,7 @@ def test_encoders_and_key_counter():
 
 def test_criteo_tsv_pieces_gzip_hexmod_and_counts(tmp_path, monkeypatch):
     # Small read blocks, so that lines straddle block boundaries while scanning and while converting.
-    monkeypatch.setattr(data_convert, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(convert_plan, "BLOCK_BYTES", 1000)
     rng = np.random.default_rng(1)
     rows = criteo_rows(rng, 700)
     plain = tmp_path / "day_0"

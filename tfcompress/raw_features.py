@@ -56,7 +56,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfcompress.data import convert, encoding, formats
+from tfcompress.data import encoding, formats
+from tfcompress.data.convert_plan import ConvertOptions, is_gzip, make_encoders
 from tfcompress.data.schema import Schema
 
 RAW_SIGNATURE = "raw"
@@ -152,7 +153,7 @@ def load_raw_spec(data_dir):
     if extra.get("converter") != "tfcompress.data.convert" or "options" not in extra:
         raise ValueError(f"{data_dir} was not written by `tfcompress data convert` (schema.json has no converter "
                          "options), so the raw preprocessing is unknown; give the converted data directory")
-    options = convert.ConvertOptions(**extra["options"])
+    options = ConvertOptions(**extra["options"])
     if options.format not in SUPPORTED_FORMATS:
         raise ValueError(f"a raw-string signature needs a text format, one of {list(SUPPORTED_FORMATS)}; {data_dir} "
                          f"was converted from {options.format!r}")
@@ -160,9 +161,8 @@ def load_raw_spec(data_dir):
         raise ValueError(f"the schema file {options.schema_path} of the conversion in {data_dir} is gone; it "
                          "describes the raw columns the signature takes")
     layout = formats.layout_for_format(options.format, options.schema_path)
-    context = convert._Context(output=data_dir, layout=layout, options=options.resolved(layout), column_maps={},
-                               rules={}, strict=False)
-    encoders = convert._encoders(context)  # the converter's own choice of encoder per column
+    options = options.resolved(layout)
+    encoders = make_encoders(layout, options, data_dir)  # the converter's own choice of encoder per column
     columns = raw_columns(layout)
     index = {name: i for i, name in enumerate(columns)}
     sparse = tuple(SparseFeature(c.name, index[c.source], c.kind, e) for c, e in zip(layout.sparse, encoders))
@@ -170,7 +170,7 @@ def load_raw_spec(data_dir):
     if list(cardinalities) != [int(c) for c in schema.cardinalities]:
         raise ValueError(f"{data_dir}: schema.json cardinalities {schema.cardinalities} differ from the converter's "
                          f"encoders {list(cardinalities)}")
-    return RawSpec(data_dir=data_dir, layout=layout, options=context.options, columns=columns,
+    return RawSpec(data_dir=data_dir, layout=layout, options=options, columns=columns,
                    dense_columns=tuple(index[name] for name in layout.dense), sparse=sparse,
                    cardinalities=cardinalities)
 
@@ -423,7 +423,7 @@ def _input_rows(spec, limit):
     for path in Schema.load(spec.data_dir).extra.get("inputs", []):
         if not os.path.isfile(path):
             continue
-        opener = gzip.open if convert._is_gzip(path) else open
+        opener = gzip.open if is_gzip(path) else open
         rows = []
         with opener(path, "rb") as f:
             header = f.readline().rstrip(b"\r\n").split(layout.delimiter) if layout.header else \

@@ -28,8 +28,6 @@ Example:
 
 import numpy as np
 
-from tfcompress.data.synthetic import splitmix64
-
 MISSING_KEY = np.uint64(2**64 - 1)
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
@@ -43,6 +41,25 @@ for _i, _c in enumerate(b"0123456789"):
 for _i, _c in enumerate(b"abcdef"):
     _HEX_VALUE[_c] = 10 + _i
     _HEX_VALUE[ord(chr(_c).upper())] = 10 + _i
+
+
+# ---- the splitmix64 finalizer ----------------------------------------------------------------------------------
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(x):
+    """The splitmix64 finalizer on a uint64 array (wrapping arithmetic): a fast, well-mixed counter hash.
+
+    The mixing step of string keys and of `HashEncoder`, and the counter hash of `tfcompress.data.synthetic`.
+    """
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
 
 
 # ---- scalar references (plain Python ints; the vectorized versions below must agree with these) ----------------

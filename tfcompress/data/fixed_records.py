@@ -295,7 +295,7 @@ class FixedShardWriter(ShardWriter):
 def decoder(layout):
     """A function: uint8 frames [B, frame_bytes] -> ({"dense": f32 [B, n_dense], "sparse": i64 [B, n_sparse]},
     label f32 [B, 1]), checking every frame's constant bytes (framing, tags, lengths) but not its data CRC."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the converter's workers use this module without TensorFlow
 
     if sys.byteorder != "little":  # pragma: no cover - tf.bitcast reads floats in the machine's byte order
         raise ValueError("fixed-width decoding needs a little-endian machine")
@@ -348,7 +348,7 @@ def file_segments(files, layout, block):
     Raises:
         ValueError: a file whose size is not a whole number of frames (truncated, or not this layout).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the converter's workers use this module without TensorFlow
 
     frame = layout.frame_bytes
     segments = []

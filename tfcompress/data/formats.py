@@ -477,7 +477,7 @@ def parse_text_block(block, layout, column_map, first_line):
 
 def _arrow_string_fields(array):
     """(uint8 data buffer, starts, ends) of a pyarrow string/binary array (nulls -> empty fields)."""
-    import pyarrow as pa
+    import pyarrow as pa  # optional package (the `data` extra): only Parquet input needs it
 
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
@@ -493,7 +493,7 @@ def _arrow_string_fields(array):
 
 
 def _is_text(array_type):
-    import pyarrow as pa
+    import pyarrow as pa  # optional package (the `data` extra): only Parquet input needs it
 
     if pa.types.is_dictionary(array_type):
         array_type = array_type.value_type
@@ -503,7 +503,7 @@ def _is_text(array_type):
 
 def check_parquet_types(arrow_schema, layout, source):
     """FormatError unless every column the layout needs is in the Parquet file with a usable type."""
-    import pyarrow as pa
+    import pyarrow as pa  # optional package (the `data` extra): only Parquet input needs it
 
     names = arrow_schema.names
     missing = [name for name in layout.required_columns() if name not in names]
@@ -531,7 +531,7 @@ def parse_record_batch(batch, layout, first_row):
     categorical columns follow the layout (hex or string hash). Nulls are empty fields. Rejected rows are quoted
     as JSON in the quarantine.
     """
-    import pyarrow as pa
+    import pyarrow as pa  # optional package (the `data` extra): only Parquet input needs it
     import pyarrow.compute as pc
 
     n = batch.num_rows

@@ -1,6 +1,6 @@
 """TFRecord shards -> tf.data.Dataset of ({"dense": f32[B, n_dense], "sparse": i64[B, n_sparse]}, label f32[B, 1]).
 
-Pipeline (DESIGN.md, "TFRecord layout"): list files -> shard by input pipeline -> (shuffle file order) -> interleave
+Pipeline (docs/tfrecord_layout.md): list files -> shard by input pipeline -> (shuffle file order) -> interleave
 TFRecordDatasets in parallel, each cut into *blocks* of consecutive serialized records -> shuffle blocks -> (repeat)
 -> rebatch blocks into batches -> parse_example on whole batches in parallel -> prefetch.
 
@@ -72,7 +72,7 @@ def list_files(files_or_pattern):
 
 
 def feature_spec(schema):
-    """The tf.io.parse_example spec of the DESIGN.md layout for `schema` (keys with zero width are left out)."""
+    """The tf.io.parse_example spec of `schema` (docs/tfrecord_layout.md; keys with zero width are left out)."""
     spec = {"label": tf.io.FixedLenFeature([1], tf.int64)}
     if schema.n_dense:
         spec["dense"] = tf.io.FixedLenFeature([schema.n_dense], tf.float32)
@@ -129,7 +129,7 @@ def check_first_record(path, schema, schema_source="the given schema"):
 def read(files_or_pattern, batch_size, schema=None, shuffle=True, repeat=True, seed=None, input_context=None,
          deterministic=False, drop_remainder=False, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, shuffle_block=None,
          fixed_width=None):
-    """A batched, parsed tf.data.Dataset over TFRecord shards in the DESIGN.md layout.
+    """A batched, parsed tf.data.Dataset over TFRecord shards in the layout of docs/tfrecord_layout.md.
 
     Args:
         files_or_pattern: a directory (all *.tfrecord in it), a glob pattern, one file, or a list of files.

@@ -1,4 +1,4 @@
-"""schema.json: what the columns of a TFRecord dataset are (DESIGN.md, "TFRecord layout").
+"""schema.json: what the columns of a TFRecord dataset are (docs/tfrecord_layout.md).
 
 Every dataset directory holds one `schema.json` next to (or one level above) its shards. Readers take the column
 counts from it, models take the table sizes from it, so it is the one place a dataset describes itself.

@@ -44,6 +44,7 @@ import shutil
 
 import numpy as np
 
+from tfcompress.data.encoding import splitmix64
 from tfcompress.data.schema import Schema
 from tfcompress.data.tfrecord import ShardWriter, serialize_rows
 from tfcompress.metrics import exact_auc, log_loss
@@ -100,18 +101,7 @@ SPLIT_CODES = {"train": 1, "eval": 2, "calibration": 3}
 # One stream per random quantity, so each is a prefix-stable sequence in the row index.
 _STREAM_RANKS, _STREAM_DENSE, _STREAM_MISSING, _STREAM_LABEL = range(4)
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 _SQRT3 = math.sqrt(3.0)
-
-
-def splitmix64(x):
-    """The splitmix64 finalizer on a uint64 array (wrapping arithmetic): a fast, well-mixed counter hash."""
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
 
 
 def bounded_zipf_ranks(uniforms, n, exponent):

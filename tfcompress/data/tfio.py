@@ -127,6 +127,6 @@ def parquet_dataset(path, columns=None):
     status = tensorflow_io_status()
     if not status.available:
         raise RuntimeError(status.line() + "; convert with `tfcompress data convert --format parquet` instead")
-    import tensorflow_io as tfio
+    import tensorflow_io as tfio  # optional package, imported only once the probe says its ops load
 
     return tfio.IODataset.from_parquet(path, columns=columns)

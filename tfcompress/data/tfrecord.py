@@ -1,4 +1,4 @@
-"""Rows -> tf.train.Example bytes -> sharded TFRecord files (DESIGN.md, "TFRecord layout").
+"""Rows -> tf.train.Example bytes -> sharded TFRecord files (docs/tfrecord_layout.md).
 
 One Example per row with three wide keys: `label` int64[1], `dense` float[n_dense], `sparse` int64[n_sparse].
 
@@ -211,7 +211,7 @@ class ShardWriter:
 
     def _open_file(self, path):
         """The writer of one shard file (subclasses that frame records themselves open a plain file)."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazily: writers that frame records themselves never need it
 
         return tf.io.TFRecordWriter(path)
 
