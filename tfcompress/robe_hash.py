@@ -133,7 +133,7 @@ def _a_term_tf(a, multiplier, id_bound):
     (a mod P) * multiplier < 2^62 fits int64 for any int64 a. When the caller guarantees 0 <= a < id_bound <= P,
     a mod P = a and that division is skipped.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the NumPy half loads without TensorFlow (GPU harness)
 
     a = tf.cast(a, tf.int64)
     if id_bound is None or not 0 < id_bound <= P:
@@ -143,7 +143,7 @@ def _a_term_tf(a, multiplier, id_bound):
 
 def _add_mod_p_tf(a_term, constants):
     """(a_term + k) mod P for int32 a_term [...] and folded constants k in [0, P): -> int32 [..., len(constants)]."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the NumPy half loads without TensorFlow (GPU harness)
 
     shifted = a_term[..., None] + tf.constant([int(k) - P for k in constants], dtype=tf.int32)  # in (-P, P)
     return tf.math.floormod(shifted, P)
@@ -163,7 +163,7 @@ def robe_chunk_hash_tf(a, num_chunk, memory_size, chunk_size, seed=DEFAULT_SEED,
         The chunk starts, equal to `robe_chunk_hash` bit for bit; int32 for any memory_size, since h is a
         residue mod P < 2^31.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the NumPy half loads without TensorFlow (GPU harness)
 
     r1, r2, r3 = (int(v) for v in hash_constants(seed)[:3])
     modulus = memory_size - chunk_size + 1
@@ -182,7 +182,7 @@ def robe_indices_tf(a, output_dim, chunk_size, memory_size, seed=DEFAULT_SEED, d
             cheaper to build and to gather with, and holds every position unless Z > 10^8 (`max_position`).
         id_bound: as in `robe_chunk_hash_tf`.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the NumPy half loads without TensorFlow (GPU harness)
 
     dtype = tf.int64 if dtype is None else tf.as_dtype(dtype)
     if dtype == tf.int32 and max_position(memory_size, chunk_size) > INT32_MAX:
@@ -200,7 +200,7 @@ def chunk_positions_tf(chunk_starts, output_dim, chunk_size):
     A broadcast add of the in-chunk offsets 0..Z-1 ([..., chunks, 1] + [Z]) and a free reshape; a partial last
     chunk is computed whole and its tail cut off.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the NumPy half loads without TensorFlow (GPU harness)
 
     chunks = num_chunks(output_dim, chunk_size)
     offsets = tf.constant(np.arange(chunk_size), dtype=chunk_starts.dtype)
@@ -216,7 +216,7 @@ def robe_signs_tf(a, output_dim, seed=DEFAULT_SEED, id_bound=None):
     Args:
         id_bound: as in `robe_chunk_hash_tf`.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazily: the NumPy half loads without TensorFlow (GPU harness)
 
     s1, s2, s3 = (int(v) for v in hash_constants(seed)[3:6])
     a_term = _a_term_tf(a, s3, id_bound)

@@ -12,6 +12,8 @@ import os
 
 from tfcompress._files import write_json_atomically
 from tfcompress.pipeline import pipeline_from_dict
+from tfcompress.train import prepare_data
+from tfcompress.train import train as train_pipeline
 
 
 @dataclasses.dataclass
@@ -44,7 +46,6 @@ class Context:
 
     def data(self):
         """The prepared data (generated once; `tfcompress.train.PreparedData`): schema, files, ceiling AUC."""
-        from tfcompress.train import prepare_data
 
         if self._prepared is None:
             self._prepared = prepare_data(self.pipeline("data", {"method": "full"}).data, "reproduce", self.verbose)
@@ -67,7 +68,6 @@ class Context:
 
     def train(self, name, compression, model=None, train=None):
         """Train (or load the finished result of) the run `name`; returns `tfcompress.train.train`'s result."""
-        from tfcompress.train import train as train_pipeline
 
         saved = os.path.join(self.runs_dir, name, "results.json")
         if os.path.exists(saved):

@@ -16,6 +16,14 @@ import gc
 import statistics
 import time
 
+import numpy as np
+import tensorflow as tf
+
+from tfcompress import fused_ops
+from tfcompress._keras import keras
+from tfcompress.data import read
+from tfcompress.layers.robe import RobeEmbedding
+from tfcompress.lookup import DENSE_GRADIENT_MAX_ELEMENTS
 from tfcompress.reproduce.report import markdown_table
 
 NAME = "gradients"
@@ -51,7 +59,6 @@ def median_times(methods, repeats, warmup=2):
 
 def materialize(result):
     """Block on the result (CPU eager returns when done; reading one element makes that explicit and is cheap)."""
-    import tensorflow as tf
 
     flat = tf.nest.flatten(result)
     return [t.numpy().ravel()[:1] if hasattr(t, "numpy") and t.shape.rank else t for t in flat]
@@ -63,7 +70,6 @@ def training_step(layer_or_fn, variables, optimizer, upstream):
     A fixed random `upstream` stands in for the rest of the model: the backward pass sees a realistic dense
     gradient per looked-up element without timing any MLP.
     """
-    import tensorflow as tf
 
     @tf.function
     def step(x):
@@ -92,11 +98,6 @@ def time_gradient_forms(ids, cardinalities, output_dim, chunk_size, memory_sizes
     Returns:
         {memory_size: {"dense": seconds, "sparse": seconds}}.
     """
-    import numpy as np
-    import tensorflow as tf
-
-    from tfcompress._keras import keras
-    from tfcompress.layers.robe import RobeEmbedding
 
     ids = np.asarray(ids, dtype=np.int64)
     upstream = tf.constant(np.random.default_rng(6).standard_normal((*ids.shape, output_dim)).astype(np.float32)
@@ -124,7 +125,6 @@ def time_gradient_forms(ids, cardinalities, output_dim, chunk_size, memory_sizes
 
 def first_batch_ids(context):
     """The sparse ids of the first `batch_size` rows of the run's training data (fewer if the data is smaller)."""
-    from tfcompress.data import read
 
     data = context.data()
     dataset = read(data.train_files, context.profile.batch_size, schema=data.schema, shuffle=False, repeat=False,
@@ -134,8 +134,6 @@ def first_batch_ids(context):
 
 
 def run(context):
-    from tfcompress import fused_ops
-
     settings = SETTINGS[context.profile.name]
     ids = first_batch_ids(context)
     cardinalities = context.data().schema.cardinalities
@@ -159,10 +157,8 @@ def report(results, context):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import ticker
-
-    from tfcompress.lookup import DENSE_GRADIENT_MAX_ELEMENTS
+    import matplotlib.pyplot as plt
 
     rows = results["rows"]
     sizes = [r["memory_size"] for r in rows]

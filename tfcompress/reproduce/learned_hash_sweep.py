@@ -20,6 +20,8 @@ import tomllib
 
 import numpy as np
 
+from tfcompress.learn_hash.teacher import id_counts, train_teacher
+from tfcompress.learn_hash.workflow import learn_hash
 from tfcompress.reproduce.report import markdown_table
 
 NAME = "learned_hash_sweep"
@@ -44,7 +46,6 @@ def work_dir(context):
 
 def teacher_and_counts(context, settings):
     """The teacher's per-table values and the per-table id counts: loaded from teacher.npz, else made and saved."""
-    from tfcompress.learn_hash.teacher import id_counts, train_teacher
 
     path = os.path.join(work_dir(context), "teacher.npz")
     data = context.data()
@@ -70,7 +71,6 @@ def learned_compression(context, settings, target, teacher):
 
     Built with `tfcompress.learn_hash.workflow.learn_hash` unless its files from an earlier run are there.
     """
-    from tfcompress.learn_hash.workflow import learn_hash
 
     output_dir = os.path.join(work_dir(context), f"target_{target:g}")
     summary_path = os.path.join(output_dir, "learn_hash.json")

@@ -9,7 +9,15 @@ folded (`tfcompress.fold`) and evaluated again: the folded model is what would b
 the trained one (the fold is exact up to float32 rounding).
 """
 
+import numpy as np
+
+from tfcompress._keras import keras
+from tfcompress.data import read
+from tfcompress.model_rewrite import fold
+import tfcompress.models  # noqa: F401  (registers DLRM's layers for loading)
+from tfcompress.plan import make_plan
 from tfcompress.reproduce.report import markdown_table
+from tfcompress.train import exact_metrics
 
 NAME = "mlet_grid"
 TITLE = "MLET: embedding width d x inner width k"
@@ -39,12 +47,6 @@ def folded_metrics(model_path, eval_dataset):
         (exact AUC, log loss) of the folded model on `eval_dataset`, and the largest |difference| between the
         trained and the folded model's predictions on its first batch.
     """
-    import numpy as np
-
-    import tfcompress.models  # noqa: F401  (registers DLRM's layers for loading)
-    from tfcompress._keras import keras
-    from tfcompress.model_rewrite import fold
-    from tfcompress.train import exact_metrics
 
     model = keras.models.load_model(model_path, compile=False)  # the optimizer state is not needed to predict
     folded = fold(model)
@@ -56,9 +58,6 @@ def folded_metrics(model_path, eval_dataset):
 
 
 def run(context):
-    from tfcompress.data import read
-    from tfcompress.plan import make_plan
-
     settings = SETTINGS[context.profile.name]
     data = context.data()
     eval_dataset = read(data.eval_files, context.profile.eval_batch_size, schema=data.schema, shuffle=False,

@@ -11,6 +11,9 @@ bookkeeping, which this experiment reports from the trained layers themselves.
 """
 
 
+from tfcompress._keras import keras
+from tfcompress.chunk_pruning import chunk_pruned_layers
+import tfcompress.models  # noqa: F401  (registers DLRM's layers for loading)
 from tfcompress.reproduce.report import markdown_table
 
 NAME = "pruning_sweep"
@@ -31,9 +34,6 @@ def pool_state(model_path):
         float32 pool, allocated at the budget), live_bytes (the chunks in use), metadata_bytes (address table,
         utilities, owners, free stack).
     """
-    import tfcompress.models  # noqa: F401  (registers DLRM's layers for loading)
-    from tfcompress._keras import keras
-    from tfcompress.chunk_pruning import chunk_pruned_layers
 
     model = keras.models.load_model(model_path, compile=False)
     layers = chunk_pruned_layers(model)
