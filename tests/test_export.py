@@ -325,10 +325,8 @@ CONFIG_SYNTAXES = [
 
 
 @pytest.mark.parametrize("text", CONFIG_SYNTAXES)
-def test_models_config_text_format_round_trips_like_the_real_proto(tmp_path, text):
+def test_models_config_update_adds_the_entry_and_keeps_everything_else(tmp_path, text):
     original = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
-    rewritten = serving_config.format_text_proto(serving_config.parse_text_proto(text))
-    assert text_format.Parse(rewritten, model_server_config_pb2.ModelServerConfig()) == original
     (tmp_path / "models.config").write_text(text)
     serving_config.update_models_config(str(tmp_path), "new-model", "/srv/new model")
     serving_config.update_models_config(str(tmp_path), "new-model", "/srv/moved")  # updates in place, no duplicate
@@ -338,19 +336,72 @@ def test_models_config_text_format_round_trips_like_the_real_proto(tmp_path, tex
     entry = expected.model_config_list.config.add()
     entry.name, entry.base_path, entry.model_platform = "new-model", "/srv/moved", "tensorflow"
     assert updated == expected
+    assert os.listdir(tmp_path) == ["models.config"]  # written through a temporary file, renamed over it
+
+
+def test_models_config_update_keeps_the_users_version_policy_labels_and_logging(tmp_path):
+    """Re-exporting a model someone configured by hand changes only where it lives."""
+    (tmp_path / "models.config").write_text("""
+        model_config_list {
+          config { name: "first" base_path: "/m/first" model_platform: "tensorflow" }
+          config {
+            name: "served"
+            base_path: "/old/place"
+            model_platform: "tensorflow"
+            model_version_policy { specific { versions: 3 versions: 4 } }
+            version_labels { key: "stable" value: 3 }
+            version_labels { key: "canary" value: 4 }
+            logging_config { sampling_config { sampling_rate: 0.25 } }
+          }
+        }
+    """)
+    path = serving_config.update_models_config(str(tmp_path), "served", "/new/place")
+    assert path == str(tmp_path / "models.config")
+    config = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    entries = config.model_config_list.config
+    assert [entry.name for entry in entries] == ["first", "served"]
+    served = entries[1]
+    assert served.base_path == "/new/place" and served.model_platform == "tensorflow"
+    assert list(served.model_version_policy.specific.versions) == [3, 4]
+    assert dict(served.version_labels) == {"stable": 3, "canary": 4}
+    assert served.logging_config.sampling_config.sampling_rate == 0.25
+    assert entries[0].base_path == "/m/first"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("model_config_list { config { name: 'a' }", "never closed"),
-    ("model_config_list { config { name 'a' } }", "line 1: expected ':'"),
-    ("model_config_list {\n  config { name: 'a' } }\n}", "line 3: expected a field name"),
-    ("custom_model_config { }", "custom_model_config"),
-    ("model_config_list { config { nmae: 'a' } }", "not a valid ModelServerConfig"),
+    ("model_config_list { config { name: 'a' }", r"1:40"),                  # never closed
+    ("model_config_list { config { name 'a' } }", r"1:35"),                 # no ':' before a scalar
+    ("model_config_list {\n  config { name: 'a' } }\n}", r"3:1"),          # one '}' too many
+    ("model_config_list { config { nmae: 'a' } }", r"nmae"),                # no such field
 ])
-def test_models_config_errors_name_the_problem(tmp_path, text, message):
-    (tmp_path / "models.config").write_text(text)
-    with pytest.raises(ValueError, match=message):
+def test_an_unreadable_models_config_raises_naming_the_file_and_is_left_alone(tmp_path, text, message):
+    path = tmp_path / "models.config"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{path} is not a valid ModelServerConfig .*{message}"):
         serving_config.update_models_config(str(tmp_path), "m")
+    assert path.read_text() == text
+
+
+def test_a_models_config_with_custom_model_config_is_refused(tmp_path):
+    path = tmp_path / "models.config"
+    path.write_text("custom_model_config { }\n")
+    with pytest.raises(ValueError, match=rf"{path}: models.config uses custom_model_config"):
+        serving_config.update_models_config(str(tmp_path), "m")
+    assert path.read_text() == "custom_model_config { }\n"
+
+
+def test_export_without_tensorflow_serving_api_says_how_to_install_it():
+    code = ("import sys\n"
+            "sys.modules['tensorflow_serving'] = None  # what an environment without the package sees\n"
+            "try:\n"
+            "    import tfcompress.export.saved_model\n"
+            "except ImportError as error:\n"
+            "    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensorflow-serving-api" in done.stdout
+    assert "pip install --no-deps tensorflow-serving-api==2.21.0" in done.stdout
 
 
 def test_bad_arguments_raise_naming_the_value(exported, tmp_path):

@@ -18,14 +18,15 @@ What lands in `saved_models/NAME/VERSION/`:
   the converter would have rejected) with `valid` and `reject_reason`.
 - `assets.extra/`: `tfcompress_export.json` (signatures, size table, tolerances, out-of-range rule),
   `tfcompress_samples.npz` (sample rows with the Keras model's and the serving graph's predictions, which
-  `tfcompress verify` compares against in a fresh process) and, when `tensorflow-serving-api` is installed,
-  `tf_serving_warmup_requests` (TF Serving replays these PredictRequests when it loads the version). TF Serving
-  ignores everything else in assets.extra.
+  `tfcompress verify` compares against in a fresh process) and `tf_serving_warmup_requests` (TF Serving replays
+  these PredictRequests when it loads the version). TF Serving ignores everything else in assets.extra.
 - `model.onnx` with `onnx=True` (the tensor signature converted by tf2onnx at opset `DEFAULT_ONNX_OPSET`; its
   predictions are checked against the SavedModel's to 1e-5 before the export is published).
 
 and `saved_models/models.config` (TF Serving's ModelServerConfig text format) gains or updates the entry NAME, so
-`tensorflow_model_server --model_config_file=saved_models/models.config` serves the newest version.
+`tensorflow_model_server --model_config_file=saved_models/models.config` serves the newest version. Both need
+tensorflow-serving-api, installed without its dependencies (`tfcompress.export.serving_config` says why); without
+it importing this module raises ImportError saying how to install it.
 
 What the serving graph contains (stock TensorFlow ops only: TF Serving's binary cannot load our custom ops):
 
@@ -367,7 +368,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
                  keras_probability=keras_probability, serving_probability=serving_probability)
         if raw_samples is not None:
             np.savez(os.path.join(extra, RAW_SAMPLES_FILE), **raw_samples)
-        warmup = write_warmup_requests(os.path.join(extra, WARMUP_FILE), name, samples)
+        write_warmup_requests(os.path.join(extra, WARMUP_FILE), name, samples)
         onnx_info = None
         if onnx:
             onnx_path = os.path.join(staging, ONNX_FILE)
@@ -407,7 +408,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
             "keras_max_abs_difference": float(np.max(np.abs(serving_probability - keras_probability))),
             "serving_out_of_range": serving_out_of_range,
             "bad_ids_raise": bad_ids_raise,
-            "warmup_requests": WARMUP_FILE if warmup else None,
+            "warmup_requests": WARMUP_FILE,
             "onnx": onnx_info,
             **sizes,
         }

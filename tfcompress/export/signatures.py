@@ -79,14 +79,9 @@ def raw_serving_functions(model, preprocessor):
 
 
 def write_warmup_requests(path, model_name, samples, rows=8):
-    """TF Serving's warmup file (a TFRecord of PredictionLog): one PredictRequest per signature.
+    """TF Serving's warmup file (a TFRecord of PredictionLog): one PredictRequest per signature."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    Returns False (writing nothing) when tensorflow-serving-api is not installed.
-    """
-    try:
-        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-    except ImportError:
-        return False
     dense, sparse = samples["dense"][:rows], samples["sparse"][:rows]
     tensor_request = predict_pb2.PredictRequest(
         model_spec=model_pb2.ModelSpec(name=model_name, signature_name=TENSOR_SIGNATURE))
@@ -100,7 +95,6 @@ def write_warmup_requests(path, model_name, samples, rows=8):
         for request in (tensor_request, example_request):
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
-    return True
 
 
 def serialize_example(dense, sparse, label=None):
