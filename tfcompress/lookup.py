@@ -94,3 +94,43 @@ def _gather_dense_gradient(params, indices):
         return scattered, None
 
     return tf.gather(params, indices), grad
+
+
+class TableReader:
+    """How a layer's `serving_lookup` reads its float tables: one plain gather, from the table or from a copy of it.
+
+    Serving graphs need no gradient, so a lookup is `tf.gather` on the table's variable (what `gather_with_gradient`
+    returns, without its gradient plumbing). `substitutes` maps a table, by the id of its tf.Variable, to a copy read
+    instead: (values tf.Variable, scale or None), read as cast(gather(values), float32) * scale; the exporter's int8
+    and float16 tables are such copies. Every table read through the reader is recorded in `tables`
+    ({id: tf.Variable}), which is how the exporter finds the tables to quantize.
+
+    Args:
+        substitutes: {id(tf.Variable): (values tf.Variable, scale float or None)}, default none.
+    """
+
+    def __init__(self, substitutes=None):
+        self.substitutes = dict(substitutes or {})
+        self.tables = {}
+
+    def stored(self, table):
+        """(what to gather from, scale or None, quantized?) for a layer's float table (a Keras or tf.Variable)."""
+        variable = resource_variable(table)
+        self.tables[id(variable)] = variable
+        substitute = self.substitutes.get(id(variable))
+        if substitute is None:
+            return variable, None, False
+        return substitute[0], substitute[1], True
+
+    @staticmethod
+    def dequantize(values, scale, quantized):
+        """Values gathered from `stored(...)`'s first element as float32 (`scale` and `quantized` from the same)."""
+        if not quantized:
+            return values
+        values = tf.cast(values, tf.float32)
+        return values if scale is None else values * tf.constant(scale, tf.float32)
+
+    def gather(self, table, indices):
+        """`tf.gather(table, indices)` along axis 0, read from the table's substitute when it has one."""
+        stored, scale, quantized = self.stored(table)
+        return self.dequantize(tf.gather(stored, indices), scale, quantized)
