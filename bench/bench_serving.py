@@ -57,11 +57,11 @@ def build_model(kind, compression, chunk_size):
 
 
 def embedding_function(model):
-    """The serving graph of the model's embedding layer alone, traced as the export traces it (stock ops)."""
+    """The serving graph of the model's embedding layer alone, traced as the export traces it: its
+    `serving_lookup` (stock ops, plain gathers, ids folded into range)."""
     layer = serving_model.outer_embedding_layers(model)[0]
-    with serving_model.serving_mode(layer, serving_model.ServingLookup()):
-        function = tf.function(lambda sparse: layer(sparse))
-        function = function.get_concrete_function(tf.TensorSpec([None, len(CRITEO_KAGGLE_CARDINALITIES)], tf.int64))
+    function = tf.function(lambda sparse: layer.serving_lookup(sparse, "mod"))
+    function = function.get_concrete_function(tf.TensorSpec([None, len(CRITEO_KAGGLE_CARDINALITIES)], tf.int64))
     return lambda dense, sparse: {"probability": function(sparse)}
 
 

@@ -19,18 +19,21 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import model_pb2, predict_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tfcompress import fused_ops
+from tfcompress import fused_ops, lookup
 from tfcompress._keras import keras
 from tfcompress.data.schema import Schema
 from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES
 from tfcompress.layers import (FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding, QREmbedding,
                                QuantizedEmbedding, RobeEmbedding)
+from tfcompress.layers import base as layers_base
+from tfcompress.layers.base import nested_layers
 from tfcompress.models import build_dcn, build_dlrm
 from tfcompress.plan import make_plan
 from tfcompress.quantize import quantize_model
 from tfcompress.export import raw_features, saved_model, serving_config, signatures
 from tfcompress.export.onnx import DEFAULT_ONNX_OPSET
 from tfcompress.export.saved_model import export_saved_model
+from tfcompress.export.serving_model import ServingModel
 from tfcompress.export.verify import STANDALONE_SCRIPT, verify
 
 MIXED_CARDS = [100, 20, 7, 300, 50, 1000, 33, 12]
@@ -238,7 +241,7 @@ def test_onnx_export_matches_keras_with_int64_hashing_and_bad_ids(exported):
     assert metadata["onnx"]["opset"] == DEFAULT_ONNX_OPSET == 18
     session = onnxruntime.InferenceSession(os.path.join(exported["paths"]["avazu"], "model.onnx"),
                                            providers=["CPUExecutionProvider"])
-    # 400 rows gather ROBE chunk-wise, 3 rows element-wise (see serving_model.robe_serving_call): both branches.
+    # 400 rows gather ROBE chunk-wise, 3 rows element-wise (see RobeEmbedding.serving_lookup): both branches.
     for n in (400, 3):
         inputs = rows(AVAZU_LIKE_CARDS, n, 0, seed=5)
         inputs["sparse"][:3] = [[-1, -2, -3, -4], [500, 40, 9, 1200], [2**40, -(2**40), 1, 1]]
@@ -258,6 +261,80 @@ def test_robe_serving_lookup_equals_the_layer_for_small_and_large_batches(tmp_pa
         inputs = rows(cards, n, 2, seed=n)
         np.testing.assert_allclose(signature_probability(loaded, inputs), keras_probability(model, inputs),
                                    atol=1e-6)
+
+
+def _layer_state(model):
+    """What export must not change: per layer its call, id rule, graph nodes and variables; the model's config."""
+    layers = [model, *nested_layers(model)]
+    return {
+        "instance_call": [layer.__dict__.get("call") for layer in layers],
+        "call": [type(layer).call for layer in layers],
+        "out_of_range": [getattr(layer, "out_of_range", None) for layer in layers],
+        "nodes": [(len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers],
+        "variables": [id(weight) for weight in model.weights],
+        "config": json.dumps(model.get_config(), sort_keys=True, default=str),
+    }
+
+
+def _process_state():
+    """Module-level state of the modules export used to switch (custom ops, lookups, id rules)."""
+    return {module.__name__: dict(vars(module)) for module in (fused_ops, lookup, layers_base)}
+
+
+def test_export_leaves_the_users_model_and_the_process_untouched(tmp_path):
+    keras.utils.set_random_seed(5)
+    model = build_dlrm((N_DENSE, len(MIXED_CARDS)), mixed_embedding(), (16,), (16,), name="untouched")
+    inputs = rows(MIXED_CARDS, 20, N_DENSE, seed=2)
+    before = keras_probability(model, inputs)
+    state, process = _layer_state(model), _process_state()
+    weights = [w.copy() for w in model.get_weights()]
+    assert "error" in state["out_of_range"]  # the serving rule "mod" differs from the layers' own
+    export_saved_model(model, base_dir=str(tmp_path), name="untouched", quantize="int8")
+    assert _layer_state(model) == state
+    assert _process_state() == process
+    for got, expected in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(keras_probability(model, inputs), before)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="id out of range"):  # still the trained rule
+        keras_probability(model, {"dense": inputs["dense"][:1], "sparse": -np.ones((1, 8), np.int64)})
+
+
+class _HoldsAnEmbedding(keras.layers.Layer):
+    """A subclassed layer that calls an id layer in its own call: export cannot reach it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = FullEmbedding([50, 30], 4)
+
+    def call(self, ids):
+        return self.inner(ids)
+
+
+def test_serving_model_runs_nested_models_with_serving_lookups():
+    keras.utils.set_random_seed(9)
+    sparse = keras.Input((2,), dtype="int64", name="sparse")
+    dense = keras.Input((3,), name="dense")
+    inner_ids = keras.Input((2,), dtype="int64")
+    inner = keras.Model(inner_ids, keras.layers.Flatten()(
+        RobeEmbedding([50, 30], 4, memory_size=40, chunk_size=2)(inner_ids)), name="inner_functional")
+    sequential = keras.Sequential([keras.Input((2,), dtype="int64"), FullEmbedding([50, 30], 4),
+                                   keras.layers.Flatten(), keras.layers.Dropout(0.5)], name="inner_sequential")
+    x = keras.layers.Concatenate()([inner(sparse), sequential(sparse), dense])
+    model = keras.Model({"dense": dense, "sparse": sparse}, keras.layers.Dense(1, activation="sigmoid", name="click")(x))
+    good = rows([50, 30], 16, 3, seed=4)
+    bad = {"dense": good["dense"][:5], "sparse": np.array([[-1, 30], [50, -31], [2**40, 1], [0, 29], [49, 0]])}
+    folded = {"dense": bad["dense"], "sparse": np.mod(bad["sparse"], [50, 30])}
+    served = ServingModel(model, "mod")
+    np.testing.assert_array_equal(np.asarray(served(good)), keras_probability(model, good))
+    # Traced, the dense layers may fuse differently (float round-off); the lookups are bit-identical either way.
+    np.testing.assert_allclose(np.asarray(tf.function(served)(good)), keras_probability(model, good), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(served(bad)), keras_probability(model, folded))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="id out of range"):
+        ServingModel(model, "as_trained")(bad)
+
+    holder = keras.Model(sparse, keras.layers.Flatten()(_HoldsAnEmbedding(name="holder")(sparse)))
+    with pytest.raises(ValueError, match=r"inside _HoldsAnEmbedding 'holder'.*serving_lookup"):
+        ServingModel(holder)
 
 
 def read_metadata(path):

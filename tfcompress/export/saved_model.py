@@ -30,10 +30,12 @@ it importing this module raises ImportError saying how to install it.
 
 What the serving graph contains (stock TensorFlow ops only: TF Serving's binary cannot load our custom ops):
 
-- every layer runs its pure-TF path (`tfcompress.fused_ops.disabled()`), and lookups are plain gathers (the
-  training-time gradient plumbing of `tfcompress.lookup.gather_with_gradient` is dropped: serving needs no gradient);
+- the model's graph is traced with every id layer's `serving_lookup` in place of its `call`
+  (`tfcompress.export.serving_model.ServingModel`; the user's model and its layers are not changed): stock ops,
+  never the custom ops, and lookups are plain gathers (the training-time gradient plumbing of
+  `tfcompress.lookup.gather_with_gradient` is dropped: serving needs no gradient), bit-identical to `call`;
 - ROBE-Z: the one shared array plus the chunk hash of `tfcompress.robe_hash.robe_chunk_hash_tf` (int64 per id, int32
-  per chunk), each chunk read as one contiguous slice (`robe_serving_call`; bit-identical to the layer);
+  per chunk), each chunk read as one contiguous slice (`RobeEmbedding.serving_lookup`);
 - MLET: folded into one table per feature first (`tfcompress.fold`); full, hashed and QR tables as they are;
 - `quantize="int8"`: every float embedding table (ROBE's array included) is stored as int8 with one scale per
   table (the least-error scale of `tfcompress.quantize.quantize_int8`) and de-quantized after the gather;
@@ -60,15 +62,14 @@ import tensorflow as tf
 import tfcompress
 from tfcompress.export.onnx import DEFAULT_ONNX_OPSET, export_onnx, onnx_predictions
 from tfcompress.export.serving_config import check_model_name, update_models_config
-from tfcompress.export.serving_model import (ServingLookup, _unique_names, feature_counts, fold_for_serving,
+from tfcompress.export.serving_model import (ServingModel, _unique_names, feature_counts, fold_for_serving,
                                              model_cardinalities, outer_embedding_layers, quantized_substitutes,
-                                             serving_mode, variable_paths)
+                                             variable_paths)
 from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, TENSOR_SIGNATURE,
                                           example_features, raw_serving_functions, serving_functions,
                                           write_warmup_requests)
-from tfcompress import fused_ops
 from tfcompress._keras import keras
-from tfcompress.lookup import resource_variable
+from tfcompress.lookup import TableReader, resource_variable
 
 QUANTIZE_CHOICES = (None, "int8", "fp16")
 SERVING_OUT_OF_RANGE_CHOICES = ("mod", "as_trained")
@@ -302,23 +303,21 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     samples = _check_inputs(sample_inputs, n_dense, n_sparse) if sample_inputs is not None else \
         sample_rows(n_dense, cardinalities)
     raw_spec = _raw_spec(raw_preprocessing, n_dense, cardinalities) if raw_preprocessing is not None else None
-    # The pure-TF path gives the same values as the custom ops (their contract) and needs no op library here.
-    with fused_ops.disabled():
-        keras_probability = np.asarray(model(samples, training=False), np.float32).reshape(-1, 1)
+    keras_probability = np.asarray(model(samples, training=False), np.float32).reshape(-1, 1)
 
-    serving_model = fold_for_serving(model)
-    paths = variable_paths(serving_model)
+    folded = fold_for_serving(model)
+    paths = variable_paths(folded)
 
     # First trace: find the tables every lookup reads (to quantize exactly those), then the real trace.
     substitutes = {}
     if quantize is not None:
-        probe = ServingLookup()
-        with serving_mode(serving_model, probe, serving_out_of_range):
-            serving_functions(serving_model, n_dense, n_sparse)[0].get_concrete_function()
+        probe = TableReader()
+        serving_functions(ServingModel(folded, serving_out_of_range, probe), n_dense, n_sparse)[0] \
+            .get_concrete_function()
         substitutes = quantized_substitutes(probe.tables, quantize, paths)
         for key, (values, _) in substitutes.items():
             paths[id(values)] = values.name.split(":")[0]
-    lookup = ServingLookup(substitutes)
+    served = ServingModel(folded, serving_out_of_range, TableReader(substitutes))
     # Vocabulary files of the raw signature live here until tf.saved_model.save copies them into assets/.
     asset_dir = tempfile.TemporaryDirectory(prefix="tfcompress-raw-") if raw_spec is not None else None
     preprocessor = None
@@ -326,22 +325,21 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         from tfcompress.export.raw_features import RawPreprocessor
 
         preprocessor = RawPreprocessor(raw_spec, asset_dir.name)
-    with serving_mode(serving_model, lookup, serving_out_of_range):
-        serve_tensors, serve_examples = serving_functions(serving_model, n_dense, n_sparse)
-        concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
-                    EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
-        if preprocessor is not None:
-            from tfcompress.export.raw_features import RAW_FEATURES_SIGNATURE, RAW_SIGNATURE
+    serve_tensors, serve_examples = serving_functions(served, n_dense, n_sparse)
+    concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
+                EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
+    if preprocessor is not None:
+        from tfcompress.export.raw_features import RAW_FEATURES_SIGNATURE, RAW_SIGNATURE
 
-            serve_raw, serve_raw_features = raw_serving_functions(serving_model, preprocessor)
-            concrete[RAW_SIGNATURE] = serve_raw.get_concrete_function()
-            concrete[RAW_FEATURES_SIGNATURE] = serve_raw_features.get_concrete_function()
+        serve_raw, serve_raw_features = raw_serving_functions(served, preprocessor)
+        concrete[RAW_SIGNATURE] = serve_raw.get_concrete_function()
+        concrete[RAW_FEATURES_SIGNATURE] = serve_raw_features.get_concrete_function()
     _check_stock_graph(concrete.values())
     raw_samples = _raw_samples(raw_spec, concrete) if raw_spec is not None else None
 
     captured = {id(v): v for function in concrete.values() for v in function.variables}
     named = _unique_names(captured.values(), paths)
-    sizes = size_table(named, serving_model)
+    sizes = size_table(named, folded)
 
     serving_probability = _probability(concrete[TENSOR_SIGNATURE], samples)
     bad = out_of_range_rows(n_dense, cardinalities)

@@ -2,15 +2,12 @@
 (stock ops, plain or de-quantizing lookups, the serving id rule), quantized table copies and variable names.
 """
 
-import contextlib
-
 import numpy as np
 import tensorflow as tf
 
-from tfcompress import fused_ops
 from tfcompress._keras import keras
 from tfcompress.layers.base import nested_layers
-from tfcompress.lookup import lookups_replaced_by, resource_variable
+from tfcompress.lookup import TableReader, resource_variable
 
 
 def _is_embedding(layer):
@@ -89,123 +86,121 @@ def fold_for_serving(model):
 
 
 # -------------------------------------------------------------------------------------------- serving graph
-class ServingLookup:
-    """Stands in for `tfcompress.lookup.gather_with_gradient` while the serving graph is traced.
+def is_id_layer(layer):
+    """Whether `layer` maps ids to embeddings with a `serving_lookup` (every tfcompress id layer does)."""
+    return callable(getattr(layer, "serving_lookup", None))
 
-    Serving needs no gradient, so a lookup is one plain gather. Tables listed in `substitutes` (by tf.Variable id)
-    are read from their quantized copy instead: (values variable, scale or None) gives
-    cast(gather(values), float32) * scale. Every table looked up is recorded in `tables`.
+
+class ServingModel:
+    """A Keras model as its serving graph computes it: `ServingModel(model, rule, tables)(inputs)`.
+
+    Runs the model's functional graph node by node, as `model(inputs, training=False)` does, except that every id
+    layer computes `layer.serving_lookup(ids, out_of_range, tables)` (stock ops only, plain or de-quantizing
+    lookups, the serving id rule) instead of its `call`. Nested functional and Sequential models are run the same
+    way; every other layer is called as it is, with training=False. Nothing of the model or its layers is changed
+    (no attribute is replaced, no node is added), so the user's model keeps training and serving as before.
+
+    Args:
+        model: a functional (or Sequential) Keras model, Keras 3 or tf_keras.
+        out_of_range: the serving id rule of every id layer: "mod" or "as_trained" (`tfcompress.layers.base`).
+        tables: the `tfcompress.lookup.TableReader` every lookup reads its tables through (default: the stored
+            variables).
+
+    Raises:
+        ValueError: an id layer sits inside a layer that is neither a functional/Sequential model nor an id layer
+            (a subclassed layer calls it in its own `call`, which export cannot trace with `serving_lookup`).
     """
 
-    def __init__(self, substitutes=None):
-        self.substitutes = substitutes or {}
-        self.tables = {}
+    def __init__(self, model, out_of_range="mod", tables=None):
+        self.model = model
+        self.out_of_range = out_of_range
+        self.tables = TableReader() if tables is None else tables
+        self._check_reachable(model)
 
-    def stored(self, table):
-        """(what to gather from, scale or None, quantized?) for a layer's float table."""
-        variable = resource_variable(table)
-        self.tables[id(variable)] = variable
-        substitute = self.substitutes.get(id(variable))
-        if substitute is None:
-            return variable, None, False
-        return substitute[0], substitute[1], True
+    def __call__(self, inputs):
+        return self._run(self.model, inputs)
 
+    # -- which layers the walk reaches
     @staticmethod
-    def dequantize(values, scale, quantized):
-        if not quantized:
-            return values
-        values = tf.cast(values, tf.float32)
-        return values if scale is None else values * tf.constant(scale, tf.float32)
+    def _is_graph_model(layer):
+        if isinstance(layer, keras.Sequential):
+            return True
+        return hasattr(layer, "_run_through_graph") or getattr(layer, "_is_graph_network", False)
 
-    def __call__(self, table, indices, gradient=None):
-        stored, scale, quantized = self.stored(table)
-        return self.dequantize(tf.gather(stored, indices), scale, quantized)
+    def _check_reachable(self, model):
+        for layer in _graph_layers(model):
+            if is_id_layer(layer):
+                continue
+            if self._is_graph_model(layer):
+                self._check_reachable(layer)
+                continue
+            hidden = [sub.name for sub in nested_layers(layer) if is_id_layer(sub)]
+            if hidden:
+                raise ValueError(
+                    f"export cannot serve the embedding layer(s) {hidden} inside {type(layer).__name__} "
+                    f"{layer.name!r}: id layers must be called by a functional or Sequential model (or be members of "
+                    "a PlannedEmbedding), so that export can trace their serving_lookup")
+
+    # -- one layer
+    def _serving_call(self, layer):
+        """What runs in place of `layer(*args, **kwargs)` in the serving graph."""
+        if is_id_layer(layer):
+            return lambda ids, *args, **kwargs: layer.serving_lookup(ids, self.out_of_range, self.tables)
+        if self._is_graph_model(layer):
+            return lambda inputs, *args, **kwargs: self._run(layer, inputs)
+        takes_training = ("training" in getattr(layer, "_call_context_args", ())  # Keras 3
+                          or getattr(layer, "_expects_training_arg", False))  # tf_keras
+
+        def call(*args, **kwargs):
+            if takes_training:
+                kwargs["training"] = False
+            return layer(*args, **kwargs)
+
+        return call
+
+    # -- one model
+    def _run(self, model, inputs):
+        if isinstance(model, keras.Sequential):
+            functional = getattr(model, "_functional", None)  # Keras 3: the graph of a Sequential with an Input
+            if functional is not None:
+                return self._run(functional, inputs)
+            if not getattr(model, "_is_graph_network", False):  # no Input given: its layers one after another
+                for layer in model.layers:
+                    inputs = self._serving_call(layer)(inputs)
+                return inputs
+        if hasattr(model, "_run_through_graph"):
+            return self._run_keras3(model, inputs)
+        return self._run_tf_keras(model, inputs)
+
+    def _run_keras3(self, model, inputs):
+        """Keras 3's `Functional.call`, with `_serving_call` as the function applied at every node."""
+        outputs = model._run_through_graph(model._standardize_inputs(inputs), operation_fn=self._serving_call)
+        return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+    def _run_tf_keras(self, model, inputs):
+        """tf_keras' `Functional._run_internal_graph`, calling `_serving_call(node.layer)` at every node."""
+        inputs = model._flatten_to_reference_inputs(inputs)
+        usage = model._tensor_usage_count
+        computed = {}
+        for reference, value in zip(model.inputs, inputs):
+            key = str(id(reference))
+            computed[key] = [model._conform_to_reference_input(value, ref_input=reference)] * usage[key]
+        for depth in sorted(model._nodes_by_depth, reverse=True):
+            for node in model._nodes_by_depth[depth]:
+                if node.is_input or any(key not in computed for key in node.flat_input_ids):
+                    continue
+                args, kwargs = node.map_arguments(computed)
+                outputs = self._serving_call(node.layer)(*args, **kwargs)
+                for key, value in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
+                    computed[key] = [value] * usage[key]
+        return tf.nest.pack_sequence_as(model._nested_outputs,
+                                        [computed[str(id(output))].pop() for output in model.outputs])
 
 
-def robe_serving_call(layer, lookup):
-    """A `RobeEmbedding.call` for serving: the same values, gathered chunk by chunk instead of element by element.
-
-    Each chunk of Z elements is the contiguous slice M[h : h + Z], so with the windows matrix
-    W[j] = M[j : j + Z] ((|M| - Z + 1) x Z, built per call from M with Z slices) one row gather W[h] fetches a whole
-    chunk: the hash runs once per chunk (as in the layer), and the per-element position tensor (B x F x D) and the
-    scalar gather over it, which dominate the layer's pure-TF path on CPU, are gone. Building W costs |M| x Z
-    copies per call, so a small batch (fewer lookups than W holds) takes the element path instead; both branches
-    give bit-identical values (`tf.cond`, stock ops, converted to ONNX If).
-
-    The hash is `robe_hash.robe_chunk_hash_tf` told that ids are in [0, total rows) (true after `prepare_ids`), so it
-    runs one int64 division per id and int32 arithmetic per chunk; starts and element positions are int32.
-    Only the saved variable M (or its quantized copy) is stored: W is rebuilt in graph on every call.
-    """
-    from tfcompress import robe_hash
-    from tfcompress.layers import base
-
-    size, width, chunk = layer.memory_size, layer.output_dim, layer.chunk_size
-    chunks = robe_hash.num_chunks(width, chunk)
-    num_features = len(layer.cardinalities)
-    total_rows = int(sum(layer.cardinalities))  # prepare_ids puts every offset id in [0, total_rows)
-    window_rows = min(size - chunk + 1, robe_hash.P)  # every chunk start h < min(|M| - Z + 1, P)
-    position_dtype = tf.int32 if robe_hash.max_position(size, chunk) <= robe_hash.INT32_MAX else tf.int64
-
-    def call(ids):
-        ids = base.prepare_ids(ids, layer.cardinalities, layer.out_of_range)
-        a = ids + tf.constant(layer._offsets)
-        starts = robe_hash.robe_chunk_hash_tf(a, chunks, size, chunk, layer.seed, id_bound=total_rows)  # i32 [B,F,c]
-        stored, scale, quantized = lookup.stored(layer.memory)
-
-        def per_element():
-            positions = robe_hash.chunk_positions_tf(tf.cast(starts, position_dtype), width, chunk)
-            return tf.gather(stored, positions)
-
-        def per_chunk():
-            memory = tf.convert_to_tensor(stored)  # one read of the variable for the Z slices
-            # Stacking the Z shifted slices as rows and transposing (two bulk copies) measured 1.5x faster than
-            # stacking them as columns, which copies one element at a time.
-            windows = tf.transpose(tf.stack([memory[o:window_rows + o] for o in range(chunk)], axis=0))
-            rows = tf.gather(windows, starts)  # [B, F, chunks, Z]
-            flat = tf.reshape(rows, [-1, num_features, chunks * chunk])
-            return flat if chunks * chunk == width else flat[..., :width]  # a partial last chunk: drop its tail
-
-        if chunk == 1:
-            values = per_element()
-        else:
-            # Decided from the ids' shape, not from `starts`, so W can be built while the hash still runs.
-            lookups = tf.size(ids, out_type=tf.int64) * (chunks * chunk)
-            values = tf.cond(lookups >= window_rows * chunk, per_chunk, per_element)
-        values = lookup.dequantize(values, scale, quantized)
-        if layer.signed:
-            values = values * robe_hash.robe_signs_tf(a, width, layer.seed, id_bound=total_rows)
-        return values
-
-    return call
-
-
-@contextlib.contextmanager
-def serving_mode(model, lookup, serving_out_of_range="mod"):
-    """Trace serving graphs inside this block: stock ops only, plain (or de-quantizing) lookups, serving id rule.
-
-    Every layer reads its tables through `ops.gather_with_gradient`, so `ops.lookups_replaced_by(lookup)` turns
-    every lookup, in every layer type, into `lookup` without each layer needing a serving twin. ROBE layers get
-    `robe_serving_call` (chunk gathers). Everything is restored on exit.
-    """
-    from tfcompress.layers import RobeEmbedding
-
-    layers = [model, *nested_layers(model)]
-    rules = []
-    if serving_out_of_range == "mod":
-        rules = [(layer, layer.out_of_range) for layer in layers if getattr(layer, "out_of_range", None) == "error"]
-    robes = [layer for layer in layers if isinstance(layer, RobeEmbedding)]
-    try:
-        for layer, _ in rules:
-            layer.out_of_range = "mod"
-        for layer in robes:
-            layer.call = robe_serving_call(layer, lookup)  # an instance attribute shadows the class's call
-        with fused_ops.disabled(), lookups_replaced_by(lookup):
-            yield
-    finally:
-        for layer, rule in rules:
-            layer.out_of_range = rule
-        for layer in robes:
-            layer.__dict__.pop("call", None)
+def _graph_layers(model):
+    """The layers a functional or Sequential model calls (its own, not those nested in them)."""
+    functional = getattr(model, "_functional", None)
+    return list((functional or model).layers)
 
 
 def quantized_substitutes(tables, quantize, names):

@@ -5,7 +5,8 @@
 - `raw` and `raw_features` (with `raw_preprocessing`): raw string fields, preprocessed in graph
   (`tfcompress.export.raw_features`).
 
-Every function calls the model on {"dense", "sparse"} tensors; `tfcompress.export.saved_model` traces them.
+Every function calls the model as served (`tfcompress.export.serving_model.ServingModel`) on {"dense", "sparse"}
+tensors; `tfcompress.export.saved_model` traces them.
 """
 
 import numpy as np
@@ -31,15 +32,21 @@ def example_features(n_dense, n_sparse):
 
 
 def serving_functions(model, n_dense, n_sparse):
-    """The two signature functions (tf.function, not yet traced): tensors -> probability, Examples -> probability."""
+    """The two signature functions (tf.function, not yet traced): tensors -> probability, Examples -> probability.
 
-    def forward(dense, sparse):
-        probability = model({"dense": dense, "sparse": sparse}, training=False)
-        return {OUTPUT_KEY: tf.cast(tf.reshape(probability, [-1, 1]), tf.float32)}
+    Args:
+        model: the model as served, {"dense", "sparse"} -> probability [B, 1]: a
+            `tfcompress.export.serving_model.ServingModel` (or any callable taking that dict).
+        n_dense, n_sparse: the widths of the inputs.
+    """
+
+    def probability(dense, sparse):
+        values = model({"dense": dense, "sparse": sparse})
+        return {OUTPUT_KEY: tf.cast(tf.reshape(values, [-1, 1]), tf.float32)}
 
     @tf.function(input_signature=input_signature(n_dense, n_sparse))
     def serve_tensors(dense, sparse):
-        return forward(dense, sparse)
+        return probability(dense, sparse)
 
     features = example_features(n_dense, n_sparse)
 
@@ -47,15 +54,15 @@ def serving_functions(model, n_dense, n_sparse):
     def serve_examples(examples):
         parsed = tf.io.parse_example(examples, features)
         dense = parsed["dense"] if n_dense > 0 else tf.zeros([tf.shape(examples)[0], 0], tf.float32)
-        return forward(dense, parsed["sparse"])
+        return probability(dense, parsed["sparse"])
 
     return serve_tensors, serve_examples
 
 
 def raw_serving_functions(model, preprocessor):
-    """The raw-string signature functions (not yet traced) of a `tfcompress.raw_features.RawPreprocessor`.
+    """The raw-string signature functions (not yet traced) of a `tfcompress.export.raw_features.RawPreprocessor`.
 
-    `raw`: fields -> {probability (NaN where the row is rejected), valid, reject_reason}; `raw_features`: fields ->
+    `model` is the model as served (see `serving_functions`). `raw`: fields -> {probability (NaN where the row is rejected), valid, reject_reason}; `raw_features`: fields ->
     the converter's {dense, sparse, valid, reject_reason}. Rejected rows reach the model as zeros (always in
     range) and their probability is replaced, so one bad row never fails a batched request.
     """
@@ -66,7 +73,7 @@ def raw_serving_functions(model, preprocessor):
     @tf.function(input_signature=spec)
     def serve_raw(fields):
         features = preprocessor(fields)
-        probability = model({"dense": features["dense"], "sparse": features["sparse"]}, training=False)
+        probability = model({"dense": features["dense"], "sparse": features["sparse"]})
         probability = tf.cast(tf.reshape(probability, [-1, 1]), tf.float32)
         probability = tf.where(features["valid"][:, None], probability, tf.constant(np.nan, tf.float32))
         return {OUTPUT_KEY: probability, "valid": features["valid"], "reject_reason": features["reject_reason"]}
