@@ -62,8 +62,8 @@ import tensorflow as tf
 import tfcompress
 from tfcompress.export.onnx import DEFAULT_ONNX_OPSET, export_onnx, onnx_predictions
 from tfcompress.export.serving_config import check_model_name, update_models_config
-from tfcompress.export.serving_model import (ServingModel, _unique_names, feature_counts, fold_for_serving,
-                                             model_cardinalities, outer_embedding_layers, quantized_substitutes,
+from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_for_serving, model_cardinalities,
+                                             outer_embedding_layers, quantized_substitutes, unique_names,
                                              variable_paths)
 from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, TENSOR_SIGNATURE,
                                           example_features, raw_serving_functions, serving_functions,
@@ -338,7 +338,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     raw_samples = _raw_samples(raw_spec, concrete) if raw_spec is not None else None
 
     captured = {id(v): v for function in concrete.values() for v in function.variables}
-    named = _unique_names(captured.values(), paths)
+    named = unique_names(captured.values(), paths)
     sizes = size_table(named, folded)
 
     serving_probability = _probability(concrete[TENSOR_SIGNATURE], samples)

@@ -230,7 +230,8 @@ def variable_paths(model):
     return paths
 
 
-def _unique_names(variables, paths):
+def unique_names(variables, paths):
+    """{name: variable} for the saved variables: each named by its Keras path, made unique with _2, _3, ..."""
     named = {}
     for variable in sorted(variables, key=lambda v: paths.get(id(v), v.name)):
         base = paths.get(id(variable), variable.name.split(":")[0])
