@@ -23,6 +23,11 @@ from tfcompress import fused_ops, lookup
 from tfcompress._keras import keras
 from tfcompress.data.schema import Schema
 from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES
+from tfcompress.export import raw_features, saved_model, serving_config, signatures
+from tfcompress.export.onnx import DEFAULT_ONNX_OPSET
+from tfcompress.export.saved_model import export_saved_model
+from tfcompress.export.serving_model import ServingModel
+from tfcompress.export.verify import STANDALONE_SCRIPT, verify
 from tfcompress.layers import (FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding, QREmbedding,
                                QuantizedEmbedding, RobeEmbedding)
 from tfcompress.layers import base as layers_base
@@ -30,11 +35,6 @@ from tfcompress.layers.base import nested_layers
 from tfcompress.models import build_dcn, build_dlrm
 from tfcompress.plan import make_plan
 from tfcompress.quantize import quantize_model
-from tfcompress.export import raw_features, saved_model, serving_config, signatures
-from tfcompress.export.onnx import DEFAULT_ONNX_OPSET
-from tfcompress.export.saved_model import export_saved_model
-from tfcompress.export.serving_model import ServingModel
-from tfcompress.export.verify import STANDALONE_SCRIPT, verify
 
 MIXED_CARDS = [100, 20, 7, 300, 50, 1000, 33, 12]
 AVAZU_LIKE_CARDS = [500, 40, 9, 1200]
