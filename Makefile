@@ -10,9 +10,10 @@ INSTALLED := $(VENV)/.installed-$(TF_EXTRA)
 
 .PHONY: install ops demo test test-slow test-all reproduce clean
 
-# The --no-deps line: legacy tf.keras + TFRS (tests/test_legacy_keras.py) and TF Serving's request protos
-# (tests/test_export.py) each declare a dependency on the full `tensorflow` wheel, which would land beside
-# tensorflow-cpu; what they need at run time comes with TensorFlow itself.
+# The --no-deps line: legacy tf.keras + TFRS (tests/test_legacy_keras.py) and TF Serving's protos
+# (tensorflow-serving-api, which `tfcompress export` requires for models.config and the warm-up requests) each
+# declare a dependency on the full `tensorflow` wheel, which would land beside tensorflow-cpu; what they need at
+# run time comes with TensorFlow itself.
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23"

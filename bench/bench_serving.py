@@ -32,9 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from tfcompress import export  # noqa: E402
 from tfcompress._keras import keras  # noqa: E402
 from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
+from tfcompress.export import saved_model, serving_model  # noqa: E402
 from tfcompress.layers import FullEmbedding, RobeEmbedding  # noqa: E402
 from tfcompress.models import build_dlrm  # noqa: E402
 from tfcompress.reproduce.systems import directory_bytes, make_batches, time_side_by_side  # noqa: E402
@@ -57,11 +57,11 @@ def build_model(kind, compression, chunk_size):
 
 
 def embedding_function(model):
-    """The serving graph of the model's embedding layer alone, traced as the export traces it (stock ops)."""
-    layer = export.outer_embedding_layers(model)[0]
-    with export.serving_mode(layer, export.ServingLookup()):
-        function = tf.function(lambda sparse: layer(sparse))
-        function = function.get_concrete_function(tf.TensorSpec([None, len(CRITEO_KAGGLE_CARDINALITIES)], tf.int64))
+    """The serving graph of the model's embedding layer alone, traced as the export traces it: its
+    `serving_lookup` (stock ops, plain gathers, ids folded into range)."""
+    layer = serving_model.outer_embedding_layers(model)[0]
+    function = tf.function(lambda sparse: layer.serving_lookup(sparse, "mod"))
+    function = function.get_concrete_function(tf.TensorSpec([None, len(CRITEO_KAGGLE_CARDINALITIES)], tf.int64))
     return lambda dense, sparse: {"probability": function(sparse)}
 
 
@@ -90,7 +90,7 @@ def main(argv=None):
         paths = {}
         for kind in ("robe", "full"):
             started = time.perf_counter()
-            paths[kind] = export.export_saved_model(models.pop(kind), base_dir=base_dir, name=f"bench_{kind}")
+            paths[kind] = saved_model.export_saved_model(models.pop(kind), base_dir=base_dir, name=f"bench_{kind}")
             print(f"exported {paths[kind]} in {time.perf_counter() - started:.0f} s", flush=True)
         del lookups
         gc.collect()
@@ -100,7 +100,7 @@ def main(argv=None):
             results["timings"][f"{distribution}, whole model"] = time_side_by_side(
                 signatures, batches[distribution], args.repeats)
         for kind, path in paths.items():
-            with open(os.path.join(path, export.METADATA_DIR, export.METADATA_FILE)) as f:
+            with open(os.path.join(path, saved_model.METADATA_DIR, saved_model.METADATA_FILE)) as f:
                 metadata = json.load(f)
             results["sizes"][kind] = {"variables": metadata["exported_bytes"], "directory": directory_bytes(path),
                                       "uncompressed": metadata["uncompressed_bytes"]}

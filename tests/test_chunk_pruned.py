@@ -344,21 +344,21 @@ def test_mirrored_strategy_replicas_make_identical_decisions():
 
 
 def test_export_writes_only_the_pool_and_the_address_table(tmp_path):
-    from tfcompress import export
+    from tfcompress.export import saved_model
     from tfcompress.models import build_dlrm
 
     keras.utils.set_random_seed(3)
     layer = ChunkPrunedEmbedding([100, 20, 7], 8, num_chunks=2, budget=0.3, name="pruned")
     model = build_dlrm((3, 3), layer, (16,), (16,), name="pr")
     chunk_pruning.allocate(layer, np.arange(0, 254, 4))  # some rows partly, some fully pruned
-    path = export.export_saved_model(model, base_dir=str(tmp_path), name="pr")
+    path = saved_model.export_saved_model(model, base_dir=str(tmp_path), name="pr")
     rng = np.random.default_rng(0)
     inputs = {"dense": rng.normal(size=(32, 3)).astype(np.float32),
               "sparse": np.stack([rng.integers(0, n, 32) for n in (100, 20, 7)], 1).astype(np.int64)}
     served = tf.saved_model.load(path).signatures["serving_default"](
         dense=tf.constant(inputs["dense"]), sparse=tf.constant(inputs["sparse"]))["probability"].numpy()
     np.testing.assert_allclose(served, np.asarray(model(inputs, training=False)), atol=1e-6)
-    with open(os.path.join(path, export.METADATA_DIR, export.METADATA_FILE)) as f:
+    with open(os.path.join(path, saved_model.METADATA_DIR, saved_model.METADATA_FILE)) as f:
         saved = {row["name"]: row for row in __import__("json").load(f)["variables"] if row["embedding"]}
     assert sorted(saved) == ["pruned/addresses", "pruned/pool"]  # no utilities, owners or free stack
     assert saved["pruned/pool"]["shape"] == [layer.capacity, 4]

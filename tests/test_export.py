@@ -19,16 +19,22 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import model_pb2, predict_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tfcompress import export, fused_ops
+from tfcompress import fused_ops, lookup
 from tfcompress._keras import keras
 from tfcompress.data.schema import Schema
 from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES
+from tfcompress.export import raw_features, saved_model, serving_config, signatures
+from tfcompress.export.onnx import DEFAULT_ONNX_OPSET
+from tfcompress.export.saved_model import export_saved_model
+from tfcompress.export.serving_model import ServingModel
+from tfcompress.export.verify import STANDALONE_SCRIPT, verify
 from tfcompress.layers import (FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding, QREmbedding,
                                QuantizedEmbedding, RobeEmbedding)
+from tfcompress.layers import base as layers_base
+from tfcompress.layers.base import nested_layers
 from tfcompress.models import build_dcn, build_dlrm
 from tfcompress.plan import make_plan
 from tfcompress.model_rewrite import quantize_model
-from tfcompress.verify import STANDALONE_SCRIPT, verify
 
 MIXED_CARDS = [100, 20, 7, 300, 50, 1000, 33, 12]
 AVAZU_LIKE_CARDS = [500, 40, 9, 1200]
@@ -69,7 +75,7 @@ def keras_probability(model, inputs):
     return np.asarray(model({k: tf.constant(v) for k, v in inputs.items()}, training=False))
 
 
-def signature_probability(loaded, inputs, name=export.TENSOR_SIGNATURE):
+def signature_probability(loaded, inputs, name=signatures.TENSOR_SIGNATURE):
     fn = loaded.signatures[name]
     return fn(dense=tf.constant(inputs["dense"]), sparse=tf.constant(inputs["sparse"]))["probability"].numpy()
 
@@ -109,7 +115,7 @@ def custom_op_saved_model(target):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("saved_models"))
-    with open(os.path.join(base, export.MODELS_CONFIG_FILE), "w") as f:
+    with open(os.path.join(base, serving_config.MODELS_CONFIG_FILE), "w") as f:
         f.write(USER_ENTRY)
     keras.utils.set_random_seed(7)
     mixed = build_dlrm((N_DENSE, len(MIXED_CARDS)), mixed_embedding(), (16,), (16,), name="mixed")
@@ -118,12 +124,12 @@ def exported(tmp_path_factory):
     int8_keras = quantize_model(mixed)  # QuantizedEmbedding members: int8 already in Keras
 
     paths = {
-        "float": export.export_saved_model(mixed, base_dir=base, name="mixed", onnx=True),
-        "int8": export.export_saved_model(mixed, base_dir=base, name="mixed", quantize="int8"),
-        "fp16": export.export_saved_model(mixed, base_dir=base, name="mixed", quantize="fp16",
+        "float": export_saved_model(mixed, base_dir=base, name="mixed", onnx=True),
+        "int8": export_saved_model(mixed, base_dir=base, name="mixed", quantize="int8"),
+        "fp16": export_saved_model(mixed, base_dir=base, name="mixed", quantize="fp16",
                                           serving_out_of_range="as_trained"),
-        "avazu": export.export_saved_model(avazu, base_dir=base, onnx=True),
-        "int8_keras": export.export_saved_model(int8_keras, base_dir=base, name="mixed_int8_keras"),
+        "avazu": export_saved_model(avazu, base_dir=base, onnx=True),
+        "int8_keras": export_saved_model(int8_keras, base_dir=base, name="mixed_int8_keras"),
     }
     bad = str(tmp_path_factory.mktemp("bad"))
     paths["unknown_op"] = unknown_op_copy(paths["float"], os.path.join(bad, "unknown_op"))
@@ -193,7 +199,7 @@ def test_saved_model_matches_keras_on_new_rows_and_examples(exported):
     inputs = rows(MIXED_CARDS, 50, N_DENSE, seed=11)
     expected = keras_probability(mixed, inputs)
     np.testing.assert_allclose(signature_probability(loaded, inputs), expected, atol=1e-5)
-    records = [export.serialize_example(d, s, label=1) for d, s in zip(inputs["dense"], inputs["sparse"])]
+    records = [signatures.serialize_example(d, s, label=1) for d, s in zip(inputs["dense"], inputs["sparse"])]
     got = loaded.signatures["examples"](examples=tf.constant(records))["probability"].numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -232,10 +238,10 @@ def test_onnx_export_matches_keras_with_int64_hashing_and_bad_ids(exported):
 
     avazu = exported["models"]["avazu"]
     metadata = read_metadata(exported["paths"]["avazu"])
-    assert metadata["onnx"]["opset"] == export.DEFAULT_ONNX_OPSET == 18
+    assert metadata["onnx"]["opset"] == DEFAULT_ONNX_OPSET == 18
     session = onnxruntime.InferenceSession(os.path.join(exported["paths"]["avazu"], "model.onnx"),
                                            providers=["CPUExecutionProvider"])
-    # 400 rows gather ROBE chunk-wise, 3 rows element-wise (see export.robe_serving_call): both branches.
+    # 400 rows gather ROBE chunk-wise, 3 rows element-wise (see RobeEmbedding.serving_lookup): both branches.
     for n in (400, 3):
         inputs = rows(AVAZU_LIKE_CARDS, n, 0, seed=5)
         inputs["sparse"][:3] = [[-1, -2, -3, -4], [500, 40, 9, 1200], [2**40, -(2**40), 1, 1]]
@@ -250,15 +256,89 @@ def test_robe_serving_lookup_equals_the_layer_for_small_and_large_batches(tmp_pa
     cards = [5000, 3000]
     robe = RobeEmbedding(cards, 8, memory_size=20000, chunk_size=chunk_size, signed=signed)
     model = build_dlrm((2, 2), robe, (8,), (8,))
-    loaded = tf.saved_model.load(export.export_saved_model(model, base_dir=str(tmp_path), name="robe"))
+    loaded = tf.saved_model.load(export_saved_model(model, base_dir=str(tmp_path), name="robe"))
     for n in (1, 7, 12000):  # 12000 rows x 2 features x 8 elements > (20000 - Z + 1) x Z: the window path
         inputs = rows(cards, n, 2, seed=n)
         np.testing.assert_allclose(signature_probability(loaded, inputs), keras_probability(model, inputs),
                                    atol=1e-6)
 
 
+def _layer_state(model):
+    """What export must not change: per layer its call, id rule, graph nodes and variables; the model's config."""
+    layers = [model, *nested_layers(model)]
+    return {
+        "instance_call": [layer.__dict__.get("call") for layer in layers],
+        "call": [type(layer).call for layer in layers],
+        "out_of_range": [getattr(layer, "out_of_range", None) for layer in layers],
+        "nodes": [(len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers],
+        "variables": [id(weight) for weight in model.weights],
+        "config": json.dumps(model.get_config(), sort_keys=True, default=str),
+    }
+
+
+def _process_state():
+    """Module-level state of the modules export used to switch (custom ops, lookups, id rules)."""
+    return {module.__name__: dict(vars(module)) for module in (fused_ops, lookup, layers_base)}
+
+
+def test_export_leaves_the_users_model_and_the_process_untouched(tmp_path):
+    keras.utils.set_random_seed(5)
+    model = build_dlrm((N_DENSE, len(MIXED_CARDS)), mixed_embedding(), (16,), (16,), name="untouched")
+    inputs = rows(MIXED_CARDS, 20, N_DENSE, seed=2)
+    before = keras_probability(model, inputs)
+    state, process = _layer_state(model), _process_state()
+    weights = [w.copy() for w in model.get_weights()]
+    assert "error" in state["out_of_range"]  # the serving rule "mod" differs from the layers' own
+    export_saved_model(model, base_dir=str(tmp_path), name="untouched", quantize="int8")
+    assert _layer_state(model) == state
+    assert _process_state() == process
+    for got, expected in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(keras_probability(model, inputs), before)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="id out of range"):  # still the trained rule
+        keras_probability(model, {"dense": inputs["dense"][:1], "sparse": -np.ones((1, 8), np.int64)})
+
+
+class _HoldsAnEmbedding(keras.layers.Layer):
+    """A subclassed layer that calls an id layer in its own call: export cannot reach it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = FullEmbedding([50, 30], 4)
+
+    def call(self, ids):
+        return self.inner(ids)
+
+
+def test_serving_model_runs_nested_models_with_serving_lookups():
+    keras.utils.set_random_seed(9)
+    sparse = keras.Input((2,), dtype="int64", name="sparse")
+    dense = keras.Input((3,), name="dense")
+    inner_ids = keras.Input((2,), dtype="int64")
+    inner = keras.Model(inner_ids, keras.layers.Flatten()(
+        RobeEmbedding([50, 30], 4, memory_size=40, chunk_size=2)(inner_ids)), name="inner_functional")
+    sequential = keras.Sequential([keras.Input((2,), dtype="int64"), FullEmbedding([50, 30], 4),
+                                   keras.layers.Flatten(), keras.layers.Dropout(0.5)], name="inner_sequential")
+    x = keras.layers.Concatenate()([inner(sparse), sequential(sparse), dense])
+    model = keras.Model({"dense": dense, "sparse": sparse}, keras.layers.Dense(1, activation="sigmoid", name="click")(x))
+    good = rows([50, 30], 16, 3, seed=4)
+    bad = {"dense": good["dense"][:5], "sparse": np.array([[-1, 30], [50, -31], [2**40, 1], [0, 29], [49, 0]])}
+    folded = {"dense": bad["dense"], "sparse": np.mod(bad["sparse"], [50, 30])}
+    served = ServingModel(model, "mod")
+    np.testing.assert_array_equal(np.asarray(served(good)), keras_probability(model, good))
+    # Traced, the dense layers may fuse differently (float round-off); the lookups are bit-identical either way.
+    np.testing.assert_allclose(np.asarray(tf.function(served)(good)), keras_probability(model, good), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(served(bad)), keras_probability(model, folded))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="id out of range"):
+        ServingModel(model, "as_trained")(bad)
+
+    holder = keras.Model(sparse, keras.layers.Flatten()(_HoldsAnEmbedding(name="holder")(sparse)))
+    with pytest.raises(ValueError, match=r"inside _HoldsAnEmbedding 'holder'.*serving_lookup"):
+        ServingModel(holder)
+
+
 def read_metadata(path):
-    with open(os.path.join(path, export.METADATA_DIR, export.METADATA_FILE)) as f:
+    with open(os.path.join(path, saved_model.METADATA_DIR, saved_model.METADATA_FILE)) as f:
         return json.load(f)
 
 
@@ -278,7 +358,7 @@ def test_quantized_exports_store_small_tables_and_stay_within_tolerance(exported
         dense = {n: v for n, v in sizes[key].items() if not v["embedding"]}
         assert dense == {n: v for n, v in sizes["float"].items() if not v["embedding"]}
     metadata = read_metadata(exported["paths"]["int8"])
-    assert metadata["keras_tolerance"] == export.KERAS_TOLERANCE["int8"]
+    assert metadata["keras_tolerance"] == saved_model.KERAS_TOLERANCE["int8"]
     assert 0 < metadata["keras_max_abs_difference"] < metadata["keras_tolerance"]
 
 
@@ -296,7 +376,7 @@ def test_size_table_counts_the_compressed_state_against_full_tables(exported):
 
 def test_versions_increment_and_models_config_stays_valid(exported):
     base = exported["base"]
-    assert export.existing_versions(os.path.join(base, "mixed")) == [1, 2, 3]
+    assert saved_model.existing_versions(os.path.join(base, "mixed")) == [1, 2, 3]
     assert exported["paths"]["fp16"] == os.path.join(base, "mixed", "3")
     assert not any(name.startswith(".staging") for name in os.listdir(os.path.join(base, "mixed")))
     with open(os.path.join(base, "models.config")) as f:
@@ -307,7 +387,7 @@ def test_versions_increment_and_models_config_stays_valid(exported):
     assert entries["mixed"].base_path == os.path.abspath(os.path.join(base, "mixed"))
     assert all(c.model_platform == "tensorflow" for c in entries.values())
     with pytest.raises(ValueError, match="never overwritten"):
-        export.export_saved_model(exported["models"]["avazu"], base_dir=base, version=1)
+        export_saved_model(exported["models"]["avazu"], base_dir=base, version=1)
 
 
 CONFIG_SYNTAXES = [
@@ -322,66 +402,120 @@ CONFIG_SYNTAXES = [
 
 
 @pytest.mark.parametrize("text", CONFIG_SYNTAXES)
-def test_models_config_text_format_round_trips_like_the_real_proto(tmp_path, text):
+def test_models_config_update_adds_the_entry_and_keeps_everything_else(tmp_path, text):
     original = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
-    rewritten = export.format_text_proto(export.parse_text_proto(text))
-    assert text_format.Parse(rewritten, model_server_config_pb2.ModelServerConfig()) == original
     (tmp_path / "models.config").write_text(text)
-    export.update_models_config(str(tmp_path), "new-model", "/srv/new model")
-    export.update_models_config(str(tmp_path), "new-model", "/srv/moved")  # updates in place, no duplicate
+    serving_config.update_models_config(str(tmp_path), "new-model", "/srv/new model")
+    serving_config.update_models_config(str(tmp_path), "new-model", "/srv/moved")  # updates in place, no duplicate
     updated = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
     expected = model_server_config_pb2.ModelServerConfig()
     expected.CopyFrom(original)
     entry = expected.model_config_list.config.add()
     entry.name, entry.base_path, entry.model_platform = "new-model", "/srv/moved", "tensorflow"
     assert updated == expected
+    assert os.listdir(tmp_path) == ["models.config"]  # written through a temporary file, renamed over it
+
+
+def test_models_config_update_keeps_the_users_version_policy_labels_and_logging(tmp_path):
+    """Re-exporting a model someone configured by hand changes only where it lives."""
+    (tmp_path / "models.config").write_text("""
+        model_config_list {
+          config { name: "first" base_path: "/m/first" model_platform: "tensorflow" }
+          config {
+            name: "served"
+            base_path: "/old/place"
+            model_platform: "tensorflow"
+            model_version_policy { specific { versions: 3 versions: 4 } }
+            version_labels { key: "stable" value: 3 }
+            version_labels { key: "canary" value: 4 }
+            logging_config { sampling_config { sampling_rate: 0.25 } }
+          }
+        }
+    """)
+    path = serving_config.update_models_config(str(tmp_path), "served", "/new/place")
+    assert path == str(tmp_path / "models.config")
+    config = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    entries = config.model_config_list.config
+    assert [entry.name for entry in entries] == ["first", "served"]
+    served = entries[1]
+    assert served.base_path == "/new/place" and served.model_platform == "tensorflow"
+    assert list(served.model_version_policy.specific.versions) == [3, 4]
+    assert dict(served.version_labels) == {"stable": 3, "canary": 4}
+    assert served.logging_config.sampling_config.sampling_rate == 0.25
+    assert entries[0].base_path == "/m/first"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("model_config_list { config { name: 'a' }", "never closed"),
-    ("model_config_list { config { name 'a' } }", "line 1: expected ':'"),
-    ("model_config_list {\n  config { name: 'a' } }\n}", "line 3: expected a field name"),
-    ("custom_model_config { }", "custom_model_config"),
-    ("model_config_list { config { nmae: 'a' } }", "not a valid ModelServerConfig"),
+    ("model_config_list { config { name: 'a' }", r"1:40"),                  # never closed
+    ("model_config_list { config { name 'a' } }", r"1:35"),                 # no ':' before a scalar
+    ("model_config_list {\n  config { name: 'a' } }\n}", r"3:1"),          # one '}' too many
+    ("model_config_list { config { nmae: 'a' } }", r"nmae"),                # no such field
 ])
-def test_models_config_errors_name_the_problem(tmp_path, text, message):
-    (tmp_path / "models.config").write_text(text)
-    with pytest.raises(ValueError, match=message):
-        export.update_models_config(str(tmp_path), "m")
+def test_an_unreadable_models_config_raises_naming_the_file_and_is_left_alone(tmp_path, text, message):
+    path = tmp_path / "models.config"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{path} is not a valid ModelServerConfig .*{message}"):
+        serving_config.update_models_config(str(tmp_path), "m")
+    assert path.read_text() == text
+
+
+def test_a_models_config_with_custom_model_config_is_refused(tmp_path):
+    path = tmp_path / "models.config"
+    path.write_text("custom_model_config { }\n")
+    with pytest.raises(ValueError, match=rf"{path}: models.config uses custom_model_config"):
+        serving_config.update_models_config(str(tmp_path), "m")
+    assert path.read_text() == "custom_model_config { }\n"
+
+
+def test_export_without_tensorflow_serving_api_says_how_to_install_it():
+    code = ("import sys\n"
+            "sys.modules['tensorflow_serving'] = None  # what an environment without the package sees\n"
+            "try:\n"
+            "    import tfcompress.export.saved_model\n"
+            "except ImportError as error:\n"
+            "    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensorflow-serving-api" in done.stdout
+    assert "pip install --no-deps tensorflow-serving-api==2.21.0" in done.stdout
 
 
 def test_bad_arguments_raise_naming_the_value(exported, tmp_path):
     avazu = exported["models"]["avazu"]
     with pytest.raises(ValueError, match="quantize must be one of"):
-        export.export_saved_model(avazu, base_dir=str(tmp_path), quantize="int4")
+        export_saved_model(avazu, base_dir=str(tmp_path), quantize="int4")
     with pytest.raises(ValueError, match="serving_out_of_range must be one of"):
-        export.export_saved_model(avazu, base_dir=str(tmp_path), serving_out_of_range="clip")
+        export_saved_model(avazu, base_dir=str(tmp_path), serving_out_of_range="clip")
     with pytest.raises(ValueError, match="name must be"):
-        export.export_saved_model(avazu, base_dir=str(tmp_path), name="../escape")
+        export_saved_model(avazu, base_dir=str(tmp_path), name="../escape")
     with pytest.raises(ValueError, match="version must be an integer >= 1"):
-        export.export_saved_model(avazu, base_dir=str(tmp_path), version=0)
+        export_saved_model(avazu, base_dir=str(tmp_path), version=0)
     wrong_sizes = Schema(name="toy", sparse_names=["a", "b", "c", "d"], cardinalities=[1, 2, 3, 4])
     with pytest.raises(ValueError, match=r"schema 'toy' has cardinalities \[1, 2, 3, 4\]"):
-        export.export_saved_model(avazu, base_dir=str(tmp_path), schema=wrong_sizes)
+        export_saved_model(avazu, base_dir=str(tmp_path), schema=wrong_sizes)
     wrong_columns = Schema(name="toy", dense_names=["x"], sparse_names=["a"], cardinalities=[5])
     with pytest.raises(ValueError, match="has 1 dense and 1 sparse columns, the model takes 0 and 4"):
-        export.export_saved_model(avazu, base_dir=str(tmp_path), schema=wrong_columns)
+        export_saved_model(avazu, base_dir=str(tmp_path), schema=wrong_columns)
     features = keras.Input((4,), name="features")
     plain = keras.Model(features, keras.layers.Dense(1)(features))
     with pytest.raises(ValueError, match="export needs a model with inputs"):
-        export.export_saved_model(plain, base_dir=str(tmp_path))
+        export_saved_model(plain, base_dir=str(tmp_path))
     assert not os.listdir(tmp_path)
 
 
 def test_checker_constants_mirror_the_exporter():
-    spec = importlib.util.spec_from_file_location("_verify_standalone_for_test", STANDALONE_SCRIPT)
+    spec = importlib.util.spec_from_file_location("verify_standalone_for_test", STANDALONE_SCRIPT)
     checker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(checker)
-    for name in ("METADATA_DIR", "METADATA_FILE", "SAMPLES_FILE", "WARMUP_FILE", "TENSOR_SIGNATURE",
-                 "EXAMPLE_SIGNATURE", "EXAMPLES_INPUT", "OUTPUT_KEY"):
-        assert getattr(checker, name) == getattr(export, name), name
+    for module, names in ((saved_model, ("METADATA_DIR", "METADATA_FILE", "SAMPLES_FILE", "RAW_SAMPLES_FILE",
+                                         "WARMUP_FILE")),
+                          (signatures, ("TENSOR_SIGNATURE", "EXAMPLE_SIGNATURE", "EXAMPLES_INPUT", "OUTPUT_KEY")),
+                          (raw_features, ("RAW_SIGNATURE", "RAW_FEATURES_SIGNATURE", "RAW_INPUT"))):
+        for name in names:
+            assert getattr(checker, name) == getattr(module, name), name
     cards = [5, 9, 1]
-    np.testing.assert_array_equal(checker.out_of_range_rows(2, cards)[1], export.out_of_range_rows(2, cards)["sparse"])
+    np.testing.assert_array_equal(checker.out_of_range_rows(2, cards)[1], saved_model.out_of_range_rows(2, cards)["sparse"])
 
 
 def test_cli_export_and_verify(exported, tmp_path, capsys):
@@ -403,7 +537,7 @@ def test_criteo_kaggle_size_robe_export_verifies_with_onnx(tmp_path):
     """ROBE-1000x over the 26 Criteo Kaggle tables (33.8M ids, offsets up to 2^25): export, ONNX, fresh process."""
     robe = RobeEmbedding(CRITEO_KAGGLE_CARDINALITIES, 16, compression=1000.0, chunk_size=4, name="robe")
     model = build_dlrm((13, 26), robe, (64,), (64,), name="kaggle_robe")
-    path = export.export_saved_model(model, base_dir=str(tmp_path), onnx=True)
+    path = export_saved_model(model, base_dir=str(tmp_path), onnx=True)
     result = verify(path, require_serving_api=True, require_onnx=True)
     assert result.ok, result.output
     sizes = {v["name"]: v for v in result.report()["sizes"]["variables"]}

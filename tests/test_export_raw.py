@@ -15,15 +15,17 @@ import tensorflow as tf
 
 from test_convert import quarantine, read_all
 
-from tfcompress import export, raw_features
 from tfcompress._keras import keras
 from tfcompress.data import encoding as enc
 from tfcompress.data import formats
 from tfcompress.data.convert import convert
 from tfcompress.data.schema import Schema
+from tfcompress.export import raw_features
+from tfcompress.export.saved_model import export_saved_model
+from tfcompress.export.signatures import TENSOR_SIGNATURE
+from tfcompress.export.verify import verify
 from tfcompress.layers import FullEmbedding
 from tfcompress.models import build_dlrm
-from tfcompress.verify import verify
 
 CASES = {  # name: (format, convert options)
     "criteo_hexmod": ("criteo-tsv", {"max_ind_range": 97}),
@@ -126,7 +128,7 @@ def exported(tmp_path_factory):
         data_dir = root / f"{name}_data"
         convert([source], data_dir, fmt, **options)
         model = build_model(Schema.load(data_dir), seed=i)
-        path = export.export_saved_model(model, base_dir=root / "saved_models", name=name,
+        path = export_saved_model(model, base_dir=root / "saved_models", name=name,
                                          raw_preprocessing=data_dir)
         results[name] = (fields, lines, data_dir, path)
     checked = verify([results[name][3] for name in CASES])
@@ -159,7 +161,7 @@ def test_raw_signatures_equal_converter_and_tensor_signature(exported, name):
     np.testing.assert_allclose(features["dense"][valid], dense, rtol=1e-6, atol=1e-6)
 
     raw = loaded.signatures[raw_features.RAW_SIGNATURE](**feed)
-    tensors = loaded.signatures[export.TENSOR_SIGNATURE](dense=tf.constant(dense), sparse=tf.constant(sparse))
+    tensors = loaded.signatures[TENSOR_SIGNATURE](dense=tf.constant(dense), sparse=tf.constant(sparse))
     probability, reference = raw["probability"].numpy(), tensors["probability"].numpy()
     np.testing.assert_allclose(probability[valid], reference, atol=1e-6, rtol=0)
     assert np.std(reference) > 1e-3  # the model's output depends on the ids: the comparison can fail
@@ -229,10 +231,10 @@ def test_export_refuses_a_data_dir_of_another_model(exported, tmp_path):
     criteo_dir = results["criteo_hash"][2]
     model = build_model(Schema.load(results["avazu_hash"][2]), seed=0)
     with pytest.raises(ValueError, match="give the data directory the model was trained on"):
-        export.export_saved_model(model, base_dir=tmp_path, name="wrong", raw_preprocessing=criteo_dir)
+        export_saved_model(model, base_dir=tmp_path, name="wrong", raw_preprocessing=criteo_dir)
     with pytest.raises(ValueError, match="not written by `tfcompress data convert`"):
         Schema(name="toy", dense_names=[], sparse_names=["a"], cardinalities=[3]).save(tmp_path / "toy")
-        export.export_saved_model(model, base_dir=tmp_path, name="wrong", raw_preprocessing=tmp_path / "toy")
+        export_saved_model(model, base_dir=tmp_path, name="wrong", raw_preprocessing=tmp_path / "toy")
     assert not os.path.exists(tmp_path / "wrong")
 
 

@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcompress import robe_hash
+from tfcompress import chunk_pruning, robe_hash
 from tfcompress._keras import keras
-from tfcompress.layers import FullEmbedding, HashingTrickEmbedding, PlannedEmbedding, QREmbedding, RobeEmbedding
+from tfcompress.layers import (ChunkPrunedEmbedding, FullEmbedding, HashingTrickEmbedding, LearnedHashEmbedding,
+                               MLETEmbedding, PlannedEmbedding, QREmbedding, QuantizedEmbedding, RobeEmbedding)
+from tfcompress.layers.base import IdLayer
+from tfcompress.learn_hash.mapping import TableMapping
+from tfcompress.lookup import TableReader
 
 CARDS = [1000, 50, 7, 3000]
 
@@ -263,3 +267,128 @@ def test_invalid_arguments_raise_value_error(kwargs, message):
 def test_wrong_number_of_id_columns_is_rejected():
     with pytest.raises(ValueError, match=r"\[batch, 2\]"):
         RobeEmbedding([10, 20], 4, memory_size=50)(np.zeros((3, 5), dtype=np.int64))
+
+
+# ---- serving_lookup: the stock-op twin of call that exports trace -----------------------------------------------
+
+
+def _mappings(cards, seed, parts=1, combiner=None):
+    rng = np.random.default_rng(seed)
+    if combiner is None:
+        return [rng.integers(0, max(1, n // 3), n) for n in cards]
+    return [TableMapping(rows=np.stack([rng.integers(0, 11, n) for _ in range(parts)]), num_rows=[11] * parts,
+                         combiner=combiner) for n in cards]
+
+
+def _pruned(**kwargs):
+    layer = ChunkPrunedEmbedding(CARDS, 8, num_chunks=2, budget=0.3, **kwargs)
+    layer(random_ids(2))
+    chunk_pruning.allocate(layer, np.arange(0, layer.num_rows * 2, 4))  # some rows partly, some fully pruned
+    return layer
+
+
+def _quantized(**kwargs):
+    layer = QuantizedEmbedding(CARDS, 8, **kwargs)
+    rng = np.random.default_rng(5)
+    layer.set_quantized([rng.integers(-127, 128, (m, 8)).astype(np.int8) for m in layer.table_rows],
+                        rng.uniform(0.001, 0.1, len(CARDS)))
+    return layer
+
+
+# One case per id layer class and per code path of its lookup (ROBE: element and chunk gathers, whole and partial
+# chunks; pruning: hashed ids; learned hashing: several mappings).
+SERVING_CASES = {
+    "robe": lambda: RobeEmbedding(CARDS, 8, memory_size=256, chunk_size=4),
+    "robe_signed_partial_chunk": lambda: RobeEmbedding(CARDS, 8, compression=20.0, chunk_size=3, signed=True),
+    "robe_z1": lambda: RobeEmbedding(CARDS, 8, memory_size=300, chunk_size=1),
+    "robe_whole_rows_mod": lambda: RobeEmbedding(CARDS, 8, memory_size=64, chunk_size=8, out_of_range="mod"),
+    "full": lambda: FullEmbedding(CARDS, 8),
+    "full_dense_gradient": lambda: FullEmbedding(CARDS, 8, gradient="dense"),
+    "hashing_trick": lambda: HashingTrickEmbedding(CARDS, 8, compression=10.0),
+    "qr_mult": lambda: QREmbedding(CARDS, 8, compression=4.0, operation="mult"),
+    "qr_concat": lambda: QREmbedding(CARDS, 8, num_buckets=10, operation="concat"),
+    "mlet": lambda: MLETEmbedding(CARDS, 8, inner_dim=16),
+    "mlet_hashed": lambda: MLETEmbedding(CARDS, 8, inner_dim=16, compression=10.0),
+    "chunk_pruned": _pruned,
+    "chunk_pruned_hash_ids": lambda: _pruned(hash_ids=True),
+    "learned_hash": lambda: LearnedHashEmbedding(mappings=_mappings(CARDS, 1), output_dim=8),
+    "learned_hash_concat": lambda: LearnedHashEmbedding(mappings=_mappings(CARDS, 2, 2, "concat"), output_dim=8),
+    "quantized": _quantized,
+    "quantized_hashed": lambda: _quantized(num_buckets=[100, 50, 7, 30]),
+    "planned": lambda: PlannedEmbedding(4, 8, [
+        {"features": [2, 0], "layer": FullEmbedding([7, 1000], 8)},
+        {"features": [3], "layer": RobeEmbedding([3000], 8, memory_size=100, chunk_size=4)},
+        {"features": [1], "layer": QREmbedding([50], 8, num_buckets=6)}]),
+}
+
+
+def serving_case(name):
+    layer = SERVING_CASES[name]()
+    if not layer.built:
+        layer(random_ids(2))
+    return layer
+
+
+def bad_ids(cards=CARDS):
+    """Ids no table has (-1, n, n + 12345, +-2^40) and a row mixing valid ones."""
+    cards = np.asarray(cards, np.int64)
+    return np.stack([-np.ones_like(cards), cards, cards + 12345, np.full_like(cards, 2**40),
+                     np.full_like(cards, -(2**40) - 3), np.where(np.arange(len(cards)) % 2 == 0, cards - 1, -7)])
+
+
+@pytest.mark.parametrize("name", SERVING_CASES)
+def test_serving_lookup_equals_call_bit_for_bit(name):
+    layer = serving_case(name)
+    for rows in (1, 7, 300):  # ROBE: 1 and 7 rows gather element-wise, 300 rows chunk-wise
+        ids = random_ids(rows, seed=rows)
+        ids[0] = 0
+        ids[-1] = np.asarray(CARDS) - 1
+        expected = layer(ids).numpy()
+        for rule in ("mod", "as_trained", "error"):
+            np.testing.assert_array_equal(layer.serving_lookup(ids, rule).numpy(), expected, err_msg=rule)
+        traced = tf.function(layer.serving_lookup).get_concrete_function(tf.TensorSpec([None, 4], tf.int64))
+        np.testing.assert_array_equal(traced(tf.constant(ids)).numpy(), expected)
+        assert not any(op.type.startswith("Robe") for op in traced.graph.get_operations())  # stock ops only
+
+
+@pytest.mark.parametrize("name", SERVING_CASES)
+def test_serving_lookup_folds_out_of_range_ids_with_mod(name):
+    layer = serving_case(name)
+    ids = bad_ids()
+    hashed = getattr(layer, "hash_ids", False)  # hashed ids have no range: every int64 is hashed, as in call
+    folded = ids if hashed else np.mod(ids, np.asarray(CARDS))
+    np.testing.assert_array_equal(layer.serving_lookup(ids).numpy(), layer(folded).numpy())
+    if hashed:
+        np.testing.assert_array_equal(layer.serving_lookup(ids, "error").numpy(), layer(ids).numpy())
+        return
+    with pytest.raises(tf.errors.InvalidArgumentError, match="id out of range"):
+        layer.serving_lookup(ids, "error")
+    trained = layer.serving_lookup(ids, "as_trained") if layer.out_of_range == "mod" else None
+    if trained is None:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="id out of range"):
+            layer.serving_lookup(ids, "as_trained")
+    else:
+        np.testing.assert_array_equal(trained.numpy(), layer(folded).numpy())
+    assert layer.out_of_range == SERVING_CASES[name]().out_of_range  # the layer's own rule is untouched
+
+
+def test_serving_lookup_reads_tables_through_the_reader():
+    layer = FullEmbedding([10, 20], 4)
+    ids = np.array([[1, 2], [9, 19], [0, 0]])
+    layer(ids)
+    reader = TableReader()
+    layer.serving_lookup(ids, tables=reader)
+    assert len(reader.tables) == 2 and all(key == id(variable) for key, variable in reader.tables.items())
+    copy = tf.Variable(layer.tables[1].numpy().astype(np.float16))
+    key = next(key for key, variable in reader.tables.items() if variable.shape[0] == 20)
+    out = layer.serving_lookup(ids, tables=TableReader({key: (copy, 2.0)})).numpy()
+    np.testing.assert_array_equal(out[:, 0], layer(ids).numpy()[:, 0])
+    np.testing.assert_array_equal(out[:, 1], layer.tables[1].numpy().astype(np.float16)[ids[:, 1]] * 2.0)
+
+
+def test_serving_lookup_rejects_an_unknown_rule_and_an_id_layer_without_one():
+    with pytest.raises(ValueError, match="out_of_range must be one of"):
+        FullEmbedding([10], 4).serving_lookup(np.zeros((1, 1), np.int64), "clip")
+    with pytest.raises(NotImplementedError, match="Bare does not implement serving_lookup"):
+        type("Bare", (IdLayer,), {})([10], 4).serving_lookup(np.zeros((1, 1), np.int64))
+

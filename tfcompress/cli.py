@@ -208,7 +208,7 @@ def _add_verify_arguments(parser):
 
 
 def _verify_paths(paths, require_serving_api=False, require_onnx=False):
-    from tfcompress.verify import verify
+    from tfcompress.export.verify import verify
 
     result = verify(paths, require_serving_api=require_serving_api, require_onnx=require_onnx, echo=True)
     return 0 if result.ok else 1

@@ -17,11 +17,10 @@ Gradients are registered here: RobeLookup's attr `gradient` picks "dense" (RobeL
 scatter-add into an |M| tensor) or "sparse" (RobeLookupSparseGrad: coalesced, sorted unique positions, returned as
 tf.IndexedSlices), the same two forms tfcompress.lookup.gather_with_gradient gives.
 
-Serving exports must never reference these ops (TF Serving cannot load them): build export graphs inside
-`with custom_op.disabled():`, which makes every layer take the stock-op path.
+Serving exports must never reference these ops (TF Serving cannot load them): they trace each layer's
+`serving_lookup`, which uses stock ops only, instead of its `call`.
 """
 
-import contextlib
 import functools
 import importlib.util
 import logging
@@ -45,8 +44,6 @@ SOURCE_DIR = PACKAGE_DIR.parent / "custom_ops"
 _logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state = {"tried": False, "library": None, "reason": None, "warned": False}
-_disabled_depth = [0]  # process-wide: MirroredStrategy traces replicas in other threads
-_disabled_lock = threading.Lock()
 
 
 class CustomOpUnavailableError(RuntimeError):
@@ -115,38 +112,18 @@ def unavailable_reason():
     return _state["reason"]
 
 
-@contextlib.contextmanager
-def disabled():
-    """While this block runs, layers use stock TF ops only, whatever their use_custom_op says.
-
-    Serving exports trace their graphs here so that a SavedModel never references the custom ops. The switch is
-    process-wide, not per thread, because tf.distribute traces each replica in a thread of its own.
-    """
-    with _disabled_lock:
-        _disabled_depth[0] += 1
-    try:
-        yield
-    finally:
-        with _disabled_lock:
-            _disabled_depth[0] -= 1
-
-
-def _is_disabled():
-    return _disabled_depth[0] > 0
-
-
 def check_use_custom_op(use_custom_op):
     """Validate a layer's use_custom_op argument; True must be satisfiable right away."""
     if not (use_custom_op is True or use_custom_op is False or use_custom_op == "auto"):
         raise ValueError(f"use_custom_op must be one of {USE_CUSTOM_OP_CHOICES}, got {use_custom_op!r}")
-    if use_custom_op is True and not _is_disabled():
+    if use_custom_op is True:
         _require("use_custom_op=True but ")
     return use_custom_op
 
 
 def should_use(use_custom_op):
     """Whether a layer with this use_custom_op setting calls the fused op now."""
-    if use_custom_op is False or _is_disabled():
+    if use_custom_op is False:
         return False
     if use_custom_op is True:
         _require("use_custom_op=True but ")

@@ -10,9 +10,10 @@
   is small next to the batch's lookups: no unique/sort, and the optimizer update is a plain dense op.
 
 The fused custom ops (custom_ops/) replace this path when they are built; results are identical.
-"""
 
-import contextlib
+`TableReader` is what serving lookups (every layer's `serving_lookup`) read tables through instead: one plain
+gather, from the table or from a quantized copy of it.
+"""
 
 import tensorflow as tf
 
@@ -42,25 +43,6 @@ def resource_variable(table):
     return table if isinstance(table, tf.Variable) else getattr(table, "value", table)
 
 
-# Lookups traced inside `lookups_replaced_by(...)` go to the function on top of this stack instead.
-_REPLACEMENT_LOOKUPS = []
-
-
-@contextlib.contextmanager
-def lookups_replaced_by(lookup):
-    """Route every `gather_with_gradient` traced in this block to `lookup(table, indices, gradient)`.
-
-    The exporter uses it: serving graphs need no gradient plumbing, and may read a quantized copy of a table, and
-    every layer type reads its tables through this one function. Process-wide (like `custom_op.disabled()`),
-    because tf.function may trace on another thread.
-    """
-    _REPLACEMENT_LOOKUPS.append(lookup)
-    try:
-        yield
-    finally:
-        _REPLACEMENT_LOOKUPS.remove(lookup)
-
-
 def gather_with_gradient(table, indices, gradient):
     """`tf.gather(table, indices)` along axis 0 with a "sparse" or "dense" gradient (see module doc).
 
@@ -69,8 +51,6 @@ def gather_with_gradient(table, indices, gradient):
         indices: int64 tensor of any shape, already in range.
         gradient: "sparse" or "dense" (resolve "auto" first with `resolve_gradient_mode`).
     """
-    if _REPLACEMENT_LOOKUPS:
-        return _REPLACEMENT_LOOKUPS[-1](table, indices, gradient)
     if gradient == "sparse":
         # Gather each distinct row once, then expand: TensorFlow's own gradient of the first gather is then an
         # IndexedSlices over unique rows whose values are already summed over duplicates. (A tf.custom_gradient
@@ -94,3 +74,43 @@ def _gather_dense_gradient(params, indices):
         return scattered, None
 
     return tf.gather(params, indices), grad
+
+
+class TableReader:
+    """How a layer's `serving_lookup` reads its float tables: one plain gather, from the table or from a copy of it.
+
+    Serving graphs need no gradient, so a lookup is `tf.gather` on the table's variable (what `gather_with_gradient`
+    returns, without its gradient plumbing). `substitutes` maps a table, by the id of its tf.Variable, to a copy read
+    instead: (values tf.Variable, scale or None), read as cast(gather(values), float32) * scale; the exporter's int8
+    and float16 tables are such copies. Every table read through the reader is recorded in `tables`
+    ({id: tf.Variable}), which is how the exporter finds the tables to quantize.
+
+    Args:
+        substitutes: {id(tf.Variable): (values tf.Variable, scale float or None)}, default none.
+    """
+
+    def __init__(self, substitutes=None):
+        self.substitutes = dict(substitutes or {})
+        self.tables = {}
+
+    def stored(self, table):
+        """(what to gather from, scale or None, quantized?) for a layer's float table (a Keras or tf.Variable)."""
+        variable = resource_variable(table)
+        self.tables[id(variable)] = variable
+        substitute = self.substitutes.get(id(variable))
+        if substitute is None:
+            return variable, None, False
+        return substitute[0], substitute[1], True
+
+    @staticmethod
+    def dequantize(values, scale, quantized):
+        """Values gathered from `stored(...)`'s first element as float32 (`scale` and `quantized` from the same)."""
+        if not quantized:
+            return values
+        values = tf.cast(values, tf.float32)
+        return values if scale is None else values * tf.constant(scale, tf.float32)
+
+    def gather(self, table, indices):
+        """`tf.gather(table, indices)` along axis 0, read from the table's substitute when it has one."""
+        stored, scale, quantized = self.stored(table)
+        return self.dequantize(tf.gather(stored, indices), scale, quantized)

@@ -5,10 +5,13 @@ import inspect
 import numpy as np
 import tensorflow as tf
 
+from tfcompress import lookup
 from tfcompress._keras import keras
-from tfcompress.lookup import GRADIENT_MODES
 
 OUT_OF_RANGE_RULES = ("error", "mod")
+# The id rules of `serving_lookup`: "mod" folds every id into range, "error" raises on an out-of-range id, and
+# "as_trained" applies the layer's own `out_of_range`.
+SERVING_RULES = ("mod", "as_trained", "error")
 
 
 def check_cardinalities(cardinalities):
@@ -76,6 +79,18 @@ def check_id_shape(input_shape, num_features, layer_name):
         )
 
 
+def serving_rule(out_of_range, trained_rule):
+    """The id rule ("mod" or "error") a serving lookup applies: `out_of_range`, or `trained_rule` for "as_trained"."""
+    if out_of_range not in SERVING_RULES:
+        raise ValueError(f"out_of_range must be one of {SERVING_RULES}, got {out_of_range!r}")
+    return trained_rule if out_of_range == "as_trained" else out_of_range
+
+
+def table_reader(tables=None):
+    """`tables`, or for None the reader of the stored variables (`tfcompress.lookup.TableReader`)."""
+    return lookup.TableReader() if tables is None else tables
+
+
 class IdLayer(keras.layers.Layer):
     """Base of the layers that map integer ids [batch, F] to float32 [batch, F, output_dim].
 
@@ -112,8 +127,8 @@ class IdLayer(keras.layers.Layer):
         check_option_names(cls, options)
         if "out_of_range" in options:
             check_out_of_range(options["out_of_range"])
-        if options.get("gradient", "auto") not in GRADIENT_MODES:
-            raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {options['gradient']!r}")
+        if options.get("gradient", "auto") not in lookup.GRADIENT_MODES:
+            raise ValueError(f"gradient must be one of {lookup.GRADIENT_MODES}, got {options['gradient']!r}")
         return cls._parameter_counts(check_cardinalities(cardinalities), check_positive_int("output_dim", output_dim),
                                      **options)
 
@@ -134,6 +149,31 @@ class IdLayer(keras.layers.Layer):
     def prepare_ids(self, ids):
         """The ids as int64 with this layer's out-of-range rule applied (see the module function)."""
         return prepare_ids(ids, self.cardinalities, self.out_of_range)
+
+    def serving_ids(self, ids, out_of_range="mod"):
+        """The ids as int64 with the serving id rule applied (see `serving_rule`)."""
+        return prepare_ids(ids, self.cardinalities, serving_rule(out_of_range, self.out_of_range))
+
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """What `call(ids)` returns, computed with stock TensorFlow ops only: the lookup of serving graphs.
+
+        Exporters trace this instead of `call` (the layer itself is left as it is): no custom op, no gradient
+        plumbing, an id rule chosen for serving, and tables read through `tables`. For in-range ids the values are
+        bit-identical to `call`'s; out-of-range ids fold into range with "mod" whatever the layer's own rule.
+
+        Args:
+            ids: integer [batch, F].
+            out_of_range: the serving id rule: "mod" (fold every id into range with a floor modulo; never raises),
+                "error" (an id outside [0, n_f) raises InvalidArgumentError naming the feature and the value) or
+                "as_trained" (the layer's own `out_of_range`).
+            tables: how float tables are read, a `tfcompress.lookup.TableReader` (the exporter's reads int8 or
+                float16 copies); default the stored variables.
+
+        Returns:
+            float32 [batch, F, output_dim].
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement serving_lookup, so it cannot be "
+                                  "exported for serving")
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.output_dim,)

@@ -182,6 +182,21 @@ class ChunkPrunedEmbedding(base.IdEmbeddingLayer):
             values = self._record_utilities(values, tf.reshape(rows, [-1]))
         return tf.reshape(values, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
 
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call(ids, training=False)` for serving graphs: the address table as stored, a plain gather of the live
+        chunks of the pool, no utilities (see `base.IdLayer.serving_lookup`; with `hash_ids` every id is hashed into
+        range and `out_of_range` does not apply, as in `call`)."""
+        tables = base.table_reader(tables)
+        ids = hash_entry_tf(ids, self.cardinalities) if self.hash_ids else self.serving_ids(ids, out_of_range)
+        rows = ids + tf.constant(self._offsets)
+        keys = rows[..., None] * self.num_chunks + tf.range(self.num_chunks, dtype=tf.int64)
+        flat_addresses = tf.reshape(tf.gather(resource_variable(self.addresses), keys), [-1])
+        live = tf.where(flat_addresses >= 0)  # [L, 1]
+        live_values = tables.gather(self.pool, tf.gather_nd(flat_addresses, live))
+        chunks = tf.scatter_nd(live, live_values, tf.stack([tf.size(flat_addresses, tf.int64),
+                                                            tf.constant(self.chunk_width, tf.int64)]))
+        return tf.reshape(chunks, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
+
     def _record_utilities(self, values, rows):
         """Identity on values [N, d]; its gradient function adds this step's utility of every accessed chunk.
 

@@ -57,3 +57,9 @@ class FullEmbedding(base.IdEmbeddingLayer):
             for f, (table, mode) in enumerate(zip(self.tables, self._gradient_modes))
         ]
         return tf.stack(columns, axis=1)
+
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs: one plain gather per table (see `base.IdLayer.serving_lookup`)."""
+        tables = base.table_reader(tables)
+        ids = self.serving_ids(ids, out_of_range)
+        return tf.stack([tables.gather(table, ids[:, f]) for f, table in enumerate(self.tables)], axis=1)

@@ -81,6 +81,14 @@ class HashingTrickEmbedding(base.IdEmbeddingLayer):
         ]
         return tf.stack(columns, axis=1)
 
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs: one plain gather per table (see `base.IdLayer.serving_lookup`)."""
+        tables = base.table_reader(tables)
+        ids = self.serving_ids(ids, out_of_range)
+        columns = [tables.gather(table, tf.math.floormod(ids[:, f], m))
+                   for f, (table, m) in enumerate(zip(self.tables, self.num_buckets))]
+        return tf.stack(columns, axis=1)
+
     def get_config(self):
         config = super().get_config()
         config.update(num_buckets=self.num_buckets)

@@ -183,6 +183,23 @@ class LearnedHashEmbedding(base.IdEmbeddingLayer):
                 columns.append(tf.concat(parts, axis=-1))
         return tf.stack(columns, axis=1)
 
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs: the mappings as stored, plain gathers of the tables (see
+        `base.IdLayer.serving_lookup`)."""
+        tables = base.table_reader(tables)
+        ids = self.serving_ids(ids, out_of_range)
+        columns = []
+        for f in range(len(self.cardinalities)):
+            parts = [tables.gather(table, tf.cast(tf.gather(resource_variable(mapping), ids[:, f]), tf.int64))
+                     for mapping, table in zip(self.mappings[f], self.tables[f])]
+            if len(parts) == 1:
+                columns.append(parts[0])
+            elif self.combiner == "sum":
+                columns.append(tf.add_n(parts))
+            else:
+                columns.append(tf.concat(parts, axis=-1))
+        return tf.stack(columns, axis=1)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -137,6 +137,17 @@ class MLETEmbedding(base.IdEmbeddingLayer):
         )  # [B, F, k]
         return tf.einsum("bfk,fkd->bfd", inner, self.projections)
 
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs: plain gathers of the k-wide tables, then the projections (see
+        `base.IdLayer.serving_lookup`; exports fold the layer first, `tfcompress.fold`)."""
+        tables = base.table_reader(tables)
+        ids = self.serving_ids(ids, out_of_range)
+        rows = [ids[:, f] for f in range(len(self.cardinalities))]
+        if self.hashed:
+            rows = [tf.math.floormod(r, m) for r, m in zip(rows, self.num_buckets)]
+        inner = tf.stack([tables.gather(table, r) for table, r in zip(self.tables, rows)], axis=1)  # [B, F, k]
+        return tf.einsum("bfk,fkd->bfd", inner, self.projections)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -76,6 +76,16 @@ class PlannedEmbedding(keras.layers.Layer):
         ]
         return tf.gather(tf.concat(outputs, axis=1), self._restore_order, axis=1)
 
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs: the serving id rule here (`base.serving_rule`), then every member's
+        `serving_lookup` with the same rule and `tables` (see `base.IdLayer.serving_lookup`)."""
+        ids = base.prepare_ids(ids, self.cardinalities, base.serving_rule(out_of_range, self.out_of_range))
+        if self._identity_order:
+            return self.members[0].serving_lookup(ids, out_of_range, tables)
+        outputs = [member.serving_lookup(tf.gather(ids, features, axis=1), out_of_range, tables)
+                   for member, features in zip(self.members, self.group_features)]
+        return tf.gather(tf.concat(outputs, axis=1), self._restore_order, axis=1)
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.output_dim,)
 

@@ -126,6 +126,23 @@ class QREmbedding(base.IdEmbeddingLayer):
                 columns.append(tf.concat([q, r], axis=-1))
         return tf.stack(columns, axis=1)
 
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs: plain gathers of both tables (see `base.IdLayer.serving_lookup`)."""
+        tables = base.table_reader(tables)
+        ids = self.serving_ids(ids, out_of_range)
+        columns = []
+        for f, m in enumerate(self.num_buckets):
+            x = ids[:, f]
+            q = tables.gather(self.quotient_tables[f], x // m)
+            r = tables.gather(self.remainder_tables[f], tf.math.floormod(x, m))
+            if self.operation == "mult":
+                columns.append(q * r)
+            elif self.operation == "add":
+                columns.append(q + r)
+            else:
+                columns.append(tf.concat([q, r], axis=-1))
+        return tf.stack(columns, axis=1)
+
     def get_config(self):
         config = super().get_config()
         config.update(num_buckets=self.num_buckets, operation=self.operation)

@@ -92,6 +92,16 @@ class QuantizedEmbedding(base.IdLayer):
             columns.append(tf.cast(tf.gather(table, rows), tf.float32) * self.scales[f])
         return tf.stack(columns, axis=1)
 
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs (see `base.IdLayer.serving_lookup`). The tables are int8 already, so they are
+        read as stored: `tables` is not consulted."""
+        ids = self.serving_ids(ids, out_of_range)
+        columns = []
+        for f, table in enumerate(self.tables):
+            rows = ids[:, f] if not self.hashed else tf.math.floormod(ids[:, f], self.num_buckets[f])
+            columns.append(tf.cast(tf.gather(table, rows), tf.float32) * self.scales[f])
+        return tf.stack(columns, axis=1)
+
     def get_config(self):
         config = super().get_config()
         config.update(num_buckets=self.num_buckets)

@@ -62,8 +62,8 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         embeddings_initializer: initializer of M.
         use_custom_op: "auto" (default) runs the fused C++/CUDA op (custom_ops/) when its library loads and the
             pure-TF path otherwise (warned once); True requires the op (CustomOpUnavailableError if it cannot
-            load); False always takes the pure-TF path. Results are identical; inside
-            `tfcompress.fused_ops.disabled()` the pure-TF path is always taken (serving exports).
+            load); False always takes the pure-TF path. Results are identical. Serving exports trace
+            `serving_lookup`, which never uses the op, whatever this says.
 
     Input shape: integer [batch, F]. Output shape: float32 [batch, F, output_dim].
     """
@@ -126,6 +126,58 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         values = gather_with_gradient(self.memory, positions, self._gradient_mode)
         if self.signed:
             values = values * robe_hash.robe_signs_tf(a, self.output_dim, self.seed)
+        return values
+
+    def serving_lookup(self, ids, out_of_range="mod", tables=None):
+        """`call` for serving graphs: the same values in stock ops, gathered chunk by chunk instead of element by
+        element (see `base.IdLayer.serving_lookup`).
+
+        Each chunk of Z elements is the contiguous slice M[h : h + Z], so with the windows matrix
+        W[j] = M[j : j + Z] ((|M| - Z + 1) x Z, built per call from M with Z slices) one row gather W[h] fetches a
+        whole chunk: the hash runs once per chunk (as in `call`), and the per-element position tensor (B x F x D)
+        and the scalar gather over it, which dominate the pure-TF path of `call` on CPU, are gone. Building W costs
+        |M| x Z copies per call, so a small batch (fewer lookups than W holds) takes the element path instead; both
+        branches give bit-identical values (`tf.cond`, stock ops, converted to ONNX If).
+
+        The hash is `robe_hash.robe_chunk_hash_tf` told that ids are in [0, total rows) (true after the id rule),
+        so it runs one int64 division per id and int32 arithmetic per chunk; starts and element positions are
+        int32. Only M (or the copy `tables` reads instead) is stored: W is rebuilt in graph on every call.
+        """
+        tables = base.table_reader(tables)
+        size, width, chunk = self.memory_size, self.output_dim, self.chunk_size
+        chunks = robe_hash.num_chunks(width, chunk)
+        num_features = len(self.cardinalities)
+        total_rows = int(sum(self.cardinalities))  # the id rule puts every offset id in [0, total_rows)
+        window_rows = min(size - chunk + 1, robe_hash.P)  # every chunk start h < min(|M| - Z + 1, P)
+        position_dtype = tf.int32 if robe_hash.max_position(size, chunk) <= robe_hash.INT32_MAX else tf.int64
+
+        ids = self.serving_ids(ids, out_of_range)
+        a = ids + tf.constant(self._offsets)
+        starts = robe_hash.robe_chunk_hash_tf(a, chunks, size, chunk, self.seed, id_bound=total_rows)  # i32 [B,F,c]
+        stored, scale, quantized = tables.stored(self.memory)
+
+        def per_element():
+            positions = robe_hash.chunk_positions_tf(tf.cast(starts, position_dtype), width, chunk)
+            return tf.gather(stored, positions)
+
+        def per_chunk():
+            memory = tf.convert_to_tensor(stored)  # one read of the variable for the Z slices
+            # Stacking the Z shifted slices as rows and transposing (two bulk copies) measured 1.5x faster than
+            # stacking them as columns, which copies one element at a time.
+            windows = tf.transpose(tf.stack([memory[o:window_rows + o] for o in range(chunk)], axis=0))
+            rows = tf.gather(windows, starts)  # [B, F, chunks, Z]
+            flat = tf.reshape(rows, [-1, num_features, chunks * chunk])
+            return flat if chunks * chunk == width else flat[..., :width]  # a partial last chunk: drop its tail
+
+        if chunk == 1:
+            values = per_element()
+        else:
+            # Decided from the ids' shape, not from `starts`, so W can be built while the hash still runs.
+            lookups = tf.size(ids, out_type=tf.int64) * (chunks * chunk)
+            values = tf.cond(lookups >= window_rows * chunk, per_chunk, per_element)
+        values = tables.dequantize(values, scale, quantized)
+        if self.signed:
+            values = values * robe_hash.robe_signs_tf(a, width, self.seed, id_bound=total_rows)
         return values
 
     def get_config(self):

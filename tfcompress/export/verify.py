@@ -1,14 +1,15 @@
 """Prove an export serves without tfcompress: run the checks in a fresh Python process that never imports it.
 
-    from tfcompress.verify import verify
+    from tfcompress.export.verify import verify
 
     result = verify("saved_models/criteo_robe/1")
     assert result.ok, result.output
 
 or `tfcompress verify saved_models/criteo_robe/1`. The checks (stock ops only, fresh-process load, parity with the
 Keras model, tf.Example and PredictRequest paths, out-of-range ids, ONNX, size table) live in
-`_verify_standalone.py`, which is run as a script file (`python .../_verify_standalone.py PATH`), so neither the
-package's `__init__` nor the custom-op library is ever loaded there; the script itself checks that.
+`verify_standalone.py` next to this file, which is run as a script file (`python .../verify_standalone.py PATH`),
+so neither the package's `__init__` nor the custom-op library is ever loaded there; the script itself checks that.
+This module imports neither TensorFlow nor the rest of tfcompress.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-STANDALONE_SCRIPT = Path(__file__).resolve().with_name("_verify_standalone.py")
+STANDALONE_SCRIPT = Path(__file__).resolve().with_name("verify_standalone.py")
 DEFAULT_TIMEOUT_S = 900
 
 

@@ -1,11 +1,12 @@
 """Check exported SavedModels the way a stock TF Serving would see them. Run as a script, never imported:
 
-    python tfcompress/_verify_standalone.py saved_models/NAME/VERSION [more versions ...] [--json report.json]
+    python tfcompress/export/verify_standalone.py saved_models/NAME/VERSION [more versions ...] [--json report.json]
 
 This file must not import tfcompress (TF Serving's binary has none of it, nor the ROBE custom-op library). It uses
 only the standard library, NumPy and TensorFlow, plus tensorflow-serving-api and onnxruntime when installed. Run
-as a script, Python puts this file's directory (the tfcompress package directory) first on sys.path; that entry
-is removed before anything else is imported so no package module can shadow another.
+as a script, Python puts this file's directory (tfcompress/export/, which holds e.g. `onnx.py`) first on
+sys.path; that entry is removed before anything else is imported so no package module can shadow another (an
+`import onnxruntime` must not find tfcompress/export/onnx.py as `onnx`).
 
 Checks, per SavedModel directory (each one PASS, FAIL or SKIP with the reason):
 
@@ -35,7 +36,7 @@ model). Exit status 0 when nothing FAILed, 1 otherwise, 2 for bad arguments.
 import os
 import sys
 
-# Before any other import: drop this file's directory (tfcompress/) from the module search path.
+# Before any other import: drop this file's directory (tfcompress/export/) from the module search path.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
@@ -49,7 +50,8 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
 from tensorflow.python.framework import op_def_registry  # noqa: E402
 
-# Mirrors tfcompress.export (a test keeps them equal): the checker cannot import the package to read them.
+# Mirrors tfcompress.export.saved_model, .signatures and .raw_features (a test keeps them equal): the checker
+# cannot import the package to read them.
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "tfcompress_export.json"
 SAMPLES_FILE = "tfcompress_samples.npz"

@@ -1,0 +1,425 @@
+"""Export a trained click model as a SavedModel that stock TensorFlow Serving loads (DESIGN.md, "Export").
+
+    from tfcompress.export import export_saved_model
+
+    path = export_saved_model(model, base_dir="saved_models", name="criteo_robe")          # saved_models/criteo_robe/1
+    path = export_saved_model(model, name="criteo_robe", quantize="int8", onnx=True)      # .../2, plus model.onnx
+
+What lands in `saved_models/NAME/VERSION/`:
+
+- the SavedModel (`saved_model.pb`, `variables/`) with two signatures, both returning {"probability": f32[B, 1]}:
+  `serving_default` on tensors (`dense` f32[B, n_dense], `sparse` i64[B, n_sparse]) and `examples` on a string
+  vector of serialized `tf.train.Example` in the TFRecord layout (keys `dense` float[n_dense] and `sparse`
+  int64[n_sparse]; `label` may be present and is ignored). The second is what a TF Serving Predict client sends
+  when it has Examples (see `tfcompress.export.verify` for a PredictRequest round trip). With
+  `raw_preprocessing=DATA_DIR` (a directory written by `tfcompress data convert`) also `raw` and `raw_features`
+  on the raw fields of log rows as strings (`fields` string[B, F]: Criteo hex, Avazu strings), whose in-graph
+  preprocessing equals the converter's (`tfcompress.export.raw_features`); `raw` returns the probability (NaN for a row
+  the converter would have rejected) with `valid` and `reject_reason`.
+- `assets.extra/`: `tfcompress_export.json` (signatures, size table, tolerances, out-of-range rule),
+  `tfcompress_samples.npz` (sample rows with the Keras model's and the serving graph's predictions, which
+  `tfcompress verify` compares against in a fresh process) and `tf_serving_warmup_requests` (TF Serving replays
+  these PredictRequests when it loads the version). TF Serving ignores everything else in assets.extra.
+- `model.onnx` with `onnx=True` (the tensor signature converted by tf2onnx at opset `DEFAULT_ONNX_OPSET`; its
+  predictions are checked against the SavedModel's to 1e-5 before the export is published).
+
+and `saved_models/models.config` (TF Serving's ModelServerConfig text format) gains or updates the entry NAME, so
+`tensorflow_model_server --model_config_file=saved_models/models.config` serves the newest version. Both need
+tensorflow-serving-api, installed without its dependencies (`tfcompress.export.serving_config` says why); without
+it importing this module raises ImportError saying how to install it.
+
+What the serving graph contains (stock TensorFlow ops only: TF Serving's binary cannot load our custom ops):
+
+- the model's graph is traced with every id layer's `serving_lookup` in place of its `call`
+  (`tfcompress.export.serving_model.ServingModel`; the user's model and its layers are not changed): stock ops,
+  never the custom ops, and lookups are plain gathers (the training-time gradient plumbing of
+  `tfcompress.lookup.gather_with_gradient` is dropped: serving needs no gradient), bit-identical to `call`;
+- ROBE-Z: the one shared array plus the chunk hash of `tfcompress.robe_hash.robe_chunk_hash_tf` (int64 per id, int32
+  per chunk), each chunk read as one contiguous slice (`RobeEmbedding.serving_lookup`);
+- MLET: folded into one table per feature first (`tfcompress.fold`); full, hashed and QR tables as they are;
+- `quantize="int8"`: every float embedding table (ROBE's array included) is stored as int8 with one scale per
+  table (the least-error scale of `tfcompress.quantize.quantize_int8`) and de-quantized after the gather;
+  `quantize="fp16"`: stored as float16 and cast back to float32 after the gather. Dense layers stay float32.
+
+Out-of-range ids at serving. Training's "error" rule (an assertion) would fail a whole batched request for one
+unseen id, so by default (`serving_out_of_range="mod"`) the serving graph folds every id into its table with a
+floor modulo, exactly as layers built with out_of_range="mod" do in training (-1 reads row n_f - 1; nothing
+raises, whatever int64 a client sends). `serving_out_of_range="as_trained"` keeps each layer's own rule: an id
+outside [0, n_f) of an "error" layer then makes TF Serving answer that request with INVALID_ARGUMENT (naming the
+feature and the value); the server itself keeps serving.
+"""
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+import tfcompress
+from tfcompress.export.onnx import DEFAULT_ONNX_OPSET, export_onnx, onnx_predictions
+from tfcompress.export.serving_config import check_model_name, update_models_config
+from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_for_serving, model_cardinalities,
+                                             outer_embedding_layers, quantized_substitutes, unique_names,
+                                             variable_paths)
+from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, TENSOR_SIGNATURE,
+                                          example_features, raw_serving_functions, serving_functions,
+                                          write_warmup_requests)
+from tfcompress._keras import keras
+from tfcompress.lookup import TableReader, resource_variable
+
+QUANTIZE_CHOICES = (None, "int8", "fp16")
+SERVING_OUT_OF_RANGE_CHOICES = ("mod", "as_trained")
+# How far the exported model's probabilities may be from the float32 Keras model's. float32: the same arithmetic
+# up to op fusion. fp16 tables: a relative rounding error of 2^-11 per element. int8: up to scale / 2 per element
+# (about max|w| / 254), which moves a probability by well under 0.02 on the models tested.
+KERAS_TOLERANCE = {None: 1e-5, "fp16": 1e-3, "int8": 2e-2}
+# The SavedModel against the serving graph it was saved from (same ops, same values): float32 round-off only.
+PARITY_TOLERANCE = 1e-5
+DEFAULT_SAMPLE_ROWS = 64
+
+METADATA_DIR = "assets.extra"
+METADATA_FILE = "tfcompress_export.json"
+SAMPLES_FILE = "tfcompress_samples.npz"
+RAW_SAMPLES_FILE = "tfcompress_raw_samples.npz"
+WARMUP_FILE = "tf_serving_warmup_requests"
+ONNX_FILE = "model.onnx"
+METADATA_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------- size table
+def size_table(named_variables, model):
+    """One row per saved variable plus the totals; `uncompressed_bytes` is the model with full float32 tables.
+
+    The uncompressed model keeps the non-embedding weights and replaces every embedding layer by full float32
+    tables: sum over its features of cardinality x output_dim x 4 bytes.
+    """
+    embedding_layers = outer_embedding_layers(model)
+    embedding_ids = {id(resource_variable(w)) for layer in embedding_layers for w in layer.weights}
+    rows = []
+    for name, variable in named_variables.items():
+        nbytes = int(np.prod(variable.shape, dtype=np.int64)) * variable.dtype.size
+        is_embedding = id(variable) in embedding_ids or name.endswith(("/int8", "/fp16"))
+        rows.append({"name": name, "dtype": variable.dtype.name, "shape": [int(d) for d in variable.shape],
+                     "bytes": nbytes, "embedding": bool(is_embedding)})
+    dense_bytes = sum(row["bytes"] for row in rows if not row["embedding"])
+    logical_bytes = sum(int(layer.logical_parameters) * 4 for layer in embedding_layers)
+    return {
+        "variables": rows,
+        "exported_bytes": sum(row["bytes"] for row in rows),
+        "uncompressed_bytes": dense_bytes + logical_bytes,
+        "embedding_layers": [
+            {"name": layer.name, "class": type(layer).__name__, "cardinalities": [int(c) for c in layer.cardinalities],
+             "output_dim": int(layer.output_dim), "logical_parameters": int(layer.logical_parameters)}
+            for layer in embedding_layers
+        ],
+    }
+
+
+def format_size_table(table):
+    """The size table as aligned text (also what `tfcompress verify` prints, computed there independently)."""
+    lines = [f"{'variable':<48} {'dtype':<8} {'shape':<16} {'bytes':>14}"]
+    for row in table["variables"]:
+        lines.append(f"{row['name']:<48} {row['dtype']:<8} {str(tuple(row['shape'])):<16} {row['bytes']:>14,}")
+    exported, uncompressed = table["exported_bytes"], table["uncompressed_bytes"]
+    lines.append(f"{'total':<74} {exported:>14,}")
+    lines.append(f"{'uncompressed (full float32 tables)':<74} {uncompressed:>14,}")
+    lines.append(f"{'compression':<74} {uncompressed / max(exported, 1):>13.1f}x")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- samples
+def sample_rows(n_dense, cardinalities, rows=DEFAULT_SAMPLE_ROWS, seed=0):
+    """In-range sample rows: random dense values and ids, plus the edge ids 0 and n_f - 1 in the first two rows."""
+    rng = np.random.default_rng(seed)
+    cards = np.asarray(cardinalities, np.int64)
+    sparse = (rng.random((rows, len(cards))) * cards).astype(np.int64)
+    sparse[0] = 0
+    if rows > 1:
+        sparse[1] = cards - 1
+    dense = rng.normal(size=(rows, n_dense)).astype(np.float32)
+    return {"dense": dense, "sparse": sparse}
+
+
+def out_of_range_rows(n_dense, cardinalities):
+    """Ids no table has: -1, n_f, n_f + 12345, +-2^40 (and a row mixing valid ones), with zero dense values."""
+    cards = np.asarray(cardinalities, np.int64)
+    sparse = np.stack([-np.ones_like(cards), cards, cards + 12345, np.full_like(cards, 2**40),
+                       np.full_like(cards, -(2**40) - 3), np.where(np.arange(len(cards)) % 2 == 0, cards - 1, -7)])
+    return {"dense": np.zeros((len(sparse), n_dense), np.float32), "sparse": sparse}
+
+
+def _check_inputs(inputs, n_dense, n_sparse):
+    dense = np.asarray(inputs["dense"], np.float32)
+    sparse = np.asarray(inputs["sparse"], np.int64)
+    if dense.ndim != 2 or dense.shape[1] != n_dense or sparse.shape != (dense.shape[0], n_sparse):
+        raise ValueError(f"sample_inputs must be dense [N, {n_dense}] and sparse [N, {n_sparse}] with the same N, "
+                         f"got {dense.shape} and {sparse.shape}")
+    return {"dense": dense, "sparse": sparse}
+
+
+# ------------------------------------------------------------------------------------------------ versions
+def existing_versions(model_dir):
+    """Integer version directories under saved_models/NAME (what TF Serving sees), ascending."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(entry) for entry in os.listdir(model_dir)
+                  if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry)))
+
+
+def next_version(model_dir):
+    """The next free integer version: one more than the largest, 1 for a new model."""
+    versions = existing_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+# ------------------------------------------------------------------------------------------------ export
+def _probability(function, inputs):
+    return function(dense=tf.constant(inputs["dense"]), sparse=tf.constant(inputs["sparse"]))[OUTPUT_KEY].numpy()
+
+
+def _check_stock_graph(concrete_functions):
+    """Refuse to write a graph that references the ROBE custom ops (a guard; `verify` checks in a clean process)."""
+    custom = set()
+    for function in concrete_functions:
+        graph_def = function.graph.as_graph_def()
+        nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+        custom.update(node.op for node in nodes if node.op.startswith("Robe"))
+    if custom:
+        raise RuntimeError(f"internal error: the serving graph references custom ops {sorted(custom)}")
+
+
+def _raw_spec(data_dir, n_dense, cardinalities):
+    """The RawSpec of a converted data directory, checked against the model's inputs and table sizes."""
+    from tfcompress.export.raw_features import load_raw_spec
+
+    spec = load_raw_spec(data_dir)
+    if spec.n_dense != n_dense or list(spec.cardinalities) != [int(c) for c in cardinalities]:
+        raise ValueError(f"raw_preprocessing {data_dir}: the conversion gives {spec.n_dense} dense columns and "
+                         f"tables {list(spec.cardinalities)}, the model takes {n_dense} dense columns and tables "
+                         f"{[int(c) for c in cardinalities]}; give the data directory the model was trained on")
+    return spec
+
+
+def _raw_samples(spec, concrete):
+    """Sample raw rows with the converter's features for them; refuses an export whose graph disagrees."""
+    from tfcompress.export.raw_features import (RAW_FEATURES_SIGNATURE, RAW_INPUT, pack_fields, raw_sample_rows,
+                                         reference_features)
+
+    fields = raw_sample_rows(spec)
+    reference = reference_features(spec, fields)
+    got = concrete[RAW_FEATURES_SIGNATURE](**{RAW_INPUT: tf.constant([[bytes(v) for v in row] for row in fields])})
+    got = {key: value.numpy() for key, value in got.items()}
+    same = (np.array_equal(got["sparse"], reference["sparse"]) and np.array_equal(got["valid"], reference["valid"])
+            and np.array_equal(got["reject_reason"], reference["reject_reason"])
+            and np.allclose(got["dense"], reference["dense"], rtol=1e-6, atol=1e-6))
+    if not same:
+        raise RuntimeError("internal error: the raw signature's preprocessing differs from the converter's on the "
+                           "sample rows; the export was not published")
+    return {**pack_fields(fields), **{f"converter_{key}": value for key, value in reference.items()}}
+
+
+def _raw_signature_metadata(spec, n_dense, n_sparse):
+    from tfcompress.export.raw_features import RAW_FEATURES_SIGNATURE, RAW_INPUT, RAW_SIGNATURE
+
+    inputs = {RAW_INPUT: ["string", [None, len(spec.columns)]]}
+    flags = {"valid": ["bool", [None]], "reject_reason": ["string", [None]]}
+    return {
+        RAW_SIGNATURE: {"inputs": inputs, "outputs": {OUTPUT_KEY: ["float32", [None, 1]], **flags},
+                        "raw_preprocessing": spec.describe()},
+        RAW_FEATURES_SIGNATURE: {"inputs": inputs, "outputs": {"dense": ["float32", [None, n_dense]],
+                                                                "sparse": ["int64", [None, n_sparse]], **flags}},
+    }
+
+
+def export_saved_model(model, base_dir="saved_models", name=None, version=None, quantize=None, onnx=False,
+                       schema=None, serving_out_of_range="mod", sample_inputs=None, onnx_opset=DEFAULT_ONNX_OPSET,
+                       config_base_path=None, tolerance=None, raw_preprocessing=None):
+    """Write `model` as BASE_DIR/NAME/VERSION/ for TF Serving and register NAME in BASE_DIR/models.config.
+
+    Example:
+
+    >>> path = export_saved_model(model, base_dir="saved_models", name="criteo_robe")
+    >>> # then, in a process that never imports tfcompress:  tfcompress verify saved_models/criteo_robe/1
+
+    Args:
+        model: a Keras model with inputs {"dense": f32[B, n_dense], "sparse": i64[B, n_sparse]} returning the click
+            probability [B, 1] (what `tfcompress.models` builds), with any tfcompress embedding layers.
+        base_dir: the TF Serving model base directory.
+        name: the served model's name (default: the Keras model's name).
+        version: integer version; default the next free one. An existing version is never overwritten.
+        quantize: None (float32 tables), "int8" or "fp16" (see the module doc); dense layers stay float32.
+        onnx: also write model.onnx (tensor signature, opset `onnx_opset`), checked against the SavedModel.
+        schema: the dataset's `tfcompress.data.schema.Schema`; checked against the model's inputs and used for
+            the table sizes (else they are read from the model's embedding layer).
+        serving_out_of_range: "mod" (fold every id into range; never raises) or "as_trained" (each layer's own
+            rule). See the module doc.
+        sample_inputs: {"dense", "sparse"} rows (in range) whose predictions are stored for `verify`; default
+            `DEFAULT_SAMPLE_ROWS` random rows.
+        onnx_opset: ONNX opset for `onnx=True`.
+        config_base_path: base_path written to models.config (default: the absolute path of BASE_DIR/NAME).
+        tolerance: allowed |exported - Keras| probability difference recorded for `verify`; default
+            `KERAS_TOLERANCE[quantize]`.
+        raw_preprocessing: a directory written by `tfcompress data convert` (criteo-tsv, criteo-csv, avazu-csv or
+            csv): adds the `raw` and `raw_features` signatures on raw string fields, preprocessed in graph as the
+            converter does (`tfcompress.export.raw_features`), checked before publishing against the converter's own
+            parser on sample rows, which are stored for `verify`.
+
+    Returns:
+        The path of the new version directory.
+
+    Raises:
+        ValueError: a bad argument, a model without the {"dense", "sparse"} inputs, an existing version.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if serving_out_of_range not in SERVING_OUT_OF_RANGE_CHOICES:
+        raise ValueError(f"serving_out_of_range must be one of {SERVING_OUT_OF_RANGE_CHOICES}, "
+                         f"got {serving_out_of_range!r}")
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+    name = check_model_name(name if name is not None else model.name)
+    tolerance = KERAS_TOLERANCE[quantize] if tolerance is None else float(tolerance)
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    n_dense, n_sparse = feature_counts(model, schema)
+    cardinalities = model_cardinalities(model, n_sparse, schema)
+    if len(cardinalities) != n_sparse:
+        raise ValueError(f"schema lists {len(cardinalities)} cardinalities for {n_sparse} sparse columns")
+
+    model_dir = os.path.join(base_dir, name)
+    if version is None:
+        version = next_version(model_dir)
+    elif isinstance(version, bool) or int(version) != version or version < 1:
+        raise ValueError(f"version must be an integer >= 1, got {version!r}")
+    version = int(version)
+    version_dir = os.path.join(model_dir, str(version))
+    if os.path.exists(version_dir):
+        raise ValueError(f"{version_dir} exists; versions are never overwritten (omit version= for the next one)")
+
+    samples = _check_inputs(sample_inputs, n_dense, n_sparse) if sample_inputs is not None else \
+        sample_rows(n_dense, cardinalities)
+    raw_spec = _raw_spec(raw_preprocessing, n_dense, cardinalities) if raw_preprocessing is not None else None
+    keras_probability = np.asarray(model(samples, training=False), np.float32).reshape(-1, 1)
+
+    folded = fold_for_serving(model)
+    paths = variable_paths(folded)
+
+    # First trace: find the tables every lookup reads (to quantize exactly those), then the real trace.
+    substitutes = {}
+    if quantize is not None:
+        probe = TableReader()
+        serving_functions(ServingModel(folded, serving_out_of_range, probe), n_dense, n_sparse)[0] \
+            .get_concrete_function()
+        substitutes = quantized_substitutes(probe.tables, quantize, paths)
+        for key, (values, _) in substitutes.items():
+            paths[id(values)] = values.name.split(":")[0]
+    served = ServingModel(folded, serving_out_of_range, TableReader(substitutes))
+    # Vocabulary files of the raw signature live here until tf.saved_model.save copies them into assets/.
+    asset_dir = tempfile.TemporaryDirectory(prefix="tfcompress-raw-") if raw_spec is not None else None
+    preprocessor = None
+    if raw_spec is not None:
+        from tfcompress.export.raw_features import RawPreprocessor
+
+        preprocessor = RawPreprocessor(raw_spec, asset_dir.name)
+    serve_tensors, serve_examples = serving_functions(served, n_dense, n_sparse)
+    concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
+                EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
+    if preprocessor is not None:
+        from tfcompress.export.raw_features import RAW_FEATURES_SIGNATURE, RAW_SIGNATURE
+
+        serve_raw, serve_raw_features = raw_serving_functions(served, preprocessor)
+        concrete[RAW_SIGNATURE] = serve_raw.get_concrete_function()
+        concrete[RAW_FEATURES_SIGNATURE] = serve_raw_features.get_concrete_function()
+    _check_stock_graph(concrete.values())
+    raw_samples = _raw_samples(raw_spec, concrete) if raw_spec is not None else None
+
+    captured = {id(v): v for function in concrete.values() for v in function.variables}
+    named = unique_names(captured.values(), paths)
+    sizes = size_table(named, folded)
+
+    serving_probability = _probability(concrete[TENSOR_SIGNATURE], samples)
+    bad = out_of_range_rows(n_dense, cardinalities)
+    try:
+        _probability(concrete[TENSOR_SIGNATURE], bad)
+        bad_ids_raise = False
+    except tf.errors.InvalidArgumentError:
+        bad_ids_raise = True
+
+    # Write next to the final directory and rename at the end: TF Serving polls base_path and must never see a
+    # half-written version (it ignores directories whose name is not an integer).
+    os.makedirs(model_dir, exist_ok=True)
+    staging = os.path.join(model_dir, f".staging-{version}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        module = tf.Module()
+        module.weights_by_name = named  # tracks exactly the variables the signatures read
+        if preprocessor is not None:
+            module.raw_preprocessing = preprocessor  # tracks its vocabulary tables (saved as assets)
+        tf.saved_model.save(module, staging, signatures=concrete)
+        extra = os.path.join(staging, METADATA_DIR)
+        os.makedirs(extra, exist_ok=True)
+        np.savez(os.path.join(extra, SAMPLES_FILE), dense=samples["dense"], sparse=samples["sparse"],
+                 keras_probability=keras_probability, serving_probability=serving_probability)
+        if raw_samples is not None:
+            np.savez(os.path.join(extra, RAW_SAMPLES_FILE), **raw_samples)
+        write_warmup_requests(os.path.join(extra, WARMUP_FILE), name, samples)
+        onnx_info = None
+        if onnx:
+            onnx_path = os.path.join(staging, ONNX_FILE)
+            converter_version = export_onnx(staging, onnx_path, n_dense, n_sparse, onnx_opset)
+            rows = {k: np.concatenate([samples[k], bad[k]]) if not bad_ids_raise else samples[k] for k in samples}
+            reference = np.concatenate([serving_probability, _probability(concrete[TENSOR_SIGNATURE], bad)]) \
+                if not bad_ids_raise else serving_probability
+            difference = float(np.max(np.abs(onnx_predictions(onnx_path, rows) - reference)))
+            if not difference <= PARITY_TOLERANCE:
+                raise RuntimeError(f"ONNX predictions differ from the SavedModel's by {difference:.3g} "
+                                   f"(> {PARITY_TOLERANCE}); the export was not published")
+            onnx_info = {"file": ONNX_FILE, "opset": int(onnx_opset), "tf2onnx": converter_version,
+                         "max_abs_difference": difference}
+        metadata = {
+            "format": METADATA_FORMAT,
+            "name": name,
+            "version": version,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tfcompress": tfcompress.__version__,
+            "tensorflow": tf.__version__,
+            "keras_model": model.name,
+            "n_dense": n_dense,
+            "n_sparse": n_sparse,
+            "cardinalities": cardinalities,
+            "signatures": {
+                TENSOR_SIGNATURE: {"inputs": {"dense": ["float32", [None, n_dense]],
+                                              "sparse": ["int64", [None, n_sparse]]},
+                                   "outputs": {OUTPUT_KEY: ["float32", [None, 1]]}},
+                EXAMPLE_SIGNATURE: {"inputs": {EXAMPLES_INPUT: ["string", [None]]},
+                                    "outputs": {OUTPUT_KEY: ["float32", [None, 1]]},
+                                    "example_keys": sorted(example_features(n_dense, n_sparse))},
+                **(_raw_signature_metadata(raw_spec, n_dense, n_sparse) if raw_spec is not None else {}),
+            },
+            "quantize": quantize,
+            "keras_tolerance": tolerance,
+            "parity_tolerance": PARITY_TOLERANCE,
+            "keras_max_abs_difference": float(np.max(np.abs(serving_probability - keras_probability))),
+            "serving_out_of_range": serving_out_of_range,
+            "bad_ids_raise": bad_ids_raise,
+            "warmup_requests": WARMUP_FILE,
+            "onnx": onnx_info,
+            **sizes,
+        }
+        with open(os.path.join(extra, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2)
+        os.rename(staging, version_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if asset_dir is not None:
+            asset_dir.cleanup()
+    if metadata["keras_max_abs_difference"] > tolerance:
+        warnings.warn(f"the exported model's probabilities differ from the Keras model's by "
+                      f"{metadata['keras_max_abs_difference']:.3g} (> tolerance {tolerance}); verify will fail",
+                      RuntimeWarning, stacklevel=2)
+    update_models_config(base_dir, name, config_base_path)
+    return version_dir
