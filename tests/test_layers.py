@@ -392,3 +392,40 @@ def test_serving_lookup_rejects_an_unknown_rule_and_an_id_layer_without_one():
     with pytest.raises(NotImplementedError, match="Bare does not implement serving_lookup"):
         type("Bare", (IdLayer,), {})([10], 4).serving_lookup(np.zeros((1, 1), np.int64))
 
+
+
+# ---- ids that would be read silently wrong are refused ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SERVING_CASES)
+def test_float_ids_are_a_type_error_naming_the_layer(name):
+    layer = serving_case(name)
+    ids = random_ids(3).astype(np.float32) + 0.7  # 1.7 would read row 1 if cast
+    for lookup in (layer, layer.serving_lookup):
+        with pytest.raises(TypeError, match=rf"{type(layer).__name__} .*integer.*float32"):
+            lookup(ids)
+    with pytest.raises(TypeError, match="integer"):
+        layer(np.full(ids.shape, np.nan))  # NaN would become INT64_MIN
+
+
+@pytest.mark.parametrize("name", SERVING_CASES)
+def test_ids_of_another_rank_are_refused_before_they_broadcast(name):
+    layer = serving_case(name)
+    features = random_ids(1).shape[1]
+    for ids in (random_ids(3)[:, :, None], random_ids(3)[:, 0]):  # [3, F, 1] and [3]
+        for lookup in (layer, layer.serving_lookup):
+            with pytest.raises(ValueError, match=rf"ids must have shape \[batch, {features}\].*got shape"):
+                lookup(ids)
+
+
+def test_the_fused_op_path_refuses_bad_ids_with_the_pure_tf_message():
+    messages = {}
+    for use_custom_op in (True, False):
+        layer = RobeEmbedding(CARDS, 8, memory_size=256, chunk_size=4, use_custom_op=use_custom_op, name="robe")
+        layer(random_ids(2))
+        with pytest.raises(ValueError) as shape_error:
+            layer(random_ids(3)[:, :, None])
+        with pytest.raises(TypeError) as dtype_error:
+            layer(random_ids(3).astype(np.float64))
+        messages[use_custom_op] = (str(shape_error.value), str(dtype_error.value))
+    assert messages[True] == messages[False]

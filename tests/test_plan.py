@@ -100,3 +100,34 @@ def test_plan_round_trips_through_a_dict():
 def test_invalid_plans_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_plan(KAGGLE, 16, **kwargs)
+
+
+def _feature_weights(layer, feature):
+    """Floats the built layer holds for one feature: its own tables (and MLET's slice of the projections)."""
+    own = [w for w in layer.weights if w.dtype == "float32"
+           and (w.name.split("/")[-1].split(":")[0].split("_")[1:2] == [str(feature)])]
+    count = sum(int(np.prod(w.shape)) for w in own)
+    if hasattr(layer, "inner_dim"):
+        count += layer.inner_dim * layer.output_dim
+    return count
+
+
+@pytest.mark.parametrize("method, options", [
+    ("full", {}), ("hashing", {}), ("qr", {}), ("qr", {"operation": "concat"}), ("mlet", {"inner_dim": 32}),
+])
+def test_per_table_sizes_equal_the_built_layers(method, options):
+    cards = [5000, 700, 64, 3, 120_000]
+    plan = make_plan(cards, 16, method, **({} if method == "full" else {"ratio": 40}), **options)
+    (member,) = plan.members
+    layer = plan.build_layer().members[0]
+    layer(np.zeros((1, len(cards)), np.int64))
+    assert member.feature_parameters == [_feature_weights(layer, f) for f in range(len(cards))]
+    assert sum(member.feature_parameters) == layer.physical_parameters == member.physical_parameters
+    table = plan.summary().splitlines()
+    for f, count in enumerate(member.feature_parameters):
+        assert table[1 + f].split()[4] == f"{count:,}", table[1 + f]
+
+
+def test_hashing_that_leaves_a_table_one_row_warns():
+    with pytest.warns(UserWarning, match=r"table\(s\) \[1, 2\] with fewer than 2 rows"):
+        make_plan([100_000, 40, 90, 5000], 8, "hashing", ratio=100)

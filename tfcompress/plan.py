@@ -29,9 +29,15 @@ class MemberPlan:
     kwargs: dict
     logical_parameters: int
     physical_parameters: int
-    shared: bool  # True when the features share one array (ROBE): no per-feature physical size exists
+    # Trained floats of each feature's own tables, in `features` order; None where the features share one array
+    # or pool (ROBE-Z, chunk pruning), so no table belongs to a single feature.
+    feature_parameters: list = None
     # Size once deployed, when it differs from the trained size: MLET trains n*k + k*d floats, folds to n*d.
     folded_parameters: int = None
+
+    @property
+    def shared(self):
+        return self.feature_parameters is None
 
     @property
     def deployed_parameters(self):
@@ -44,20 +50,19 @@ class Method:
 
     `options(cardinalities, output_dim, compression, options)` returns the layer's keyword arguments (besides
     cardinalities and output_dim) that reach `compression` = logical / physical for these tables; `compression`
-    is None for uncompressed methods. `shared`: the features share one array (ROBE), so no per-feature size exists.
+    is None for uncompressed methods.
     """
 
     layer_class: type
     options: object
-    shared: bool = False
 
 
 _METHODS = {}
 
 
-def register_method(name, layer_class, options, shared=False):
+def register_method(name, layer_class, options):
     """Make `make_plan(..., method=name)` available: `layer_class` sized by `layer_class.parameter_counts`."""
-    _METHODS[name] = Method(layer_class, options, shared)
+    _METHODS[name] = Method(layer_class, options)
 
 
 def _robe_options(cardinalities, output_dim, compression, options):
@@ -94,7 +99,7 @@ def _with_compression(cardinalities, output_dim, compression, options):
 
 
 register_method("full", FullEmbedding, _as_given)
-register_method("robe", RobeEmbedding, _robe_options, shared=True)
+register_method("robe", RobeEmbedding, _robe_options)
 register_method("hashing", HashingTrickEmbedding, _with_compression)
 register_method("qr", QREmbedding, _with_compression)
 register_method("mlet", MLETEmbedding, _mlet_options)
@@ -111,14 +116,15 @@ def _member(method, features, cardinalities, output_dim, compression, options):
     spec = _METHODS[method]
     kwargs = spec.options(cards, output_dim, compression, options)
     try:
-        trained, deployed = spec.layer_class.parameter_counts(cards, output_dim, **kwargs)
+        counts = spec.layer_class.parameter_counts(cards, output_dim, **kwargs)
     except TypeError as error:  # e.g. a required option left out
         raise ValueError(f"method {method!r}: bad option ({error})") from None
     except ValueError as error:
         raise ValueError(f"method {method!r}: {error}") from None
     kwargs = dict(kwargs, cardinalities=cards, output_dim=output_dim)
-    return MemberPlan(method, spec.layer_class.__name__, list(features), kwargs, sum(cards) * output_dim, trained,
-                      spec.shared, deployed)
+    folded = counts.deployed if counts.deployed != counts.trained else None
+    return MemberPlan(method, spec.layer_class.__name__, list(features), kwargs, sum(cards) * output_dim,
+                      counts.trained, counts.trained_per_feature, folded)
 
 
 @dataclasses.dataclass
@@ -177,16 +183,15 @@ class CompressionPlan:
         """A table of logical vs physical parameters and bytes per feature and in total."""
         lines = [f"{'feature':>7} {'rows':>12} {'method':>8} {'logical params':>15} {'physical params':>16} "
                  f"{'physical bytes':>15}"]
-        owner = {f: m for m in self.members for f in m.features}
+        owner = {f: (m, k) for m in self.members for k, f in enumerate(m.features)}
         for f, n in enumerate(self.cardinalities):
-            m = owner[f]
+            m, k = owner[f]
             logical = n * self.output_dim
             if m.shared:
                 physical, physical_bytes = "shared", "shared"
             else:
-                rows_share = logical / m.logical_parameters
-                physical_count = round(m.physical_parameters * rows_share) if len(m.features) > 1 else m.physical_parameters
-                physical, physical_bytes = f"{physical_count:,}", format_bytes(physical_count * BYTES_PER_PARAMETER)
+                count = m.feature_parameters[k]
+                physical, physical_bytes = f"{count:,}", format_bytes(count * BYTES_PER_PARAMETER)
             lines.append(f"{f:>7} {n:>12,} {m.method:>8} {logical:>15,} {physical:>16} {physical_bytes:>15}")
         for m in self.members:
             if m.shared:

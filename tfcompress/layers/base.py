@@ -1,5 +1,6 @@
 """Base classes of the embedding layers: argument checks, id handling and sizing shared by every method."""
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -37,13 +38,28 @@ def check_out_of_range(rule):
     return rule
 
 
-def prepare_ids(ids, cardinalities, out_of_range):
-    """Cast ids [B, F] to int64 and apply the out-of-range rule.
+def check_ids(ids, num_features, layer_name):
+    """`ids` as a tensor, after refusing what would otherwise be read silently wrong.
+
+    Float ids would be truncated (1.7 -> 1, NaN -> INT64_MIN), so any non-integer dtype is a TypeError. A rank
+    other than 2 would broadcast into a wrong output shape, so it is a ValueError: the same check and message on
+    every path (pure TF, fused op, serving), made where the shape is known, before anything runs.
+    """
+    ids = tf.convert_to_tensor(ids)
+    if not ids.dtype.is_integer:
+        raise TypeError(f"{layer_name}: ids must be an integer tensor, got {ids.dtype.name}; float ids would be "
+                        "truncated silently (cast them yourself once you know they are whole numbers)")
+    check_id_shape(ids.shape, num_features, layer_name)
+    return ids
+
+
+def prepare_ids(ids, cardinalities, out_of_range, layer_name="ids"):
+    """Check ids [B, F] (`check_ids`), cast them to int64 and apply the out-of-range rule.
 
     - "error": any id < 0 or >= cardinalities[f] raises InvalidArgumentError naming the feature and the value.
     - "mod": ids are folded into range with a floor modulo (so -1 becomes cardinality - 1).
     """
-    ids = tf.cast(ids, tf.int64)
+    ids = tf.cast(check_ids(ids, len(cardinalities), layer_name), tf.int64)
     cards = tf.constant(np.asarray(cardinalities, dtype=np.int64))
     if out_of_range == "mod":
         return tf.math.floormod(ids, cards)
@@ -72,11 +88,13 @@ def check_option_names(layer_class, options):
 
 
 def check_id_shape(input_shape, num_features, layer_name):
-    if input_shape[-1] is not None and input_shape[-1] != num_features:
-        raise ValueError(
-            f"{layer_name} expects ids of shape [batch, {num_features}] (one column per table), "
-            f"got shape {tuple(input_shape)}"
-        )
+    """Raise ValueError unless a shape can be [batch, num_features] (unknown dimensions pass)."""
+    shape = tf.TensorShape(input_shape)
+    if shape.rank is None:
+        return
+    if shape.rank != 2 or (shape[-1] is not None and shape[-1] != num_features):
+        raise ValueError(f"{layer_name}: ids must have shape [batch, {num_features}] (one column per table), "
+                         f"got shape {tuple(shape.as_list())}")
 
 
 def serving_rule(out_of_range, trained_rule):
@@ -89,6 +107,34 @@ def serving_rule(out_of_range, trained_rule):
 def table_reader(tables=None):
     """`tables`, or for None the reader of the stored variables (`tfcompress.lookup.TableReader`)."""
     return lookup.TableReader() if tables is None else tables
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterCounts:
+    """Float parameters of a method's tables, trained and deployed.
+
+    `deployed` differs from `trained` where export rewrites the layer (MLET folds to n*d per table). The
+    per-feature lists are None where the features share one array or pool (ROBE-Z, chunk pruning): no table
+    belongs to a single feature there.
+    """
+
+    trained: int
+    deployed: int
+    trained_per_feature: list = None
+    deployed_per_feature: list = None
+
+    @classmethod
+    def of(cls, trained, deployed=None):
+        """From per-feature lists or shared totals; `deployed` None means "as trained"."""
+        deployed = trained if deployed is None else deployed
+
+        def total(counts):
+            return int(sum(counts)) if isinstance(counts, list) else int(counts)
+
+        def per_feature(counts):
+            return [int(c) for c in counts] if isinstance(counts, list) else None
+
+        return cls(total(trained), total(deployed), per_feature(trained), per_feature(deployed))
 
 
 class IdLayer(keras.layers.Layer):
@@ -114,12 +160,11 @@ class IdLayer(keras.layers.Layer):
 
     @classmethod
     def parameter_counts(cls, cardinalities, output_dim, **options):
-        """(trained, deployed) float parameters of `cls(cardinalities, output_dim, **options)`, without making it.
+        """The float parameters of `cls(cardinalities, output_dim, **options)` (`ParameterCounts`), without making it.
 
-        Plans size every method through this (a layer is only made when the model is built). The deployed count
-        differs from the trained one where export rewrites the layer (MLET folds to n*d per table); it is None
-        otherwise. Option names are checked against the constructor's, and the options that decide the size by
-        the same functions the constructor uses.
+        Plans size every method through this (a layer is only made when the model is built). Option names are
+        checked against the constructor's, and the options that decide the size by the same functions the
+        constructor uses.
 
         Raises:
             ValueError: an unknown option, or a value the constructor would refuse.
@@ -129,12 +174,14 @@ class IdLayer(keras.layers.Layer):
             check_out_of_range(options["out_of_range"])
         if options.get("gradient", "auto") not in lookup.GRADIENT_MODES:
             raise ValueError(f"gradient must be one of {lookup.GRADIENT_MODES}, got {options['gradient']!r}")
-        return cls._parameter_counts(check_cardinalities(cardinalities), check_positive_int("output_dim", output_dim),
-                                     **options)
+        trained, deployed = cls._parameter_counts(check_cardinalities(cardinalities),
+                                                  check_positive_int("output_dim", output_dim), **options)
+        return ParameterCounts.of(trained, deployed)
 
     @classmethod
     def _parameter_counts(cls, cardinalities, output_dim, **options):
-        """Each planned method computes (trained, deployed or None) from its checked arguments."""
+        """Each planned method computes (trained, deployed or None) from its checked arguments: each a list with
+        one count per feature, or one int where the features share one array."""
         raise TypeError(f"{cls.__name__} is not a planned method (it has no sizing from arguments)")
 
     @property
@@ -142,17 +189,26 @@ class IdLayer(keras.layers.Layer):
         """Size of full uncompressed D-wide tables: sum n_f * D."""
         return sum(self.cardinalities) * self.output_dim
 
+    @property
+    def described(self):
+        """How errors name this layer: its class and name."""
+        return f"{type(self).__name__} {self.name!r}"
+
     def check_id_shape(self, input_shape):
         """Raise ValueError unless the ids have one column per table."""
-        check_id_shape(input_shape, len(self.cardinalities), type(self).__name__)
+        check_id_shape(input_shape, len(self.cardinalities), self.described)
+
+    def check_ids(self, ids):
+        """The ids as a tensor, refused when they are not integer [batch, F] (see the module function)."""
+        return check_ids(ids, len(self.cardinalities), self.described)
 
     def prepare_ids(self, ids):
         """The ids as int64 with this layer's out-of-range rule applied (see the module function)."""
-        return prepare_ids(ids, self.cardinalities, self.out_of_range)
+        return prepare_ids(ids, self.cardinalities, self.out_of_range, self.described)
 
     def serving_ids(self, ids, out_of_range="mod"):
         """The ids as int64 with the serving id rule applied (see `serving_rule`)."""
-        return prepare_ids(ids, self.cardinalities, serving_rule(out_of_range, self.out_of_range))
+        return prepare_ids(ids, self.cardinalities, serving_rule(out_of_range, self.out_of_range), self.described)
 
     def serving_lookup(self, ids, out_of_range="mod", tables=None):
         """What `call(ids)` returns, computed with stock TensorFlow ops only: the lookup of serving graphs.

@@ -137,7 +137,7 @@ class ChunkPrunedEmbedding(base.IdEmbeddingLayer):
     @classmethod
     def _parameter_counts(cls, cardinalities, output_dim, num_chunks=1, budget=0.1, **options):
         _, chunk_width, capacity = pool_shape(sum(cardinalities), output_dim, num_chunks, budget)
-        return capacity * chunk_width, None
+        return capacity * chunk_width, None  # one pool for all features
 
     @property
     def metadata_bytes(self):
@@ -166,7 +166,7 @@ class ChunkPrunedEmbedding(base.IdEmbeddingLayer):
 
     def call(self, ids, training=None):
         if self.hash_ids:
-            ids = hash_entry_tf(ids, self.cardinalities)
+            ids = hash_entry_tf(self.check_ids(ids), self.cardinalities)
         else:
             ids = self.prepare_ids(ids)
         rows = ids + tf.constant(self._offsets)
@@ -187,7 +187,8 @@ class ChunkPrunedEmbedding(base.IdEmbeddingLayer):
         chunks of the pool, no utilities (see `base.IdLayer.serving_lookup`; with `hash_ids` every id is hashed into
         range and `out_of_range` does not apply, as in `call`)."""
         tables = base.table_reader(tables)
-        ids = hash_entry_tf(ids, self.cardinalities) if self.hash_ids else self.serving_ids(ids, out_of_range)
+        ids = (hash_entry_tf(self.check_ids(ids), self.cardinalities) if self.hash_ids
+               else self.serving_ids(ids, out_of_range))
         rows = ids + tf.constant(self._offsets)
         keys = rows[..., None] * self.num_chunks + tf.range(self.num_chunks, dtype=tf.int64)
         flat_addresses = tf.reshape(tf.gather(resource_variable(self.addresses), keys), [-1])

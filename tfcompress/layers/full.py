@@ -39,7 +39,7 @@ class FullEmbedding(base.IdEmbeddingLayer):
 
     @classmethod
     def _parameter_counts(cls, cardinalities, output_dim, **options):
-        return sum(cardinalities) * output_dim, None
+        return [n * output_dim for n in cardinalities], None
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)

@@ -1,12 +1,16 @@
 """The hashing trick: table t keeps m_t rows and id x reads row x mod m_t."""
 
 import math
+import warnings
 
 import tensorflow as tf
 
 from tfcompress._keras import fresh_initializer, register_serializable
 from tfcompress.layers import base
 from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
+
+# A hashed table with fewer rows than this maps all its ids to one vector.
+MIN_USEFUL_ROWS = 2
 
 
 def buckets_for(cardinalities, num_buckets=None, compression=None):
@@ -19,7 +23,14 @@ def buckets_for(cardinalities, num_buckets=None, compression=None):
     if compression is not None:
         if not compression >= 1.0:
             raise ValueError(f"compression must be >= 1, got {compression!r}")
-        return [max(1, math.ceil(n / compression)) for n in cardinalities]
+        rows = [max(1, math.ceil(n / compression)) for n in cardinalities]
+        collapsed = [f for f, (m, n) in enumerate(zip(rows, cardinalities)) if m < MIN_USEFUL_ROWS <= n]
+        if collapsed:
+            warnings.warn(f"hashing at compression {compression:g} leaves table(s) {collapsed} with fewer than "
+                          f"{MIN_USEFUL_ROWS} rows: every id of such a table reads the same vector, so the feature "
+                          "carries no information; keep small tables uncompressed (uncompressed_below) or lower "
+                          "the ratio", UserWarning, stacklevel=3)
+        return rows
     if isinstance(num_buckets, int):
         num_buckets = [num_buckets] * len(cardinalities)
     if len(num_buckets) != len(cardinalities):
@@ -62,7 +73,7 @@ class HashingTrickEmbedding(base.IdEmbeddingLayer):
 
     @classmethod
     def _parameter_counts(cls, cardinalities, output_dim, num_buckets=None, compression=None, **options):
-        return sum(buckets_for(cardinalities, num_buckets, compression)) * output_dim, None
+        return [m * output_dim for m in buckets_for(cardinalities, num_buckets, compression)], None
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)

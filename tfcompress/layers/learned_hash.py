@@ -82,7 +82,8 @@ def resolve_tables(output_dim, mappings=None, cardinalities=None, num_rows=None,
 
 
 def _parameters(num_rows, widths):
-    return sum(m * w for rows, row_widths in zip(num_rows, widths) for m, w in zip(rows, row_widths))
+    """Parameters per feature: its K internal tables."""
+    return [sum(m * w for m, w in zip(rows, row_widths)) for rows, row_widths in zip(num_rows, widths)]
 
 
 @register_serializable()
@@ -134,7 +135,7 @@ class LearnedHashEmbedding(base.IdEmbeddingLayer):
     @property
     def physical_parameters(self):
         """Trainable floats (the mappings are integers, counted in `mapping_bytes`)."""
-        return _parameters(self.num_rows, self.widths)
+        return sum(_parameters(self.num_rows, self.widths))
 
     @classmethod
     def _parameter_counts(cls, cardinalities, output_dim, mappings=None, num_rows=None, combiner=None, **options):

@@ -25,7 +25,8 @@ def hashed_rows(cardinalities, num_buckets=None, compression=None):
 
 
 def _trained_parameters(table_rows, inner_dim, output_dim):
-    return sum(table_rows) * inner_dim + len(table_rows) * inner_dim * output_dim
+    """Parameters per feature while training: its m x k table and its k x d projection."""
+    return [m * inner_dim + inner_dim * output_dim for m in table_rows]
 
 
 @register_serializable()
@@ -97,7 +98,7 @@ class MLETEmbedding(base.IdEmbeddingLayer):
     @property
     def physical_parameters(self):
         """Size while training: sum m_f * k + F * k * d."""
-        return _trained_parameters(self.table_rows, self.inner_dim, self.output_dim)
+        return sum(_trained_parameters(self.table_rows, self.inner_dim, self.output_dim))
 
     @property
     def folded_parameters(self):
@@ -109,7 +110,7 @@ class MLETEmbedding(base.IdEmbeddingLayer):
                           **options):
         inner_dim = base.check_positive_int("inner_dim", inner_dim if inner_dim is not None else 0)
         rows = hashed_rows(cardinalities, num_buckets, compression) or cardinalities
-        return _trained_parameters(rows, inner_dim, output_dim), sum(rows) * output_dim
+        return _trained_parameters(rows, inner_dim, output_dim), [m * output_dim for m in rows]
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)

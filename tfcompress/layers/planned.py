@@ -61,14 +61,14 @@ class PlannedEmbedding(keras.layers.Layer):
         return sum(member.physical_parameters for member in self.members)
 
     def build(self, input_shape):
-        base.check_id_shape(input_shape, self.num_features, type(self).__name__)
+        base.check_id_shape(input_shape, self.num_features, f"{type(self).__name__} {self.name!r}")
         for member, features in zip(self.members, self.group_features):
             if not member.built:  # deserialized members arrive built from their own build_config
                 member.build((input_shape[0], len(features)))
         super().build(input_shape)
 
     def call(self, ids):
-        ids = base.prepare_ids(ids, self.cardinalities, self.out_of_range)
+        ids = base.prepare_ids(ids, self.cardinalities, self.out_of_range, f"{type(self).__name__} {self.name!r}")
         if self._identity_order:
             return self.members[0](ids)
         outputs = [
@@ -79,7 +79,8 @@ class PlannedEmbedding(keras.layers.Layer):
     def serving_lookup(self, ids, out_of_range="mod", tables=None):
         """`call` for serving graphs: the serving id rule here (`base.serving_rule`), then every member's
         `serving_lookup` with the same rule and `tables` (see `base.IdLayer.serving_lookup`)."""
-        ids = base.prepare_ids(ids, self.cardinalities, base.serving_rule(out_of_range, self.out_of_range))
+        ids = base.prepare_ids(ids, self.cardinalities, base.serving_rule(out_of_range, self.out_of_range),
+                               f"{type(self).__name__} {self.name!r}")
         if self._identity_order:
             return self.members[0].serving_lookup(ids, out_of_range, tables)
         outputs = [member.serving_lookup(tf.gather(ids, features, axis=1), out_of_range, tables)

@@ -44,8 +44,9 @@ def table_shapes(cardinalities, output_dim, num_buckets=None, compression=None, 
 
 
 def _parameters(quotient_rows, remainder_rows, widths):
+    """Parameters per feature: its quotient table plus its remainder table."""
     q_width, r_width = widths
-    return sum(q * q_width + m * r_width for q, m in zip(quotient_rows, remainder_rows))
+    return [q * q_width + m * r_width for q, m in zip(quotient_rows, remainder_rows)]
 
 
 @register_serializable()
@@ -87,7 +88,7 @@ class QREmbedding(base.IdEmbeddingLayer):
 
     @property
     def physical_parameters(self):
-        return _parameters(self.quotient_rows, self.num_buckets, self._widths)
+        return sum(_parameters(self.quotient_rows, self.num_buckets, self._widths))
 
     @classmethod
     def _parameter_counts(cls, cardinalities, output_dim, num_buckets=None, compression=None, operation="mult",

@@ -102,7 +102,7 @@ class RobeEmbedding(base.IdEmbeddingLayer):
     def _parameter_counts(cls, cardinalities, output_dim, memory_size=None, compression=None, chunk_size=None,
                           **options):
         _, size = array_size(sum(cardinalities) * output_dim, output_dim, memory_size, compression, chunk_size)
-        return size, None
+        return size, None  # one array for all features
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)
@@ -113,7 +113,9 @@ class RobeEmbedding(base.IdEmbeddingLayer):
 
     def call(self, ids):
         if fused_ops.should_use(self.use_custom_op):
-            # The op checks every id itself (naming feature and value), so only "mod" needs the TF-side pass.
+            # The op checks every id value itself (naming feature and value), so only "mod" needs the TF-side pass;
+            # dtype and shape are checked here as on the pure-TF path, with the same message.
+            ids = self.check_ids(ids)
             if self.out_of_range == "mod":
                 ids = self.prepare_ids(ids)
             return fused_ops.robe_lookup(
