@@ -14,6 +14,7 @@ Output directory:
     quarantine.tsv           every rejected line: source file, line number, reason, the raw line
     vocabulary.npz           (encoding "vocab") `keys_<name>`: the key of id i + 1 at position i
     _state/                  plan and per-piece results; what lets a rerun skip finished work
+    _convert.lock            while a run holds the directory: its pid, host, start time (`convert_plan.OutputLock`)
 
 How the work is cut (and why the output does not depend on the number of workers): the inputs are cut into
 *pieces*, each one converted by one worker into its own shards. A plain text file is cut into byte ranges of about
@@ -509,7 +510,8 @@ def _table_warnings(tables, options):
     warnings = []
     for table in tables:
         if table["encoding"] == "hash" and table["train_ids_used"] < SPARSE_TABLE_FRACTION * table["cardinality"]:
-            better = "--encoding auto (or vocab)" if options.encoding != "auto" else "a smaller --hash-buckets"
+            better = ("--encoding auto (or vocab)" if options.encoding != "auto" else
+                      "a larger --vocab-max-keys (a vocabulary) or a smaller --hash-buckets")
             warnings.append(f"column {table['name']!r}: the training rows use {table['train_ids_used']:,} of its "
                             f"{table['cardinality']:,} {table['encoding']} ids; the table size (what 'full' and "
                             f"compression ratios are measured against) is mostly empty: use {better}")
