@@ -366,6 +366,20 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys):
         convert([path], other, "csv", schema=schema)
 
 
+def test_a_file_system_without_locks_is_one_sentence(tmp_path, monkeypatch):
+    from tfcompress.data import convert_plan
+
+    path, schema, _ = _small_csv(tmp_path)
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(convert_plan.fcntl, "flock", no_locks)
+    with pytest.raises(ConvertError, match=r"cannot lock .*_convert\.lock \(No locks available\): .* does not "
+                                           r"support flock"):
+        convert([path], tmp_path / "out", "csv", schema=schema)
+
+
 # ---- 4. a time split on a numeric column ----------------------------------------------------------------------------
 
 

@@ -792,9 +792,13 @@ class OutputLock:
                 raise ConvertError(f"output directory {self.output} is in use by another conversion: "
                                    f"{self._holder_text(holder)} holds {self.path}; wait for it to finish or choose "
                                    "another --output") from None
-            except OSError:
+            except OSError as error:
                 os.close(fd)
-                raise
+                if write_error(error, self.output) is not None:
+                    raise
+                raise ConvertError(f"cannot lock {self.path} ({os.strerror(error.errno)}): the file system of "
+                                   f"output directory {self.output} does not support flock; choose a local "
+                                   "--output directory") from None
             try:
                 same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
