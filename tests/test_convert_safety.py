@@ -500,6 +500,11 @@ def test_schema_csv_defaults_to_vocab_for_small_columns_and_prints_cardinalities
     assert re.search(r"flag\s+vocab\s+cardinality\s+3\s+train ids used\s+2", stdout)
     assert re.search(r"user\s+hash\s+cardinality\s+4,194,304\s+train ids used\s+" + f"{user_ids:,}", stdout)
 
+    # Many pieces, each with fewer distinct users than the limit, together more: still hashed, flag still vocab.
+    report = convert([path], tmp_path / "pieces", "csv", schema=schema, shard_bytes=800, vocab_max_keys=120)
+    assert report["pieces"] >= 10
+    assert [(t["encoding"], t["cardinality"]) for t in report["tables"]] == [("vocab", 3), ("hash", 1 << 22)]
+
     # An explicit hash encoding keeps 4,194,304 buckets, and says loudly that the table is mostly empty.
     status, _, err = run_cli(["data", "convert", "--format", "csv", "--schema", str(schema), "--input", str(path),
                               "--output", str(tmp_path / "hashed"), "--no-progress", "--encoding", "hash"], capsys)

@@ -613,6 +613,10 @@ def save_vocabulary(output, layout, options, pieces):
                 too_many |= bool(data[f"too_many_{column.name}"]) if f"too_many_{column.name}" in data else False
                 if not too_many:
                     counter.add(data[f"keys_{column.name}"], data[f"counts_{column.name}"])
+            if options.encoding == "auto" and not too_many and counter.pending_upper_bound > 2 * options.vocab_max_keys:
+                too_many = counter.result()[0].size > options.vocab_max_keys  # memory: stop merging early
+            if too_many:
+                break
         if too_many:
             continue
         keys, counts = counter.result()
