@@ -402,7 +402,8 @@ def test_schema_driven_csv(tmp_path):
     with gzip.open(path, "wt") as f:
         f.write(text + "1700000000;1;cheap;u1;x;zz\n")
     out = tmp_path / "out"
-    report = convert([path], out, "csv", schema=schema_file, hash_buckets=1 << 40)
+    # encoding "hash" explicitly: a schema's default is "auto" (vocab for these small columns).
+    report = convert([path], out, "csv", schema=schema_file, encoding="hash", hash_buckets=1 << 40)
     check_report(report, out)
     assert report["rejected_by_reason"]["non_numeric_dense"] == 1
     label, dense, sparse = read_all(out / "train")
@@ -592,10 +593,13 @@ def test_two_input_pipelines_read_each_converted_row_once(tmp_path):
 def test_cli_data_convert(tmp_path, capsys):
     path = tmp_path / "day_0"
     path.write_text(criteo_text(criteo_rows(np.random.default_rng(13), 40)) + "oops\n")
-    status = cli.main(["data", "convert", "--format", "criteo-tsv", "--input", str(path), "--output",
-                       str(tmp_path / "out"), "--max-ind-range", "100", "--split", "random", "--no-progress"])
-    assert status == 0
-    summary = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    argv = ["data", "convert", "--format", "criteo-tsv", "--input", str(path), "--output", str(tmp_path / "out"),
+            "--max-ind-range", "100", "--split", "random", "--no-progress"]
+    # 1 of 41 rows rejected is over the default --max-reject-fraction 0.01: an error, with the output written.
+    assert cli.main(argv) == 2
+    assert "1 of 41 rows (2.4%) were rejected" in capsys.readouterr().err
+    assert cli.main(argv + ["--max-reject-fraction", "0.05"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\ntables ")[0])
     assert summary["rows_read"] == 41 and summary["rows_rejected"] == 1
     assert cli.main(["data", "convert", "--format", "criteo-tsv", "--input", str(path), "--output",
                      str(tmp_path / "o2"), "--strict", "--no-progress"]) == 2

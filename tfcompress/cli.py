@@ -223,31 +223,47 @@ _DATA_FORMATS = ("criteo-tsv", "criteo-csv", "avazu-csv", "csv", "parquet")  # t
 
 
 def _add_data_arguments(parser):
+    from tfcompress.data.formats import SCHEMA_FILE_HELP  # no TensorFlow, no NumPy work: --help stays fast
+
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION", title="actions")
     actions.required = True
     convert = actions.add_parser(
         "convert", help="convert raw click logs (Criteo, Avazu, CSV, Parquet) into sharded TFRecords",
         description="Convert raw click logs into sharded TFRecords + schema.json + report.json (+ quarantine.tsv "
-                    "of rejected lines, counts/ of per-id accesses). Rerunning into the same directory resumes.")
+                    "of rejected lines, counts/ of per-id accesses). Rerunning into the same directory resumes.",
+        epilog=SCHEMA_FILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     convert.add_argument("--format", required=True, choices=_DATA_FORMATS)
     convert.add_argument("--input", required=True, nargs="+", metavar="PATH",
                          help="input files, directories or glob patterns (.gz is read as gzip)")
-    convert.add_argument("--output", required=True, help="output directory")
+    convert.add_argument("--output", required=True, help="output directory (one conversion at a time: locked)")
     convert.add_argument("--workers", type=int, default=1, help="worker processes (same output for any number)")
-    convert.add_argument("--schema", help="schema TOML: required for --format csv, optional for parquet")
-    convert.add_argument("--encoding", choices=("hex-mod", "vocab", "hash"),
-                         help="categorical encoding (default: hex-mod for Criteo, hash otherwise)")
+    convert.add_argument("--schema", help="schema TOML: required for --format csv, optional for parquet (below)")
+    convert.add_argument("--encoding", choices=("auto", "hex-mod", "vocab", "hash"),
+                         help="categorical encoding (default: hex-mod for Criteo, hash for Avazu, the schema's "
+                              "`encoding` (default auto) for csv/parquet with a schema)")
     convert.add_argument("--max-ind-range", type=int,
                          help="hex-mod: ids are hex value mod this (default 40000000); vocab: fold hex first")
-    convert.add_argument("--min-count", type=int, default=1, help="vocab: rarer values map to id 0")
-    convert.add_argument("--hash-buckets", type=int, help="hash: table size (default 4194304)")
+    convert.add_argument("--min-count", type=int, default=1, help="vocab/auto: rarer values map to id 0")
+    convert.add_argument("--hash-buckets", type=int, help="hash/auto: table size (default 4194304)")
+    convert.add_argument("--vocab-max-keys", type=int,
+                         help="auto: columns with at most this many distinct training keys get a vocabulary, larger "
+                              "ones are hashed (default 1000000)")
     convert.add_argument("--dense-transform", choices=("log1p", "none"),
-                         help="after negative -> 0 (default: log1p for Criteo, none otherwise)")
+                         help="after negative -> 0 (default: log1p for Criteo, none otherwise); a value beyond "
+                              "float32 rejects its row (dense_overflow)")
     convert.add_argument("--keep-negative", action="store_true", help="do not clip negative dense values to 0")
-    convert.add_argument("--split", choices=("none", "random", "criteo-days", "criteo-days-halves"), default="none",
+    convert.add_argument("--split", choices=("none", "random", "criteo-days", "criteo-days-halves", "by-column"),
+                         default="none",
                          help="none: all rows in train/; random: --eval-fraction to eval/; criteo-days: file "
-                              "day_<test-day> to eval/; criteo-days-halves: its first half to eval/, second to test/")
-    convert.add_argument("--eval-fraction", type=float, default=0.1, help="random split: fraction in eval/")
+                              "day_<test-day> to eval/; criteo-days-halves: its first half to eval/, second to test/; "
+                              "by-column: the rows with the largest --split-column values to eval/ (a time split: "
+                              "k = floor(N * eval-fraction) of the N written rows are wanted; the threshold T is the "
+                              "(N-k)-th smallest value, eval = value > T, so ties stay together in train; exact for "
+                              "any --workers)")
+    convert.add_argument("--split-column", metavar="COLUMN",
+                         help="by-column split: a numeric column (e.g. timestamp; it need not be a feature)")
+    convert.add_argument("--eval-fraction", type=float, default=0.1,
+                         help="random and by-column splits: fraction in eval/")
     convert.add_argument("--seed", type=int, default=2020, help="random split seed (DLRM's Kaggle split: 2020)")
     convert.add_argument("--test-day", type=int, default=23, help="criteo-days splits: held-out day (MLPerf: 23)")
     convert.add_argument("--shard-size", default="256MiB",
@@ -256,6 +272,9 @@ def _add_data_arguments(parser):
     convert.add_argument("--record-layout", choices=("fixed", "canonical"), default="fixed",
                          help="fixed: equal-length records that `read` loads fast (default); canonical: protobuf's "
                               "shortest encoding")
+    convert.add_argument("--max-reject-fraction", type=float, default=0.01, metavar="F",
+                         help="exit with an error (status 2, naming the top rejection reasons) when more than this "
+                              "share of the rows is rejected; the output is still written (default 0.01)")
     convert.add_argument("--strict", action="store_true", help="stop at the first bad row (error names file:line)")
     convert.add_argument("--overwrite", action="store_true", help="empty OUTPUT first instead of resuming")
     convert.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
@@ -272,16 +291,27 @@ def _run_data(args):
         options["hash_buckets"] = args.hash_buckets
     if args.rows_per_shard is not None:
         options["rows_per_shard"] = args.rows_per_shard
+    if args.vocab_max_keys is not None:
+        options["vocab_max_keys"] = args.vocab_max_keys
     report = data_convert.convert(
         args.input, args.output, args.format, workers=args.workers, schema=args.schema, encoding=args.encoding,
         max_ind_range=args.max_ind_range, min_count=args.min_count, dense_transform=args.dense_transform,
         clip_negative=not args.keep_negative, split=args.split, eval_fraction=args.eval_fraction, seed=args.seed,
         test_day=args.test_day, shard_bytes=parse_bytes(args.shard_size), record_layout=args.record_layout,
-        strict=args.strict,
+        strict=args.strict, split_column=args.split_column, max_reject_fraction=args.max_reject_fraction,
         overwrite=args.overwrite, progress=not args.no_progress, **options)
     summary = {key: report[key] for key in ("rows_read", "rows_written", "rows_rejected", "rejected_by_reason",
                                             "rows_per_split", "pieces", "pieces_skipped")}
     print(json.dumps(summary, indent=2, sort_keys=True))
+    if report.get("split"):
+        split = report["split"]
+        print(f"split by {split['column']}: eval = value > {split['threshold']!r} ({split['eval_rows']:,} rows; "
+              f"{split['target_eval_rows']:,} wanted), train = value <= it ({split['train_rows']:,} rows)")
+    print("tables (the sizes 'full' and compression ratios are measured against):")
+    width = max([len(t["name"]) for t in report["tables"]], default=0)
+    for table in report["tables"]:
+        print(f"  {table['name']:<{width}}  {table['encoding']:<7} cardinality {table['cardinality']:>13,}  "
+              f"train ids used {table['train_ids_used']:>13,}")
     print(f"wrote {args.output} (schema.json, report.json, quarantine.tsv, counts/)", flush=True)
     return 0
 

@@ -14,6 +14,7 @@ Output directory:
     quarantine.tsv           every rejected line: source file, line number, reason, the raw line
     vocabulary.npz           (encoding "vocab") `keys_<name>`: the key of id i + 1 at position i
     _state/                  plan and per-piece results; what lets a rerun skip finished work
+    _convert.lock            while a run holds the directory: its pid, host, start time (`convert_plan.OutputLock`)
 
 How the work is cut (and why the output does not depend on the number of workers): the inputs are cut into
 *pieces*, each one converted by one worker into its own shards. A plain text file is cut into byte ranges of about
@@ -28,6 +29,15 @@ and checksum in NumPy without importing TensorFlow; `record_layout="canonical"` 
 through tf.io.TFRecordWriter instead. Workers are started with the spawn method: a script that calls `convert` with
 workers > 1 must do so under `if __name__ == "__main__":`.
 
+One run at a time: the run holds OUT/_convert.lock (`convert_plan.OutputLock`); a second run into the same
+directory stops with an error naming the holder (pid, host, start time). A full disk, a read-only file system or a
+missing permission stops the run with one sentence naming the file (`convert_plan.write_error`); what was finished
+is kept and a rerun resumes.
+
+Rejections: every rejected row is counted and quarantined. `max_reject_fraction` (CLI `--max-reject-fraction`,
+default 0.01 there) turns "too many rejected" into an error naming the top reasons with a hint, after the output
+is complete.
+
 Crash safety: shards are written under a temporary name and renamed when complete (`ShardWriter`); a piece is done
 when its `_state/piece-PPPPP.json` exists, written after its shards, counts and quarantine. A rerun with the same
 inputs and options skips done pieces and redoes the others from scratch (removing their leftovers), which gives
@@ -40,6 +50,7 @@ progress, then merging the pieces' results into report.json, counts/, quarantine
 `tfcompress.data.convert_plan` (options, inputs, pieces, splits, encoders, the `_state/` files).
 """
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -58,10 +69,15 @@ from tfcompress.data.convert_plan import (
     DEFAULT_HASH_BUCKETS,
     DEFAULT_ROWS_PER_SHARD,
     DEFAULT_SHARD_BYTES,
+    DEFAULT_VOCAB_MAX_KEYS,
+    PLAN_FILENAME,
+    STATE_DIR,
     VOCABULARY_FILENAME,
     ConvertError,
     ConvertOptions,
+    OutputLock,
     atomic_savez,
+    column_split_threshold,
     expand_inputs,
     is_int_at_least,
     number_pieces,
@@ -75,8 +91,15 @@ from tfcompress.data.convert_plan import (
     scan_file_at,
     scan_tasks,
     split_names,
+    write_error,
 )
-from tfcompress.data.convert_worker import WorkerContext, convert_piece, count_piece_keys, init_worker
+from tfcompress.data.convert_worker import (
+    WorkerContext,
+    convert_piece,
+    count_piece_keys,
+    count_piece_split_values,
+    init_worker,
+)
 from tfcompress.data.schema import Schema
 from tfcompress.data.tfio import tensorflow_io_status
 
@@ -85,6 +108,23 @@ __all__ = ["ConvertError", "ConvertOptions", "convert", "dense_count_array", "lo
 REPORT_FILENAME = "report.json"
 QUARANTINE_FILENAME = "quarantine.tsv"
 COUNTS_DIR = "counts"
+SPARSE_TABLE_FRACTION = 0.01  # a hash table whose train ids use less than this share of its buckets is warned about
+
+# What to do about a rejection reason (the error of `max_reject_fraction`). {label}: the label column.
+REJECT_HINTS = {
+    "empty_line": "remove the empty lines",
+    "wrong_column_count": "check the delimiter and that no field holds it (quoting is not interpreted)",
+    "bad_label": "the label column {label!r} must be exactly 0 or 1; map it in the schema file, e.g. "
+                 "`label = {{source = \"{label}\", threshold = 4}}` (1 when >= 4) or "
+                 "`label = {{source = \"{label}\", positive = [\"click\", \"1\"]}}`",
+    "non_numeric_dense": "a dense column holds text: move it to `sparse` in the schema file",
+    "bad_hex": "a hex_sparse column holds other text: move it to `sparse`",
+    "bad_categorical": "negative integer ids: cast the column to text",
+    "bad_hour": "hour_column must be YYMMDDHH",
+    "bad_split_value": "the --split-column must be a number in every row",
+    "dense_overflow": "a dense value is beyond float32 (3.4e38): use --dense-transform log1p, or fix the values",
+    "dense_log1p_domain": "log1p of a value <= -1: drop --keep-negative or use --dense-transform none",
+}
 
 
 # ---- running tasks -------------------------------------------------------------------------------------------
@@ -170,7 +210,8 @@ def convert(inputs, output, format, *, workers=1, encoding=None, max_ind_range=N
             hash_buckets=DEFAULT_HASH_BUCKETS, dense_transform=None, clip_negative=True, split="none",
             eval_fraction=0.1, seed=2020, test_day=23, shard_bytes=DEFAULT_SHARD_BYTES,
             rows_per_shard=DEFAULT_ROWS_PER_SHARD, schema=None, record_layout="fixed", strict=False, overwrite=False,
-            progress=False, on_piece_done=None):
+            progress=False, on_piece_done=None, split_column=None, vocab_max_keys=DEFAULT_VOCAB_MAX_KEYS,
+            max_reject_fraction=None):
     """Convert raw click logs into the TFRecord layout of docs/tfrecord_layout.md (module docstring: the output).
 
     Args:
@@ -179,48 +220,91 @@ def convert(inputs, output, format, *, workers=1, encoding=None, max_ind_range=N
         format: "criteo-tsv", "criteo-csv", "avazu-csv", "csv" (needs `schema`) or "parquet".
         workers: worker processes, >= 1 (the output is the same for any number).
         encoding, max_ind_range, min_count, hash_buckets, dense_transform, clip_negative, split, eval_fraction,
-            seed, test_day, shard_bytes, rows_per_shard, record_layout: see `ConvertOptions`.
+            seed, test_day, shard_bytes, rows_per_shard, record_layout, split_column, vocab_max_keys: see
+            `ConvertOptions`.
         schema: schema TOML path (format "csv"; optional for "parquet").
         strict: stop at the first bad row with a ConvertError naming its file and line.
         overwrite: empty the output directory first (otherwise a directory holding the same conversion is
             resumed, and one holding anything else is an error).
         progress: print a progress line (rows, rows/s) to stderr.
         on_piece_done: called with each finished piece's report (in the calling process).
+        max_reject_fraction: None (no limit: the caller reads the report), or the largest share of rows_read that
+            may be rejected; above it a ConvertError names the top reasons (the output is complete, report.json
+            written; a rerun with a larger limit resumes without redoing anything).
 
     Returns:
-        the report dict (also written to report.json).
+        the report dict (also written to report.json). Its `warnings` (also printed to stderr) say what may be
+        wrong without being an error: a stale lock taken over, a by-column split whose ties moved rows, a hash
+        table that is mostly empty.
 
     Raises:
         FileNotFoundError: an input matches nothing.
         ValueError / ConvertError: bad options; an unreadable input, a bad header, a bad row under `strict`; an
             input that broke off mid-way (e.g. a truncated .gz): then every other piece is still converted,
-            report.json is written, and the message names the file and how many of its rows were kept.
+            report.json is written, and the message names the file and how many of its rows were kept;
+            another conversion holds the output directory; a write failed (full disk, read-only file system, no
+            permission: the message names the file); more rows rejected than max_reject_fraction.
     """
     started = time.perf_counter()
     if not is_int_at_least(workers, 1):
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if max_reject_fraction is not None and not (isinstance(max_reject_fraction, (int, float))
+                                                and 0 <= max_reject_fraction <= 1):
+        raise ValueError(f"max_reject_fraction must be a number in [0, 1] (or None), got {max_reject_fraction!r}")
     layout = formats.layout_for_format(format, schema)
     options = ConvertOptions(
         format=format, encoding=encoding, max_ind_range=max_ind_range, min_count=min_count,
         hash_buckets=hash_buckets, dense_transform=dense_transform, clip_negative=bool(clip_negative), split=split,
         eval_fraction=eval_fraction, seed=seed, test_day=test_day, shard_bytes=shard_bytes,
-        rows_per_shard=rows_per_shard, schema_path=schema, record_layout=record_layout,
+        rows_per_shard=rows_per_shard, schema_path=schema, record_layout=record_layout, split_column=split_column,
+        vocab_max_keys=vocab_max_keys,
     ).resolved(layout)
+    if options.split_column is not None:
+        layout = dataclasses.replace(layout, split_column=options.split_column)
     output = os.path.abspath(os.fspath(output))
     files = expand_inputs(inputs)
     parquet_note = _tensorflow_io_note(format, progress)
     column_maps = read_column_maps(files, layout, format)
-    pieces, rules = _plan_pieces(output, files, layout, options, column_maps, strict, workers, overwrite)
+    warnings = []
+    try:
+        with OutputLock(output) as lock:
+            warnings += _warn(lock.warnings)
+            report = _run(output, files, layout, options, column_maps, strict, workers, overwrite, progress,
+                          on_piece_done, started, parquet_note, warnings)
+    except OSError as error:
+        translated = write_error(error, output)
+        if translated is None:
+            raise
+        raise translated from None
+    if report["errors"]:
+        raise ConvertError(_error_message(report))
+    if max_reject_fraction is not None and report["rows_rejected"] > max_reject_fraction * report["rows_read"]:
+        raise ConvertError(_reject_message(report, layout, column_maps, output, max_reject_fraction))
+    return report
 
+
+def _warn(messages):
+    """Print each message to stderr as a warning; returns them (for report.json)."""
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    return list(messages)
+
+
+def _run(output, files, layout, options, column_maps, strict, workers, overwrite, progress, on_piece_done, started,
+         parquet_note, warnings):
+    """The conversion proper, under the output lock: plan, first passes, pieces, report."""
+    pieces, rules = _plan_pieces(output, files, layout, options, column_maps, strict, workers, overwrite)
     counter = multiprocessing.get_context("spawn").Value("q", 0)
+    split_info = None
+    if options.split == "by-column":
+        rules, split_info = _column_split(output, pieces, rules, layout, options, column_maps, strict, workers,
+                                          progress, counter)
+        warnings += _warn(_split_warnings(split_info, options))
     context = WorkerContext(output, layout, options, column_maps, rules, strict, progress=counter)
-    if options.encoding == "vocab":
+    if options.encoding in ("vocab", "auto"):
         _build_vocabulary(pieces, context, workers, progress)
     errors, skipped = _convert_pieces(pieces, context, workers, progress, on_piece_done)
-    report = _finish(output, files, pieces, context, errors, skipped, started, parquet_note)
-    if errors:
-        raise ConvertError(_error_message(report))
-    return report
+    return _finish(output, files, pieces, context, errors, skipped, started, parquet_note, split_info, warnings)
 
 
 def _tensorflow_io_note(format, progress):
@@ -249,8 +333,51 @@ def _plan_pieces(output, files, layout, options, column_maps, strict, workers, o
     return pieces, rules
 
 
+def _column_split(output, pieces, rules, layout, options, column_maps, strict, workers, progress, counter):
+    """A by-column split's threshold (`convert_plan.column_split_threshold`): from plan.json when a run computed it
+    already, else by a first pass over the pieces; the rules with the threshold, saved in plan.json."""
+    plan_path = os.path.join(output, STATE_DIR, PLAN_FILENAME)
+    with open(plan_path) as f:
+        plan = json.load(f)
+    if plan.get("split_info") is not None:
+        return plan["rules"], plan["split_info"]
+    todo = [p for p in pieces if not os.path.isfile(piece_state_path(output, p["index"], ".split-cumulative.npy"))]
+    context = WorkerContext(output, layout, options, column_maps, rules, strict, progress=counter)
+    errors = []
+    with _Progress(counter, len(todo), "split pass", progress) as bar:
+        for result in _run_tasks(count_piece_split_values, todo, context, workers, bar):
+            if result.get("error"):
+                errors.append(result)
+    if errors:
+        raise ConvertError("the split pass could not read every input: " + "; ".join(
+            f"{e['error']}" for e in errors) + "; no shards were written, fix the inputs and rerun")
+    split_info = dict(column_split_threshold(output, pieces, options.eval_fraction), column=options.split_column,
+                      eval_fraction=float(options.eval_fraction))
+    rules = {path: dict(rule, threshold=split_info["threshold"], threshold_key=split_info["threshold_key"])
+             for path, rule in rules.items()}
+    plan = {k: v for k, v in plan.items() if k not in ("pieces", "rules")}
+    save_plan(output, dict(plan, split_info=split_info), pieces, rules)
+    return rules, split_info
+
+
+def _split_warnings(info, options):
+    """Warnings about a by-column split whose eval part came out empty or short (ties at the threshold)."""
+    if info["rows"] == 0:
+        return []
+    if info["eval_rows"] == 0:
+        return [f"split by-column {options.split_column!r}: eval is empty: {info['rows']:,} rows, "
+                f"{info['target_eval_rows']:,} wanted in eval, but no row has a value above the threshold "
+                f"{info['threshold']!r} (ties: rows with equal values stay together, in train)"]
+    if info["eval_rows"] < info["target_eval_rows"]:
+        return [f"split by-column {options.split_column!r}: eval has {info['eval_rows']:,} rows instead of "
+                f"{info['target_eval_rows']:,}: {info['target_eval_rows'] - info['eval_rows']:,} rows share the "
+                f"threshold value {info['threshold']!r} with earlier rows and stay in train"]
+    return []
+
+
 def _build_vocabulary(pieces, context, workers, progress):
-    """First pass of encoding "vocab": count keys per table on the training rows, keep those seen min_count times."""
+    """First pass of encodings "vocab" and "auto": count keys per table on the training rows, keep those seen
+    min_count times (auto: only for tables with at most vocab_max_keys distinct keys)."""
     output = context.output
     if os.path.isfile(os.path.join(output, VOCABULARY_FILENAME)):
         return
@@ -286,15 +413,18 @@ def _convert_pieces(pieces, context, workers, progress, on_piece_done):
 # ---- finishing: merging the pieces' results --------------------------------------------------------------------
 
 
-def _finish(output, files, pieces, context, errors, skipped, started, parquet_note):
+def _finish(output, files, pieces, context, errors, skipped, started, parquet_note, split_info, warnings):
     """Merge the piece results into report.json, counts/, quarantine.tsv and schema.json."""
     splits = split_names(context.options)
     piece_reports = _load_piece_reports(output, pieces)
     totals = _sum_piece_reports(piece_reports, files, splits)
     _merge_quarantine(output, piece_reports)
-    _merge_id_counts(output, context.layout, splits, piece_reports)
-    _save_schema(output, files, context, totals["rows_per_split"])
+    ids_used = _merge_id_counts(output, context.layout, splits, piece_reports)
+    _save_schema(output, files, context, totals["rows_per_split"], split_info)
+    tables = _tables(context, ids_used)
+    warnings += _warn(_table_warnings(tables, context.options))
     report = _run_report(piece_reports, totals, len(pieces), skipped, errors, started, parquet_note)
+    report.update(tables=tables, split=split_info, warnings=warnings)
     if report["rows_read"] != report["rows_written"] + report["rows_rejected"]:  # pragma: no cover - a bug
         raise AssertionError(f"rows_read {report['rows_read']} != written {report['rows_written']} + rejected "
                              f"{report['rows_rejected']}")
@@ -346,8 +476,13 @@ def _merge_quarantine(output, piece_reports):
 
 
 def _merge_id_counts(output, layout, splits, piece_reports):
-    """counts/<split>.npz: per table, `ids_<name>` and `counts_<name>` summed over the pieces."""
+    """counts/<split>.npz: per table, `ids_<name>` and `counts_<name>` summed over the pieces.
+
+    Returns:
+        {table name: distinct ids in the train split}.
+    """
     os.makedirs(os.path.join(output, COUNTS_DIR), exist_ok=True)
+    used = {}
     for split in splits:
         arrays = {}
         for column in layout.sparse:
@@ -356,10 +491,34 @@ def _merge_id_counts(output, layout, splits, piece_reports):
                 with np.load(piece_state_path(output, r["index"], ".counts.npz")) as data:
                     total.add(data[f"{split}/ids_{column.name}"], data[f"{split}/counts_{column.name}"])
             arrays[f"ids_{column.name}"], arrays[f"counts_{column.name}"] = total.result()
+            if split == "train":
+                used[column.name] = int(arrays[f"ids_{column.name}"].size)
         atomic_savez(os.path.join(output, COUNTS_DIR, f"{split}.npz"), arrays)
+    return used
 
 
-def _save_schema(output, files, context, rows_per_split):
+def _tables(context, ids_used):
+    """Per categorical column: its encoder, table size (cardinality) and the distinct ids the train split uses."""
+    return [{"name": column.name, "encoding": encoder.kind, "cardinality": int(encoder.cardinality),
+             "train_ids_used": ids_used.get(column.name, 0)}
+            for column, encoder in zip(context.layout.sparse, context.load_encoders())]
+
+
+def _table_warnings(tables, options):
+    """A hash table of which the training data uses under 1% of the rows: "full" would be mostly empty, and a
+    compression ratio measured against it means little. (hex-mod, MLPerf's fixed range, is not warned about.)"""
+    warnings = []
+    for table in tables:
+        if table["encoding"] == "hash" and table["train_ids_used"] < SPARSE_TABLE_FRACTION * table["cardinality"]:
+            better = ("--encoding auto (or vocab)" if options.encoding != "auto" else
+                      "a larger --vocab-max-keys (a vocabulary) or a smaller --hash-buckets")
+            warnings.append(f"column {table['name']!r}: the training rows use {table['train_ids_used']:,} of its "
+                            f"{table['cardinality']:,} {table['encoding']} ids; the table size (what 'full' and "
+                            f"compression ratios are measured against) is mostly empty: use {better}")
+    return warnings
+
+
+def _save_schema(output, files, context, rows_per_split, split_info):
     """schema.json: columns, cardinalities, encoding, dense transform and (extra) the conversion's options."""
     layout, options = context.layout, context.options
     encoders = context.load_encoders()
@@ -377,6 +536,14 @@ def _save_schema(output, files, context, rows_per_split):
         extra["hash_buckets"] = options.hash_buckets
     else:
         extra["min_count"] = options.min_count
+    if options.encoding == "auto":
+        extra["hash_buckets"] = options.hash_buckets
+        extra["vocab_max_keys"] = options.vocab_max_keys
+        extra["column_encodings"] = {column.name: e.kind for column, e in zip(layout.sparse, encoders)}
+    if layout.label_rule is not None:
+        extra["label_rule"] = dict(layout.label_rule.describe(), source=layout.label)
+    if split_info is not None:
+        extra["split"] = split_info
     Schema(name=layout.name, label=layout.label, dense_names=list(layout.dense), sparse_names=layout.sparse_names,
            cardinalities=[e.cardinality for e in encoders], dense_transform=options.dense_transform,
            encoding=options.encoding, extra=extra).save(output)
@@ -402,6 +569,55 @@ def _run_report(piece_reports, totals, n_pieces, skipped, errors, started, parqu
         "quarantine": QUARANTINE_FILENAME,
         "tensorflow_io": parquet_note,
     }
+
+
+def _rejected_label_values(output, layout, column_maps, limit=100_000):
+    """The most common label fields of the first `limit` bad_label rows of quarantine.tsv: [(value, count)]."""
+    values = {}
+    with open(os.path.join(output, QUARANTINE_FILENAME), "rb") as f:
+        for n, entry in enumerate(f):
+            if n >= limit:
+                break
+            path, _, reason, raw = entry.rstrip(b"\n").split(b"\t", 3)
+            if reason != b"bad_label":
+                continue
+            column_map = column_maps.get(path.decode("utf-8", errors="surrogateescape"))
+            if column_map is not None:
+                fields = raw.split(layout.delimiter)
+                value = fields[column_map.label].decode("utf-8", errors="replace") if len(fields) == \
+                    column_map.n_columns else None
+            else:  # Parquet: the row as JSON
+                try:
+                    value = str(json.loads(raw).get(layout.label))
+                except (ValueError, AttributeError):
+                    value = None
+            if value is not None:
+                values[value] = values.get(value, 0) + 1
+    return sorted(values.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _reject_message(report, layout, column_maps, output, max_reject_fraction):
+    """The error of too many rejected rows: the share, the top reasons with counts and what to do about each."""
+    read, rejected = report["rows_read"], report["rows_rejected"]
+    reasons = sorted(((count, reason) for reason, count in report["rejected_by_reason"].items() if count),
+                     key=lambda item: (-item[0], item[1]))[:3]
+    label = layout.label
+    hints = []
+    for count, reason in reasons:
+        hint = REJECT_HINTS[reason].format(label=label)
+        if reason == "bad_label":
+            seen = _rejected_label_values(output, layout, column_maps)[:5]
+            seen = ", ".join(f"{value!r} x{n:,}" for value, n in seen)
+            if layout.label_rule is not None:
+                hint = f"the label column {label!r} is empty or does not fit the schema's label rule"
+            elif layout.format not in ("csv", "parquet"):
+                hint = f"the label column {label!r} must be exactly 0 or 1: is --format {layout.format} right?"
+            hint += f"; rejected label values include {seen}" if seen else ""
+        hints.append(f"{reason} {count:,} ({hint})")
+    return (f"{rejected:,} of {read:,} rows ({rejected / read:.1%}) were rejected, more than --max-reject-fraction "
+            f"{max_reject_fraction:g}; top reasons: {'; '.join(hints)}; the rejected lines are in "
+            f"{os.path.join(output, QUARANTINE_FILENAME)} (the rest was written), rerun with a larger "
+            "--max-reject-fraction to accept them as they are")
 
 
 def _error_message(report):

@@ -11,19 +11,28 @@ Everything here is decided before (or besides) the workers convert rows:
   serving signature rebuilds); `save_vocabulary` merges the vocab pass's per-piece key counts into vocabulary.npz.
 - State: `_state/plan.json` (`plan_record`, `save_plan`, `prepare_output`: resume the same conversion, refuse
   another) and the per-piece files `piece_state_path` names.
+- The output directory: `OutputLock` (one conversion at a time per directory) and `write_error` (a full disk, a
+  read-only file system, a missing permission -> one sentence naming the file).
 
 `gunzip_chunks` and `plain_chunks` read the raw bytes, for the scan here and for the workers
 (`tfcompress.data.convert_worker`).
 """
 
 import dataclasses
+import datetime
+import errno
+import fcntl
 import glob
 import gzip
 import json
+import math
 import os
 import shutil
+import socket
+import sys
 import zipfile
 import zlib
+from fractions import Fraction
 
 import numpy as np
 
@@ -33,17 +42,20 @@ from tfcompress.data import fixed_records, formats
 from tfcompress.data.encoding import splitmix64
 
 CONVERTER_VERSION = 1
-SPLITS = ("none", "random", "criteo-days", "criteo-days-halves")
+SPLITS = ("none", "random", "criteo-days", "criteo-days-halves", "by-column")
+ENCODINGS = enc.ENCODINGS + ("auto",)  # auto: vocab for columns with few distinct keys, hash for the others
 RECORD_LAYOUTS = ("fixed", "canonical")
 DENSE_TRANSFORMS = ("log1p", "none")
 DEFAULT_MAX_IND_RANGE = 40_000_000
 DEFAULT_HASH_BUCKETS = 1 << 22
 DEFAULT_SHARD_BYTES = 256 << 20
 DEFAULT_ROWS_PER_SHARD = 1 << 21
+DEFAULT_VOCAB_MAX_KEYS = 1_000_000
 BLOCK_BYTES = 4 << 20
 STATE_DIR = "_state"
 PLAN_FILENAME = "plan.json"
 VOCABULARY_FILENAME = "vocabulary.npz"
+LOCK_FILENAME = "_convert.lock"
 
 
 class ConvertError(ValueError):
@@ -56,7 +68,9 @@ class ConvertOptions:
 
     Args:
         format: one of `formats.FORMATS`.
-        encoding: "hex-mod", "vocab" or "hash" (default: the format's).
+        encoding: "hex-mod", "vocab", "hash" or "auto" (default: the format's; a schema's: "auto"). auto: the
+            vocab pass counts each categorical column's distinct keys in the training rows; a column with at most
+            `vocab_max_keys` of them is encoded "vocab" (with min_count), a larger one "hash" (hash_buckets).
         max_ind_range: hex-mod table size (and, with vocab, the modulus applied to hex keys first when set).
         min_count: vocab: keys seen fewer times in the training split map to id 0.
         hash_buckets: hash table size.
@@ -64,8 +78,9 @@ class ConvertOptions:
         clip_negative: negative dense values -> 0 (MLPerf), before the transform.
         split: "none" (all rows -> train), "random" (eval_fraction of rows -> eval), "criteo-days" (file
             day_<test_day> -> eval, others -> train), "criteo-days-halves" (day_<test_day>: first half of its lines
-            -> eval, second half -> test).
-        eval_fraction: random split: fraction of rows in eval, in (0, 1).
+            -> eval, second half -> test), "by-column" (the rows with the largest values of `split_column` -> eval:
+            `column_split_threshold` says exactly which).
+        eval_fraction: random and by-column splits: fraction of rows in eval, in (0, 1).
         seed: random split seed (DLRM's Criteo Kaggle split uses 2020).
         test_day: criteo-days splits: the day number held out (MLPerf: 23).
         shard_bytes: plain text files are cut into pieces of about this many bytes.
@@ -74,6 +89,9 @@ class ConvertOptions:
         record_layout: "fixed" (every record the same length: ids as padded varints, read fast by
             `tfcompress.data.read`, see `tfcompress.data.fixed_records`) or "canonical" (protobuf's shortest
             encoding, as `tfcompress.data.tfrecord.serialize_rows`).
+        split_column: by-column split: the numeric column whose largest values go to eval (any column of the
+            input, feature or not).
+        vocab_max_keys: encoding "auto": the most distinct training keys a column may have to get a vocabulary.
     """
 
     format: str
@@ -91,12 +109,14 @@ class ConvertOptions:
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
     schema_path: str = None
     record_layout: str = "fixed"
+    split_column: str = None
+    vocab_max_keys: int = DEFAULT_VOCAB_MAX_KEYS
 
     def resolved(self, layout):
         """A copy with the format defaults filled in and every value checked (ValueError names the bad one)."""
         encoding = self.encoding or layout.default_encoding
-        if encoding not in enc.ENCODINGS:
-            raise ValueError(f"encoding must be one of {list(enc.ENCODINGS)}, got {encoding!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
         if encoding == "hex-mod" and not any(c.kind == "hex" for c in layout.sparse):
             raise ValueError(f"encoding 'hex-mod' needs hex categorical columns; format {layout.format!r} has none "
                              "(use 'hash' or 'vocab')")
@@ -117,10 +137,16 @@ class ConvertOptions:
             ("test_day", is_int_at_least(self.test_day, 0), "an integer >= 0"),
             ("shard_bytes", is_int_at_least(self.shard_bytes, 1), "an integer >= 1"),
             ("rows_per_shard", is_int_at_least(self.rows_per_shard, 1), "an integer >= 1"),
+            ("vocab_max_keys", is_int_at_least(self.vocab_max_keys, 0), "an integer >= 0"),
+            ("split_column", self.split_column is None or (isinstance(self.split_column, str) and self.split_column),
+             "a column name"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name, None)!r}")
+        if (self.split == "by-column") != (self.split_column is not None):
+            raise ValueError("split 'by-column' needs split_column (--split-column NAME), and split_column is only "
+                             f"used by it; got split {self.split!r} with split_column {self.split_column!r}")
         schema_path = os.path.abspath(self.schema_path) if self.schema_path else None
         return dataclasses.replace(self, encoding=encoding, max_ind_range=max_ind_range,
                                    dense_transform=dense_transform, schema_path=schema_path)
@@ -394,6 +420,9 @@ def split_rules(files, options, pieces_per_file):
     for path, pieces in zip(files, pieces_per_file):
         if options.split == "none":
             rules.append({"kind": "fixed", "split": "train"})
+        elif options.split == "by-column":
+            # The threshold needs a pass over the data (`column_split_threshold`); the run fills it in.
+            rules.append({"kind": "by-column", "column": options.split_column, "threshold": None})
         elif options.split == "random":
             rules.append({"kind": "random", "file_key": str(enc.string_key(os.path.basename(path))),
                           "eval_fraction": float(options.eval_fraction), "seed": int(options.seed)})
@@ -413,10 +442,18 @@ def split_rules(files, options, pieces_per_file):
     return rules
 
 
-def assign_splits(rule, line):
-    """Split names (array of str) of rows at these 1-based line numbers under a file's split rule."""
+def assign_splits(rule, line, split_value=None):
+    """Split names (array of str) of rows at these 1-based line numbers under a file's split rule.
+
+    Args:
+        split_value: by-column split: the rows' split column values (`formats.Parsed.split_value`).
+    """
     if rule["kind"] == "fixed":
         return np.full(line.shape, rule["split"], dtype=object)
+    if rule["kind"] == "by-column":
+        if rule["threshold"] is None:
+            raise AssertionError("by-column split used before its threshold was computed")  # pragma: no cover
+        return np.where(split_value > rule["threshold"], "eval", "train").astype(object)
     if rule["kind"] == "halves":
         return np.where(line <= rule["last_eval_line"], "eval", "test").astype(object)
     with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point of a hash
@@ -429,7 +466,86 @@ def assign_splits(rule, line):
 def split_names(options):
     """The splits a conversion writes, in order."""
     return {"none": ["train"], "random": ["train", "eval"], "criteo-days": ["train", "eval"],
-            "criteo-days-halves": ["train", "eval", "test"]}[options.split]
+            "criteo-days-halves": ["train", "eval", "test"], "by-column": ["train", "eval"]}[options.split]
+
+
+# ---- the by-column split ---------------------------------------------------------------------------------------
+#
+# Exactly which rows go to eval: let N be the number of rows that are written (every row that no rejection reason
+# applies to), v their split column values (float64, as Python's float() reads them), and
+# k = floor(N * eval_fraction), with eval_fraction taken as the decimal number it is written as (0.2 is 1/5, not
+# the nearest double). Sort v ascending: v_(1) <= ... <= v_(N). The threshold is T = v_(N-k), the largest value
+# that must stay in train, and a row goes to eval when v > T, to train when v <= T. So every eval row is later
+# (larger) than every train row, and rows with equal values always share a split: when values tie across the cut,
+# the tied rows stay in train and eval holds fewer than k rows (the report says how many). k = 0 gives an empty
+# eval split.
+#
+# How, for any number of workers: pass 1 (`count_piece_split_values`, one task per piece) counts each piece's
+# distinct values exactly and saves them sorted with cumulative counts (`_state/piece-PPPPP.split-*.npy`, memory
+# per piece: its distinct values). Then `column_split_threshold` finds T by bisection over the 2^64 order-preserving
+# integer images of doubles: the smallest key K with #{v <= K} >= N - k, each count a sum of binary searches in the
+# memory-mapped piece files. Pieces do not depend on the worker count, counting is exact, so T is the same for any
+# worker count and on every rerun. Pass 2 is the ordinary conversion, with v > T deciding the split.
+
+
+def ordered_keys(values):
+    """float64 values -> uint64 keys in the same order (negative: all bits flipped; else the sign bit set)."""
+    bits = np.asarray(values, dtype=np.float64).view(np.uint64)
+    sign = np.uint64(1 << 63)
+    return np.where(bits & sign, ~bits, bits | sign)
+
+
+def key_value(key):
+    """The float64 whose `ordered_keys` image is `key` (an int)."""
+    sign = 1 << 63
+    bits = key ^ sign if key & sign else ~key & (2**64 - 1)
+    return float(np.array([bits], np.uint64).view(np.float64)[0])
+
+
+def save_split_values(output, index, keys, counts):
+    """_state/piece-PPPPP.split-keys.npy (sorted distinct keys) and .split-cumulative.npy (rows with key <= each)."""
+    for suffix, array in ((".split-keys.npy", np.asarray(keys, np.uint64)),
+                          (".split-cumulative.npy", np.cumsum(counts, dtype=np.int64))):
+        path = piece_state_path(output, index, suffix)
+        tmp = f"{path}.tmp-{os.getpid()}.npy"
+        np.save(tmp, array)
+        os.replace(tmp, path)
+
+
+def column_split_threshold(output, pieces, eval_fraction):
+    """The threshold of a by-column split from the pieces' saved split values (see the comment above).
+
+    Returns:
+        {"threshold": T as float (None when no rows), "threshold_key": str of its uint64 key, "rows": N,
+         "target_eval_rows": k, "train_rows": #{v <= T}, "eval_rows": #{v > T}}.
+    """
+    arrays = [(np.load(piece_state_path(output, p["index"], ".split-keys.npy"), mmap_mode="r"),
+               np.load(piece_state_path(output, p["index"], ".split-cumulative.npy"), mmap_mode="r"))
+              for p in pieces]
+
+    def at_most(key):  # rows with a key <= `key`
+        total = 0
+        for keys, cumulative in arrays:
+            position = int(np.searchsorted(keys, np.uint64(key), side="right"))
+            total += int(cumulative[position - 1]) if position else 0
+        return total
+
+    rows = sum(int(c[-1]) for _, c in arrays if c.size)
+    target_eval = math.floor(rows * Fraction(repr(float(eval_fraction))))
+    if rows == 0:
+        return {"threshold": None, "threshold_key": None, "rows": 0, "target_eval_rows": 0, "train_rows": 0,
+                "eval_rows": 0}
+    need = rows - target_eval  # >= 1: eval_fraction < 1
+    low, high = 0, 2**64 - 1  # invariant: at_most(high) >= need
+    while low < high:
+        middle = (low + high) // 2
+        if at_most(middle) >= need:
+            high = middle
+        else:
+            low = middle + 1
+    train_rows = at_most(low)
+    return {"threshold": key_value(low), "threshold_key": str(low), "rows": rows, "target_eval_rows": target_eval,
+            "train_rows": train_rows, "eval_rows": rows - train_rows}
 
 
 # ---- encoders --------------------------------------------------------------------------------------------------
@@ -444,13 +560,15 @@ def make_encoders(layout, options, output):
         output: the conversion's output directory; encoding "vocab" loads its vocabulary.npz.
     """
     vocabulary = None
-    if options.encoding == "vocab":
+    if options.encoding in ("vocab", "auto"):
         with np.load(os.path.join(output, VOCABULARY_FILENAME)) as data:
-            vocabulary = {name: data[f"keys_{name}"] for name in layout.sparse_names}
+            vocabulary = {name: data[f"keys_{name}"] for name in layout.sparse_names if f"keys_{name}" in data}
     encoders = []
     for column in layout.sparse:
         if column.kind in formats.DERIVED_CARDINALITY:
             encoders.append(enc.DirectEncoder(formats.DERIVED_CARDINALITY[column.kind]))
+        elif options.encoding == "auto" and column.name not in vocabulary:  # too many distinct keys: hashed
+            encoders.append(enc.HashEncoder(options.hash_buckets))
         elif options.encoding == "hex-mod":
             encoders.append(enc.HexModEncoder(options.max_ind_range) if column.kind == "hex"
                             else enc.HashEncoder(options.max_ind_range))
@@ -482,14 +600,28 @@ def vocab_keys(keys, layout, options):
 
 def save_vocabulary(output, layout, options, pieces):
     """Merge the pieces' key counts (`piece-PPPPP.vocab.npz`) into vocabulary.npz: per table, the keys seen at least
-    min_count times in the training split, most frequent first."""
+    min_count times in the training split, most frequent first.
+
+    Encoding "auto": a column whose distinct training keys number more than `vocab_max_keys` (a piece saw more, or
+    all pieces together) gets no `keys_<name>` entry, which makes `make_encoders` hash it.
+    """
     arrays = {}
     for column in layout.sparse:
-        counter = enc.KeyCounter()
+        counter, too_many = enc.KeyCounter(), False
         for piece in pieces:
             with np.load(piece_state_path(output, piece["index"], ".vocab.npz")) as data:
-                counter.add(data[f"keys_{column.name}"], data[f"counts_{column.name}"])
+                too_many |= bool(data[f"too_many_{column.name}"]) if f"too_many_{column.name}" in data else False
+                if not too_many:
+                    counter.add(data[f"keys_{column.name}"], data[f"counts_{column.name}"])
+            if options.encoding == "auto" and not too_many and counter.pending_upper_bound > 2 * options.vocab_max_keys:
+                too_many = counter.result()[0].size > options.vocab_max_keys  # memory: stop merging early
+            if too_many:
+                break
+        if too_many:
+            continue
         keys, counts = counter.result()
+        if options.encoding == "auto" and keys.size > options.vocab_max_keys:
+            continue
         vocabulary = enc.VocabularyEncoder.from_counts(keys, counts, options.min_count)
         arrays[f"keys_{column.name}"] = vocabulary.keys
     atomic_savez(os.path.join(output, VOCABULARY_FILENAME), arrays)
@@ -538,7 +670,8 @@ def save_plan(output, plan, pieces, rules):
 def prepare_output(output, plan, overwrite):
     """Check what `output` already holds: the same conversion (resume), nothing, or something else (error).
 
-    With `overwrite` everything in it is removed and the conversion starts afresh.
+    With `overwrite` everything in it is removed and the conversion starts afresh. The lock file (`OutputLock`) is
+    neither content nor removed.
 
     Returns:
         (the previous plan.json dict, True) when resuming, else (None, False) with an empty output and _state/.
@@ -553,12 +686,179 @@ def prepare_output(output, plan, overwrite):
             return previous, True
         raise ConvertError(f"{output} holds a conversion of other inputs or options; pass overwrite=True "
                            "(--overwrite) to replace it, or choose another output directory")
-    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+    contents = [name for name in os.listdir(output) if name != LOCK_FILENAME] if os.path.isdir(output) else []
+    if contents and not overwrite:
         raise ConvertError(f"output directory {output} is not empty and holds no conversion; pass overwrite=True "
                            "(--overwrite) to replace its contents, or choose another directory")
     if os.path.isdir(output):
-        for name in os.listdir(output):
+        for name in contents:
             path = os.path.join(output, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(os.path.join(output, STATE_DIR), exist_ok=True)
     return None, False
+
+
+# ---- the output directory: one conversion at a time, and write errors ------------------------------------------
+
+WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full (ENOSPC)",
+    errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+    errno.EROFS: "the file system is read-only (EROFS)",
+    errno.EACCES: "permission denied (EACCES)",
+    errno.EPERM: "operation not permitted (EPERM)",
+}
+
+
+def write_error(error, output, writing=None):
+    """A ConvertError (one sentence) for an OSError of a write into `output`; None for another error.
+
+    Args:
+        error: the OSError.
+        output: the output directory.
+        writing: what was being written when the error has no file name (a write() or close() failing), e.g.
+            "the shards of piece 3 (input /data/day_0)".
+    """
+    reason = WRITE_ERRNOS.get(getattr(error, "errno", None))
+    if reason is None:
+        return None
+    target = error.filename or writing or f"a file in {output}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space (or choose another --output) and rerun: finished pieces are skipped"
+    else:
+        advice = "choose another --output, or make the directory writable, and rerun"
+    return ConvertError(f"cannot write {target} in output directory {output}: {reason}; {advice}")
+
+
+def _process_start_time(pid):
+    """The start time of a process in clock ticks since boot (Linux /proc), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_alive(pid, start_time):
+    """Whether process `pid` runs and (when both are known) is the one that started at `start_time`."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    now = _process_start_time(pid)
+    return start_time is None or now is None or now == start_time
+
+
+class OutputLock:
+    """One conversion at a time per output directory: OUT/_convert.lock, held with flock while the run lasts.
+
+    The file names its holder (pid, host, start time, command). A second conversion into the directory gets a
+    ConvertError naming them. The kernel releases the flock when its process dies, so a lock file left by a killed
+    run is free, and is taken over with a warning (naming the dead pid) when it was written on this host; a free
+    lock file written on another host is an error (flock may not reach across hosts on a network file system):
+    delete it once that run is known to be gone.
+
+    Use as a context manager; `warnings` lists what the taker should print.
+    """
+
+    def __init__(self, output):
+        self.output = output
+        self.path = os.path.join(output, LOCK_FILENAME)
+        self.fd = None
+        self.warnings = []
+
+    def _holder_text(self, holder):
+        if not isinstance(holder, dict):
+            return "an unknown process (the lock file is unreadable)"
+        return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+                f" ({' '.join(holder.get('command') or [])})")
+
+    def _read(self, fd):
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = b""
+            while chunk := os.read(fd, 65536):
+                data += chunk
+            return json.loads(data) if data else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self):
+        os.makedirs(self.output, exist_ok=True)
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise ConvertError(f"output directory {self.output} is in use by another conversion: "
+                                   f"{self._holder_text(holder)} holds {self.path}; wait for it to finish or choose "
+                                   "another --output") from None
+            except OSError as error:
+                os.close(fd)
+                if write_error(error, self.output) is not None:
+                    raise
+                raise ConvertError(f"cannot lock {self.path} ({os.strerror(error.errno)}): the file system of "
+                                   f"output directory {self.output} does not support flock; choose a local "
+                                   "--output directory") from None
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # the holder removed it between our open and flock: try the new file
+                os.close(fd)
+                continue
+            self.fd = fd
+            try:
+                self._take_over(self._read(fd))
+                self._write_holder()
+            except BaseException:
+                self.release()
+                raise
+            return self
+        raise ConvertError(f"could not take the lock {self.path}: it was replaced 100 times in a row")
+
+    def _take_over(self, previous):
+        """Check a lock file that nobody holds (a run that died, or an empty new file)."""
+        if previous is None:
+            return
+        host, pid = previous.get("host"), previous.get("pid")
+        if host != socket.gethostname():
+            raise ConvertError(f"output directory {self.output} has the lock file {self.path} of a conversion on "
+                               f"another host ({self._holder_text(previous)}); if that run is gone, delete the lock "
+                               "file and rerun")
+        if pid == os.getpid():
+            return  # an earlier conversion of this process that did not release it
+        if isinstance(pid, int) and _process_alive(pid, previous.get("process_start")):
+            self.warnings.append(f"took over the lock {self.path} of {self._holder_text(previous)}: that process "
+                                 "runs but no longer holds the lock")
+        else:
+            self.warnings.append(f"took over the stale lock {self.path} of {self._holder_text(previous)}, which is "
+                                 "no longer running; its finished pieces are reused")
+
+    def _write_holder(self):
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "process_start": _process_start_time(os.getpid()), "command": sys.argv}
+        data = json.dumps(holder, indent=1).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still holding the flock: a waiting opener retries on the new file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False

@@ -6,7 +6,10 @@ A worker process gets a `WorkerContext` once (`init_worker`, the pool initialize
   (`fixed_records.FixedShardWriter`, framed in NumPy without TensorFlow, or `tfrecord.ShardWriter`); rejected rows
   go to the piece's quarantine file; per-id access counts and the piece's report go under `_state/`, the report
   last (it is the done marker).
-- `count_piece_keys`: the first pass of encoding "vocab": key counts of the piece's training rows.
+- `count_piece_keys`: the first pass of encodings "vocab" and "auto": key counts of the piece's training rows.
+- `count_piece_split_values`: the first pass of a by-column split: the piece's distinct split column values.
+
+A write that fails for lack of space or permission becomes a one-sentence ConvertError (`convert_plan.write_error`).
 
 Nothing a piece writes depends on another piece, which is what makes the output the same for any worker count.
 """
@@ -30,10 +33,13 @@ from tfcompress.data.convert_plan import (
     fixed_layout,
     gunzip_chunks,
     make_encoders,
+    ordered_keys,
     piece_state_path,
     plain_chunks,
+    save_split_values,
     split_names,
     vocab_keys,
+    write_error,
 )
 from tfcompress.data.tfrecord import ShardWriter, serialize_rows
 
@@ -81,7 +87,7 @@ def _iter_text_blocks(piece, header):
         yield line, carry + b"\n"  # the last line of a file without a final newline
 
 
-def _iter_parquet_batches(piece, layout):
+def _iter_parquet_batches(piece, layout, dense_options):
     """Parsed record batches of a Parquet piece."""
     import pyarrow.parquet as pq  # optional package (the `data` extra): only Parquet conversions need it
 
@@ -89,7 +95,7 @@ def _iter_parquet_batches(piece, layout):
     try:
         parquet = pq.ParquetFile(piece["path"])
         for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=layout.required_columns()):
-            yield formats.parse_record_batch(batch, layout, row)
+            yield formats.parse_record_batch(batch, layout, row, dense_options)
             row += batch.num_rows
     except (OSError, EOFError) as error:
         raise PieceReadError(piece["path"], row, f"{type(error).__name__}: {error}") from None
@@ -99,13 +105,17 @@ def _iter_parquet_batches(piece, layout):
         raise
 
 
-def _iter_parsed(piece, layout, column_map):
-    """Parsed blocks of one piece (text or Parquet)."""
+def _iter_parsed(piece, context):
+    """Parsed blocks of one piece (text or Parquet), dense values transformed as written (every pass rejects the
+    same rows)."""
+    layout, options = context.layout, context.options
+    dense_options = formats.DenseOptions(options.clip_negative, options.dense_transform)
     if piece["kind"] == "parquet":
-        yield from _iter_parquet_batches(piece, layout)
+        yield from _iter_parquet_batches(piece, layout, dense_options)
         return
+    column_map = context.column_maps.get(piece["path"])
     for first_line, block in _iter_text_blocks(piece, layout.header):
-        yield formats.parse_text_block(block, layout, column_map, first_line)
+        yield formats.parse_text_block(block, layout, column_map, first_line, dense_options)
 
 
 # ---- per-worker context --------------------------------------------------------------------------------------
@@ -154,33 +164,89 @@ def _strict_error(piece, rejected):
     return ConvertError(f"--strict: bad row in {piece['path']} line {line} ({reason}): {text!r}")
 
 
+def _translating_write_errors(task, piece):
+    """task(piece), a full disk / read-only output / missing permission turned into a one-sentence ConvertError."""
+    try:
+        return task(piece)
+    except OSError as error:
+        translated = write_error(error, _CONTEXT.output, f"the output of piece {piece['index']} (input {piece['path']})")
+        if translated is None:
+            raise
+        raise translated from None
+
+
 # ---- the vocab pass --------------------------------------------------------------------------------------------
 
 
-def count_piece_keys(piece):
-    """Worker, vocab first pass: key counts per categorical column over the piece's training rows."""
+def _count_piece_keys(piece):
+    """Worker, vocab / auto first pass: key counts per categorical column over the piece's training rows.
+
+    Encoding "auto" stops counting a column once it holds more than 2 * vocab_max_keys distinct keys (memory stays
+    bounded) and marks it `too_many_<name>`; `save_vocabulary` then leaves it to the hash encoder.
+    """
     context = _CONTEXT
     layout, options = context.layout, context.options
     counters = [enc.KeyCounter() for _ in layout.sparse]
+    too_many = [False] * len(layout.sparse)
+    limit = options.vocab_max_keys if options.encoding == "auto" else None
     rule = context.rules[piece["path"]]
     rows = 0
     try:
-        for parsed in _iter_parsed(piece, layout, context.column_maps.get(piece["path"])):
+        for parsed in _iter_parsed(piece, context):
             if context.strict and parsed.rejected:
                 raise _strict_error(piece, parsed.rejected[0])
-            train = assign_splits(rule, parsed.line) == "train"
+            train = assign_splits(rule, parsed.line, parsed.split_value) == "train"
             keys = vocab_keys(parsed.keys[train], layout, options)
             for j, counter in enumerate(counters):
+                if too_many[j]:
+                    continue
                 counter.add(keys[:, j])
+                if limit is not None and counter.pending_upper_bound > 2 * limit + 1:
+                    if counter.result()[0].size > limit:
+                        too_many[j], counters[j] = True, enc.KeyCounter()
             rows += parsed.n_read
             context.add_progress(parsed.n_read)
     except PieceReadError as error:
         return {"index": piece["index"], "error": str(error), "path": error.path, "line": error.line}
     arrays = {}
-    for column, counter in zip(layout.sparse, counters):
+    for column, counter, over in zip(layout.sparse, counters, too_many):
         arrays[f"keys_{column.name}"], arrays[f"counts_{column.name}"] = counter.result()
+        if limit is not None:
+            arrays[f"too_many_{column.name}"] = np.array(over or arrays[f"keys_{column.name}"].size > limit)
     atomic_savez(piece_state_path(context.output, piece["index"], ".vocab.npz"), arrays)
     return {"index": piece["index"], "rows_read": rows}
+
+
+def count_piece_keys(piece):
+    """Worker (pool task): `_count_piece_keys`, write errors translated."""
+    return _translating_write_errors(_count_piece_keys, piece)
+
+
+# ---- the by-column split pass ------------------------------------------------------------------------------------
+
+
+def _count_piece_split_values(piece):
+    """Worker, by-column split first pass: the piece's distinct split column values and their counts, over the rows
+    that will be written, saved sorted (`convert_plan.save_split_values`)."""
+    context = _CONTEXT
+    counter = enc.KeyCounter()
+    rows = 0
+    try:
+        for parsed in _iter_parsed(piece, context):
+            if context.strict and parsed.rejected:
+                raise _strict_error(piece, parsed.rejected[0])
+            counter.add(ordered_keys(parsed.split_value))
+            rows += parsed.n_read
+            context.add_progress(parsed.n_read)
+    except PieceReadError as error:
+        return {"index": piece["index"], "error": str(error), "path": error.path, "line": error.line}
+    save_split_values(context.output, piece["index"], *counter.result())
+    return {"index": piece["index"], "rows_read": rows}
+
+
+def count_piece_split_values(piece):
+    """Worker (pool task): `_count_piece_split_values`, write errors translated."""
+    return _translating_write_errors(_count_piece_split_values, piece)
 
 
 # ---- converting a piece ----------------------------------------------------------------------------------------
@@ -222,7 +288,7 @@ def _remove_piece_outputs(output, index, splits):
         for path in glob.glob(os.path.join(output, split, f"part-{index:05d}-*")):
             os.remove(path)
     for path in glob.glob(piece_state_path(output, index, ".*")):
-        if not path.endswith(".vocab.npz"):
+        if not path.endswith((".vocab.npz", ".split-keys.npy", ".split-cumulative.npy")):  # first-pass results
             os.remove(path)
 
 
@@ -237,16 +303,6 @@ def _open_writers(context, index, splits):
             for split in splits}
 
 
-def _transform_dense(dense, options):
-    """The dense features as written: negatives clipped to 0 (clip_negative), then log1p (dense_transform), f32."""
-    if options.clip_negative:
-        dense = np.maximum(dense, 0.0)
-    if options.dense_transform == "log1p":
-        with np.errstate(invalid="ignore"):  # log1p(x < -1) is NaN; only reachable with clip_negative=False
-            dense = np.log1p(dense)
-    return dense.astype(np.float32)
-
-
 def _encode_ids(keys, encoders):
     ids = np.empty(keys.shape, dtype=np.int64)
     for j, encoder in enumerate(encoders):
@@ -254,13 +310,13 @@ def _encode_ids(keys, encoders):
     return ids
 
 
-def _write_rows(parsed, rule, encoders, options, writers, fixed, tally):
+def _write_rows(parsed, rule, encoders, writers, fixed, tally):
     """Encode the good rows of a parsed block and write each to the shards of its split."""
     if parsed.n_good == 0:
         return
-    dense = _transform_dense(parsed.dense, options)
+    dense = parsed.dense  # transformed by the parser (float32), overflowing rows rejected there
     ids = _encode_ids(parsed.keys, encoders)
-    assigned = assign_splits(rule, parsed.line)
+    assigned = assign_splits(rule, parsed.line, parsed.split_value)
     for split, writer in writers.items():
         rows = np.flatnonzero(assigned == split)
         if not rows.size:
@@ -281,7 +337,6 @@ def _write_piece(piece, context, encoders, writers, tally):
         None, or {"path", "line", "cause"} when the input broke off mid-way (the rows before it are written).
         The writers are closed (or aborted, when anything else goes wrong).
     """
-    layout, options = context.layout, context.options
     rule = context.rules[piece["path"]]
     quarantine_path = piece_state_path(context.output, piece["index"], ".quarantine.tsv")
     source = piece["path"].encode("utf-8", errors="surrogateescape")
@@ -289,14 +344,14 @@ def _write_piece(piece, context, encoders, writers, tally):
     try:
         with open(f"{quarantine_path}.tmp-{os.getpid()}", "wb") as quarantine:
             try:
-                for parsed in _iter_parsed(piece, layout, context.column_maps.get(piece["path"])):
+                for parsed in _iter_parsed(piece, context):
                     if context.strict and parsed.rejected:
                         raise _strict_error(piece, parsed.rejected[0])
                     for line, reason, raw in parsed.rejected:
                         tally.rejected_by_reason[reason] += 1
                         quarantine.write(b"%s\t%d\t%s\t%s\n" % (source, line, reason.encode(), raw))
                     tally.rows_read += parsed.n_read
-                    _write_rows(parsed, rule, encoders, options, writers, context.fixed, tally)
+                    _write_rows(parsed, rule, encoders, writers, context.fixed, tally)
                     context.add_progress(parsed.n_read)
             except PieceReadError as read_error:
                 error = {"path": read_error.path, "line": read_error.line, "cause": read_error.cause}
@@ -319,7 +374,7 @@ def _save_id_counts(output, index, layout, tally):
     atomic_savez(piece_state_path(output, index, ".counts.npz"), arrays)
 
 
-def convert_piece(piece):
+def _convert_piece(piece):
     """Worker: parse, encode, split and write one piece; returns its report (also saved as its done marker)."""
     context = _CONTEXT
     output, index = context.output, piece["index"]
@@ -341,3 +396,8 @@ def convert_piece(piece):
     name = ".json" if error is None else ".error.json"
     write_atomically(piece_state_path(output, index, name), json.dumps(report, sort_keys=True).encode())
     return report
+
+
+def convert_piece(piece):
+    """Worker (pool task): `_convert_piece`, write errors translated."""
+    return _translating_write_errors(_convert_piece, piece)

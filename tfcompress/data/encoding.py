@@ -238,6 +238,11 @@ class KeyCounter:
     def total(self):
         return int(self.result()[1].sum())
 
+    @property
+    def pending_upper_bound(self):
+        """An upper bound of the distinct keys counted so far, without merging (merged + pending pairs)."""
+        return int(self._keys.size) + self._pending_size
+
 
 # ---- encoders ------------------------------------------------------------------------------------------------
 

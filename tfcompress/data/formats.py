@@ -14,10 +14,16 @@ Text is parsed a block of complete lines at a time with NumPy (no Python loop pe
 the field boundaries, integers and hex digits are folded position by position over all fields at once. Rows are
 rejected, never dropped silently, for one reason each (the first that applies, in this order):
 
-    empty_line, wrong_column_count, bad_label, non_numeric_dense, bad_hex, bad_categorical, bad_hour
+    empty_line, wrong_column_count, bad_label, non_numeric_dense, bad_hex, bad_categorical, bad_hour,
+    bad_split_value, dense_overflow, dense_log1p_domain
 
-Values: label must be exactly "0" or "1". Dense fields are integers (fast path) or anything Python's float()
-reads that is finite; empty -> 0. Categorical fields become uint64 keys (see `tfcompress.data.encoding`); empty ->
+Values: label must be exactly "0" or "1", unless the schema maps it (`LabelRule`: a threshold on a number, or a
+list of values that count as positive). Dense fields are integers (fast path) or anything Python's float()
+reads that is finite; empty -> 0. With `dense_options` (what the converter passes) the dense values are also
+transformed as written (negative -> 0, log1p, float32) and a row whose value does not fit float32 (beyond
++-3.4e38: `dense_overflow`) or lies outside log1p's domain (<= -1 with negatives kept: `dense_log1p_domain`) is
+rejected instead of being written as inf / NaN. The `--split-column` of a by-column split must be a finite number
+(`bad_split_value` otherwise). Categorical fields become uint64 keys (see `tfcompress.data.encoding`); empty ->
 MISSING_KEY. Fields are taken literally: CSV quoting is not interpreted (a quoted field that holds the delimiter
 gives a wrong column count and is quarantined, not mis-read).
 
@@ -39,8 +45,9 @@ import numpy as np
 from tfcompress.data.encoding import MISSING_KEY, gather_tokens, hex_keys, string_keys
 
 FORMATS = ("criteo-tsv", "criteo-csv", "avazu-csv", "csv", "parquet")
+# New reasons go at the end: the codes (1-based positions) are part of the raw serving signature's output.
 REJECT_REASONS = ("empty_line", "wrong_column_count", "bad_label", "non_numeric_dense", "bad_hex",
-                  "bad_categorical", "bad_hour")
+                  "bad_categorical", "bad_hour", "bad_split_value", "dense_overflow", "dense_log1p_domain")
 _REASON_CODE = {reason: code for code, reason in enumerate(REJECT_REASONS, start=1)}
 SPARSE_KINDS = ("hex", "string", "hour_of_day", "weekday")
 DERIVED_CARDINALITY = {"hour_of_day": 24, "weekday": 7}
@@ -61,6 +68,35 @@ _POW10 = 10 ** np.arange(_MAX_FAST_DIGITS, dtype=np.int64)
 
 class FormatError(ValueError):
     """A problem with a whole input (header, schema, column types), as opposed to one bad row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRule:
+    """How a schema's label column becomes the 0/1 label (schema TOML `label = {source = ..., ...}`).
+
+    Exactly one of:
+        threshold: label = 1 when the field is a number >= threshold, else 0 (e.g. ratings 1-5, threshold 4).
+        positive: label = 1 when the field is exactly one of these strings (bytes compared), else 0.
+
+    An empty field, or a non-number under `threshold`, is rejected as `bad_label` (never read as 0).
+    """
+
+    threshold: float = None
+    positive: tuple = None
+
+    def describe(self):
+        """JSON-able form (schema.json `extra.label_rule`)."""
+        if self.threshold is not None:
+            return {"threshold": self.threshold}
+        return {"positive": [p.decode("utf-8") for p in self.positive]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOptions:
+    """The dense transform the converter applies before writing (`transform_dense`)."""
+
+    clip_negative: bool = True
+    transform: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +130,9 @@ class Layout:
         sparse: SparseColumn per categorical output feature (output order).
         dense_transform: default dense transform of the format ("log1p" or "none").
         default_encoding: default categorical encoding of the format.
+        label_rule: None (the label field must be "0" or "1") or a `LabelRule` mapping it to 0/1.
+        split_column: a column read for a by-column split (set by the converter from --split-column; it need not
+            be a feature column, and is not one unless the schema also names it).
     """
 
     name: str
@@ -106,6 +145,8 @@ class Layout:
     sparse: tuple
     dense_transform: str = "none"
     default_encoding: str = "hash"
+    label_rule: object = None
+    split_column: str = None
 
     @property
     def sparse_names(self):
@@ -113,6 +154,8 @@ class Layout:
 
     def required_columns(self):
         sources = [self.label] + list(self.dense) + [column.source for column in self.sparse]
+        if self.split_column is not None:
+            sources.append(self.split_column)
         return list(dict.fromkeys(sources))
 
     def column_map(self, header_names=None, source="<input>"):
@@ -134,6 +177,7 @@ class Layout:
             label=index[self.label],
             dense=tuple(index[name] for name in self.dense),
             sparse=tuple(index[column.source] for column in self.sparse),
+            split=None if self.split_column is None else index[self.split_column],
         )
 
 
@@ -145,6 +189,7 @@ class ColumnMap:
     label: int
     dense: tuple
     sparse: tuple
+    split: int = None
 
 
 @dataclasses.dataclass
@@ -158,6 +203,9 @@ class Parsed:
         line: int64 [G], 1-based line (or row) number of each good row in its file.
         rejected: list of (line number, reason, raw bytes) of the bad rows.
         n_read: rows read in the block (good + rejected).
+        split_value: float64 [G], the split column's value of each good row (None without a split column).
+
+    With `dense_options`, `dense` is float32, transformed as written (`transform_dense`).
     """
 
     label: np.ndarray
@@ -166,6 +214,7 @@ class Parsed:
     line: np.ndarray
     rejected: list
     n_read: int
+    split_value: np.ndarray = None
 
     @property
     def n_good(self):
@@ -218,10 +267,77 @@ def layout_for_format(format_name, schema_path=None):
 
 SCHEMA_KEYS = ("name", "delimiter", "header", "columns", "label", "dense", "sparse", "hex_sparse", "hour_column",
                "dense_transform", "encoding")
+LABEL_RULE_KEYS = ("source", "threshold", "positive")
+SCHEMA_ENCODINGS = ("auto", "hash", "vocab", "hex-mod")
+
+# The schema file's documentation: `tfcompress data convert --help` prints it, the README repeats it.
+SCHEMA_FILE_HELP = """\
+schema file (--schema, TOML; for --format csv, optional for parquet). Every key:
+  name             dataset name in schema.json (default "csv")
+  delimiter        one single-byte character (default ","; "\\t" for TSV); quoting is not interpreted
+  header           true (default): each file starts with a header line naming its columns
+  columns          every column of a line, in order; required when header = false
+  label            the 0/1 label column (required): a column name whose fields are exactly 0 or 1, or a mapping
+                   {source = "rating", threshold = 4}       1 when the number is >= 4, else 0
+                   {source = "action", positive = ["click", "1"]}   1 when the field is one of these, else 0
+                   (an empty field, or a non-number under threshold, is rejected as bad_label)
+  dense            numeric columns, float32 features (empty -> 0; beyond float32 -> rejected: dense_overflow)
+  sparse           categorical columns (the field's bytes -> stable 64-bit key -> table id)
+  hex_sparse       categorical columns holding hex numbers (Criteo-like)
+  hour_column      a YYMMDDHH column -> two categorical features, hour_of_day and weekday
+  dense_transform  "none" (default) or "log1p" (after negative -> 0 unless --keep-negative)
+  encoding         "auto" (default), "vocab", "hash" or "hex-mod"; --encoding overrides it. auto: a first pass
+                   counts each categorical column's distinct keys in the training rows; a column with at most
+                   --vocab-max-keys (1,000,000) of them gets a vocabulary (ids 1..V by frequency, keys seen
+                   fewer than --min-count times -> 0), a larger one hashes into --hash-buckets (4,194,304)
+
+Example, a MovieLens-like CSV with the header userId,movieId,rating,timestamp,genres:
+  name = "movielens"
+  delimiter = ","
+  header = true
+  label = {source = "rating", threshold = 4}    # liked: rating >= 4 (ratings 0.5-5 are not 0/1)
+  sparse = ["userId", "movieId", "genres"]      # genres: the whole field ("Comedy|Drama") is one key
+  dense = []                                     # timestamp is no feature here, but it can split the data:
+  # tfcompress data convert --format csv --schema movielens.toml --input ratings.csv --output data/ml \\
+  #     --split by-column --split-column timestamp --eval-fraction 0.2
+
+The raw serving signature (`tfcompress export --raw-signature DATA_DIR`) takes the feature columns in this order
+(`fields` string[B, F]; for the example: userId, movieId, genres): with `columns`, their order there; else the
+dense columns, then the sources of sparse, hex_sparse and hour_column, each list in the order written; the label,
+the split column and columns the schema does not use are left out.
+"""
+
+
+def _label_rule(path, value):
+    """(label column, LabelRule or None) of a schema file's `label` value."""
+    if isinstance(value, str) and value:
+        return value, None
+    if not isinstance(value, dict):
+        raise FormatError(f"schema file {path}: label must be a column name or a table like "
+                          f'{{source = "rating", threshold = 4}}, got {value!r}')
+    unknown = sorted(set(value) - set(LABEL_RULE_KEYS))
+    if unknown:
+        raise FormatError(f"schema file {path}: label has unknown keys {unknown}; allowed: {list(LABEL_RULE_KEYS)}")
+    source = value.get("source")
+    if not isinstance(source, str) or not source:
+        raise FormatError(f"schema file {path}: label.source must be the label column's name, got {source!r}")
+    if ("threshold" in value) == ("positive" in value):
+        raise FormatError(f"schema file {path}: label needs exactly one of threshold (label = value >= threshold) "
+                          f"or positive (a list of values that mean 1), got {value!r}")
+    if "threshold" in value:
+        threshold = value["threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise FormatError(f"schema file {path}: label.threshold must be a finite number, got {threshold!r}")
+        return source, LabelRule(threshold=float(threshold))
+    positive = value["positive"]
+    if not isinstance(positive, list) or not positive or not all(isinstance(p, str) and p for p in positive):
+        raise FormatError(f"schema file {path}: label.positive must be a non-empty list of non-empty strings, got "
+                          f"{positive!r}")
+    return source, LabelRule(positive=tuple(dict.fromkeys(p.encode("utf-8") for p in positive)))
 
 
 def layout_from_schema_file(path):
-    """A Layout from a schema TOML file describing any delimited click log.
+    """A Layout from a schema TOML file describing any delimited click log (`SCHEMA_FILE_HELP` lists the keys).
 
     Example file::
 
@@ -229,13 +345,14 @@ def layout_from_schema_file(path):
         delimiter = ","             # one character; "\\t" for TSV
         header = true               # files start with a header line; else give `columns`
         # columns = ["clicked", "price", "user", "item", "ts"]   # every column of a line, in order
-        label = "clicked"           # 0/1 column
+        label = "clicked"           # 0/1 column, or {source = "rating", threshold = 4}, or
+                                    # {source = "action", positive = ["click"]}
         dense = ["price"]           # numeric columns (empty -> 0)
         sparse = ["user", "item"]   # categorical columns (stable string hash -> key)
         hex_sparse = []             # categorical columns holding hex numbers (Criteo-like)
         hour_column = "ts"          # optional YYMMDDHH column -> hour_of_day and weekday features
         dense_transform = "none"    # or "log1p"
-        encoding = "hash"           # default encoding: "hash", "vocab" or "hex-mod"
+        encoding = "auto"           # default encoding: "auto", "hash", "vocab" or "hex-mod"
 
     Raises:
         FileNotFoundError: no such file.
@@ -271,7 +388,7 @@ def layout_from_schema_file(path):
         raise FormatError(f"schema file {path}: header = false needs `columns` (every column of a line, in order)")
     if "label" not in raw:
         raise FormatError(f"schema file {path}: `label` (the 0/1 column) is required")
-    label = get("label", str, None)
+    label, label_rule = _label_rule(path, raw["label"])
     dense = get("dense", "str_list", [])
     sparse = [SparseColumn(n, n, "string") for n in get("sparse", "str_list", [])]
     sparse += [SparseColumn(n, n, "hex") for n in get("hex_sparse", "str_list", [])]
@@ -283,9 +400,9 @@ def layout_from_schema_file(path):
     dense_transform = get("dense_transform", str, "none")
     if dense_transform not in ("none", "log1p"):
         raise FormatError(f"schema file {path}: dense_transform must be 'none' or 'log1p', got {dense_transform!r}")
-    encoding = get("encoding", str, "hash")
-    if encoding not in ("hash", "vocab", "hex-mod"):
-        raise FormatError(f"schema file {path}: encoding must be 'hash', 'vocab' or 'hex-mod', got {encoding!r}")
+    encoding = get("encoding", str, "auto")
+    if encoding not in SCHEMA_ENCODINGS:
+        raise FormatError(f"schema file {path}: encoding must be one of {list(SCHEMA_ENCODINGS)}, got {encoding!r}")
     names = list(dense) + [c.name for c in sparse]
     if len(set(names)) != len(names) or label in names:
         raise FormatError(f"schema file {path}: label, dense and sparse columns must be distinct, got label "
@@ -294,7 +411,7 @@ def layout_from_schema_file(path):
         raise FormatError(f"schema file {path}: name at least one dense or sparse column")
     layout = Layout(name=name, format="csv", delimiter=delimiter.encode(), header=header, columns=columns,
                     label=label, dense=tuple(dense), sparse=tuple(sparse), dense_transform=dense_transform,
-                    default_encoding=encoding)
+                    default_encoding=encoding, label_rule=label_rule)
     if columns is not None:
         layout.column_map(None, source=f"schema file {path}")  # every named column must be among `columns`
     return layout
@@ -402,7 +519,65 @@ def _sparse_keys(layout, buf, starts, ends):
     return keys, reason
 
 
-def parse_text_block(block, layout, column_map, first_line):
+def transform_dense(dense, options):
+    """Dense values as written: (float32 values, overflow bool [G], log1p-domain bool [G]).
+
+    Negative -> 0 (options.clip_negative), then log1p (options.transform == "log1p"), then float32. A row is flagged
+    `overflow` when a value is beyond float32's range (it would be written as +-inf), `domain` when log1p meets a
+    value <= -1 (NaN or -inf; only with clip_negative off). Flagged values are 0 in the result.
+    """
+    dense = np.asarray(dense, dtype=np.float64)
+    if options.clip_negative:
+        dense = np.maximum(dense, 0.0)
+    domain = np.zeros(dense.shape, bool)
+    if options.transform == "log1p":
+        domain = dense <= -1.0
+        dense = np.log1p(np.where(domain, 0.0, dense))
+    with np.errstate(over="ignore"):
+        out = dense.astype(np.float32)
+    overflow = ~np.isfinite(out)
+    out[overflow] = 0.0
+    return out, overflow.any(axis=1), domain.any(axis=1)
+
+
+def _match_tokens(buf, starts, ends, values):
+    """Whether each token buf[starts:ends] equals one of `values` (bytes), exactly."""
+    lengths = ends - starts
+    match = np.zeros(starts.shape, bool)
+    for value in values:
+        same_length = lengths == len(value)
+        if not same_length.any():
+            continue
+        if not value:
+            match |= same_length
+            continue
+        data, _ = gather_tokens(buf, starts, np.where(same_length, lengths, 0), len(value))
+        match |= same_length & (data == np.frombuffer(value, np.uint8)).all(axis=1)
+    return match
+
+
+def label_from_fields(buf, starts, ends, rule):
+    """Label fields buf[starts:ends] -> (int64 0/1 labels, ok bool): "0"/"1" without a rule, else `LabelRule`."""
+    lengths = ends - starts
+    nonempty = lengths > 0
+    if rule is None:
+        first = buf[np.where(nonempty, starts, 0)] if buf.size else np.zeros(starts.shape, np.uint8)
+        ok = (lengths == 1) & ((first == ord("0")) | (first == ord("1")))
+        return np.where(ok, first.astype(np.int64) - ord("0"), 0), ok
+    if rule.threshold is not None:
+        values, bad = parse_numbers(buf, starts, ends)
+        ok = nonempty & ~bad
+        return (ok & (values >= rule.threshold)).astype(np.int64), ok
+    return (nonempty & _match_tokens(buf, starts, ends, rule.positive)).astype(np.int64), nonempty
+
+
+def _split_values(buf, starts, ends):
+    """The split column's fields -> (float64 values, bad bool): empty or not a finite number is bad."""
+    values, bad = parse_numbers(buf, starts, ends)
+    return values + 0.0, bad | (ends == starts)  # + 0.0: -0.0 becomes 0.0, one value for the threshold
+
+
+def parse_text_block(block, layout, column_map, first_line, dense_options=None):
     """Parse a block of complete lines (bytes, every line ending in \\n) of one delimited file.
 
     Args:
@@ -410,6 +585,8 @@ def parse_text_block(block, layout, column_map, first_line):
         layout: the format's Layout.
         column_map: field positions in this file (`layout.column_map(header)`).
         first_line: 1-based line number of the block's first line in its file.
+        dense_options: a `DenseOptions`: transform the dense values as written and reject rows that overflow
+            float32 or leave log1p's domain (None: raw float64 values, no such check).
 
     Returns:
         Parsed (good rows in order, rejected lines with their reason).
@@ -444,9 +621,8 @@ def parse_text_block(block, layout, column_map, first_line):
     field_ends = np.concatenate([bounds, line_end[good][:, None]], axis=1)
 
     row_reason = np.zeros(good.size, dtype=np.int8)
-    label_start, label_end = field_starts[:, column_map.label], field_ends[:, column_map.label]
-    label_byte = buf[label_start] if good.size else np.zeros(0, np.uint8)
-    label_ok = (label_end - label_start == 1) & ((label_byte == ord("0")) | (label_byte == ord("1")))
+    label, label_ok = label_from_fields(buf, field_starts[:, column_map.label], field_ends[:, column_map.label],
+                                        layout.label_rule)
     row_reason[~label_ok] = _REASON_CODE["bad_label"]
 
     dense_columns = list(column_map.dense)
@@ -456,6 +632,13 @@ def parse_text_block(block, layout, column_map, first_line):
     sparse_columns = list(column_map.sparse)
     keys, sparse_reason = _sparse_keys(layout, buf, field_starts[:, sparse_columns], field_ends[:, sparse_columns])
     row_reason = np.where(row_reason == 0, sparse_reason, row_reason)
+
+    split_value = None
+    if column_map.split is not None:
+        split_value, split_bad = _split_values(buf, field_starts[:, column_map.split], field_ends[:, column_map.split])
+        row_reason = np.where((row_reason == 0) & split_bad, _REASON_CODE["bad_split_value"], row_reason)
+    if dense_options is not None:
+        dense, row_reason = _check_dense(dense, dense_options, row_reason)
     reason[good] = row_reason
 
     keep = row_reason == 0
@@ -463,13 +646,22 @@ def parse_text_block(block, layout, column_map, first_line):
     rejected = [(first_line + int(i), REJECT_REASONS[reason[i] - 1], block[line_start[i]:line_end[i]])
                 for i in rejected_lines]
     return Parsed(
-        label=(label_byte[keep] - ord("0")).astype(np.int64),
+        label=label[keep],
         dense=dense[keep],
         keys=keys[keep],
         line=first_line + good[keep].astype(np.int64),
         rejected=rejected,
         n_read=n,
+        split_value=None if split_value is None else split_value[keep],
     )
+
+
+def _check_dense(dense, dense_options, row_reason):
+    """(dense as written, row reasons with dense_overflow / dense_log1p_domain where no earlier reason applies)."""
+    dense, overflow, domain = transform_dense(dense, dense_options)
+    row_reason = np.where((row_reason == 0) & overflow, _REASON_CODE["dense_overflow"], row_reason)
+    row_reason = np.where((row_reason == 0) & domain, _REASON_CODE["dense_log1p_domain"], row_reason)
+    return dense, row_reason
 
 
 # ---- Parquet -------------------------------------------------------------------------------------------------
@@ -523,13 +715,15 @@ def check_parquet_types(arrow_schema, layout, source):
             raise FormatError(f"{source}: column {name!r} must be numeric or text, got {column_type}")
 
 
-def parse_record_batch(batch, layout, first_row):
+def parse_record_batch(batch, layout, first_row, dense_options=None):
     """Parse one pyarrow RecordBatch of a Parquet file (columns by name) like a block of text lines.
 
     Integer categorical columns are taken as keys as they are (already-encoded ids stay ids under hex-mod with a
     large enough range, or are re-encoded by vocab/hash); negative ones are rejected as bad_categorical. Text
     categorical columns follow the layout (hex or string hash). Nulls are empty fields. Rejected rows are quoted
-    as JSON in the quarantine.
+    as JSON in the quarantine. A label rule's threshold applies to numeric or text columns; its `positive` values
+    are compared with the field as text (non-text columns are cast to string by Arrow first). `dense_options`: as
+    in `parse_text_block`.
     """
     import pyarrow as pa  # optional package (the `data` extra): only Parquet input needs it
     import pyarrow.compute as pc
@@ -542,15 +736,21 @@ def parse_record_batch(batch, layout, first_row):
         reason = np.where((reason == 0) & bad, _REASON_CODE[name], reason)
 
     label_column = batch.column(layout.label)
+    rule = layout.label_rule
+    if rule is not None and rule.positive is not None and not _is_text(label_column.type):
+        label_column = pc.cast(label_column, pa.string())
     if _is_text(label_column.type):
         data, starts, ends = _arrow_string_fields(label_column)
-        first = data[np.where(ends > starts, starts, 0)] if data.size else np.zeros(n, np.uint8)
-        label_ok = (ends - starts == 1) & ((first == ord("0")) | (first == ord("1")))
-        label = np.where(label_ok, first.astype(np.int64) - ord("0"), 0)
+        label, label_ok = label_from_fields(data, starts, ends, rule)
+        label_ok &= label_column.is_valid().to_numpy(zero_copy_only=False)
     else:
         values = label_column.cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False)
-        label_ok = (values == 0) | (values == 1)
-        label = np.where(label_ok, values, 0).astype(np.int64)
+        if rule is None:
+            label_ok = (values == 0) | (values == 1)
+            label = np.where(label_ok, values, 0).astype(np.int64)
+        else:
+            label_ok = np.isfinite(values)
+            label = (label_ok & (values >= rule.threshold)).astype(np.int64)
     set_reason(~label_ok, "bad_label")
 
     dense = np.zeros((n, len(layout.dense)), dtype=np.float64)
@@ -597,6 +797,20 @@ def parse_record_batch(batch, layout, first_row):
     set_reason(categorical_bad, "bad_categorical")
     set_reason(hour_bad, "bad_hour")
 
+    split_value = None
+    if layout.split_column is not None:
+        column = batch.column(layout.split_column)
+        if _is_text(column.type):
+            data, starts, ends = _arrow_string_fields(column)
+            split_value, split_bad = _split_values(data, starts, ends)
+            split_bad |= ~column.is_valid().to_numpy(zero_copy_only=False)
+        else:
+            split_value = column.cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False) + 0.0
+            split_bad = ~np.isfinite(split_value)
+        set_reason(split_bad, "bad_split_value")
+    if dense_options is not None:
+        dense, reason = _check_dense(dense, dense_options, reason)
+
     keep = reason == 0
     rejected = []
     for i in np.flatnonzero(~keep):
@@ -604,4 +818,5 @@ def parse_record_batch(batch, layout, first_row):
         text = json.dumps({k: row[k] for k in layout.required_columns()}, default=str, sort_keys=False)
         rejected.append((first_row + int(i), REJECT_REASONS[reason[i] - 1], text.encode()))
     return Parsed(label=label[keep], dense=dense[keep], keys=keys[keep],
-                  line=first_row + np.flatnonzero(keep).astype(np.int64), rejected=rejected, n_read=n)
+                  line=first_row + np.flatnonzero(keep).astype(np.int64), rejected=rejected, n_read=n,
+                  split_value=None if split_value is None else split_value[keep])
