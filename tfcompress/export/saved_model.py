@@ -1,4 +1,4 @@
-"""Export a trained click model as a SavedModel that stock TensorFlow Serving loads (DESIGN.md, "Export").
+"""Export a trained click model as a SavedModel that stock TensorFlow Serving loads (docs/export_contract.md).
 
     from tfcompress.export import export_saved_model
 
