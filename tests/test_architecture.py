@@ -119,6 +119,34 @@ def test_import_tfcompress_is_light_and_reaches_every_subpackage():
     assert result.stdout.split() == ["RobeEmbedding", "tfcompress.data.reader", "export_saved_model", "make_plan"]
 
 
+def test_the_command_line_help_imports_no_tensorflow():
+    code = ("import sys\n"
+            "from tfcompress import cli\n"
+            "parser = cli.build_parser()\n"
+            "(commands,) = [a for a in parser._actions if a.dest == 'command']\n"
+            "texts = [sub.format_help() for sub in commands.choices.values()]\n"
+            "assert 'tensorflow' not in sys.modules, 'building the command line parser imported TensorFlow'\n"
+            "print(len(texts))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) >= 9
+
+
+def test_imports_inside_functions_say_why():
+    """Imports inside a function defer a heavy or optional import; the comment on or above each says which."""
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                        line, above = lines[inner.lineno - 1], lines[inner.lineno - 2].strip()
+                        if "#" not in line and not above.startswith("#"):
+                            silent.append(f"{path.relative_to(PACKAGE.parent)}:{inner.lineno}: {line.strip()}")
+    assert not silent, "imports inside functions without a comment saying why:\n" + "\n".join(sorted(set(silent)))
+
+
 def test_contracts_are_cited_from_docs_in_the_repository():
     root = PACKAGE.parent
     citing = [str(path.relative_to(root)) for folder in ("tfcompress", "tests", "bench", "custom_ops", "examples")

@@ -117,7 +117,7 @@ def tune(pipeline, max_trials, budget=None, output_dir=None, methods=None, seed=
         ValueError: max_trials < 1, an unknown method, or a malformed budget.
         ImportError: keras-tuner is not installed.
     """
-    import keras_tuner as kt
+    import keras_tuner as kt  # optional: the [tune] extra
 
     if int(max_trials) != max_trials or max_trials < 1:
         raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")
@@ -211,10 +211,10 @@ def _write_csv(path, rows):
 def _plot_pareto(path, rows, front):
     """AUC against embedding bytes (log scale), the front as a line; None when matplotlib is not installed."""
     try:
-        import matplotlib
+        import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
         matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
     except ImportError:
         return None
     done = [r for r in rows if r["auc"] is not None]

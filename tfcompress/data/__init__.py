@@ -18,7 +18,7 @@ __all__ = ["PlantedModel", "Schema", "ShardWriter", "generate", "read", "seriali
 def __getattr__(name):
     # The reader imports TensorFlow; resolving it here on first use keeps `import tfcompress.data` light.
     if name == "read":
-        from tfcompress.data.reader import read
+        from tfcompress.data.reader import read  # lazily: the reader imports TensorFlow
 
         globals()["read"] = read
         return read

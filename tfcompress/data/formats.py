@@ -726,7 +726,7 @@ def parse_record_batch(batch, layout, first_row, dense_options=None):
     in `parse_text_block`.
     """
     import pyarrow as pa  # optional package (the `data` extra): only Parquet input needs it
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # optional: the [data] extra
 
     n = batch.num_rows
     reason = np.zeros(n, dtype=np.int8)

@@ -19,7 +19,7 @@ def export_onnx(saved_model_dir, output_path, n_dense, n_sparse, opset=DEFAULT_O
     Returns the tf2onnx version. Requires the [export] extra (tf2onnx, onnx).
     """
     try:
-        import tf2onnx
+        import tf2onnx  # optional: the [export] extra
     except ImportError:
         raise ValueError("onnx=True needs tf2onnx and onnxruntime: pip install 'tfcompress[export]'") from None
     loaded = tf.saved_model.load(saved_model_dir)
@@ -47,7 +47,7 @@ def _onnx_bitwise_and(ctx, node, name, args):
 
 
 def _is_float(ctx, tensor_name):
-    from onnx import TensorProto
+    from onnx import TensorProto  # optional: the [export] extra
 
     return ctx.get_dtype(tensor_name) in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
@@ -59,7 +59,7 @@ def _onnx_floor_mod(ctx, node, name, args):
     "mod" rule would send -1 to row -1 instead of n - 1, and an exported ROBE would hash it elsewhere.
     """
     if _is_float(ctx, node.input[0]):
-        from tf2onnx.onnx_opset.math import FloorMod
+        from tf2onnx.onnx_opset.math import FloorMod  # optional: the [export] extra
 
         return FloorMod.version_7(ctx, node)
     node.type = "Mod"
@@ -70,7 +70,7 @@ def _onnx_floor_mod(ctx, node, name, args):
 def _onnx_floor_div(ctx, node, name, args):
     """Integer FloorDiv as (a - floormod(a, b)) / b: exact, so ONNX's truncating Div gives the floor."""
     if _is_float(ctx, node.input[0]):
-        from tf2onnx.onnx_opset.math import FloorDiv
+        from tf2onnx.onnx_opset.math import FloorDiv  # optional: the [export] extra
 
         return FloorDiv.version_6(ctx, node)
     a, b = node.input[0], node.input[1]
@@ -84,7 +84,7 @@ def _onnx_floor_div(ctx, node, name, args):
 def onnx_predictions(onnx_path, inputs):
     """onnxruntime's probabilities for {"dense", "sparse"} rows."""
     try:
-        import onnxruntime
+        import onnxruntime  # optional: the [export] extra
     except ImportError:
         raise ValueError("onnx=True needs onnxruntime: pip install 'tfcompress[export]'") from None
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])

@@ -60,7 +60,10 @@ import numpy as np
 import tensorflow as tf
 
 import tfcompress
+from tfcompress._keras import keras
 from tfcompress.export.onnx import DEFAULT_ONNX_OPSET, export_onnx, onnx_predictions
+from tfcompress.export.raw_features import (RAW_FEATURES_SIGNATURE, RAW_INPUT, RAW_SIGNATURE, RawPreprocessor,
+                                            load_raw_spec, pack_fields, raw_sample_rows, reference_features)
 from tfcompress.export.serving_config import check_model_name, update_models_config
 from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_for_serving, model_cardinalities,
                                              outer_embedding_layers, quantized_substitutes, unique_names,
@@ -68,7 +71,6 @@ from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_
 from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, TENSOR_SIGNATURE,
                                           example_features, raw_serving_functions, serving_functions,
                                           write_warmup_requests)
-from tfcompress._keras import keras
 from tfcompress.lookup import TableReader, resource_variable
 
 QUANTIZE_CHOICES = (None, "int8", "fp16")
@@ -194,7 +196,6 @@ def _check_stock_graph(concrete_functions):
 
 def _raw_spec(data_dir, n_dense, cardinalities):
     """The RawSpec of a converted data directory, checked against the model's inputs and table sizes."""
-    from tfcompress.export.raw_features import load_raw_spec
 
     spec = load_raw_spec(data_dir)
     if spec.n_dense != n_dense or list(spec.cardinalities) != [int(c) for c in cardinalities]:
@@ -206,9 +207,6 @@ def _raw_spec(data_dir, n_dense, cardinalities):
 
 def _raw_samples(spec, concrete):
     """Sample raw rows with the converter's features for them; refuses an export whose graph disagrees."""
-    from tfcompress.export.raw_features import (RAW_FEATURES_SIGNATURE, RAW_INPUT, pack_fields, raw_sample_rows,
-                                         reference_features)
-
     fields = raw_sample_rows(spec)
     reference = reference_features(spec, fields)
     got = concrete[RAW_FEATURES_SIGNATURE](**{RAW_INPUT: tf.constant([[bytes(v) for v in row] for row in fields])})
@@ -223,8 +221,6 @@ def _raw_samples(spec, concrete):
 
 
 def _raw_signature_metadata(spec, n_dense, n_sparse):
-    from tfcompress.export.raw_features import RAW_FEATURES_SIGNATURE, RAW_INPUT, RAW_SIGNATURE
-
     inputs = {RAW_INPUT: ["string", [None, len(spec.columns)]]}
     flags = {"valid": ["bool", [None]], "reject_reason": ["string", [None]]}
     return {
@@ -322,15 +318,11 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     asset_dir = tempfile.TemporaryDirectory(prefix="tfcompress-raw-") if raw_spec is not None else None
     preprocessor = None
     if raw_spec is not None:
-        from tfcompress.export.raw_features import RawPreprocessor
-
         preprocessor = RawPreprocessor(raw_spec, asset_dir.name)
     serve_tensors, serve_examples = serving_functions(served, n_dense, n_sparse)
     concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
                 EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
     if preprocessor is not None:
-        from tfcompress.export.raw_features import RAW_FEATURES_SIGNATURE, RAW_SIGNATURE
-
         serve_raw, serve_raw_features = raw_serving_functions(served, preprocessor)
         concrete[RAW_SIGNATURE] = serve_raw.get_concrete_function()
         concrete[RAW_FEATURES_SIGNATURE] = serve_raw_features.get_concrete_function()

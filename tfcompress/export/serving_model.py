@@ -6,8 +6,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress._keras import keras
+import tfcompress.layers  # noqa: F401  (registers the layer classes for deserialization)
+from tfcompress.layers import MLETEmbedding
 from tfcompress.layers.base import nested_layers
 from tfcompress.lookup import TableReader, resource_variable
+from tfcompress.model_rewrite import fold
+import tfcompress.models  # noqa: F401
+from tfcompress.quantize import quantize_int8
 
 
 def _is_embedding(layer):
@@ -68,19 +73,14 @@ def model_cardinalities(model, n_sparse, schema=None):
 
 def load_keras_model(path):
     """A model saved by `tfcompress train` (model.keras), with every tfcompress layer class registered first."""
-    import tfcompress.layers  # noqa: F401  (registers the layer classes for deserialization)
-    import tfcompress.models  # noqa: F401
 
     return keras.models.load_model(path, compile=False)
 
 
 def fold_for_serving(model):
     """The model with every MLET layer folded into plain tables (`tfcompress.fold`), or the model itself."""
-    from tfcompress.layers import MLETEmbedding
 
     if any(isinstance(layer, MLETEmbedding) for layer in nested_layers(model)):
-        from tfcompress.model_rewrite import fold
-
         return fold(model)
     return model
 
@@ -211,8 +211,6 @@ def quantized_substitutes(tables, quantize, names):
             continue  # already quantized (e.g. a QuantizedEmbedding's int8 tables)
         name = names.get(key, variable.name.split(":")[0])
         if quantize == "int8":
-            from tfcompress.quantize import quantize_int8
-
             values, scale = quantize_int8(variable.numpy())
             substitutes[key] = (tf.Variable(values, trainable=False, name=f"{name}/int8"), float(scale))
         else:

@@ -11,6 +11,9 @@ tensors; `tfcompress.export.saved_model` traces them.
 
 import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+from tfcompress.export.raw_features import RAW_INPUT
 
 TENSOR_SIGNATURE = "serving_default"
 EXAMPLE_SIGNATURE = "examples"
@@ -66,7 +69,6 @@ def raw_serving_functions(model, preprocessor):
     the converter's {dense, sparse, valid, reject_reason}. Rejected rows reach the model as zeros (always in
     range) and their probability is replaced, so one bad row never fails a batched request.
     """
-    from tfcompress.export.raw_features import RAW_INPUT
 
     spec = [tf.TensorSpec([None, len(preprocessor.spec.columns)], tf.string, name=RAW_INPUT)]
 
@@ -87,7 +89,6 @@ def raw_serving_functions(model, preprocessor):
 
 def write_warmup_requests(path, model_name, samples, rows=8):
     """TF Serving's warmup file (a TFRecord of PredictionLog): one PredictRequest per signature."""
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     dense, sparse = samples["dense"][:rows], samples["sparse"][:rows]
     tensor_request = predict_pb2.PredictRequest(

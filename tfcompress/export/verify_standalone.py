@@ -226,6 +226,7 @@ def check_examples(report, signature, samples, probability):
 
 def check_predict_request(report, loaded, samples, probability, model_name, required):
     try:
+        # optional in the verifier: only the PredictRequest check needs it
         from tensorflow_serving.apis import model_pb2, predict_pb2
     except ImportError:
         (report.failed if required else report.skipped)("predict_request", "tensorflow-serving-api not installed")
@@ -251,6 +252,7 @@ def check_warmup(report, loaded, path):
         report.skipped("warmup", "no warmup file (written when tensorflow-serving-api is installed at export)")
         return
     try:
+        # optional in the verifier: only the PredictRequest check needs it
         from tensorflow_serving.apis import prediction_log_pb2
     except ImportError:
         report.skipped("warmup", "tensorflow-serving-api not installed here")
@@ -314,7 +316,7 @@ def check_onnx(report, path, metadata, signature, samples, required):
         report.skipped("onnx", "not exported (export with onnx=True / --onnx)")
         return
     try:
-        import onnxruntime
+        import onnxruntime  # optional: the [export] extra
     except ImportError:
         (report.failed if required else report.skipped)("onnx", "onnxruntime not installed")
         return

@@ -10,3 +10,7 @@ writes `<out>/REPORT.md`.
     tfcompress reproduce --profile tiny           # seconds: what the default test target runs
     tfcompress reproduce --data data/criteo_kaggle --out reproduce_criteo
 """
+
+# Module names under tfcompress.reproduce, in report order.
+EXPERIMENTS = ("robe_ratios", "robe_chunks", "gradients", "mlet_grid", "pruning_sweep", "learned_hash_sweep",
+               "systems")

@@ -94,7 +94,7 @@ class Context:
 
     def figure(self, figure, name, caption):
         """Save a matplotlib figure as figures/<name>.png, stamped with the command and seed; its markdown."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
 
         os.makedirs(self.figures_dir, exist_ok=True)
         figure.text(0.01, 0.005, f"{self.command}  (seed {self.seed})", fontsize=7, color="0.35",

@@ -154,11 +154,11 @@ def run(context):
 
 
 def report(results, context):
-    import matplotlib
+    import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
     matplotlib.use("Agg")
-    from matplotlib import ticker
-    import matplotlib.pyplot as plt
+    from matplotlib import ticker  # lazily: only the report draws (after choosing the Agg backend)
+    import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
 
     rows = results["rows"]
     sizes = [r["memory_size"] for r in rows]

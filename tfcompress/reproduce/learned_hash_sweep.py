@@ -131,10 +131,10 @@ def summarize(runs, target, method):
 
 
 def report(results, context):
-    import matplotlib
+    import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
 
     runs, targets, ceiling = results["runs"], results["targets"], results["ceiling_auc"]
     several = len(results["seeds"]) > 1

@@ -89,10 +89,10 @@ def full_auc_by_dim(runs):
 
 
 def report(results, context):
-    import matplotlib
+    import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
 
     runs, ceiling = results["runs"], results["ceiling_auc"]
     full = full_auc_by_dim(runs)

@@ -79,10 +79,10 @@ def megabytes(n):
 
 
 def report(results, context):
-    import matplotlib
+    import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
 
     runs, full, ceiling = results["runs"], results["full"], results["ceiling_auc"]
     rows = [["full", "-", f"{full['auc']:.4f}", f"{full['log_loss']:.4f}", "-", "-", megabytes(full["table_bytes"]),

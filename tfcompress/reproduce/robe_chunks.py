@@ -51,10 +51,10 @@ def run(context):
 
 
 def report(results, context):
-    import matplotlib
+    import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
 
     runs, ceiling = results["runs"], results["ceiling_auc"]
     full = next(r for r in runs if r["chunk_size"] is None)

@@ -58,10 +58,10 @@ def run(context):
 
 
 def report(results, context):
-    import matplotlib
+    import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
 
     runs, per_pass = results["runs"], results["evals_per_pass"]
     ceiling = results["ceiling_auc"]

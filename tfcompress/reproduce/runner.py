@@ -6,13 +6,11 @@ import os
 import time
 
 from tfcompress._files import write_json_atomically
+from tfcompress.reproduce import EXPERIMENTS
 from tfcompress.reproduce.context import Context
 from tfcompress.reproduce.profiles import get_profile
 from tfcompress.reproduce.report import write_report
 
-# Module names under tfcompress.reproduce, in report order.
-EXPERIMENTS = ("robe_ratios", "robe_chunks", "gradients", "mlet_grid", "pruning_sweep", "learned_hash_sweep",
-               "systems")
 
 
 def experiment_module(name):

@@ -22,15 +22,25 @@ import concurrent.futures
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
+import tensorflow as tf
 
+from tfcompress import export
+from tfcompress._keras import keras
+from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES, scale_cardinalities
+from tfcompress.models import build_dlrm
+from tfcompress.plan import make_plan
 from tfcompress.reproduce.report import markdown_table
+from tfcompress.sizes import format_bytes
+from tfcompress.train import make_optimizer
 
 NAME = "systems"
 TITLE = "Systems: training and serving throughput, peak memory"
@@ -60,7 +70,6 @@ def make_batches(cardinalities, batch, count, distribution, seed, n_dense=N_DENS
             multiplicative hash so the hot rows are not neighbours).
         seed: numpy seed.
     """
-    import tensorflow as tf
 
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
@@ -96,8 +105,6 @@ def time_side_by_side(signatures, batches, repeats):
 
 
 def table_sizes(settings):
-    from tfcompress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES, scale_cardinalities
-
     return scale_cardinalities(CRITEO_KAGGLE_CARDINALITIES, settings["cardinality_scale"])
 
 
@@ -113,12 +120,6 @@ def model_spec(context, settings):
 def build_model(spec, kind):
     """(model, embedding bytes): the DLRM of `spec` with full tables (kind "full") or one ROBE-Z array (kind
     "robe"), compiled with the profile's optimizer."""
-    import types
-
-    from tfcompress._keras import keras
-    from tfcompress.models import build_dlrm
-    from tfcompress.plan import make_plan
-    from tfcompress.train import make_optimizer
 
     keras.utils.set_random_seed(spec["seed"])
     cards, dim = spec["cardinalities"], spec["embedding_dim"]
@@ -135,7 +136,6 @@ def build_model(spec, kind):
 
 def training_batches(spec, count):
     """(inputs, labels) training batches of Zipf ids with ~25% positive labels."""
-    import tensorflow as tf
 
     rng = np.random.default_rng(spec["seed"] + 1)
     return [({"dense": dense, "sparse": sparse},
@@ -172,7 +172,6 @@ def peak_resident_bytes():
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
@@ -196,9 +195,6 @@ def measure_peak_memory(task):
 
 def memory_task_main(task):
     """Body of a memory subprocess: do the task, print its peak resident bytes on a RESULT_PREFIX line."""
-    import tensorflow as tf
-
-    from tfcompress._keras import keras  # noqa: F401  (the floor imports what the others do)
 
     mode = task["mode"]
     if mode == "floor":
@@ -221,11 +217,6 @@ def memory_task_main(task):
 
 
 def run(context):
-    import tensorflow as tf
-
-    from tfcompress import export
-    from tfcompress._keras import keras
-
     settings = SETTINGS[context.profile.name]
     spec = model_spec(context, settings)
     results = {"settings": settings, "spec": {k: v for k, v in spec.items() if k != "cardinalities"},
@@ -304,19 +295,15 @@ def metric_rows(results):
 
 
 def _format(value, unit):
-    from tfcompress.sizes import format_bytes
-
     return format_bytes(value) if unit == "bytes" else f"{value:,.0f}"
 
 
 def report(results, context):
-    import matplotlib
+    import matplotlib  # lazily: only the report draws (after choosing the Agg backend)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    from tfcompress.sizes import format_bytes
+    import matplotlib.pyplot as plt  # lazily: only the report draws (after choosing the Agg backend)
+    import matplotlib.ticker  # lazily: only the report draws (after choosing the Agg backend)
 
     spec, settings = results["spec"], results["settings"]
     rows = metric_rows(results)
