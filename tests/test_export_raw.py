@@ -32,6 +32,9 @@ CASES = {  # name: (format, convert options)
     "criteo_vocab": ("criteo-tsv", {"encoding": "vocab", "min_count": 2}),
     "criteo_vocab_folded": ("criteo-tsv", {"encoding": "vocab", "min_count": 2, "max_ind_range": 4096}),
     "criteo_hash": ("criteo-tsv", {"encoding": "hash", "hash_buckets": 61}),
+    # No transform: 1e300 is beyond float32 (dense_overflow); log1p with negatives kept: -5 has no log1p.
+    "criteo_untransformed": ("criteo-tsv", {"dense_transform": "none", "max_ind_range": 97}),
+    "criteo_log1p_negatives": ("criteo-tsv", {"clip_negative": False, "max_ind_range": 97}),
     "avazu_hash": ("avazu-csv", {"hash_buckets": 53}),
     "avazu_vocab": ("avazu-csv", {"encoding": "vocab", "min_count": 2}),
 }
@@ -61,6 +64,9 @@ def criteo_rows(rng, n):
         edit(dense={0: " 7 ", 1: "1_000", 2: "2.5e1", 3: "-0", 4: ".5", 5: "12345678901234567890"}),
         edit(dense={6: "abc"}),                                          # non_numeric_dense
         edit(dense={7: "1e400"}),                                        # overflows: non_numeric_dense
+        edit(dense={7: "1e300"}),                                        # float64, not float32: dense_overflow
+        edit(dense={9: "-5"}),                                           # log1p(-5) with negatives kept
+        edit(dense={9: "-5", 10: "1e300"}, cats={3: "zz"}),              # bad_hex wins over the dense reasons
         edit(dense={8: "1__0"}),                                         # not float(): non_numeric_dense
         edit(cats={3: "zz"}),                                            # bad_hex
         edit(cats={4: "00000000000000001"}),                             # 17 digits: bad_hex
@@ -154,6 +160,9 @@ def test_raw_signatures_equal_converter_and_tensor_signature(exported, name):
     features = {k: v.numpy() for k, v in loaded.signatures[raw_features.RAW_FEATURES_SIGNATURE](**feed).items()}
     valid, reasons, dense, sparse = converter_output(data_dir, len(fields))
     assert (~valid).sum() >= 4 and valid.sum() >= 40  # the file has rejected rows of several kinds, and good ones
+    expected_dense_reason = {"criteo_untransformed": "dense_overflow", "criteo_log1p_negatives": "dense_log1p_domain"}
+    if name in expected_dense_reason:  # the rows that only these conversions reject are in the comparison
+        assert expected_dense_reason[name] in set(reasons), sorted(set(reasons))
 
     np.testing.assert_array_equal(features["valid"], valid)
     np.testing.assert_array_equal(features["reject_reason"].astype(str), reasons)

@@ -309,9 +309,14 @@ class RawPreprocessor(tf.Module):
         reason = reject(reason, tf.reduce_any(dense_bad, axis=1), "non_numeric_dense")
         if spec.options.clip_negative:
             dense = tf.maximum(dense, 0.0)
+        # As formats.transform_dense: log1p has no value at <= -1 (negatives kept), and a finite float64 beyond
+        # float32's range would be written as +-inf. Both reject the row, after every other reason (below).
+        outside_log1p = tf.zeros([rows], tf.bool)
         if spec.options.dense_transform == "log1p":
-            dense = tf.math.log1p(dense)
+            outside_log1p = tf.reduce_any(dense <= -1.0, axis=1)
+            dense = tf.math.log1p(tf.where(dense <= -1.0, tf.zeros_like(dense), dense))
         dense = tf.cast(dense, tf.float32)
+        overflow = tf.reduce_any(~tf.math.is_finite(dense), axis=1)
 
         keys = [None] * spec.n_sparse
         for kind, reason_name in (("hex", "bad_hex"), ("string", None)):
@@ -332,6 +337,8 @@ class RawPreprocessor(tf.Module):
             reason = reject(reason, bad, "bad_hour")
             for j in derived:
                 keys[j] = hour if spec.sparse[j].kind == "hour_of_day" else weekday
+        reason = reject(reason, overflow, "dense_overflow")
+        reason = reject(reason, outside_log1p, "dense_log1p_domain")
 
         ids = [self._encode(j, feature, keys[j]) for j, feature in enumerate(spec.sparse)]
         sparse = tf.stack(ids, axis=1) if ids else tf.zeros([rows, 0], tf.int64)
@@ -397,19 +404,15 @@ def reference_features(spec, fields):
         values = [row[position[name]] if name in position else (b"0" if name == layout.label else b"")
                   for name in file_columns]
         lines.append(layout.delimiter.join(values) + b"\n")
-    parsed = formats.parse_text_block(b"".join(lines), layout, column_map, first_line=0)
+    dense_options = formats.DenseOptions(options.clip_negative, options.dense_transform)
+    parsed = formats.parse_text_block(b"".join(lines), layout, column_map, first_line=0, dense_options=dense_options)
     for line, reason, _ in parsed.rejected:
         reasons[line] = reasons[line] or reason.encode()
     dense = np.zeros((n, spec.n_dense), np.float32)
     sparse = np.zeros((n, spec.n_sparse), np.int64)
     good = np.array([i for i in parsed.line if not reasons[i]], np.int64)
     keep = np.isin(parsed.line, good)
-    values = parsed.dense[keep]
-    if options.clip_negative:
-        values = np.maximum(values, 0.0)
-    if options.dense_transform == "log1p":
-        values = np.log1p(values)
-    dense[good] = values.astype(np.float32)
+    dense[good] = parsed.dense[keep]  # already transformed as the converter writes it
     for j, feature in enumerate(spec.sparse):
         sparse[good, j] = feature.encoder.encode(parsed.keys[keep][:, j])
     return {"dense": dense, "sparse": sparse, "valid": np.array([not r for r in reasons], bool),
@@ -463,6 +466,7 @@ def edge_rows(spec):
             row("12345678901234567890", "68fd1e64", "a", "00010100"),         # 20-digit integer
             row("abc", "68fd1e64", "a", "14102100"),                          # non_numeric_dense
             row("1e400", "68fd1e64", "a", "14102100"),                        # overflows: non_numeric_dense
+            row("1e300", "68fd1e64", "a", "14102100"),                        # beyond float32: dense_overflow
             row("1", "xyz", "a", "14102100"),                                 # bad_hex
             row("1", "ffffffffffffffff", "a", "14102100"),                    # the reserved key: bad_hex
             row("1", "00000000000000001", "a", "14102100"),                   # 17 digits: bad_hex
