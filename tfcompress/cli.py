@@ -47,10 +47,10 @@ def _add_train_arguments(parser):
 
 
 def _run_train(args):
-    from tfcompress.pipeline import load_pipeline  # per command: --help imports nothing heavy
+    from tfcompress.pipeline import load_pipeline  # per command: --help stays light
 
     if args.cpu_replicas is not None:
-        from tfcompress.train import configure_cpu_replicas  # per command: --help imports nothing heavy
+        from tfcompress.train import configure_cpu_replicas  # per command: --help stays light
 
         configure_cpu_replicas(args.cpu_replicas)  # before anything initializes TensorFlow's devices
     overrides = list(args.overrides) + ([f"train.strategy={args.strategy}"] if args.strategy else [])
@@ -61,7 +61,7 @@ def _run_train(args):
     if duplicates:
         raise ValueError(f"pipelines must have distinct names (they name runs/<name>/), got {duplicates} twice")
 
-    from tfcompress.train import format_results_table, train  # per command: --help imports nothing heavy
+    from tfcompress.train import format_results_table, train  # per command: --help stays light
 
     # A progress bar redrawn per step floods logs that are not a terminal.
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
@@ -84,7 +84,7 @@ def _add_generate_arguments(parser):
 
 
 def _run_generate(args):
-    from tfcompress.data import synthetic  # per command: --help imports nothing heavy
+    from tfcompress.data import synthetic  # per command: --help stays light
 
     stats = synthetic.generate(args.output, dataset=args.dataset, rows=args.rows, eval_rows=args.eval_rows,
                                seed=args.seed, cardinality_scale=args.scale)
@@ -122,7 +122,7 @@ def _parse_cardinalities(text):
 
 def _parse_options(options):
     """["chunk_size=4", "signed=true"] -> {"chunk_size": 4, "signed": True} (values read as in --set)."""
-    from tfcompress.pipeline import parse_override  # per command: --help imports nothing heavy
+    from tfcompress.pipeline import parse_override  # per command: --help stays light
 
     parsed = {}
     for option in options:
@@ -134,12 +134,12 @@ def _parse_options(options):
 
 
 def _run_plan(args):
-    from tfcompress.plan import make_plan  # per command: --help imports nothing heavy
+    from tfcompress.plan import make_plan  # per command: --help stays light
 
     if args.cardinalities is not None:
         cardinalities = _parse_cardinalities(args.cardinalities)
     else:
-        from tfcompress.data import synthetic  # per command: --help imports nothing heavy
+        from tfcompress.data import synthetic  # per command: --help stays light
 
         cardinalities = synthetic.scale_cardinalities(synthetic.dataset_columns(args.dataset)[2], args.scale)
     plan = make_plan(cardinalities, args.dim, args.method, ratio=args.ratio, budget=args.budget,
@@ -177,7 +177,7 @@ def _run_export(args):
 
     name, checkpoint = args.name, args.checkpoint
     if args.pipeline is not None:
-        from tfcompress.pipeline import load_pipeline  # per command: --help imports nothing heavy
+        from tfcompress.pipeline import load_pipeline  # per command: --help stays light
 
         pipeline = load_pipeline(args.pipeline)
         name = name or pipeline.name
@@ -187,7 +187,7 @@ def _run_export(args):
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"no saved model at {checkpoint} (train the pipeline first: tfcompress train)")
 
-    from tfcompress.export import export_saved_model, load_keras_model  # per command: --help imports nothing heavy
+    from tfcompress.export import export_saved_model, load_keras_model  # per command: --help stays light
 
     path = export_saved_model(load_keras_model(checkpoint), base_dir=args.base_dir, name=name,
                               version=args.version, quantize=args.quantize, onnx=args.onnx,
@@ -209,7 +209,7 @@ def _add_verify_arguments(parser):
 
 
 def _verify_paths(paths, require_serving_api=False, require_onnx=False):
-    from tfcompress.export.verify import verify  # per command: --help imports nothing heavy
+    from tfcompress.export.verify import verify  # per command: --help stays light
 
     result = verify(paths, require_serving_api=require_serving_api, require_onnx=require_onnx, echo=True)
     return 0 if result.ok else 1
@@ -282,8 +282,8 @@ def _add_data_arguments(parser):
 
 
 def _run_data(args):
-    from tfcompress.data import convert as data_convert  # per command: --help imports nothing heavy
-    from tfcompress.sizes import parse_bytes  # per command: --help imports nothing heavy
+    from tfcompress.data import convert as data_convert  # per command: --help stays light
+    from tfcompress.sizes import parse_bytes  # per command: --help stays light
 
     options = {}
     if args.hash_buckets is not None:
@@ -338,8 +338,8 @@ def _add_learn_hash_arguments(parser):
 
 
 def _run_learn_hash(args):
-    from tfcompress.learn_hash.workflow import learn_hash  # per command: --help imports nothing heavy
-    from tfcompress.pipeline import load_pipeline  # per command: --help imports nothing heavy
+    from tfcompress.learn_hash.workflow import learn_hash  # per command: --help stays light
+    from tfcompress.pipeline import load_pipeline  # per command: --help stays light
 
     learn_hash(load_pipeline(args.pipeline, args.overrides), args.target, output_dir=args.output,
                teacher_dim=args.teacher_dim, combiner=args.combiner, min_rows=args.min_rows,
@@ -362,8 +362,8 @@ def _add_tune_arguments(parser):
 
 
 def _run_tune(args):
-    from tfcompress.pipeline import load_pipeline  # per command: --help imports nothing heavy
-    from tfcompress.tune import tune  # per command: --help imports nothing heavy
+    from tfcompress.pipeline import load_pipeline  # per command: --help stays light
+    from tfcompress.tune import tune  # per command: --help stays light
 
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     tune(load_pipeline(args.pipeline, args.overrides), args.max_trials, budget=args.budget,
@@ -385,7 +385,7 @@ def _add_reproduce_arguments(parser):
 
 
 def _run_reproduce(args):
-    from tfcompress.reproduce.runner import run_reproduce  # per command: --help imports nothing heavy
+    from tfcompress.reproduce.runner import run_reproduce  # per command: --help stays light
 
     # The report and every figure name the command that made them, as typed.
     command = " ".join(["tfcompress", *map(shlex.quote, args.argv)])
