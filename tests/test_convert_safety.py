@@ -515,7 +515,7 @@ def test_schema_file_is_documented_in_help_and_readme(capsys):
 
 
 def test_readme_schema_example_parses_and_states_the_raw_column_order(tmp_path):
-    from tfcompress.raw_features import raw_columns
+    from tfcompress.export.raw_features import raw_columns
 
     with open(README) as f:
         readme = f.read()
