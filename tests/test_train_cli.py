@@ -115,6 +115,16 @@ def test_defaults_and_types(tmp_path):
         ("compression", "method = \"robe\"\nratio = 0.5", "[compression] ratio: must be >= 1"),
         ("compression", "method = \"robe\"\nratio = \"big\"", "[compression] ratio: expected a number"),
         ("optimizer", "name = \"sgd\"", "unknown top-level key or section 'optimizer'"),
+        # Method options are checked against the method's layer when the file is loaded, before any data step.
+        ("compression", "method = \"robe\"\nratio = 10.0\nchunksize = 4",
+         "[compression] chunksize: method 'robe' has no option 'chunksize' (did you mean 'chunk_size'?)"),
+        ("compression", "method = \"full\"\nchunk_size = 4", "[compression] chunk_size: method 'full' has no option"),
+        ("compression", "method = \"robe\"\nratio = 10.0\nmemory_size = 100",
+         "[compression] memory_size: method 'robe' takes its size from ratio or budget"),
+        ("compression", "method = \"hashing\"\nratio = 10.0\nnum_buckets = 100",
+         "[compression] num_buckets: method 'hashing' takes its size from ratio or budget"),
+        ("compression", "method = \"mlet\"\nratio = 10.0", "[compression] inner_dim: method 'mlet' needs the option"),
+        ("compression", "method = \"learned_hash\"", "[compression] method 'learned_hash' needs the option mappings"),
     ],
 )
 def test_validation_errors_name_file_section_and_key(tmp_path, section, body, fragment):

@@ -47,8 +47,10 @@ Example pipeline (every key but the section headers is optional; defaults below)
     #                                    # where it stopped with deterministic = true and a known step count)
 
 Relative paths are relative to the working directory. Unknown keys and wrong types raise ValueError naming the
-file, the section and the key. Overrides "section.key=value" (the CLI's --set) are applied before validation;
-the value is read as a TOML value when it parses as one (0.1, [64, 32], true, "x"), else as a plain string.
+file, the section and the key; so do [compression] keys that the method does not take (checked against the
+method's layer here, before any data is made). Overrides "section.key=value" (the CLI's --set) are applied before
+validation; the value is read as a TOML value when it parses as one (0.1, [64, 32], true, "x"), else as a plain
+string.
 """
 
 import dataclasses
@@ -57,7 +59,7 @@ import numbers
 import os
 import tomllib
 
-from tfcompress.plan import methods
+from tfcompress.plan import check_method_options, methods
 
 SECTIONS = ("data", "model", "compression", "train")
 TOP_LEVEL_KEYS = ("name", "description")
@@ -371,6 +373,10 @@ def _check_consistency(pipeline):
 
     if compression.method not in methods():
         raise ValueError(f"{source}: [compression] method: must be one of {methods()}, got {compression.method!r}")
+    try:
+        check_method_options(compression.method, compression.options)
+    except ValueError as error:  # its message starts with the key
+        raise ValueError(f"{source}: [compression] {error}") from None
     if data.source == "tfrecord":
         for key in ("train", "eval"):
             if getattr(data, key) is None:
