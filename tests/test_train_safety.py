@@ -105,7 +105,6 @@ def crash_after_checkpoint(monkeypatch, step):
     monkeypatch.setattr(train_module.StepBackupAndRestore, "_save_model", save_then_crash)
 
 
-
 def dead_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
