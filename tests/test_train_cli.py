@@ -115,6 +115,20 @@ def test_defaults_and_types(tmp_path):
         ("compression", "method = \"robe\"\nratio = 0.5", "[compression] ratio: must be >= 1"),
         ("compression", "method = \"robe\"\nratio = \"big\"", "[compression] ratio: expected a number"),
         ("optimizer", "name = \"sgd\"", "unknown top-level key or section 'optimizer'"),
+        ("train", "learning_rate = inf", "[train] learning_rate: must be a finite number > 0, got inf"),
+        ("train", "learning_rate = nan", "[train] learning_rate: must be a finite number > 0, got nan"),
+        ("train", "restore_best = 1", "[train] restore_best: expected true or false"),
+        ("train", "patience = 0", "[train] patience: must be >= 1"),
+        # Method options are checked against the method's layer when the file is loaded, before any data step.
+        ("compression", "method = \"robe\"\nratio = 10.0\nchunksize = 4",
+         "[compression] chunksize: method 'robe' has no option 'chunksize' (did you mean 'chunk_size'?)"),
+        ("compression", "method = \"full\"\nchunk_size = 4", "[compression] chunk_size: method 'full' has no option"),
+        ("compression", "method = \"robe\"\nratio = 10.0\nmemory_size = 100",
+         "[compression] memory_size: method 'robe' takes its size from ratio or budget"),
+        ("compression", "method = \"hashing\"\nratio = 10.0\nnum_buckets = 100",
+         "[compression] num_buckets: method 'hashing' takes its size from ratio or budget"),
+        ("compression", "method = \"mlet\"\nratio = 10.0", "[compression] inner_dim: method 'mlet' needs the option"),
+        ("compression", "method = \"learned_hash\"", "[compression] method 'learned_hash' needs the option mappings"),
     ],
 )
 def test_validation_errors_name_file_section_and_key(tmp_path, section, body, fragment):
@@ -186,17 +200,29 @@ def test_throughput_callback_skips_the_first_batch_of_each_epoch(monkeypatch):
 def test_format_results_table_hand_made_rows():
     results = [
         {"name": "full", "method": "full", "logical_bytes": 2_160_000_000, "physical_bytes": 2_160_000_000,
-         "ratio": 1.0, "auc": 0.78123, "log_loss": 0.45678, "ceiling_auc": 0.8, "train_samples_per_s": 51234.6},
+         "deployed_bytes": 2_160_000_000, "ratio": 1.0, "auc": 0.78123, "log_loss": 0.45678, "ceiling_auc": 0.8,
+         "train_samples_per_s": 51234.6, "best_epoch": 2, "epochs_run": 3, "best_val_auc": 0.78456,
+         "last_val_auc": 0.7801, "restored_best": True},
         {"name": "robe", "method": "robe", "logical_bytes": 2_160_000_000, "physical_bytes": 2_160_000,
-         "ratio": 1000.0, "auc": 0.775, "log_loss": 0.46, "ceiling_auc": None, "train_samples_per_s": None},
+         "deployed_bytes": 2_160_000, "ratio": 1000.0, "auc": 0.775, "log_loss": 0.46, "ceiling_auc": None,
+         "train_samples_per_s": None, "best_epoch": 1, "epochs_run": 1, "best_val_auc": 0.7749,
+         "last_val_auc": 0.7749, "restored_best": False},
+        # MLET trains n*k + k*d floats per table and deploys the folded n*d: the ratio is logical / deployed.
+        {"name": "mlet", "method": "mlet", "logical_bytes": 2_160_000_000, "physical_bytes": 8_640_000,
+         "deployed_bytes": 2_160_000, "ratio": 250.0, "auc": 0.776, "log_loss": 0.459, "ceiling_auc": None,
+         "train_samples_per_s": 1000.0},  # a result of an older version: no best-epoch fields
     ]
     lines = train_module.format_results_table(results).splitlines()
-    assert len(lines) == 4
-    for column in ("method", "logical", "physical", "ratio", "AUC", "log loss", "ceiling AUC", "samples/s"):
-        assert column in lines[0]
-    assert lines[2].split() == ["full", "full", "2.16", "GB", "2.16", "GB", "1.0x", "0.7812", "0.4568", "0.8000",
-                                "51,235"]
-    assert lines[3].split() == ["robe", "robe", "2.16", "GB", "2.16", "MB", "1,000.0x", "0.7750", "0.4600", "-", "-"]
+    assert len(lines) == 5
+    assert [c.strip() for c in lines[0].split("  ") if c.strip()] == [
+        "pipeline", "method", "logical", "trained", "deployed", "ratio", "AUC", "log loss", "ceiling AUC",
+        "epoch best/last", "val AUC best/last", "weights", "samples/s"]
+    assert lines[2].split() == ["full", "full", "2.16", "GB", "2.16", "GB", "2.16", "GB", "1.0x", "0.7812", "0.4568",
+                                "0.8000", "2/3", "0.7846/0.7801", "best", "51,235"]
+    assert lines[3].split() == ["robe", "robe", "2.16", "GB", "2.16", "MB", "2.16", "MB", "1,000.0x", "0.7750",
+                                "0.4600", "-", "1/1", "0.7749/0.7749", "last", "-"]
+    assert lines[4].split() == ["mlet", "mlet", "2.16", "GB", "8.64", "MB", "2.16", "MB", "1,000.0x", "0.7760",
+                                "0.4590", "-", "-", "-", "last", "1,000"]
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------------

@@ -42,22 +42,28 @@ Example pipeline (every key but the section headers is optional; defaults below)
     save_model = true                    # write runs/<name>/model.keras
     strategy = "default"                 # "mirrored" (local GPUs / --cpu-replicas) | "multiworker" (TF_CONFIG)
     deterministic = false                # fixed reader order: same seed, same batches
-    # checkpoint_every_steps = 1000      # crash-safe: BackupAndRestore every N steps and at epoch end
+    # checkpoint_every_steps = 1000      # crash-safe: checkpoints every N steps and at epoch end
     # backup_dir = "runs/<name>/backup"  # where those checkpoints go; a rerun resumes from them (exactly
-    #                                    # where it stopped with deterministic = true and a known step count)
+    #                                    # where it stopped with deterministic = true); a directory of
+    #                                    # tfcompress's own (marked, locked), deleted once the run is saved
+    restore_best = false                 # save (and report) the weights of the epoch with the best eval AUC
+    # patience = 2                       # stop after 2 epochs without a better eval AUC
 
 Relative paths are relative to the working directory. Unknown keys and wrong types raise ValueError naming the
-file, the section and the key. Overrides "section.key=value" (the CLI's --set) are applied before validation;
-the value is read as a TOML value when it parses as one (0.1, [64, 32], true, "x"), else as a plain string.
+file, the section and the key; so do [compression] keys that the method does not take (checked against the
+method's layer here, before any data is made). Overrides "section.key=value" (the CLI's --set) are applied before
+validation; the value is read as a TOML value when it parses as one (0.1, [64, 32], true, "x"), else as a plain
+string.
 """
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import tomllib
 
-from tfcompress.plan import methods
+from tfcompress.plan import check_method_options, methods
 
 SECTIONS = ("data", "model", "compression", "train")
 TOP_LEVEL_KEYS = ("name", "description")
@@ -139,10 +145,14 @@ class TrainConfig:
     strategy: str = _option("default", "str", choices=("default", "mirrored", "multiworker"))
     # Fixed reader order (a little slower): the same seed gives the same batches on every run.
     deterministic: bool = _option(False, "bool")
-    # Crash-safe training: BackupAndRestore checkpoints every N steps (and at epoch end) to backup_dir
-    # (default runs/<name>/backup); a rerun of the same pipeline resumes from the last one.
+    # Crash-safe training: checkpoints every N steps (and at epoch end) to backup_dir (default runs/<name>/backup,
+    # a directory tfcompress makes, marks and locks); a rerun of the same pipeline resumes from the last one.
     checkpoint_every_steps: int = _option(None, "int", minimum=1)
     backup_dir: str = _option(None, "str")
+    # Best epoch on the eval AUC (Keras' val_auc, every epoch): restore_best saves and reports the best epoch's
+    # weights instead of the last's; patience stops training after that many epochs without a better one.
+    restore_best: bool = _option(False, "bool")
+    patience: int = _option(None, "int", minimum=1)
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "compression": CompressionConfig, "train": TrainConfig}
@@ -371,6 +381,10 @@ def _check_consistency(pipeline):
 
     if compression.method not in methods():
         raise ValueError(f"{source}: [compression] method: must be one of {methods()}, got {compression.method!r}")
+    try:
+        check_method_options(compression.method, compression.options)
+    except ValueError as error:  # its message starts with the key
+        raise ValueError(f"{source}: [compression] {error}") from None
     if data.source == "tfrecord":
         for key in ("train", "eval"):
             if getattr(data, key) is None:
@@ -389,5 +403,6 @@ def _check_consistency(pipeline):
         raise ValueError(
             f"{source}: [compression] ratio: must be >= 1 (1000 = 1000x smaller), got {compression.ratio!r}"
         )
-    if not pipeline.train.learning_rate > 0:
-        raise ValueError(f"{source}: [train] learning_rate: must be > 0, got {pipeline.train.learning_rate!r}")
+    if not (pipeline.train.learning_rate > 0 and math.isfinite(pipeline.train.learning_rate)):
+        raise ValueError(f"{source}: [train] learning_rate: must be a finite number > 0, got "
+                         f"{pipeline.train.learning_rate!r}")

@@ -11,6 +11,8 @@ New methods register a planner with `register_method`.
 """
 
 import dataclasses
+import difflib
+import inspect
 import math
 import warnings
 
@@ -109,6 +111,51 @@ register_method("learned_hash", LearnedHashEmbedding, _learned_hash_options)
 
 def methods():
     return sorted(_METHODS)
+
+
+# Layer arguments that decide a table's size. A method whose plan derives its size from the ratio or budget sets
+# one of them itself (robe: memory_size, hashing / qr / mlet: compression, pruned: budget); given as options too,
+# they would be overwritten or clash with it.
+SIZE_OPTIONS = ("memory_size", "compression", "num_buckets", "budget")
+
+
+def check_method_options(method, options):
+    """Check a method's option names before any data, plan or layer exists (a pipeline's [compression] keys).
+
+    Only names are checked, and what a method cannot run without; values are checked by `make_plan` (through the
+    layer's `parameter_counts`), which needs the tables' sizes.
+
+    Raises:
+        ValueError: whose message starts with the offending key ("chunksize: ..."): an option the method's layer
+            does not take (naming the closest option when one is close), a size option that the plan sets from
+            the ratio or budget, or a required option left out (mlet's inner_dim, learned_hash's mappings).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method: must be one of {methods()}, got {method!r}")
+    spec = _METHODS[method]
+    parameters = inspect.signature(spec.layer_class.__init__).parameters
+    known = sorted(name for name, p in parameters.items()
+                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                   and name not in ("self", "cardinalities", "output_dim"))
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key}: method {method!r} has no option {key!r}{hint}; its options are {known}")
+    try:
+        planned = set(spec.options([1000], 8, 2.0, {}))  # what the plan sets for a 2x compression
+    except ValueError:
+        planned = set()  # a method that cannot plan without options of its own sets no size (learned_hash)
+    if planned:
+        for key in options:
+            if key in SIZE_OPTIONS:
+                raise ValueError(f"{key}: method {method!r} takes its size from ratio or budget (the plan sets "
+                                 f"{sorted(planned)[0]}); remove {key}")
+    for name, p in parameters.items():
+        if (p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and name not in ("self", "cardinalities", "output_dim") and name not in options):
+            raise ValueError(f"{name}: method {method!r} needs the option {name}")
+    spec.options([1000], 8, 2.0, dict(options))  # a method's own needs ("learned_hash needs mappings = ...")
 
 
 def _member(method, features, cardinalities, output_dim, compression, options):
