@@ -11,9 +11,14 @@ tensors; `tfcompress.export.saved_model` traces them.
 
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from tfcompress.export.raw_features import RAW_INPUT
+from tfcompress.export.serving_config import SERVING_API_MISSING
+
+try:
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+except ImportError as error:  # saved_model imports this module (through onnx) before serving_config
+    raise ImportError(SERVING_API_MISSING) from error
 
 TENSOR_SIGNATURE = "serving_default"
 EXAMPLE_SIGNATURE = "examples"
