@@ -2,10 +2,10 @@
 
 TF Serving's Predict (predict_util.cc, RunPredict) turns each request input into a Tensor and calls
 Session::Run(feeds by tensor name, fetches): nothing compares a feed's shape with the signature's placeholder, and
-Grappler folds what a placeholder's static shape promises. Python's `Session.run(feed_dict=...)` and a loaded
-signature's concrete function do check shapes themselves, which hides what the server sees. `ServedModel` emulates
-the server: the SavedModel loaded into a v1 Graph and Session, the signature_def's tensor names, and the feeds
-handed to TF_SessionRun (the C API behind both) without Python's feed checks.
+Grappler folds what a placeholder's static shape promises. Python's `Session.run(feed_dict=...)` checks feed shapes
+itself (a ValueError), which would hide what the server sees. `ServedModel` emulates the server: the SavedModel
+loaded into a v1 Graph and Session, the signature_def's tensor names, and the feeds handed to TF_SessionRun (the C
+API under both) without Python's feed checks.
 """
 
 import os
