@@ -155,7 +155,7 @@ def test_every_export_passes_every_check_in_a_fresh_process(exported, key):
     assert all(status == "PASS" for name, status in checks.items() if name not in ("onnx", "raw")), \
         exported["result"].output
     expected = {"isolation", "stock_ops", "load", "signatures", "keras_parity", "serving_parity", "examples",
-                "predict_request", "warmup", "bad_ids", "onnx", "raw"}
+                "predict_request", "warmup", "bad_ids", "bad_inputs", "onnx", "raw"}
     assert set(checks) == expected
     assert checks["onnx"] == ("PASS" if key in ("float", "avazu") else "SKIP")
     # These exports have no raw-string signature (tests/test_export_raw.py covers the ones that do).
@@ -164,6 +164,8 @@ def test_every_export_passes_every_check_in_a_fresh_process(exported, key):
     assert report["isolation"] == {"tfcompress_modules": [], "custom_libraries": []}
     assert report["non_stock_ops"] == [] and not any(op.startswith("Robe") for op in report["ops"])
     assert {"FloorMod", "ParseExampleV2"} <= set(report["ops"])
+    # The in-graph input checks (tests/test_export_inputs.py): stock ops, seen by the stock-op check.
+    assert {"Assert", "EnsureShape", "IgnoreErrorsDataset", "DatasetToSingleElement"} <= set(report["ops"])
 
 
 def test_checker_fails_on_an_op_stock_tensorflow_does_not_have(exported):

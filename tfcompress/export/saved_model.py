@@ -47,6 +47,13 @@ floor modulo, exactly as layers built with out_of_range="mod" do in training (-1
 raises, whatever int64 a client sends). `serving_out_of_range="as_trained"` keeps each layer's own rule: an id
 outside [0, n_f) of an "error" layer then makes TF Serving answer that request with INVALID_ARGUMENT (naming the
 feature and the value); the server itself keeps serving.
+
+Malformed requests. Every signature declares its inputs with any shape in the signature_def and checks the
+documented shapes first thing in graph (`tfcompress.export.signatures.checked_input`): a wrong rank or width, dense
+and sparse of different batches, a record of `examples` that is not an Example with the layout's `sparse`/`dense`,
+`fields` of the wrong width each make TF Serving answer INVALID_ARGUMENT naming the input, the expected and the
+received shape (or the record and why). The metadata keeps the documented shapes under `inputs` and what the
+signature_def declares under `signature_def_inputs`.
 """
 
 import datetime
@@ -68,9 +75,9 @@ from tfcompress.export.serving_config import check_model_name, update_models_con
 from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_for_serving, model_cardinalities,
                                              outer_embedding_layers, quantized_substitutes, unique_names,
                                              variable_paths)
-from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, TENSOR_SIGNATURE,
-                                          example_features, raw_serving_functions, serving_functions,
-                                          write_warmup_requests)
+from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, SERVED_SHAPE,
+                                          TENSOR_SIGNATURE, example_features, raw_serving_functions,
+                                          serving_functions, write_warmup_requests)
 from tfcompress.lookup import TableReader, resource_variable
 
 QUANTIZE_CHOICES = (None, "int8", "fp16")
@@ -231,6 +238,14 @@ def _raw_signature_metadata(spec, n_dense, n_sparse):
     }
 
 
+def _signature_def_inputs(signatures):
+    """Adds to each signature's metadata the shapes its signature_def declares: `SERVED_SHAPE` (any), because the
+    graph checks the documented `inputs` shapes itself (`tfcompress.export.signatures.checked_input`)."""
+    return {name: {**entry, "signature_def_inputs": {key: [dtype, SERVED_SHAPE]
+                                                     for key, (dtype, _) in entry["inputs"].items()}}
+            for name, entry in signatures.items()}
+
+
 def export_saved_model(model, base_dir="saved_models", name=None, version=None, quantize=None, onnx=False,
                        schema=None, serving_out_of_range="mod", sample_inputs=None, onnx_opset=DEFAULT_ONNX_OPSET,
                        config_base_path=None, tolerance=None, raw_preprocessing=None):
@@ -383,7 +398,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
             "n_dense": n_dense,
             "n_sparse": n_sparse,
             "cardinalities": cardinalities,
-            "signatures": {
+            "signatures": _signature_def_inputs({
                 TENSOR_SIGNATURE: {"inputs": {"dense": ["float32", [None, n_dense]],
                                               "sparse": ["int64", [None, n_sparse]]},
                                    "outputs": {OUTPUT_KEY: ["float32", [None, 1]]}},
@@ -391,7 +406,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
                                     "outputs": {OUTPUT_KEY: ["float32", [None, 1]]},
                                     "example_keys": sorted(example_features(n_dense, n_sparse))},
                 **(_raw_signature_metadata(raw_spec, n_dense, n_sparse) if raw_spec is not None else {}),
-            },
+            }),
             "quantize": quantize,
             "keras_tolerance": tolerance,
             "parity_tolerance": PARITY_TOLERANCE,

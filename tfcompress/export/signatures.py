@@ -7,6 +7,17 @@
 
 Every function calls the model as served (`tfcompress.export.serving_model.ServingModel`) on {"dense", "sparse"}
 tensors; `tfcompress.export.saved_model` traces them.
+
+Input checks (docs/export_contract.md, "Input checks"). TF Serving feeds a request's tensors by name into
+Session::Run, which checks their dtypes but never their shapes against the signature's placeholders, and Grappler
+folds what a signature's static shape promises: with a spec of [None, 26], a rank check becomes the constant 2 and a
+rank-3 feed reaches the model's ops (measured with TF 2.21's DirectSession). So every signature input is declared
+with an unknown shape (`SERVED_SHAPE`), and the first ops of every signature check rank, width and batch at run
+time and fail the request with InvalidArgumentError naming the input, the expected and the received shape
+(`checked_input`); `tf.ensure_shape` then gives the model its static shapes back. The documented shapes stay in
+`input_signature` (ONNX) and in the export's metadata. Serialized Examples are parsed under an in-graph try
+(`parse_examples`): a record that does not parse, or lacks `sparse`/`dense` of the right type and width, fails the
+request naming its index and what is wrong with it, never TF's message that quotes the raw bytes.
 """
 
 import numpy as np
@@ -17,7 +28,7 @@ from tfcompress.export.serving_config import SERVING_API_MISSING
 
 try:
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-except ImportError as error:
+except ImportError as error:  # saved_model imports this module (through onnx) before serving_config
     raise ImportError(SERVING_API_MISSING) from error
 
 TENSOR_SIGNATURE = "serving_default"
@@ -26,9 +37,81 @@ EXAMPLES_INPUT = "examples"
 OUTPUT_KEY = "probability"
 
 
+# The shape every signature input declares in the SavedModel's signature_def: unknown (any rank), so that nothing
+# can be folded from it; the graph checks the documented shape (`checked_input`).
+SERVED_SHAPE = None
+# A feature key no record is expected to hold: parsing it alone tells whether a record is an Example at all.
+_PROBE_KEY = "__tfcompress_probe__"
+
+
 def input_signature(n_dense, n_sparse):
+    """The documented inputs of `serving_default`: dense f32[B, n_dense], sparse i64[B, n_sparse] (ONNX takes these).
+
+    The signature itself declares `SERVED_SHAPE` and checks these shapes in graph (`served_signature`).
+    """
     return [tf.TensorSpec([None, n_dense], tf.float32, name="dense"),
             tf.TensorSpec([None, n_sparse], tf.int64, name="sparse")]
+
+
+def served_signature(specs):
+    """`specs` as the signature_def declares them: the same names and dtypes, shape `SERVED_SHAPE`."""
+    return [tf.TensorSpec(SERVED_SHAPE, spec.dtype, name=spec.name) for spec in specs]
+
+
+def shape_text(shape):
+    """[None, 26] -> "[batch, 26]"."""
+    return "[" + ", ".join("batch" if d is None else str(d) for d in shape) + "]"
+
+
+def _shape_string(shape):
+    """A run-time shape (int vector) as text: "[2, 27]"."""
+    return tf.strings.join(["[", tf.strings.reduce_join(tf.strings.as_string(shape), separator=", "), "]"])
+
+
+def _fail_unless(ok, message, name):
+    """An Assert that fails the request with `message` (a string tensor) when `ok` is false."""
+    return tf.debugging.Assert(ok, [message], name=name)
+
+
+def checked_input(tensor, name, shape):
+    """`tensor` after a run-time check that it has `shape` (None: any size), with that shape made static.
+
+    The check runs in graph whatever the caller: TF Serving's Session::Run, a v1 Session or a loaded signature. A
+    wrong rank or width fails with InvalidArgumentError "input NAME: expected DTYPE [batch, 26], received shape
+    [2, 27]". (Assert escapes quotes in its message, so the input's name is not quoted.)
+    """
+    received = tf.shape(tensor, out_type=tf.int64)
+    rank = len(shape)
+    padded = tf.concat([received, tf.fill([rank], tf.constant(-1, tf.int64))], axis=0)[:rank]
+    ok = tf.equal(tf.size(received), rank)
+    for axis, size in enumerate(shape):
+        if size is not None:
+            ok = tf.logical_and(ok, tf.equal(padded[axis], size))
+    message = tf.strings.join([f"input {name}: expected {tensor.dtype.name} {shape_text(shape)}, received shape ",
+                               _shape_string(received)])
+    with tf.control_dependencies([_fail_unless(ok, message, f"check_{name}")]):
+        return tf.ensure_shape(tf.identity(tensor), shape)
+
+
+def checked_batch(tensors):
+    """{name: tensor} after a run-time check that all have the same number of rows."""
+    names = sorted(tensors)
+    rows = [tf.shape(tensors[name], out_type=tf.int64)[0] for name in names]
+    ok = tf.reduce_all(tf.equal(tf.stack(rows), rows[0]))
+    received = [piece for i, (name, n) in enumerate(zip(names, rows))
+                for piece in (f"{', ' if i else ' '}{name} ", tf.strings.as_string(n))]
+    message = tf.strings.join([f"inputs {' and '.join(names)}: expected the same number of rows (one per example), "
+                               "received"] + received)
+    with tf.control_dependencies([_fail_unless(ok, message, "check_batch")]):
+        return {name: tf.identity(tensors[name]) for name in names}
+
+
+def checked_tensor_inputs(dense, sparse, n_dense, n_sparse):
+    """serving_default's inputs, checked (rank, width, the same batch) and with static shapes."""
+    dense = checked_input(dense, "dense", [None, n_dense])
+    sparse = checked_input(sparse, "sparse", [None, n_sparse])
+    both = checked_batch({"dense": dense, "sparse": sparse})
+    return both["dense"], both["sparse"]
 
 
 def example_features(n_dense, n_sparse):
@@ -37,6 +120,83 @@ def example_features(n_dense, n_sparse):
     if n_dense > 0:
         spec["dense"] = tf.io.FixedLenFeature([n_dense], tf.float32)
     return spec
+
+
+def _try(function, args, fallback):
+    """(True, function(*args)), or (False, fallback) when it raises: an in-graph try.
+
+    A one-element tf.data pipeline whose errors are dropped (`ignore_errors`), followed by the fallback; the first
+    element is taken. Stock ops (TensorDataset, MapDataset, IgnoreErrorsDataset, ConcatenateDataset, TakeDataset,
+    DatasetToSingleElement); 0.1 to 0.3 ms per request on 2 CPU cores (docs/export_contract.md).
+    """
+    attempt = tf.data.Dataset.from_tensors(args).map(lambda *a: (tf.constant(True), function(*a))).ignore_errors()
+    otherwise = tf.data.Dataset.from_tensors((tf.constant(False), fallback))
+    return attempt.concatenate(otherwise).take(1).get_single_element()
+
+
+def _example_expectation(n_dense, n_sparse):
+    dense = f" and float dense[{n_dense}]" if n_dense > 0 else ""
+    return f"int64 sparse[{n_sparse}]{dense}"
+
+
+def _record_problem(record, n_dense, n_sparse):
+    """Why one serialized record fails to parse as the layout: a string tensor (run only on the failure path)."""
+    one = tf.reshape(record, [1])
+    parses, _ = _try(lambda r: tf.io.parse_example(r, {_PROBE_KEY: tf.io.VarLenFeature(tf.string)})[_PROBE_KEY]
+                     .values, (one,), tf.zeros([0], tf.string))
+    reasons = [(tf.logical_not(parses), tf.constant("its bytes do not parse as a tf.train.Example"))]
+    for key, dtype, list_name, width in (("sparse", tf.int64, "int64_list", n_sparse),
+                                         ("dense", tf.float32, "float_list", n_dense)):
+        if width == 0:
+            continue
+        typed, values = _try(lambda r, key=key, dtype=dtype: tf.io.parse_example(r, {key: tf.io.VarLenFeature(dtype)})
+                             [key].values, (one,), tf.zeros([0], dtype))
+        count = tf.size(values, out_type=tf.int64)
+        reasons += [
+            (tf.logical_not(typed), tf.constant(f"its feature {key} is not a valid {list_name}")),
+            (tf.equal(count, 0), tf.constant(f"it has no feature {key} (or an empty one)")),
+            (tf.not_equal(count, width),
+             tf.strings.join([f"its feature {key} has ", tf.strings.as_string(count), f" values, expected {width}"])),
+        ]
+    why = tf.constant("TensorFlow's parser rejects it")
+    for condition, text in reversed(reasons):
+        why = tf.where(condition, text, why)
+    return why
+
+
+def parse_examples(examples, n_dense, n_sparse):
+    """A checked vector of serialized Examples -> {"dense", "sparse"} in the TFRecord layout.
+
+    All records are parsed at once under `_try`. Only when that fails are the records tried one by one, and the
+    request fails with InvalidArgumentError naming the first bad record and why: "input examples: record 3 of 8 is
+    not a serialized tf.train.Example with int64 sparse[26] and float dense[13]: its feature sparse has 25 values,
+    expected 26". TF's own message for bytes that do not parse quotes them raw, and names no record.
+    """
+    features = example_features(n_dense, n_sparse)
+    fallback = {key: tf.zeros([0] + spec.shape, spec.dtype) for key, spec in features.items()}
+    parsed_ok, parsed = _try(lambda e: tf.io.parse_example(e, features), (examples,), fallback)
+
+    def first_bad_record():
+        n = tf.size(examples, out_type=tf.int64)
+        good = (tf.data.Dataset.range(n)
+                .map(lambda i: (i, tf.io.parse_example(tf.reshape(examples[i], [1]), features)))
+                .ignore_errors()
+                .map(lambda i, _: i)
+                .batch(tf.maximum(n, 1))
+                .concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.int64)))
+                .take(1).get_single_element())
+        parsed_alone = tf.scatter_nd(good[:, None], tf.ones_like(good, tf.int32), tf.reshape(n, [1]))
+        index = tf.argmin(tf.concat([parsed_alone, [0]], axis=0), output_type=tf.int64)  # n when every record parses
+        record = tf.gather(tf.concat([examples, [""]], axis=0), index)
+        why = tf.cond(index < n, lambda: _record_problem(record, n_dense, n_sparse),
+                      lambda: tf.constant("the batch does not parse, although each record does alone"))
+        return tf.strings.join([f"input {EXAMPLES_INPUT}: record ", tf.strings.as_string(index), " of ",
+                                tf.strings.as_string(n), " is not a serialized tf.train.Example with "
+                                f"{_example_expectation(n_dense, n_sparse)}: ", why])
+
+    message = tf.cond(parsed_ok, lambda: tf.constant(""), first_bad_record)
+    with tf.control_dependencies([_fail_unless(parsed_ok, message, f"check_{EXAMPLES_INPUT}_records")]):
+        return {key: tf.identity(value) for key, value in parsed.items()}
 
 
 def serving_functions(model, n_dense, n_sparse):
@@ -52,15 +212,14 @@ def serving_functions(model, n_dense, n_sparse):
         values = model({"dense": dense, "sparse": sparse})
         return {OUTPUT_KEY: tf.cast(tf.reshape(values, [-1, 1]), tf.float32)}
 
-    @tf.function(input_signature=input_signature(n_dense, n_sparse))
+    @tf.function(input_signature=served_signature(input_signature(n_dense, n_sparse)))
     def serve_tensors(dense, sparse):
-        return probability(dense, sparse)
+        return probability(*checked_tensor_inputs(dense, sparse, n_dense, n_sparse))
 
-    features = example_features(n_dense, n_sparse)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    @tf.function(input_signature=served_signature([tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)]))
     def serve_examples(examples):
-        parsed = tf.io.parse_example(examples, features)
+        examples = checked_input(examples, EXAMPLES_INPUT, [None])
+        parsed = parse_examples(examples, n_dense, n_sparse)
         dense = parsed["dense"] if n_dense > 0 else tf.zeros([tf.shape(examples)[0], 0], tf.float32)
         return probability(dense, parsed["sparse"])
 
@@ -70,16 +229,19 @@ def serving_functions(model, n_dense, n_sparse):
 def raw_serving_functions(model, preprocessor):
     """The raw-string signature functions (not yet traced) of a `tfcompress.export.raw_features.RawPreprocessor`.
 
-    `model` is the model as served (see `serving_functions`). `raw`: fields -> {probability (NaN where the row is rejected), valid, reject_reason}; `raw_features`: fields ->
-    the converter's {dense, sparse, valid, reject_reason}. Rejected rows reach the model as zeros (always in
-    range) and their probability is replaced, so one bad row never fails a batched request.
+    `model` is the model as served (see `serving_functions`). `raw`: fields -> {probability (NaN where the row is
+    rejected), valid, reject_reason}; `raw_features`: fields -> the converter's {dense, sparse, valid,
+    reject_reason}. Rejected rows reach the model as zeros (always in range) and their probability is replaced, so
+    one bad row never fails a batched request. `fields` of another rank or width fails the request
+    (`checked_input`).
     """
 
-    spec = [tf.TensorSpec([None, len(preprocessor.spec.columns)], tf.string, name=RAW_INPUT)]
+    shape = [None, len(preprocessor.spec.columns)]
+    spec = served_signature([tf.TensorSpec(shape, tf.string, name=RAW_INPUT)])
 
     @tf.function(input_signature=spec)
     def serve_raw(fields):
-        features = preprocessor(fields)
+        features = preprocessor(checked_input(fields, RAW_INPUT, shape))
         probability = model({"dense": features["dense"], "sparse": features["sparse"]})
         probability = tf.cast(tf.reshape(probability, [-1, 1]), tf.float32)
         probability = tf.where(features["valid"][:, None], probability, tf.constant(np.nan, tf.float32))
@@ -87,7 +249,7 @@ def raw_serving_functions(model, preprocessor):
 
     @tf.function(input_signature=spec)
     def serve_raw_features(fields):
-        return preprocessor(fields)
+        return preprocessor(checked_input(fields, RAW_INPUT, shape))
 
     return serve_raw, serve_raw_features
 

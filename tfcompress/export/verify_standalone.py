@@ -13,7 +13,8 @@ Checks, per SavedModel directory (each one PASS, FAIL or SKIP with the reason):
   isolation       `tfcompress` is not imported and no tfcompress/custom-op shared library is mapped in this process
   stock_ops       every op of every graph and nested function is registered in this process's stock op registry
   load            tf.saved_model.load succeeds
-  signatures      serving_default(dense, sparse) and examples(examples) exist with the documented dtypes
+  signatures      serving_default(dense, sparse) and examples(examples) exist with the documented dtypes, and the
+                  shapes their signature_defs declare (any shape, checked in graph; older exports: [None, n])
   keras_parity    serving_default on the sample rows vs the Keras model's predictions (export's stated tolerance)
   serving_parity  the same vs the serving graph's predictions in the exporting process (1e-5)
   examples        the examples signature on tf.train.Example bytes built here (with and without `label`) equals
@@ -24,6 +25,9 @@ Checks, per SavedModel directory (each one PASS, FAIL or SKIP with the reason):
   bad_ids         ids outside [0, n) (-1, n, 2^40, ...): with the "mod" rule no error and predictions equal those of
                   the ids folded with a floor modulo (computed here with NumPy); with a raising rule an
                   InvalidArgumentError, after which the model still serves valid rows
+  bad_inputs      (exports that check inputs in graph) a sparse one column too wide, a rank-3 sparse, a record
+                  that is not an Example and (raw signature) fields one column short are each refused with an
+                  InvalidArgumentError naming the input and the shapes or the record; valid rows still serve
   onnx            model.onnx (when exported) run with onnxruntime vs the SavedModel, valid and bad ids (1e-5)
   raw             (exports with the raw-string signature) `raw_features` on the stored sample raw rows equals what
                   the converter wrote for them (ids, valid flags and reject reasons exactly, dense to 1e-6), and
@@ -162,6 +166,21 @@ def _max_difference(a, b):
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+def _declared_inputs(metadata, name):
+    """{key: [dtype, shape]} that the signature_def of `name` declares: `signature_def_inputs` (shape null: any,
+    the graph checks the documented `inputs` shapes itself), or `inputs` for exports from before those checks."""
+    entry = metadata["signatures"][name]
+    return entry.get("signature_def_inputs", entry["inputs"])
+
+
+def _spec_matches(spec, dtype, shape):
+    if spec is None or spec.dtype.name != dtype:
+        return False
+    if shape is None:
+        return spec.shape.rank is None
+    return spec.shape.rank is not None and spec.shape.as_list() == shape
+
+
 def check_signatures(report, loaded, metadata):
     problems = []
     for name in (TENSOR_SIGNATURE, EXAMPLE_SIGNATURE):
@@ -170,11 +189,11 @@ def check_signatures(report, loaded, metadata):
             continue
         signature = loaded.signatures[name]
         inputs = signature.structured_input_signature[1]
-        expected = metadata["signatures"][name]["inputs"]
-        for key, (dtype, shape) in expected.items():
+        for key, (dtype, shape) in _declared_inputs(metadata, name).items():
             spec = inputs.get(key)
-            if spec is None or spec.dtype.name != dtype or spec.shape.as_list() != shape:
-                problems.append(f"{name}.{key}: expected {dtype} {shape}, got {spec}")
+            if not _spec_matches(spec, dtype, shape):
+                problems.append(f"{name}.{key}: expected {dtype} {'any shape' if shape is None else shape}, "
+                                f"got {spec}")
         outputs = signature.structured_outputs
         if OUTPUT_KEY not in outputs or outputs[OUTPUT_KEY].dtype != tf.float32:
             problems.append(f"{name}: no float32 output {OUTPUT_KEY!r}")
@@ -310,6 +329,51 @@ def check_bad_ids(report, signature, metadata, samples):
                    f"{difference:.2e}")
 
 
+def _refusal(signature, feeds):
+    """The InvalidArgumentError message of a request that must be refused, or None when it was served."""
+    try:
+        signature(**{key: tf.constant(value) for key, value in feeds.items()})
+    except tf.errors.InvalidArgumentError as error:
+        return str(error.message)
+    return None
+
+
+def check_bad_inputs(report, loaded, metadata, samples):
+    """Requests of the wrong shape, or records that are not Examples, are refused naming the input (in graph)."""
+    if "signature_def_inputs" not in metadata["signatures"][TENSOR_SIGNATURE]:
+        report.skipped("bad_inputs", "the export predates the in-graph input checks")
+        return
+    n_dense, n_sparse = metadata["n_dense"], metadata["n_sparse"]
+    dense, sparse = samples["dense"][:2], samples["sparse"][:2]
+    records = example_bytes(dense, sparse, with_label=False)
+    cases = [
+        (TENSOR_SIGNATURE, {"dense": dense, "sparse": np.concatenate([sparse, sparse[:, :1]], axis=1)},
+         f"input sparse: expected int64 [batch, {n_sparse}], received shape [2, {n_sparse + 1}]"),
+        (TENSOR_SIGNATURE, {"dense": dense, "sparse": sparse[:, :, None]},
+         f"input sparse: expected int64 [batch, {n_sparse}], received shape [2, {n_sparse}, 1]"),
+        (EXAMPLE_SIGNATURE, {EXAMPLES_INPUT: np.array([records[0], b"\xff not an Example"], dtype=object)},
+         f"input {EXAMPLES_INPUT}: record 1 of 2 is not a serialized tf.train.Example"),
+    ]
+    if RAW_SIGNATURE in metadata["signatures"]:
+        columns = metadata["signatures"][RAW_SIGNATURE]["inputs"][RAW_INPUT][1][1]
+        cases.append((RAW_SIGNATURE, {RAW_INPUT: np.full((1, columns - 1), b"", dtype=object)},
+                      f"input {RAW_INPUT}: expected string [batch, {columns}], received shape [1, {columns - 1}]"))
+    problems = []
+    for name, feeds, expected in cases:
+        message = _refusal(loaded.signatures[name], feeds)
+        if message is None or expected not in message:
+            problems.append(f"{name} {sorted(feeds)}: expected an InvalidArgumentError with {expected!r}, got "
+                            f"{'none' if message is None else repr(message.strip().splitlines()[0][:200])}")
+    again = _probability(loaded.signatures[TENSOR_SIGNATURE], samples["dense"], samples["sparse"])
+    if not np.all(np.isfinite(again)):
+        problems.append("valid rows are not served after the refused requests")
+    if problems:
+        report.failed("bad_inputs", "; ".join(problems))
+    else:
+        report.passed("bad_inputs", f"{len(cases)} malformed requests refused naming the input; valid rows still "
+                                    "served")
+
+
 def check_onnx(report, path, metadata, signature, samples, required):
     onnx_info = metadata.get("onnx")
     if not onnx_info:
@@ -351,9 +415,10 @@ def check_raw(report, loaded, path, metadata):
             problems.append(f"missing signature {name!r}")
             continue
         spec = loaded.signatures[name].structured_input_signature[1].get(RAW_INPUT)
-        dtype, shape = metadata["signatures"][name]["inputs"][RAW_INPUT]
-        if spec is None or spec.dtype.name != dtype or spec.shape.as_list() != shape:
-            problems.append(f"{name}.{RAW_INPUT}: expected {dtype} {shape}, got {spec}")
+        dtype, shape = _declared_inputs(metadata, name)[RAW_INPUT]
+        if not _spec_matches(spec, dtype, shape):
+            problems.append(f"{name}.{RAW_INPUT}: expected {dtype} {'any shape' if shape is None else shape}, "
+                            f"got {spec}")
     if problems:
         report.failed("raw", "; ".join(problems))
         return
@@ -462,6 +527,7 @@ def verify_one(path, require_serving_api=False, require_onnx=False):
     check_predict_request(report, loaded, samples, probability, metadata["name"], require_serving_api)
     check_warmup(report, loaded, path)
     check_bad_ids(report, tensors, metadata, samples)
+    check_bad_inputs(report, loaded, metadata, samples)
     check_onnx(report, path, metadata, tensors, samples, require_onnx)
     check_raw(report, loaded, path, metadata)
     report.details["sizes"] = size_table(path, metadata)
