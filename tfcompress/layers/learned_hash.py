@@ -176,12 +176,7 @@ class LearnedHashEmbedding(base.IdEmbeddingLayer):
             for mapping, table, mode in zip(self.mappings[f], self.tables[f], self._gradient_modes[f]):
                 rows = tf.cast(tf.gather(resource_variable(mapping), ids[:, f]), tf.int64)
                 parts.append(gather_with_gradient(table, rows, mode))
-            if len(parts) == 1:
-                columns.append(parts[0])
-            elif self.combiner == "sum":
-                columns.append(tf.add_n(parts))
-            else:
-                columns.append(tf.concat(parts, axis=-1))
+            columns.append(self._combine(parts))
         return tf.stack(columns, axis=1)
 
     def serving_lookup(self, ids, out_of_range="mod", tables=None):
@@ -193,13 +188,14 @@ class LearnedHashEmbedding(base.IdEmbeddingLayer):
         for f in range(len(self.cardinalities)):
             parts = [tables.gather(table, tf.cast(tf.gather(resource_variable(mapping), ids[:, f]), tf.int64))
                      for mapping, table in zip(self.mappings[f], self.tables[f])]
-            if len(parts) == 1:
-                columns.append(parts[0])
-            elif self.combiner == "sum":
-                columns.append(tf.add_n(parts))
-            else:
-                columns.append(tf.concat(parts, axis=-1))
+            columns.append(self._combine(parts))
         return tf.stack(columns, axis=1)
+
+    def _combine(self, parts):
+        """One feature's vectors from its K internal tables: summed, or joined ("concat")."""
+        if len(parts) == 1:
+            return parts[0]
+        return tf.add_n(parts) if self.combiner == "sum" else tf.concat(parts, axis=-1)
 
     def get_config(self):
         config = super().get_config()

@@ -119,12 +119,7 @@ class QREmbedding(base.IdEmbeddingLayer):
             x = ids[:, f]
             q = gather_with_gradient(self.quotient_tables[f], x // m, q_mode)
             r = gather_with_gradient(self.remainder_tables[f], tf.math.floormod(x, m), r_mode)
-            if self.operation == "mult":
-                columns.append(q * r)
-            elif self.operation == "add":
-                columns.append(q + r)
-            else:
-                columns.append(tf.concat([q, r], axis=-1))
+            columns.append(self._combine(q, r))
         return tf.stack(columns, axis=1)
 
     def serving_lookup(self, ids, out_of_range="mod", tables=None):
@@ -136,13 +131,15 @@ class QREmbedding(base.IdEmbeddingLayer):
             x = ids[:, f]
             q = tables.gather(self.quotient_tables[f], x // m)
             r = tables.gather(self.remainder_tables[f], tf.math.floormod(x, m))
-            if self.operation == "mult":
-                columns.append(q * r)
-            elif self.operation == "add":
-                columns.append(q + r)
-            else:
-                columns.append(tf.concat([q, r], axis=-1))
+            columns.append(self._combine(q, r))
         return tf.stack(columns, axis=1)
+
+    def _combine(self, quotient_rows, remainder_rows):
+        if self.operation == "mult":
+            return quotient_rows * remainder_rows
+        if self.operation == "add":
+            return quotient_rows + remainder_rows
+        return tf.concat([quotient_rows, remainder_rows], axis=-1)
 
     def get_config(self):
         config = super().get_config()
