@@ -11,10 +11,18 @@ Readers, measured side by side in rounds (A B C D A B C D ...) so that a noisy, 
     read generic       tfcompress.data.read(..., fixed_width=False): blocks of records + parse_example
     read (shuffle)     tfcompress.data.read(..., shuffle=True): fixed-width fast path (training)
     read (in order)    tfcompress.data.read(..., shuffle=False): fixed-width fast path
+    read (unchecked)   the shuffled fast path with the per-batch record check (CRC, label, varints) swapped for
+                       the framing-bytes assert it replaced: what the check costs, measured in the same rounds
+                       (bench only; `read` has no way to turn the check off)
 
 For each: rows/s (wall clock, median over rounds), CPU-seconds per million rows of the whole process (all threads;
 steadier than wall time when other processes compete), and the ratio to the simple readers. Batch 16384, repeat,
 prefetch; --cores pins the process (and so every tf.data thread) to that many CPUs.
+
+Then, on fixed-width data, what the record check costs by itself (`fixed_records.FrameChecker`; one thread, CPU
+time, best of 10 batches): the check `read` runs on every batch (framing, label and varint bits, and the batch's
+CRC-32C against the one its stored CRCs imply), the exact per-record CRC in NumPy (used to name a damaged record,
+and instead of the batch CRC where TensorFlow's native CRC-32C is not found), and the native CRC-32C alone.
 """
 
 import argparse
@@ -75,7 +83,17 @@ def readers(files, schema, batch_size):
         return ds.map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).prefetch(
             tf.data.AUTOTUNE)
 
-    return {
+    def unchecked():
+        from tfcompress.data import fixed_records
+
+        checked = fixed_records.decoder
+        fixed_records.decoder = lambda layout, check_data=False, files=None: checked(layout)  # framing assert only
+        try:
+            return read(files, batch_size, schema=schema, seed=0)
+        finally:
+            fixed_records.decoder = checked
+
+    readers = {
         "record-at-a-time": record_at_a_time,
         "batch-then-parse": lambda: batch_then_parse(False),
         "batch+shuffle": lambda: batch_then_parse(True),
@@ -83,6 +101,9 @@ def readers(files, schema, batch_size):
         "read (shuffle)": lambda: read(files, batch_size, schema=schema, seed=0),
         "read (in order)": lambda: read(files, batch_size, schema=schema, shuffle=False),
     }
+    if schema.extra.get("fixed_record"):
+        readers["read (unchecked)"] = unchecked
+    return readers
 
 
 def measure(iterator, batch_size, seconds):
@@ -160,7 +181,36 @@ def main(argv=None):
               f"{rate[name] / rate['batch-then-parse']:8.2f}")
     print(f"\n(medians of {args.rounds} rounds; 'x record' / 'x batch': wall-clock ratio to the record-at-a-time / "
           "batch-then-parse reader measured in the same rounds)")
+    if fixed:
+        measure_check(files[0], fixed, args.batch_size)
     return 0
+
+
+def measure_check(path, fixed, batch_size):
+    """CPU time of the fast path's per-batch record check alone (CRC + framing + label + varints), one thread."""
+    import numpy as np
+
+    from tfcompress.data import fixed_records
+
+    layout = fixed_records.FixedLayout.from_dict(fixed)
+    frames = np.fromfile(path, np.uint8, count=batch_size * layout.frame_bytes).reshape(-1, layout.frame_bytes)
+    checker = fixed_records.FrameChecker(layout)
+    native = fixed_records.native_crc32c()
+    steps = {"check per batch": checker.check, "exact CRC per record (NumPy)": checker.masked_crc}
+    if native is not None:
+        steps["native CRC-32C of the batch"] = lambda f: native(f.reshape(-1))
+    else:
+        print("(TensorFlow's native CRC-32C was not found: the check uses the NumPy CRC per record)")
+    results = {}
+    for name, step in steps.items():
+        best = float("inf")
+        for _ in range(10):
+            started = time.thread_time()
+            step(frames)
+            best = min(best, time.thread_time() - started)
+        results[name] = best / frames.shape[0] * 1e9
+    print(f"record check alone, one thread, batch of {frames.shape[0]}: " +
+          ", ".join(f"{name} {ns:.0f} ns/row" for name, ns in results.items()))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ constant. The records stay valid `tf.train.Example`s (TFRecord files with correc
 python-protobuf and any other reader parse as usual; only the bytes differ from protobuf's canonical (shortest)
 encoding.
 
+Reading checks what FixedLengthRecordDataset does not (`FrameChecker`, on every batch the reader decodes): the
+framing and protobuf bytes, the label (0 or 1), the varint continuation bits and the TFRecord data CRCs; a damaged
+record is an error naming its file and byte offset.
+
 Layout of one record (keys sorted, as protobuf's deterministic serialization orders map keys):
 
     Example{ features{ "dense": float_list[n_dense], "label": int64_list[1], "sparse": int64_list[n_sparse] } }
@@ -24,9 +28,13 @@ Example:
     True
 """
 
+import atexit
 import dataclasses
+import os
 import struct
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -292,9 +300,400 @@ class FixedShardWriter(ShardWriter):
             self._wrote(take)
 
 
-def decoder(layout):
-    """A function: uint8 frames [B, frame_bytes] -> ({"dense": f32 [B, n_dense], "sparse": i64 [B, n_sparse]},
-    label f32 [B, 1]), checking every frame's constant bytes (framing, tags, lengths) but not its data CRC."""
+# Where a frame came from, packed into one int64 per row as the reader carries it through shuffle and rebatch:
+# file index (into the reader's file list) << WHERE_FILE_SHIFT | byte offset of the frame in that file.
+WHERE_FILE_SHIFT = 40
+_CHECK_CHUNK_ELEMENTS = 1 << 17  # table lookups per NumPy call when checking CRCs (buffers stay in L2)
+
+
+def _position_tables(length):
+    """[length, 256] uint32: entry [j, b] is the CRC-32C contribution of byte value b at position j of a message of
+    `length` bytes (the linear part: no initial value, no final xor). CRC-32C is affine in the message bits, so
+    crc32c(x) = crc32c(y) ^ XOR_j tables[j, x_j ^ y_j] for any two messages x, y of that length."""
+    t0 = _CRC_TABLES[0]
+    tables = np.empty((length, 256), dtype=np.uint32)
+    current = t0.copy()  # byte b at the last position
+    for j in range(length - 1, -1, -1):
+        tables[j] = current
+        current = t0[current & np.uint32(0xFF)] ^ (current >> np.uint32(8))  # one more zero byte after it
+    return tables
+
+
+# ---- CRC-32C algebra: what the stored per-record CRCs imply for the CRC of a whole batch ------------------------
+#
+# With raw(c, M) the CRC register after message M from register c, CRC-32C is crc(M) = raw(~0, M) ^ ~0, and
+# raw(c, M) = Z_|M|(c) ^ raw(0, M) with Z_n the linear map "n zero bytes". Hence crc(A + B) = Z_|B|(crc(A)) ^ crc(B)
+# (zlib's crc32_combine), and the CRC of N frames laid end to end is XOR_r Z_{F (N-1-r)}(crc(frame_r)): the stored
+# CRCs fix it. Linear maps of 32 bits are applied with four 256-entry tables (one per byte of the argument).
+
+
+def _zero_bytes_images(count):
+    """Images of the 32 unit vectors under Z_count (uint32 [32]), by square and multiply."""
+    t0 = _CRC_TABLES[0]
+    step = np.uint32(1) << np.arange(32, dtype=np.uint32)
+    step = t0[step & np.uint32(0xFF)] ^ (step >> np.uint32(8))  # Z_1
+    result = np.uint32(1) << np.arange(32, dtype=np.uint32)  # identity
+    while count:
+        if count & 1:
+            result = _apply_linear(_linear_tables(step), result)
+        step = _apply_linear(_linear_tables(step), step)
+        count >>= 1
+    return result
+
+
+def _linear_tables(images):
+    """[4, 256] uint32 tables of the linear map with these unit-vector images: map(v) = XOR_k T[k][byte k of v]."""
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1  # [256, 8]
+    tables = np.zeros((4, 256), dtype=np.uint32)
+    for k in range(4):
+        for bit in range(8):
+            tables[k] ^= np.where(bits[:, bit] == 1, images[8 * k + bit], 0).astype(np.uint32)
+    return tables
+
+
+def _apply_linear(tables, values):
+    values = np.asarray(values, dtype=np.uint32)
+    mask = np.uint32(0xFF)
+    return (tables[0].take(values & mask) ^ tables[1].take((values >> np.uint32(8)) & mask)
+            ^ tables[2].take((values >> np.uint32(16)) & mask) ^ tables[3].take(values >> np.uint32(24)))
+
+
+def _unmask(masked):
+    value = masked - np.uint32(0xA282EAD8)  # wraps in uint32
+    return (value << np.uint32(15)) | (value >> np.uint32(17))
+
+
+_NATIVE_CRC = {}  # "function": the native CRC-32C of a buffer, or None when unavailable
+
+
+def native_crc32c():
+    """TensorFlow's own hardware CRC-32C (absl's, inside libtensorflow_framework), as f(uint8 array) -> int, or
+    None where it cannot be found or gives a wrong answer on test data (then the NumPy per-record CRC is used).
+
+    TensorFlow has no CRC op, but its framework library exports absl's CRC-32C; it is reached through ctypes,
+    which releases the GIL while it runs. The symbol is versioned (absl's inline namespace), so another
+    TensorFlow build may not have it: the function is found by name and checked against `_crc32c` before use.
+    Set TFCOMPRESS_NATIVE_CRC32C=0 to never use it.
+    """
+    if "function" in _NATIVE_CRC:
+        return _NATIVE_CRC["function"]
+    function = None
+    if os.environ.get("TFCOMPRESS_NATIVE_CRC32C", "1") != "0" and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import importlib.util
+
+            spec = importlib.util.find_spec("tensorflow")
+            library = ctypes.CDLL(os.path.join(os.path.dirname(spec.origin), "libtensorflow_framework.so.2"))
+            names = [line for line in _ABSL_CRC_SYMBOLS if hasattr(library, line)]
+            if names:
+                extend = getattr(library, names[0])  # (crc32c_t, std::string_view) -> crc32c_t
+                extend.restype = ctypes.c_uint32
+                extend.argtypes = [ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p]
+
+                def function(buffer):
+                    buffer = np.ascontiguousarray(buffer, dtype=np.uint8)
+                    return extend(0, buffer.size, buffer.ctypes.data)
+
+                rng = np.random.default_rng(0)
+                for size in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4099):
+                    sample = rng.integers(0, 256, size, dtype=np.uint8)
+                    if function(sample) != _crc32c(sample.tobytes()):
+                        function = None
+                        break
+        except Exception:  # noqa: BLE001 - any failure means: use the NumPy CRC
+            function = None
+    _NATIVE_CRC["function"] = function
+    return function
+
+
+# absl::crc_internal::ExtendCrc32cInternal(absl::crc32c_t, std::string_view), as TensorFlow 2.21's absl names it.
+_ABSL_CRC_SYMBOLS = (
+    "_ZN4absl12lts_2025081412crc_internal20ExtendCrc32cInternalENS0_8crc32c_tESt17basic_string_viewIcSt11char_"
+    "traitsIcEE",
+)
+
+
+class FrameChecker:
+    """Checks fixed-width TFRecord frames [N, frame_bytes] (uint8, one frame per row) in NumPy, a batch at a time.
+
+    A frame passes when
+    - its framing and protobuf bytes are those of the layout (the length, the length's masked CRC, every tag and
+      length prefix: `FixedLayout.constant_runs`);
+    - the masked CRC-32C of its data equals the stored one (TFRecord's data CRC);
+    - its label byte is 0 or 1;
+    - every id is a padded varint of `id_width` bytes (continuation bit set on all bytes but the last), so that the
+      record means to protobuf what the fast decoder reads.
+
+    `check` (what the reader runs on every batch) tests the batch as a whole, cheaply: the fixed bits of all frames
+    in one pass of 64-bit words (`_structure_ok`), and the CRCs with `batch_crc_ok`: one hardware CRC-32C over the
+    batch (TensorFlow's own, `native_crc32c`) against the value the stored CRCs imply. Only a batch that fails is
+    checked record by record (`first_damaged`, exact) to name the damaged record.
+
+    The exact per-record CRC (`masked_crc`; also the fallback without the native CRC) is vectorized over records:
+    they have one length, the constant bytes contribute a constant, and CRC-32C is affine in the message bits, so a
+    record's CRC is `base ^ XOR_j T_j[byte_j]` over its variable bytes (dense, label, ids) with one 256-entry table
+    T_j per position: one table lookup per variable byte, for all rows of a chunk at once.
+
+    Args:
+        layout: the FixedLayout of the frames.
+    """
+
+    def __init__(self, layout):
+        if sys.byteorder != "little":  # pragma: no cover - the index and word tricks below assume it
+            raise ValueError("checking fixed-width records needs a little-endian machine")
+        self.layout = layout
+        size = {"dense": 4 * layout.n_dense, "label": 1, "sparse": layout.id_width * layout.n_sparse}
+        self._regions = [(12 + layout.offsets[key], size[key]) for key in ("dense", "label", "sparse") if size[key]]
+        variable = np.concatenate([np.arange(at - 12, at - 12 + n) for at, n in self._regions])
+        self._table = np.ascontiguousarray(_position_tables(layout.record_bytes)[variable]).reshape(-1)
+        self._lookups = variable.size
+        self._chunk_rows = max(1, _CHECK_CHUNK_ELEMENTS // self._lookups)
+        self._workspace = threading.local()  # per-thread buffers: tf.data calls the check from several threads
+        self._base = np.uint32(_crc32c(layout.template))  # the template holds zeros at the variable bytes
+        self._runs = [(start, end, np.frombuffer(data, np.uint8)) for start, end, data in layout.constant_runs()]
+        self._label_at = 12 + layout.offsets["label"]
+        self._ids = (12 + layout.offsets["sparse"], layout.id_width * layout.n_sparse)
+        continuation = np.array([0x80] * (layout.id_width - 1) + [0], np.uint8)
+        self._continuation = np.tile(continuation, layout.n_sparse)
+        # One pass checks the framing, label and varint bits of a frame: (frame ^ expected) & fixed_bits == 0,
+        # with fixed_bits 0xFF at constant bytes, 0xFE at the label (0 or 1), 0x80 at id bytes (continuation bits)
+        # and 0 at dense values and the data CRC. On 64-bit words over whole chunks of rows when they tile evenly.
+        expected = np.zeros(layout.frame_bytes, np.uint8)
+        fixed_bits = np.zeros(layout.frame_bytes, np.uint8)
+        for start, end, data in self._runs:
+            expected[start:end], fixed_bits[start:end] = data, 0xFF
+        fixed_bits[self._label_at] = 0xFE
+        ids_at, ids_size = self._ids
+        expected[ids_at: ids_at + ids_size], fixed_bits[ids_at: ids_at + ids_size] = self._continuation, 0x80
+        self._expected, self._fixed_bits = expected, fixed_bits
+        self._tile_rows = 8 * max(1, (1 << 18) // (8 * layout.frame_bytes))  # rows * frame_bytes: a multiple of 8
+        # The CRC of one frame when its data CRC is the stored s: base ^ Z_4(unmask(s)) ^ L_4(s), with L_4 the
+        # linear part of the CRC of the 4 bytes of s (`_check_batch_crc`).
+        header = layout.frame_header()
+        self._frame_base = np.uint32(_apply_linear(_linear_tables(_zero_bytes_images(layout.record_bytes + 4)),
+                                                   np.uint32(_crc32c(header))) ^ _crc32c(bytes(4)))
+        self._zero4 = _linear_tables(_zero_bytes_images(4))
+        self._stored_linear = _position_tables(4)  # byte j of s at position j of the 4-byte CRC field
+        self._frame_shifts = []  # Z_{frame_bytes * 2^level} tables, grown on demand (under the lock)
+        self._lock = threading.Lock()
+        self._expected_words = np.tile(expected, self._tile_rows).view(np.uint64)
+        self._fixed_words = np.tile(fixed_bits, self._tile_rows).view(np.uint64)
+
+    def masked_crc(self, frames):
+        """TFRecord's masked CRC-32C of the data of every frame: uint32 [N] (of the data as it is, whatever its
+        framing bytes hold; `first_damaged` checks those separately)."""
+        frames = np.asarray(frames, dtype=np.uint8)
+        n, _ = self._batch_shape(frames)
+        out = np.empty(n, dtype=np.uint32)
+        index, index_bytes, parts = self._crc_buffers()
+        for start in range(0, n, self._chunk_rows):
+            stop = min(n, start + self._chunk_rows)
+            rows = stop - start
+            column = 0
+            for at, size in self._regions:
+                # Only the low byte of each index changes: the position bytes above it are preset once.
+                index_bytes[:rows, column: column + size, 0] = frames[start:stop, at: at + size]
+                column += size
+            self._table.take(index[:rows], out=parts[:rows], mode="wrap")  # in range by construction
+            np.bitwise_xor.reduce(parts[:rows], axis=1, out=out[start:stop])
+        crc = out ^ self._base
+        return ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(0xA282EAD8)  # wraps in uint32
+
+    def _crc_buffers(self):
+        """This thread's (index intp [rows, lookups], its bytes [rows, lookups, 8], parts uint32 [rows, lookups]):
+        index j of a row is byte_j + 256 * j, a position in the flat table, so its upper bytes never change."""
+        buffers = getattr(self._workspace, "crc", None)
+        if buffers is None:
+            index = np.zeros((self._chunk_rows, self._lookups), dtype=np.intp)
+            index_bytes = index.view(np.uint8).reshape(self._chunk_rows, self._lookups, index.itemsize)
+            position = np.arange(self._lookups, dtype=np.int64) * 256  # little-endian, like the machine
+            index[:] = position
+            buffers = self._workspace.crc = (index, index_bytes, np.empty(index.shape, dtype=np.uint32))
+        return buffers
+
+    def stored_crc(self, frames):
+        """The data CRC field of every frame (its last 4 bytes, little-endian): uint32 [N]."""
+        frames = np.asarray(frames, dtype=np.uint8)
+        n, width = self._batch_shape(frames)
+        return np.ascontiguousarray(frames[:, width - 4:]).view("<u4").reshape(n)
+
+    def first_damaged(self, frames):
+        """None when every frame passes, else (row, reasons): the first failing row and what is wrong with it."""
+        frames = np.asarray(frames, dtype=np.uint8)
+        n, _ = self._batch_shape(frames)
+        if n == 0:
+            return None
+        ids_at, ids_size = self._ids
+        ids = frames[:, ids_at: ids_at + ids_size]
+        computed = self.masked_crc(frames)
+        stored = self.stored_crc(frames)
+        if np.array_equal(computed, stored) and self._structure_ok(frames):
+            return None
+        layout_bad = np.zeros(n, dtype=bool)
+        for start, end, expected in self._runs:
+            layout_bad |= (frames[:, start:end] != expected).any(axis=1)
+        label_bad = frames[:, self._label_at] > 1
+        crc_bad = computed != stored
+        varint_bad = ((ids & np.uint8(0x80)) != self._continuation).any(axis=1) if ids_size else np.zeros(n, bool)
+        row = int(np.argmax(layout_bad | label_bad | crc_bad | varint_bad))
+        reasons = []
+        if layout_bad[row]:
+            position = next(start + int(np.argmax(frames[row, start:end] != expected))
+                            for start, end, expected in self._runs if (frames[row, start:end] != expected).any())
+            part = ("its length field" if position < 8 else "the CRC of its length" if position < 12
+                    else "its protobuf framing (tags and length prefixes)")
+            reasons.append(f"{part} differs from the fixed-width layout declared in schema.json (frame byte "
+                           f"{position} is 0x{frames[row, position]:02x})")
+        if crc_bad[row]:
+            reasons.append(f"its data CRC does not match (stored 0x{stored[row]:08x}, computed 0x{computed[row]:08x})")
+        if label_bad[row]:
+            reasons.append(f"its label byte is {frames[row, self._label_at]}, not 0 or 1")
+        if varint_bad[row]:
+            reasons.append(f"an id is not a {self.layout.id_width}-byte padded varint (continuation bits)")
+        return row, reasons
+
+    def batch_crc_ok(self, frames):
+        """Whether the CRC-32C of all frames laid end to end equals the one their stored data CRCs imply (None
+        without the native CRC-32C). One pass of hardware CRC over the batch instead of a CRC per record.
+
+        CRC-32C is linear, so the difference between the two is XOR_r Z_{F (N-1-r)}(e_r) with e_r the error of
+        record r's CRC: damage in one record always shows (Z is invertible). Damage in several records of a batch
+        escapes only when the errors cancel: about 1 in 2^32 for random damage; the same damage in two records or
+        in all of them only for one error value in 2^32 (the polynomial is (x+1) times a primitive one of period
+        2^31 - 1 bits, longer than any batch). A batch that fails is then checked record by record.
+        """
+        native = native_crc32c()
+        if native is None:
+            return None
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        n, _ = self._batch_shape(frames)
+        if n == 0:
+            return True
+        stored = self.stored_crc(frames)
+        expected = self._frame_base ^ _apply_linear(self._zero4, _unmask(stored)) ^ _apply_linear(
+            self._stored_linear, stored)
+        # XOR_r Z_{F (N-1-r)}(expected_r) as a tree: zeros in front change nothing, pairs (a, b) -> Z(a) ^ b.
+        levels = max(0, (n - 1).bit_length())
+        shifts = self._frame_shifts
+        if len(shifts) < levels:
+            with self._lock:  # tf.data checks batches on several threads
+                while len(self._frame_shifts) < levels:
+                    level = len(self._frame_shifts)
+                    self._frame_shifts.append(_linear_tables(_zero_bytes_images(self.layout.frame_bytes << level)))
+                shifts = self._frame_shifts
+        values = np.zeros(1 << levels, dtype=np.uint32)
+        values[values.size - n:] = expected
+        for level in range(levels):
+            pairs = values.reshape(-1, 2)
+            values = _apply_linear(shifts[level], pairs[:, 0]) ^ pairs[:, 1]
+        return int(values[0]) == native(frames.reshape(-1))
+
+    def check(self, frames, where=None, files=None):
+        """Raise ValueError naming the first damaged frame: its file and byte offset when `where` (int64 [N],
+        file index << WHERE_FILE_SHIFT | byte offset) and `files` are given, else its row in the batch.
+
+        The batch is checked as a whole first (`_structure_ok`, `batch_crc_ok`, or the per-record CRCs without the
+        native CRC); only a batch that fails is checked record by record (`first_damaged`) to name the record.
+        """
+        frames = np.asarray(frames, dtype=np.uint8)
+        if self._structure_ok(frames):
+            crc_ok = self.batch_crc_ok(frames)
+            if crc_ok is None:
+                crc_ok = np.array_equal(self.masked_crc(frames), self.stored_crc(frames))
+            if crc_ok:
+                return
+        damaged = self.first_damaged(frames)
+        if damaged is None:  # pragma: no cover - the whole-batch CRC and the per-record CRCs disagree: a bug
+            raise ValueError(f"a batch of {len(frames)} fixed-width records fails its CRC check as a whole, but no "
+                             "single record does; read with fixed_width=False and report this")
+        row, reasons = damaged
+        if where is not None and files is not None:
+            position = int(where[row])
+            path, offset = files[position >> WHERE_FILE_SHIFT], position & ((1 << WHERE_FILE_SHIFT) - 1)
+            place = f"{path} at byte offset {offset} (record {offset // self.layout.frame_bytes})"
+        else:
+            place = f"row {row} of a batch of {len(frames)} frames"
+        raise ValueError(f"damaged fixed-width record in {place}: {'; '.join(reasons)}. The file is damaged or was "
+                         "not written with the layout in schema.json; rewrite it (rerun the conversion)")
+
+    def _structure_ok(self, frames):
+        """Whether every frame's fixed bits (framing, tags, label 0/1, varint continuation bits) are right."""
+        n, tile = frames.shape[0], self._tile_rows
+        whole = n - n % tile if frames.flags.c_contiguous else 0
+        scratch = getattr(self._workspace, "words", None)
+        if scratch is None:
+            scratch = self._workspace.words = np.empty(self._expected_words.size, np.uint64)
+        for start in range(0, whole, tile):
+            words = frames[start:start + tile].reshape(-1).view(np.uint64)
+            np.bitwise_xor(words, self._expected_words, out=scratch)
+            np.bitwise_and(scratch, self._fixed_words, out=scratch)
+            if scratch.any():
+                return False
+        return not ((frames[whole:] ^ self._expected) & self._fixed_bits).any()
+
+    def _batch_shape(self, frames):
+        if frames.ndim != 2 or frames.shape[1] != self.layout.frame_bytes:
+            raise ValueError(f"expected frames [N, {self.layout.frame_bytes}], got {frames.shape}")
+        return frames.shape
+
+
+class _ExitGuard:
+    """Keeps the check's NumPy calls out of interpreter shutdown.
+
+    tf.data runs the check (a `tf.numpy_function`) on its own threads. A thread that wants the GIL after Python has
+    begun finalizing is stopped for good, so an iterator destroyed during finalization (one still referenced by a
+    module global at exit) would wait forever for that call. At exit (atexit runs before finalization), new calls
+    fail at once and the guard waits, up to `limit` seconds, until no call has run for `quiet` seconds: by then the
+    pipeline's buffers are full or failed, nothing calls into Python any more, and the process exits.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._calls, self._last, self._closing, self._registered = 0, 0.0, False, False
+
+    def register(self):
+        with self._lock:
+            if not self._registered:
+                atexit.register(self.quiesce)
+                self._registered = True
+
+    def __enter__(self):
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the Python interpreter is exiting")
+            self._calls += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._calls -= 1
+            self._last = time.monotonic()
+        return False
+
+    def quiesce(self, quiet=0.2, limit=5.0):
+        with self._lock:
+            self._closing = True
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._calls == 0 and time.monotonic() - self._last >= quiet:
+                    return
+            time.sleep(0.01)
+
+
+_EXIT_GUARD = _ExitGuard()
+
+
+def decoder(layout, check_data=False, files=None):
+    """A function: uint8 frames [B, frame_bytes] (and optionally their int64 [B] positions, `WHERE_FILE_SHIFT`)
+    -> ({"dense": f32 [B, n_dense], "sparse": i64 [B, n_sparse]}, label f32 [B, 1]).
+
+    Without `check_data` it checks every frame's constant bytes (framing, tags, lengths) in graph. With it (what
+    `read` uses) it runs `FrameChecker.check` on every batch instead, as a tf.numpy_function: the constant bytes,
+    the data CRCs, the label (0 or 1) and the varint continuation bits; a damaged frame is an InvalidArgumentError
+    naming the file in `files` and the frame's byte offset (`_ExitGuard` keeps these calls out of interpreter
+    shutdown).
+    """
     import tensorflow as tf  # lazily: the converter's workers use this module without TensorFlow
 
     if sys.byteorder != "little":  # pragma: no cover - tf.bitcast reads floats in the machine's byte order
@@ -306,14 +705,33 @@ def decoder(layout):
     shifts = tf.constant(7 * np.arange(layout.id_width), tf.int64)
     word = {1: tf.uint8, 2: tf.uint16, 4: tf.uint32, 8: tf.uint64}.get(layout.id_width)  # bitcast-able widths
 
-    def decode(frames):
+    checker = FrameChecker(layout) if check_data else None
+    files = None if files is None else [os.fspath(f) for f in files]
+
+    def verified_labels(frames, where=None):
+        with _EXIT_GUARD:
+            checker.check(frames, where, files)
+            return frames[:, label_at: label_at + 1].astype(np.float32)
+
+    if checker is not None:
+        _EXIT_GUARD.register()
+
+    def decode(frames, where=None):
         batch = tf.shape(frames)[0]
-        matches = tf.stack([tf.reduce_all(tf.equal(frames[:, start:end], expected)) for start, end, expected in runs])
-        check = tf.debugging.Assert(
-            tf.reduce_all(matches),
-            ["a record does not have the fixed-width layout declared in schema.json (damaged file?)"])
-        with tf.control_dependencies([check]):
-            label = tf.cast(frames[:, label_at: label_at + 1], tf.float32)
+        if checker is not None:
+            # The label comes out of the check, so nothing can prune it away. NumPy releases the GIL in its loops:
+            # parallel map calls check batches side by side.
+            label = tf.numpy_function(verified_labels, [frames] if where is None else [frames, where], tf.float32,
+                                      stateful=False, name="check_fixed_records")
+            label.set_shape([frames.shape[0], 1])
+        else:
+            matches = tf.stack([tf.reduce_all(tf.equal(frames[:, start:end], expected))
+                                for start, end, expected in runs])
+            check = tf.debugging.Assert(
+                tf.reduce_all(matches),
+                ["a record does not have the fixed-width layout declared in schema.json (damaged file?)"])
+            with tf.control_dependencies([check]):
+                label = tf.cast(frames[:, label_at: label_at + 1], tf.float32)
         if layout.n_dense:
             dense = tf.bitcast(tf.reshape(frames[:, dense_at: dense_at + 4 * layout.n_dense], [-1, layout.n_dense, 4]),
                                tf.float32)
@@ -341,26 +759,34 @@ def decoder(layout):
     return decode
 
 
-def file_segments(files, layout, block):
-    """Per file, the (path, record_bytes, header_bytes, footer_bytes) of FixedLengthRecordDatasets that read it in
-    blocks of `block` frames: full blocks, then one shorter block for the rest.
+def count_frames(path, layout):
+    """The number of fixed-width records in a file, from its size.
 
     Raises:
         ValueError: a file whose size is not a whole number of frames (truncated, or not this layout).
     """
     import tensorflow as tf  # lazily: the converter's workers use this module without TensorFlow
 
+    size = tf.io.gfile.stat(os.fspath(path)).length
+    if size % layout.frame_bytes:
+        raise ValueError(f"{path} is {size} bytes, not a whole number of {layout.frame_bytes}-byte fixed-width "
+                         "records (truncated, or not written with the layout in schema.json)")
+    return size // layout.frame_bytes
+
+
+def file_segments(files, layout, block):
+    """Per file, the (file index, path, record_bytes, header_bytes, footer_bytes) of FixedLengthRecordDatasets that
+    read it in blocks of `block` frames: full blocks, then one shorter block for the rest (none for an empty file).
+
+    Raises:
+        ValueError: a file whose size is not a whole number of frames (truncated, or not this layout).
+    """
     frame = layout.frame_bytes
     segments = []
-    for path in files:
-        size = tf.io.gfile.stat(path).length
-        if size % frame:
-            raise ValueError(f"{path} is {size} bytes, not a whole number of {frame}-byte fixed-width records "
-                             "(truncated, or not written with the layout in schema.json)")
-        frames = size // frame
-        full, rest = divmod(frames, block)
+    for index, path in enumerate(files):
+        full, rest = divmod(count_frames(path, layout), block)
         if full:
-            segments.append((path, block * frame, 0, rest * frame))
+            segments.append((index, path, block * frame, 0, rest * frame))
         if rest:
-            segments.append((path, rest * frame, full * block * frame, 0))
+            segments.append((index, path, rest * frame, full * block * frame, 0))
     return segments

