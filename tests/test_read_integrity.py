@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from tfcompress.data import read
-from tfcompress.data import fixed_records
+from tfcompress.data import fixed_records, tfrecord
 from tfcompress.data.convert import convert
 from tfcompress.data.schema import Schema
 from tfcompress.data.synthetic import generate
@@ -222,7 +222,7 @@ def test_native_crc32c_is_found_and_agrees():
         return
     assert native is not None
     data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
-    assert native(data) == fixed_records._crc32c(data.tobytes())
+    assert native(data) == tfrecord.crc32c(data.tobytes())
     assert native(data[:0]) == 0
 
 

@@ -29,7 +29,9 @@ Example:
 """
 
 import atexit
+import ctypes
 import dataclasses
+import importlib.util
 import os
 import struct
 import sys
@@ -38,7 +40,7 @@ import time
 
 import numpy as np
 
-from tfcompress.data.tfrecord import ShardWriter
+from tfcompress.data.tfrecord import ShardWriter, crc32c, masked_crc
 
 SCHEMA_KEY = "fixed_record"  # schema.json `extra` key that declares a dataset's records fixed width
 FRAME_OVERHEAD = 16  # TFRecord framing: uint64 length, uint32 masked CRC of it, data, uint32 masked CRC of data
@@ -51,21 +53,6 @@ def _varint(value):
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
-
-
-def _crc32c(data):
-    """CRC-32C (Castagnoli), bit by bit; only used on the 8 bytes of a frame's length field."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data):
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _crc32c_tables():
@@ -179,7 +166,7 @@ class FixedLayout:
     def frame_header(self):
         """The 12 bytes that start every frame: the record length and its masked CRC."""
         length = struct.pack("<Q", self.record_bytes)
-        return length + struct.pack("<I", _masked_crc(length))
+        return length + struct.pack("<I", masked_crc(length))
 
     def constant_positions(self):
         """Frame byte positions whose value is the same in every record (framing and protobuf tags/lengths)."""
@@ -372,7 +359,7 @@ def native_crc32c():
 
     TensorFlow has no CRC op, but its framework library exports absl's CRC-32C; it is reached through ctypes,
     which releases the GIL while it runs. The symbol is versioned (absl's inline namespace), so another
-    TensorFlow build may not have it: the function is found by name and checked against `_crc32c` before use.
+    TensorFlow build may not have it: the function is found by name and checked against `crc32c` before use.
     Set TFCOMPRESS_NATIVE_CRC32C=0 to never use it.
     """
     if "function" in _NATIVE_CRC:
@@ -380,9 +367,6 @@ def native_crc32c():
     function = None
     if os.environ.get("TFCOMPRESS_NATIVE_CRC32C", "1") != "0" and sys.platform.startswith("linux"):
         try:
-            import ctypes
-            import importlib.util
-
             spec = importlib.util.find_spec("tensorflow")
             library = ctypes.CDLL(os.path.join(os.path.dirname(spec.origin), "libtensorflow_framework.so.2"))
             names = [line for line in _ABSL_CRC_SYMBOLS if hasattr(library, line)]
@@ -398,7 +382,7 @@ def native_crc32c():
                 rng = np.random.default_rng(0)
                 for size in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4099):
                     sample = rng.integers(0, 256, size, dtype=np.uint8)
-                    if function(sample) != _crc32c(sample.tobytes()):
+                    if function(sample) != crc32c(sample.tobytes()):
                         function = None
                         break
         except Exception:  # noqa: BLE001 - any failure means: use the NumPy CRC
@@ -450,7 +434,7 @@ class FrameChecker:
         self._lookups = variable.size
         self._chunk_rows = max(1, _CHECK_CHUNK_ELEMENTS // self._lookups)
         self._workspace = threading.local()  # per-thread buffers: tf.data calls the check from several threads
-        self._base = np.uint32(_crc32c(layout.template))  # the template holds zeros at the variable bytes
+        self._base = np.uint32(crc32c(layout.template))  # the template holds zeros at the variable bytes
         self._runs = [(start, end, np.frombuffer(data, np.uint8)) for start, end, data in layout.constant_runs()]
         self._label_at = 12 + layout.offsets["label"]
         self._ids = (12 + layout.offsets["sparse"], layout.id_width * layout.n_sparse)
@@ -472,7 +456,7 @@ class FrameChecker:
         # linear part of the CRC of the 4 bytes of s (`_check_batch_crc`).
         header = layout.frame_header()
         self._frame_base = np.uint32(_apply_linear(_linear_tables(_zero_bytes_images(layout.record_bytes + 4)),
-                                                   np.uint32(_crc32c(header))) ^ _crc32c(bytes(4)))
+                                                   np.uint32(crc32c(header))) ^ crc32c(bytes(4)))
         self._zero4 = _linear_tables(_zero_bytes_images(4))
         self._stored_linear = _position_tables(4)  # byte j of s at position j of the 4-byte CRC field
         self._frame_shifts = []  # Z_{frame_bytes * 2^level} tables, grown on demand (under the lock)

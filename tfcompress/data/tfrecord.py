@@ -18,15 +18,34 @@ Example:
 """
 
 import os
+import struct
 
 import numpy as np
 
 FEATURE_KEYS = ("dense", "label", "sparse")  # sorted, as deterministic protobuf serialization orders map keys
 
+
+def crc32c(data):
+    """CRC-32C (Castagnoli), bit by bit; only used on the 8 bytes of a frame's length field."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc(data):
+    """TFRecord's masked CRC-32C of `data` (the framing of every record: its length field and its bytes)."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 # Wire-format tags: (field_number << 3) | wire_type, wire_type 2 = length-delimited.
 _TAG_FIELD1 = 0x0A  # Example.features, Features.feature (map entry), MapEntry.key, *List.value (packed)
 _TAG_FIELD2 = 0x12  # MapEntry.value, Feature.float_list
 _TAG_FIELD3 = 0x1A  # Feature.int64_list
+
 
 def _varint_width(max_value):
     """Bytes of the varint of one non-negative Python int (1..10)."""
@@ -187,13 +206,9 @@ def count_records(path, chunk_bytes=1 << 22):
         ValueError: naming the file and byte offset: a length field whose CRC does not match, or a record that
             runs past the end of the file (a file truncated inside a record).
     """
-    import struct
-
-    from tfcompress.data.fixed_records import _masked_crc  # lazily: that module imports this one
-
     path = os.fspath(path)
     if "://" in path:  # gs://, hdfs://...: TensorFlow's file systems
-        import tensorflow as tf
+        import tensorflow as tf  # lazily: only remote file systems need TensorFlow here
 
         size, opener = tf.io.gfile.stat(path).length, lambda: tf.io.gfile.GFile(path, "rb")
     else:
@@ -213,7 +228,7 @@ def count_records(path, chunk_bytes=1 << 22):
             while rel <= limit:  # the hot loop: records whose header lies in the buffer
                 length, length_crc = unpack(buffer, rel)
                 if crc_of_length.get(length) != length_crc:
-                    expected = _masked_crc(buffer[rel:rel + 8])
+                    expected = masked_crc(buffer[rel:rel + 8])
                     if length_crc != expected:
                         raise ValueError(f"{path}: the length field of the record at byte offset "
                                          f"{buffer_start + rel} fails its CRC (a damaged file)")
