@@ -760,7 +760,11 @@ def count_frames(path, layout):
 
 def file_segments(files, layout, block):
     """Per file, the (file index, path, record_bytes, header_bytes, footer_bytes) of FixedLengthRecordDatasets that
-    read it in blocks of `block` frames: full blocks, then one shorter block for the rest (none for an empty file).
+    read it, in order, in blocks of `block` frames: first one shorter block for the rest (frames % block), then the
+    full blocks (nothing for an empty file).
+
+    The short block comes first because FixedLengthRecordDataset skips `header_bytes` by reading them: a short block
+    at the end would read the whole file once more to get there.
 
     Raises:
         ValueError: a file whose size is not a whole number of frames (truncated, or not this layout).
@@ -769,8 +773,8 @@ def file_segments(files, layout, block):
     segments = []
     for index, path in enumerate(files):
         full, rest = divmod(count_frames(path, layout), block)
-        if full:
-            segments.append((index, path, block * frame, 0, rest * frame))
         if rest:
-            segments.append((index, path, rest * frame, full * block * frame, 0))
+            segments.append((index, path, rest * frame, 0, full * block * frame))
+        if full:
+            segments.append((index, path, block * frame, rest * frame, 0))
     return segments
