@@ -2,6 +2,7 @@
 
     python bench/bench_read.py                       # makes 1M raw Criteo rows, converts them, then measures
     python bench/bench_read.py --data DIR --cores 2  # an existing conversion (DIR/train/*.tfrecord)
+    python bench/bench_read.py --baseline 257f32b    # also that git revision's `read`, in the same rounds
 
 Readers, measured side by side in rounds (A B C D A B C D ...) so that a noisy, shared machine slows them alike:
 
@@ -18,6 +19,10 @@ Readers, measured side by side in rounds (A B C D A B C D ...) so that a noisy, 
 For each: rows/s (wall clock, median over rounds), CPU-seconds per million rows of the whole process (all threads;
 steadier than wall time when other processes compete), and the ratio to the simple readers. Batch 16384, repeat,
 prefetch; --cores pins the process (and so every tf.data thread) to that many CPUs.
+
+--baseline REV adds "REV (shuffle)" and "REV (in order)": `read` as tfcompress/data/{reader,fixed_records,tfrecord}.py
+were at git revision REV (loaded from `git show` into a scratch package), measured in the same rounds as the rest: a
+before/after comparison that a busy shared machine slows alike.
 
 Then, on fixed-width data, what the record check costs by itself (`fixed_records.FrameChecker`; one thread, CPU
 time, best of 10 batches): the check `read` runs on every batch (framing, label and varint bits, and the batch's
@@ -106,6 +111,32 @@ def readers(files, schema, batch_size):
     return readers
 
 
+def baseline_readers(revision, files, schema, batch_size):
+    """`read` (shuffled and in order) from git revision `revision`, imported as a scratch package."""
+    import importlib
+    import subprocess
+
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = f"tfcompress_at_{revision.replace('-', '_').replace('.', '_')}"
+    directory = tempfile.mkdtemp(prefix="bench_read_baseline_")
+    os.makedirs(os.path.join(directory, package))
+    open(os.path.join(directory, package, "__init__.py"), "w").close()
+    for name in ("reader", "fixed_records", "tfrecord"):
+        text = subprocess.run(["git", "show", f"{revision}:tfcompress/data/{name}.py"], cwd=repository, check=True,
+                              capture_output=True, text=True).stdout
+        for module in ("fixed_records", "tfrecord"):  # the revision's own modules, not this checkout's
+            text = text.replace(f"from tfcompress.data import {module}", f"from {package} import {module}")
+            text = text.replace(f"from tfcompress.data.{module} import", f"from {package}.{module} import")
+        with open(os.path.join(directory, package, f"{name}.py"), "w") as f:
+            f.write(text)
+    sys.path.insert(0, directory)
+    read = importlib.import_module(f"{package}.reader").read
+    return {
+        f"{revision} (shuffle)": lambda: read(files, batch_size, schema=schema, seed=0),
+        f"{revision} (in order)": lambda: read(files, batch_size, schema=schema, shuffle=False),
+    }
+
+
 def measure(iterator, batch_size, seconds):
     """(rows/s wall, CPU seconds per million rows) over about `seconds` of pulling batches."""
     rows = 0
@@ -126,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=8.0, help="per reader per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cores", type=int, default=2, help="pin to this many CPUs (0: no pinning)")
+    parser.add_argument("--baseline", help="also measure `read` as it was at this git revision, in the same rounds")
     args = parser.parse_args(argv)
 
     if args.cores:
@@ -157,8 +189,11 @@ def main(argv=None):
           f"batch {args.batch_size}; "
           f"CPUs {sorted(os.sched_getaffinity(0))}; TensorFlow {tf.__version__}", flush=True)
 
+    makers = readers(files, schema, args.batch_size)
+    if args.baseline:
+        makers.update(baseline_readers(args.baseline, files, schema, args.batch_size))
     iterators = {}
-    for name, make in readers(files, schema, args.batch_size).items():
+    for name, make in makers.items():
         iterators[name] = iter(make())
         for _ in range(3):  # warm up: start threads, fill buffers, let autotune settle
             next(iterators[name])

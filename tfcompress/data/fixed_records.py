@@ -291,6 +291,8 @@ class FixedShardWriter(ShardWriter):
 # file index (into the reader's file list) << WHERE_FILE_SHIFT | byte offset of the frame in that file.
 WHERE_FILE_SHIFT = 40
 _CHECK_CHUNK_ELEMENTS = 1 << 17  # table lookups per NumPy call when checking CRCs (buffers stay in L2)
+_GROUP_ROWS = 128  # rows per group of the whole-batch CRC's first level of lookups
+_INNER_OFFSETS = np.arange(_GROUP_ROWS * 8, dtype=np.intp) * 256
 
 
 def _position_tables(length):
@@ -451,15 +453,31 @@ class FrameChecker:
         ids_at, ids_size = self._ids
         expected[ids_at: ids_at + ids_size], fixed_bits[ids_at: ids_at + ids_size] = self._continuation, 0x80
         self._expected, self._fixed_bits = expected, fixed_bits
-        self._tile_rows = 8 * max(1, (1 << 18) // (8 * layout.frame_bytes))  # rows * frame_bytes: a multiple of 8
+        self._tile_rows = 8 * max(1, (1 << 20) // (8 * layout.frame_bytes))  # rows * frame_bytes: a multiple of 8
         # The CRC of one frame when its data CRC is the stored s: base ^ Z_4(unmask(s)) ^ L_4(s), with L_4 the
         # linear part of the CRC of the 4 bytes of s (`_check_batch_crc`).
         header = layout.frame_header()
         self._frame_base = np.uint32(_apply_linear(_linear_tables(_zero_bytes_images(layout.record_bytes + 4)),
                                                    np.uint32(crc32c(header))) ^ crc32c(bytes(4)))
-        self._zero4 = _linear_tables(_zero_bytes_images(4))
-        self._stored_linear = _position_tables(4)  # byte j of s at position j of the 4-byte CRC field
-        self._frame_shifts = []  # Z_{frame_bytes * 2^level} tables, grown on demand (under the lock)
+        # XOR_r Z_{F (N-1-r)}(that) in two levels of table lookups: within groups of _GROUP_ROWS rows, one table
+        # per (row in the group, byte of unmask(s) or of s) holds the composite map, so a group is one lookup per
+        # byte; then one table per group. Only the constant part depends on N (cached per N).
+        stored_linear = _position_tables(4)  # the linear part of the CRC of the 4 bytes of s
+        l4_images = np.array([stored_linear[bit // 8][1 << (bit % 8)] for bit in range(32)], dtype=np.uint32)
+        z4_images = _zero_bytes_images(4)
+        z_frame = _linear_tables(_zero_bytes_images(layout.frame_bytes))
+        inner = np.empty((_GROUP_ROWS, 8, 256), dtype=np.uint32)
+        shift = np.uint32(1) << np.arange(32, dtype=np.uint32)  # Z_{F d}, d = frames to the end of the group
+        for row in range(_GROUP_ROWS - 1, -1, -1):
+            inner[row, :4] = _linear_tables(_apply_linear(_linear_tables(shift), z4_images))
+            inner[row, 4:] = _linear_tables(_apply_linear(_linear_tables(shift), l4_images))
+            shift = _apply_linear(z_frame, shift)
+        self._inner = inner.reshape(-1)
+        self._group_shift = _linear_tables(shift)  # Z_{F * _GROUP_ROWS}
+        self._outer_images = [np.uint32(1) << np.arange(32, dtype=np.uint32)]  # Z_{F G d}, d = 0, 1, ...
+        self._outer = {}  # groups -> flat tables, group i shifted by (groups - 1 - i) groups
+        self._constants = {}  # N -> XOR_r Z_{F (N-1-r)}(frame_base)
+        self._z_frame = z_frame
         self._lock = threading.Lock()
         self._expected_words = np.tile(expected, self._tile_rows).view(np.uint64)
         self._fixed_words = np.tile(fixed_bits, self._tile_rows).view(np.uint64)
@@ -554,24 +572,49 @@ class FrameChecker:
         n, _ = self._batch_shape(frames)
         if n == 0:
             return True
-        stored = self.stored_crc(frames)
-        expected = self._frame_base ^ _apply_linear(self._zero4, _unmask(stored)) ^ _apply_linear(
-            self._stored_linear, stored)
-        # XOR_r Z_{F (N-1-r)}(expected_r) as a tree: zeros in front change nothing, pairs (a, b) -> Z(a) ^ b.
-        levels = max(0, (n - 1).bit_length())
-        shifts = self._frame_shifts
-        if len(shifts) < levels:
+        return self._implied_crc(self.stored_crc(frames)) == native(frames.reshape(-1))
+
+    def _implied_crc(self, stored):
+        """The CRC-32C of N frames end to end whose data CRCs are `stored` (uint32 [N]): XOR_r Z_{F (N-1-r)}(e_r),
+        e_r = frame_base ^ Z_4(unmask(s_r)) ^ L_4(s_r), as (the constant part for N) ^ two levels of lookups."""
+        n = stored.size
+        groups = -(-n // _GROUP_ROWS)
+        pad = groups * _GROUP_ROWS - n  # zero rows in front contribute nothing to the linear part
+        values = np.zeros((groups * _GROUP_ROWS, 2), dtype=np.uint32)
+        values[pad:, 0] = _unmask(stored)
+        values[pad:, 1] = stored
+        index = values.view(np.uint8).reshape(groups, _GROUP_ROWS * 8).astype(np.intp)
+        index += _INNER_OFFSETS  # column (row, byte) looks up its own 256-entry table
+        inner = np.bitwise_xor.reduce(self._inner.take(index, mode="wrap"), axis=1)  # [groups]
+        outer_tables, outer_offsets = self._outer_tables(groups)
+        outer_index = inner.view(np.uint8).reshape(-1).astype(np.intp) + outer_offsets
+        return int(np.bitwise_xor.reduce(outer_tables.take(outer_index, mode="wrap"))) ^ self._constant(n)
+
+    def _outer_tables(self, groups):
+        """Flat tables of Z_{F G (groups-1-i)} for i = 0 .. groups-1 and the offsets of their 4 byte tables."""
+        cached = self._outer.get(groups)
+        if cached is None:
             with self._lock:  # tf.data checks batches on several threads
-                while len(self._frame_shifts) < levels:
-                    level = len(self._frame_shifts)
-                    self._frame_shifts.append(_linear_tables(_zero_bytes_images(self.layout.frame_bytes << level)))
-                shifts = self._frame_shifts
-        values = np.zeros(1 << levels, dtype=np.uint32)
-        values[values.size - n:] = expected
-        for level in range(levels):
-            pairs = values.reshape(-1, 2)
-            values = _apply_linear(shifts[level], pairs[:, 0]) ^ pairs[:, 1]
-        return int(values[0]) == native(frames.reshape(-1))
+                while len(self._outer_images) < groups:
+                    self._outer_images.append(_apply_linear(self._group_shift, self._outer_images[-1]))
+                tables = np.stack([_linear_tables(self._outer_images[groups - 1 - i]) for i in range(groups)])
+                cached = self._outer[groups] = (tables.reshape(-1), np.arange(groups * 4, dtype=np.intp) * 256)
+        return cached
+
+    def _constant(self, n):
+        """XOR_r Z_{F (n-1-r)}(frame_base) for r < n (the part of `_implied_crc` that does not depend on s)."""
+        constant = self._constants.get(n)
+        if constant is None:
+            value, step, count = np.uint32(0), np.uint32(self._frame_base), n  # binary: value of `count` frames
+            z = self._z_frame  # Z_{F 2^k}
+            while count:
+                if count & 1:  # append 2^k more frames after the ones in value
+                    value = _apply_linear(z, value) ^ step
+                step = _apply_linear(z, step) ^ step
+                z = _linear_tables(_apply_linear(z, _apply_linear(z, np.uint32(1) << np.arange(32, dtype=np.uint32))))
+                count >>= 1
+            constant = self._constants[n] = int(value)
+        return constant
 
     def check(self, frames, where=None, files=None):
         """Raise ValueError naming the first damaged frame: its file and byte offset when `where` (int64 [N],
