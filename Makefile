@@ -17,7 +17,7 @@ INSTALLED := $(VENV)/.installed-$(TF_EXTRA)
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23"
-	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),data,export,tune,test]"
+	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),data,export,tune,recommenders,test]"
 	$(PY) -m pip install --quiet --no-deps "tf-keras==2.21.0" "tensorflow-recommenders==0.7.7" \
 		"tensorflow-serving-api==2.21.0"
 	touch $(INSTALLED)
