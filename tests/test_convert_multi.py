@@ -198,6 +198,15 @@ def test_what_cannot_take_multi_valued_fields_says_so(movielens, tmp_path):
     with pytest.raises(ValueError, match=r"tfcompress.models architectures .* \['genres', 'history'\]"):
         feature_counts(Schema.load(out))
 
+    from tfcompress._keras import keras
+    from tfcompress.export import serving_model
+
+    inputs = {"dense": keras.Input(shape=(2,), name="dense"), "sparse": keras.Input(shape=(2,), dtype="int64",
+                                                                                  name="sparse")}
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(inputs["dense"]))
+    with pytest.raises(ValueError, match=r"export of a model .* \['genres', 'history'\]"):
+        serving_model.feature_counts(model, Schema.load(out))
+
 
 def test_schema_json_of_datasets_without_multi_fields_is_unchanged(tmp_path):
     schema = Schema(name="toy", dense_names=["I1"], sparse_names=["C1"], cardinalities=[10])
