@@ -161,7 +161,8 @@ def test_both_schema_forms_give_the_same_conversion(tmp_path):
     natural.write_text('label = "y"\nsparse = ["user"]\nmulti_sparse = {tags = ";"}\n')
     assert layout_for_format("csv", toml) == layout_for_format("csv", natural)
     declared_single = tmp_path / "single.toml"
-    declared_single.write_text('label = "y"\nuser = {type = "categorical"}\ntags = {type = "categorical", multi = ";"}\n')
+    declared_single.write_text('label = "y"\nuser = {type = "categorical"}\n'
+                               'tags = {type = "categorical", multi = ";"}\n')
     assert layout_for_format("csv", declared_single) == layout_for_format("csv", toml)
 
 

@@ -96,7 +96,8 @@ def feature_spec(schema):
 def example_parser(schema, files=None):
     """A function: serialized Examples string[B] (and optionally their int64 [B] positions: file index in `files`
     << fixed_records.WHERE_FILE_SHIFT | record index) -> ({"dense": f32[B, n_dense], "sparse": i64[B, n_sparse],
-    and per multi-valued column NAME: i64 RaggedTensor [B, None]}, label f32[B, 1]). A label other than 0 or 1 is an InvalidArgumentError naming the file and record."""
+    and per multi-valued column NAME: i64 RaggedTensor [B, None]}, label f32[B, 1]). A label other than 0 or 1 is
+    an InvalidArgumentError naming the file and record."""
     spec = feature_spec(schema)
     files = None if files is None else [os.fspath(f) for f in files]
 
