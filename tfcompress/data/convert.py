@@ -28,8 +28,9 @@ ordinary tf.train.Examples), which `tfcompress.data.read` loads several times fa
 and checksum in NumPy without importing TensorFlow; `record_layout="canonical"` writes protobuf's shortest encoding
 through tf.io.TFRecordWriter instead. A schema with multi-valued columns (`genres = {type = "categorical", multi =
 "|"}`) is written canonical by default, each such column one more variable-length int64 key
-(docs/tfrecord_layout.md, "Multi-valued fields"); fixed-width records cannot hold it, and asking for them is an error naming the columns. Workers are started with the spawn method: a script that calls `convert` with
-workers > 1 must do so under `if __name__ == "__main__":`.
+(docs/tfrecord_layout.md, "Multi-valued fields"); fixed-width records cannot hold it, and asking for them is an
+error naming the columns. Workers are started with the spawn method: a script that calls `convert` with workers > 1
+must do so under `if __name__ == "__main__":`.
 
 One run at a time: the run holds OUT/_convert.lock (`convert_plan.OutputLock`); a second run into the same
 directory stops with an error naming the holder (pid, host, start time). A full disk, a read-only file system or a
