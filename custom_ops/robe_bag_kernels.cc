@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "robe_bag_functor.h"
@@ -25,7 +26,23 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/util/work_sharder.h"
 
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+#include "unsupported/Eigen/CXX11/Tensor"
+#endif
+
 namespace tfcompress {
+
+#if GOOGLE_CUDA
+// Defined in robe_bag_kernels.cu.cc. `bag` holds device ids / weights and host row_splits (already validated).
+namespace robe {
+absl::Status BagForwardGpu(tensorflow::OpKernelContext* ctx, const RobeBag& bag, const float* memory,
+                           float* embeddings);
+absl::Status BagScatterGradGpu(tensorflow::OpKernelContext* ctx, const RobeBag& bag, const float* grad,
+                               float* memory_grad);
+}  // namespace robe
+using GPUDevice = Eigen::GpuDevice;
+#endif
 
 using ::tensorflow::DEVICE_CPU;
 using ::tensorflow::OpKernel;
@@ -320,6 +337,7 @@ int64_t CostPerRow(const RobeBag& bag) {
   return p.output_dim + ids_per_row * (10 + 4 * p.num_chunks + 2 * p.output_dim + (p.is_signed ? 6 * p.output_dim : 0));
 }
 
+template <typename Device>
 void BagForward(OpKernelContext* ctx, const BagAttrs& attrs, const Tensor& memory, const Tensor& ids,
                 const Tensor& row_splits, const Tensor& weights) {
   OP_REQUIRES_OK(ctx, CheckMemory(attrs, memory));
@@ -328,6 +346,13 @@ void BagForward(OpKernelContext* ctx, const BagAttrs& attrs, const Tensor& memor
   Tensor* embeddings = nullptr;
   OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({bag.num_rows, attrs.output_dim()}), &embeddings));
   if (bag.num_rows == 0) return;
+#if GOOGLE_CUDA
+  if constexpr (std::is_same_v<Device, GPUDevice>) {
+    OP_REQUIRES_OK(ctx, robe::BagForwardGpu(ctx, bag, memory.flat<float>().data(),
+                                            embeddings->flat<float>().data()));
+    return;
+  }
+#endif
   const BagTerms terms(bag.params);
   const BagRowsFn rows_fn = PickBagRows(bag.params.chunk_size);
   const float* m = memory.flat<float>().data();
@@ -344,12 +369,13 @@ void BagForward(OpKernelContext* ctx, const BagAttrs& attrs, const Tensor& memor
   }
 }
 
+template <typename Device>
 class RobeBagLookupOp : public OpKernel {
  public:
   explicit RobeBagLookupOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    BagForward(ctx, attrs_, ctx->input(0), ctx->input(1), ctx->input(2), ctx->input(3));
+    BagForward<Device>(ctx, attrs_, ctx->input(0), ctx->input(1), ctx->input(2), ctx->input(3));
   }
 
  private:
@@ -357,6 +383,7 @@ class RobeBagLookupOp : public OpKernel {
 };
 
 // Reads the variable in place under its shared lock, as RobeResourceLookup does (no copy of M).
+template <typename Device>
 class RobeResourceBagLookupOp : public OpKernel {
  public:
   explicit RobeResourceBagLookupOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {}
@@ -367,7 +394,7 @@ class RobeResourceBagLookupOp : public OpKernel {
     tensorflow::tf_shared_lock lock(*variable->mu());
     OP_REQUIRES(ctx, variable->is_initialized,
                 absl::FailedPreconditionError("the memory variable is not initialized"));
-    BagForward(ctx, attrs_, *variable->tensor(), ctx->input(1), ctx->input(2), ctx->input(3));
+    BagForward<Device>(ctx, attrs_, *variable->tensor(), ctx->input(1), ctx->input(2), ctx->input(3));
   }
 
  private:
@@ -380,7 +407,8 @@ class RobeResourceBagLookupOp : public OpKernel {
 constexpr int64_t kMaxMemorySize = int64_t{1} << 48;  // as robe_kernels.cc
 
 // Shared checks of the memory-gradient ops (inputs grad, ids, row_splits, weights, memory_size); fills the bag.
-absl::Status PrepareBagGrad(OpKernelContext* ctx, const BagAttrs& attrs, RobeBag* bag) {
+// check_ids: read the ids on the host (the GPU path checks them on the device instead).
+absl::Status PrepareBagGrad(OpKernelContext* ctx, const BagAttrs& attrs, RobeBag* bag, bool check_ids = true) {
   const Tensor& grad = ctx->input(0);
   const Tensor& memory_size_tensor = ctx->input(4);
   if (!tensorflow::TensorShapeUtils::IsScalar(memory_size_tensor.shape())) {
@@ -397,7 +425,7 @@ absl::Status PrepareBagGrad(OpKernelContext* ctx, const BagAttrs& attrs, RobeBag
     return InvalidArgument("grad must have shape [", bag->num_rows, ", ", attrs.output_dim(),
                            "] (rows, output_dim), got ", grad.shape().DebugString());
   }
-  return CheckBagIds(*bag);
+  return check_ids ? CheckBagIds(*bag) : absl::OkStatus();
 }
 
 // expanded[k] = (grad[b] / denominator_b) * w_k for every id k of row b: the per-id gradient of the bag, in the
@@ -440,6 +468,7 @@ functor::ScatterAlgorithm ParseScatterAlgorithm(const std::string& name) {
   return functor::ScatterAlgorithm::kAuto;
 }
 
+template <typename Device>
 class RobeBagLookupGradOp : public OpKernel {
  public:
   explicit RobeBagLookupGradOp(OpKernelConstruction* ctx) : OpKernel(ctx), attrs_(ctx) {
@@ -449,10 +478,18 @@ class RobeBagLookupGradOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    constexpr bool kOnCpu = std::is_same_v<Device, CPUDevice>;
     RobeBag bag;
-    OP_REQUIRES_OK(ctx, PrepareBagGrad(ctx, attrs_, &bag));
+    OP_REQUIRES_OK(ctx, PrepareBagGrad(ctx, attrs_, &bag, /*check_ids=*/kOnCpu));
     Tensor* memory_grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({bag.params.memory_size}), &memory_grad));
+#if GOOGLE_CUDA
+    if constexpr (!kOnCpu) {
+      OP_REQUIRES_OK(ctx, robe::BagScatterGradGpu(ctx, bag, ctx->input(0).flat<float>().data(),
+                                                  memory_grad->flat<float>().data()));
+      return;
+    }
+#endif
     Tensor expanded;
     OP_REQUIRES_OK(ctx, ExpandBagGrad(ctx, bag, ctx->input(0).flat<float>().data(), &expanded));
     functor::RobeScatterGradFunctor<CPUDevice>()(ctx, attrs_.AsBatch(bag), expanded.flat<float>().data(), algorithm_,
@@ -565,10 +602,23 @@ class RobeBagLookupWeightsGradOp : public OpKernel {
 
 }  // namespace
 
-REGISTER_KERNEL_BUILDER(Name("RobeBagLookup").Device(DEVICE_CPU), RobeBagLookupOp);
-REGISTER_KERNEL_BUILDER(Name("RobeResourceBagLookup").Device(DEVICE_CPU), RobeResourceBagLookupOp);
-REGISTER_KERNEL_BUILDER(Name("RobeBagLookupGrad").Device(DEVICE_CPU), RobeBagLookupGradOp);
+REGISTER_KERNEL_BUILDER(Name("RobeBagLookup").Device(DEVICE_CPU), RobeBagLookupOp<CPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("RobeResourceBagLookup").Device(DEVICE_CPU), RobeResourceBagLookupOp<CPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("RobeBagLookupGrad").Device(DEVICE_CPU), RobeBagLookupGradOp<CPUDevice>);
 REGISTER_KERNEL_BUILDER(Name("RobeBagLookupSparseGrad").Device(DEVICE_CPU), RobeBagLookupSparseGradOp);
 REGISTER_KERNEL_BUILDER(Name("RobeBagLookupWeightsGrad").Device(DEVICE_CPU), RobeBagLookupWeightsGradOp);
+
+#if GOOGLE_CUDA
+// GPU: the forward and the dense scatter (robe_bag_kernels.cu.cc); row_splits and memory_size are read on the host.
+// The sparse and weights gradients stay on the CPU; the placer moves them there.
+REGISTER_KERNEL_BUILDER(Name("RobeBagLookup").Device(::tensorflow::DEVICE_GPU).HostMemory("row_splits"),
+                        RobeBagLookupOp<GPUDevice>);
+REGISTER_KERNEL_BUILDER(
+    Name("RobeResourceBagLookup").Device(::tensorflow::DEVICE_GPU).HostMemory("memory").HostMemory("row_splits"),
+    RobeResourceBagLookupOp<GPUDevice>);
+REGISTER_KERNEL_BUILDER(
+    Name("RobeBagLookupGrad").Device(::tensorflow::DEVICE_GPU).HostMemory("row_splits").HostMemory("memory_size"),
+    RobeBagLookupGradOp<GPUDevice>);
+#endif
 
 }  // namespace tfcompress
