@@ -4,9 +4,11 @@
 // then adds w_k * e_k into the output row in id order (k ascending), then divides by the combiner's denominator.
 // Nothing of size N x D is ever written, which is where the speed over gather + segment_sum comes from.
 //
-// Memory gradients: each id's gradient row (grad[b] / denominator_b) * w_k is expanded into an [N, D] temporary
-// and handed to the per-element op's scatters (RobeScatterGradFunctor: race-free, deterministic) or sparse-gradient
-// plan, so the bag op inherits their algorithms and their determinism unchanged.
+// Memory gradients: id k of row b contributes (grad[b] / denominator_b) * w_k. The dense gradient picks its scatter
+// as the per-element op does: serial and per-thread partial sums scatter straight from grad [B, D]; destination
+// ranges (an |M| large next to the batch) and the sparse gradient expand the per-id rows into an [N, D] temporary
+// and hand it to the per-element op's code (RobeScatterGradFunctor, the sparse-gradient plan), so they keep those
+// algorithms' determinism unchanged.
 
 #include <algorithm>
 #include <atomic>
@@ -461,6 +463,94 @@ absl::Status ExpandBagGrad(OpKernelContext* ctx, const RobeBag& bag, const float
   return absl::OkStatus();
 }
 
+// Scatters the gradient of bag rows [begin, end) into dst (an |M| array) straight from grad [B, D], without the
+// [N, D] expansion: rows in order, each row's ids in order, each id's chunks in order. That is the order in which
+// the per-element serial scatter walks the expanded rows, and each term is the same product
+// sign * ((grad_b / denominator_b) * w_k), so the serial result equals the expanded one bit for bit.
+void ScatterBagRows(const RobeBag& bag, const BagTerms& terms, const float* grad, int64_t begin, int64_t end,
+                    float* dst) {
+  const robe::HashParams& p = bag.params;
+  const int32_t d = p.output_dim;
+  std::vector<float> scaled(d), term(d);
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t row_begin = bag.row_splits[b], row_end = bag.row_splits[b + 1];
+    if (row_begin == row_end) continue;
+    const float* g = grad + b * d;
+    const float denominator = RowDenominator(bag, row_begin, row_end);
+    for (int32_t i = 0; i < d; ++i) {
+      scaled[i] = bag.combiner == Combiner::kSum ? g[i] : denominator == 0.0f ? 0.0f : g[i] / denominator;
+    }
+    for (int64_t k = row_begin; k < row_end; ++k) {
+      const int64_t a = OffsetId(bag, k);
+      const int64_t row_term = robe::RowTerm(a, p.r3);
+      const float* values = scaled.data();
+      if (bag.weights != nullptr || p.is_signed) {
+        const float w = bag.weights == nullptr ? 1.0f : bag.weights[k];
+        for (int32_t i = 0; i < d; ++i) term[i] = bag.weights == nullptr ? scaled[i] : scaled[i] * w;
+        if (p.is_signed) {
+          const int32_t sign_term = static_cast<int32_t>(robe::RowTerm(a, p.s3));
+          for (int32_t i = 0; i < d; ++i) {
+            term[i] = robe::SignFromBit(robe::SignBit(sign_term, terms.element[i])) * term[i];
+          }
+        }
+        values = term.data();
+      }
+      for (int32_t c = 0; c < p.num_chunks; ++c) {
+        float* chunk_dst = dst + robe::ChunkStart(p, row_term, terms.chunk[c]);
+        const float* src = values + c * p.chunk_size;
+        const int32_t width = robe::ChunkWidth(p, c);
+        for (int32_t o = 0; o < width; ++o) chunk_dst[o] += src[o];
+      }
+    }
+  }
+}
+
+// Splits [0, n) into `parts` contiguous, nearly equal ranges; returns the start of range k (as the per-element
+// scatter does).
+int64_t PartStart(int64_t n, int64_t parts, int64_t k) { return n / parts * k + std::min(k, n % parts); }
+
+// Below this many gradient elements one thread is faster than waking the pool (robe_cpu_functors.cc's value).
+constexpr int64_t kMinElementsPerShard = 1 << 15;
+
+// The dense memory gradient without the [N, D] expansion when the scatter is serial or per-thread partial sums
+// (`algorithm` already resolved: never kAuto or kDestinationRanges here). Partial sums: shard k owns bag rows
+// [PartStart(k), PartStart(k+1)) and buffer k, fixed before the pool runs, so the result never depends on
+// scheduling.
+void BagScatterDirect(OpKernelContext* ctx, const RobeBag& bag, const float* grad, int64_t shards,
+                      float* memory_grad) {
+  const BagTerms terms(bag.params);
+  const int64_t memory_size = bag.params.memory_size;
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  const int64_t threads = std::max(1, workers->num_threads);
+  if (shards <= 1) {
+    tensorflow::Shard(threads, workers->workers, memory_size, 1, [&](int64_t begin, int64_t end) {
+      std::fill(memory_grad + begin, memory_grad + end, 0.0f);
+    });
+    ScatterBagRows(bag, terms, grad, 0, bag.num_rows, memory_grad);
+    return;
+  }
+  Tensor partials;
+  OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({(shards - 1) * memory_size}), &partials));
+  float* extra = partials.flat<float>().data();
+  auto buffer = [&](int64_t k) { return k == 0 ? memory_grad : extra + (k - 1) * memory_size; };
+  const int64_t elements = bag.num_ids * bag.params.output_dim;
+  tensorflow::Shard(threads, workers->workers, shards, elements / shards * 6 + memory_size,
+                    [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      float* dst = buffer(k);
+      std::fill(dst, dst + memory_size, 0.0f);
+      ScatterBagRows(bag, terms, grad, PartStart(bag.num_rows, shards, k), PartStart(bag.num_rows, shards, k + 1),
+                     dst);
+    }
+  });
+  tensorflow::Shard(threads, workers->workers, memory_size, shards, [&](int64_t begin, int64_t end) {
+    for (int64_t k = 1; k < shards; ++k) {
+      const float* src = buffer(k);
+      for (int64_t j = begin; j < end; ++j) memory_grad[j] += src[j];
+    }
+  });
+}
+
 functor::ScatterAlgorithm ParseScatterAlgorithm(const std::string& name) {
   if (name == "serial") return functor::ScatterAlgorithm::kSerial;
   if (name == "partial_sums") return functor::ScatterAlgorithm::kPartialSums;
@@ -490,9 +580,26 @@ class RobeBagLookupGradOp : public OpKernel {
       return;
     }
 #endif
+    // The per-element scatter's choice, on the same counts: serial and partial sums scatter straight from the
+    // [B, D] gradient; destination ranges (|M| large next to the batch) go through the [N, D] expansion.
+    const int64_t elements = bag.num_ids * bag.params.output_dim;
+    const int64_t threads = std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads);
+    const int64_t shards = std::max<int64_t>(1, std::min<int64_t>(threads, elements / kMinElementsPerShard));
+    functor::ScatterAlgorithm algorithm = algorithm_;
+    if (algorithm == functor::ScatterAlgorithm::kAuto) {
+      algorithm = shards == 1                                        ? functor::ScatterAlgorithm::kSerial
+                  : (shards - 1) * bag.params.memory_size <= elements ? functor::ScatterAlgorithm::kPartialSums
+                                                                     : functor::ScatterAlgorithm::kDestinationRanges;
+    }
+    const float* grad = ctx->input(0).flat<float>().data();
+    if (algorithm == functor::ScatterAlgorithm::kSerial || algorithm == functor::ScatterAlgorithm::kPartialSums) {
+      BagScatterDirect(ctx, bag, grad, algorithm == functor::ScatterAlgorithm::kSerial ? 1 : std::max<int64_t>(2, shards),
+                       memory_grad->flat<float>().data());
+      return;
+    }
     Tensor expanded;
-    OP_REQUIRES_OK(ctx, ExpandBagGrad(ctx, bag, ctx->input(0).flat<float>().data(), &expanded));
-    functor::RobeScatterGradFunctor<CPUDevice>()(ctx, attrs_.AsBatch(bag), expanded.flat<float>().data(), algorithm_,
+    OP_REQUIRES_OK(ctx, ExpandBagGrad(ctx, bag, grad, &expanded));
+    functor::RobeScatterGradFunctor<CPUDevice>()(ctx, attrs_.AsBatch(bag), expanded.flat<float>().data(), algorithm,
                                                  memory_grad->flat<float>().data());
   }
 
