@@ -104,8 +104,9 @@ def main(argv=None):
     memory = tf.Variable(rng.standard_normal(memory_size).astype(np.float32) * 0.01)
     upstream = tf.constant(rng.standard_normal([ROWS, OUTPUT_DIM]), tf.float32)
     weights = tf.constant(rng.uniform(0.1, 2.0, n).astype(np.float32))
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
     print(f"{ROWS} rows x {IDS_PER_ROW} ids = {n} ids, table {CARDINALITY} x {OUTPUT_DIM}, Z={CHUNK_SIZE}, "
-          f"|M|={memory_size}, {rounds} rounds (median), intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()}")
+          f"|M|={memory_size}, {rounds} rounds (median), intra-op threads {threads}")
 
     for combiner, w in (("mean", None), ("sum", weights)):
         label = f"{combiner}, {'weighted' if w is not None else 'unweighted'}"

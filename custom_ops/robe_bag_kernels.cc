@@ -593,8 +593,9 @@ class RobeBagLookupGradOp : public OpKernel {
     }
     const float* grad = ctx->input(0).flat<float>().data();
     if (algorithm == functor::ScatterAlgorithm::kSerial || algorithm == functor::ScatterAlgorithm::kPartialSums) {
-      BagScatterDirect(ctx, bag, grad, algorithm == functor::ScatterAlgorithm::kSerial ? 1 : std::max<int64_t>(2, shards),
-                       memory_grad->flat<float>().data());
+      const int64_t direct_shards =
+          algorithm == functor::ScatterAlgorithm::kSerial ? 1 : std::max<int64_t>(2, shards);
+      BagScatterDirect(ctx, bag, grad, direct_shards, memory_grad->flat<float>().data());
       return;
     }
     Tensor expanded;

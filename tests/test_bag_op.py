@@ -203,8 +203,19 @@ def test_bad_row_splits_are_named(row_splits, message):
 def test_bad_weights_ids_and_arguments_are_named():
     memory = tf.constant(memory_values(np.random.default_rng(8)))
     ids = np.array([1, 2, 3, 4, 5])
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"weights must have shape \[5\] \(one per id\), got \[4\]"):
+    with pytest.raises(ValueError, match=r"weights must have the shape of ids \(5,\) \(one per id\), got \(4,\)"):
         fused_ops.robe_bag_lookup(memory, ids, [0, 2, 5], np.ones(4, np.float32), **spec())
+    with pytest.raises(ValueError, match=r"ids must be 1-D, got shape \(5, 1\)"):
+        fused_ops.robe_bag_lookup(memory, ids[:, None], [0, 2, 5], **spec())
+
+    # With shapes unknown until run time the kernel names the argument.
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.float32)])
+    def unknown_lengths(ids, weights):
+        return fused_ops.robe_bag_lookup(memory, ids, [0, 2, 5], weights, **spec())
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"weights must have shape \[5\] \(one per id\), got \[4\]"):
+        unknown_lengths(ids, np.ones(4, np.float32))
     with pytest.raises(TypeError, match="ids must be an integer tensor, got dtype float32"):
         fused_ops.robe_bag_lookup(memory, ids.astype(np.float32), [0, 2, 5], **spec())
     with pytest.raises(TypeError, match="weights must be a float tensor, got dtype int64"):

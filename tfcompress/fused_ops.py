@@ -254,11 +254,19 @@ def _bag_inputs(ids, row_splits, weights):
     row_splits = tf.convert_to_tensor(row_splits)
     if not row_splits.dtype.is_integer:
         raise TypeError(f"robe_bag_lookup: row_splits must be an integer tensor, got dtype {row_splits.dtype.name}")
+    # Static shapes are checked here so that a graph fails naming the argument (the op's shape function would only
+    # say which dimensions differ); values (row_splits' order, id ranges) are checked by the kernel.
+    for name, tensor in (("ids", ids), ("row_splits", row_splits)):
+        if tensor.shape.rank is not None and tensor.shape.rank != 1:
+            raise ValueError(f"robe_bag_lookup: {name} must be 1-D, got shape {tensor.shape}")
     if weights is None:
         return tf.cast(ids, tf.int64), tf.cast(row_splits, tf.int64), tf.zeros([0], tf.float32), False
     weights = tf.convert_to_tensor(weights)
     if not weights.dtype.is_floating:
         raise TypeError(f"robe_bag_lookup: weights must be a float tensor, got dtype {weights.dtype.name}")
+    if not weights.shape.is_compatible_with(ids.shape):
+        raise ValueError(f"robe_bag_lookup: weights must have the shape of ids {ids.shape} (one per id), got "
+                         f"{weights.shape}")
     return tf.cast(ids, tf.int64), tf.cast(row_splits, tf.int64), tf.cast(weights, tf.float32), True
 
 
