@@ -23,9 +23,10 @@ SOURCE_DIR = Path(__file__).resolve().parent
 PACKAGE_DIR = SOURCE_DIR.parent / "tfcompress"
 LIBRARY_PREFIX = "_robe_ops"
 
-HEADERS = ("robe_hash.h", "robe_hash_avx2.h", "robe_functor.h", "robe_cpu_functors.h", "robe_gpu_kernels.cu.h")
-CPU_SOURCES = ("robe_ops.cc", "robe_kernels.cc", "robe_cpu_functors.cc")
-GPU_SOURCES = ("robe_kernels.cu.cc",)
+HEADERS = ("robe_hash.h", "robe_hash_avx2.h", "robe_functor.h", "robe_cpu_functors.h", "robe_gpu_kernels.cu.h",
+           "robe_bag_functor.h", "robe_bag_gpu_kernels.cu.h")
+CPU_SOURCES = ("robe_ops.cc", "robe_kernels.cc", "robe_cpu_functors.cc", "robe_bag_ops.cc", "robe_bag_kernels.cc")
+GPU_SOURCES = ("robe_kernels.cu.cc", "robe_bag_kernels.cu.cc")
 CXX_FLAGS = ("-O3", "-shared", "-fPIC", "-Wall", "-Wno-sign-compare", "-Wno-unused-function")
 
 

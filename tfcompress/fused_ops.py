@@ -230,6 +230,87 @@ def robe_positions(ids, cardinalities, output_dim, chunk_size, memory_size, seed
     )
 
 
+BAG_COMBINERS = ("sum", "mean", "sqrtn")
+
+
+def _bag_attrs(offset, cardinality, output_dim, chunk_size, seed, signed, combiner, weighted):
+    return dict(
+        table_offset=int(offset),
+        cardinality=int(cardinality),
+        output_dim=int(output_dim),
+        chunk_size=int(chunk_size),
+        hash_constants=hash_constant_attr(int(seed)),
+        signed=bool(signed),
+        combiner=combiner,
+        weighted=bool(weighted),
+    )
+
+
+def _bag_inputs(ids, row_splits, weights):
+    """(ids i64[N], row_splits i64[B + 1], weights f32[N] or f32[0], weighted) with dtypes checked by name."""
+    ids = tf.convert_to_tensor(ids)
+    if not (ids.dtype.is_integer):
+        raise TypeError(f"robe_bag_lookup: ids must be an integer tensor, got dtype {ids.dtype.name}")
+    row_splits = tf.convert_to_tensor(row_splits)
+    if not row_splits.dtype.is_integer:
+        raise TypeError(f"robe_bag_lookup: row_splits must be an integer tensor, got dtype {row_splits.dtype.name}")
+    # Static shapes are checked here so that a graph fails naming the argument (the op's shape function would only
+    # say which dimensions differ); values (row_splits' order, id ranges) are checked by the kernel.
+    for name, tensor in (("ids", ids), ("row_splits", row_splits)):
+        if tensor.shape.rank is not None and tensor.shape.rank != 1:
+            raise ValueError(f"robe_bag_lookup: {name} must be 1-D, got shape {tensor.shape}")
+    if weights is None:
+        return tf.cast(ids, tf.int64), tf.cast(row_splits, tf.int64), tf.zeros([0], tf.float32), False
+    weights = tf.convert_to_tensor(weights)
+    if not weights.dtype.is_floating:
+        raise TypeError(f"robe_bag_lookup: weights must be a float tensor, got dtype {weights.dtype.name}")
+    if not weights.shape.is_compatible_with(ids.shape):
+        raise ValueError(f"robe_bag_lookup: weights must have the shape of ids {ids.shape} (one per id), got "
+                         f"{weights.shape}")
+    return tf.cast(ids, tf.int64), tf.cast(row_splits, tf.int64), tf.cast(weights, tf.float32), True
+
+
+def robe_bag_lookup(memory, ids, row_splits, weights=None, offset=0, cardinality=None, output_dim=None,
+                    chunk_size=None, seed=robe_hash.DEFAULT_SEED, signed=False, combiner="sum", gradient="dense"):
+    """Fused pooled ROBE-Z lookup: f32[M] memory, a ragged bag of ids -> f32[B, output_dim].
+
+    Row b is `combine_{k in row b} w_k * e_k` with e_k the ROBE-Z embedding of id ids[k] of a table that starts at
+    `offset` in the shared array (the `robe_lookup` row of a = ids[k] + offset). The contract of
+    `tf.nn.safe_embedding_lookup_sparse` once ids < 0 and weights <= 0 are dropped: "sum" adds, "mean" divides by
+    the row's sum of weights, "sqrtn" by the square root of its sum of squared weights; empty rows are zeros. The
+    kernel sums in id order and divides last; `tfcompress.lookup.robe_bag_lookup_reference` is the pure-TF twin.
+
+    Args:
+        memory: the shared array (a Keras/TF variable or tensor, 1-D).
+        ids: integer [N], each in [0, cardinality) (an id outside raises InvalidArgumentError naming it).
+        row_splits: integer [B + 1]: row b is ids[row_splits[b]:row_splits[b + 1]] (a RaggedTensor's row_splits).
+        weights: None (all ones) or float [N].
+        offset: where this table starts in the shared array's index space (the multi-table layer's offset_t).
+        cardinality, output_dim, chunk_size, seed, signed: as RobeEmbedding (for one table).
+        combiner: "sum", "mean" or "sqrtn".
+        gradient: "dense" or "sparse" (the memory gradient's form, as `robe_lookup`).
+    """
+    if combiner not in BAG_COMBINERS:
+        raise ValueError(f"robe_bag_lookup: combiner must be one of {BAG_COMBINERS}, got {combiner!r}")
+    if gradient not in ("dense", "sparse"):
+        raise ValueError(f"robe_bag_lookup: gradient must be 'dense' or 'sparse', got {gradient!r}")
+    if cardinality is None or output_dim is None or chunk_size is None:
+        raise ValueError("robe_bag_lookup: cardinality, output_dim and chunk_size are required")
+    library = _require()
+    ids, row_splits, weights, weighted = _bag_inputs(ids, row_splits, weights)
+    attrs = _bag_attrs(offset, cardinality, output_dim, chunk_size, seed, signed, combiner, weighted)
+    variable = _float32_variable(memory)
+    if variable is not None:
+        resource_variable_ops.variable_accessed(variable)  # as in robe_lookup: the op reads the handle
+        return library.robe_resource_bag_lookup(variable.handle, ids, row_splits, weights, gradient=gradient, **attrs)
+    memory = tf.convert_to_tensor(memory)
+    dtype = memory.dtype
+    if dtype != tf.float32:
+        memory = tf.cast(memory, tf.float32)
+    values = library.robe_bag_lookup(memory, ids, row_splits, weights, gradient=gradient, **attrs)
+    return values if dtype == tf.float32 else tf.cast(values, dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Gradients. Registered by op type name, so they hold for the library whenever it is loaded.
 
@@ -275,6 +356,50 @@ def _robe_lookup_grad_gradient(op, upstream):
     # The scatter is linear in its upstream input and its adjoint is the lookup itself (second derivatives).
     _, ids, _ = op.inputs
     return [_require().robe_lookup(upstream, ids, **_op_attrs(op)), None, None]
+
+
+_BAG_ATTR_NAMES = ("table_offset", "cardinality", "output_dim", "chunk_size", "hash_constants", "signed", "combiner",
+                   "weighted")
+
+
+def _bag_op_attrs(op):
+    return {name: op.get_attr(name) for name in _BAG_ATTR_NAMES}
+
+
+def _bag_gradients(op, upstream, memory_size, read_memory):
+    """[memory grad, None, None, weights grad] of RobeBagLookup / RobeResourceBagLookup.
+
+    The weights gradient needs the array's values: `read_memory()` gives them (the tensor input, or a read of the
+    variable). It is skipped when the op is unweighted or the tape says nobody asked for it (`skip_input_indices`).
+    """
+    _, ids, row_splits, weights = op.inputs
+    library = _require()
+    attrs = _bag_op_attrs(op)
+    mode = op.get_attr("gradient")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "sparse":
+        indices, values = library.robe_bag_lookup_sparse_grad(upstream, ids, row_splits, weights, memory_size, **attrs)
+        memory_grad = tf.IndexedSlices(values, indices, tf.reshape(tf.cast(memory_size, tf.int64), [1]))
+    else:
+        memory_grad = library.robe_bag_lookup_grad(upstream, ids, row_splits, weights, memory_size, **attrs)
+    weights_grad = None
+    skipped = getattr(op, "skip_input_indices", None) or ()
+    if op.get_attr("weighted") and 3 not in skipped:
+        weights_grad = library.robe_bag_lookup_weights_grad(upstream, read_memory(), ids, row_splits, weights,
+                                                            op.outputs[0], **attrs)
+    return [memory_grad, None, None, weights_grad]
+
+
+@tf.RegisterGradient("RobeBagLookup")
+def _robe_bag_lookup_gradient(op, upstream):
+    return _bag_gradients(op, upstream, _memory_size(op.inputs[0]), lambda: op.inputs[0])
+
+
+@tf.RegisterGradient("RobeResourceBagLookup")
+def _robe_resource_bag_lookup_gradient(op, upstream):
+    memory_size = tf.raw_ops.VariableShape(input=op.inputs[0], out_type=tf.int64)[0]
+    return _bag_gradients(op, upstream, memory_size,
+                          lambda: tf.raw_ops.ReadVariableOp(resource=op.inputs[0], dtype=tf.float32))
 
 
 tf.no_gradient("RobeLookupSparseGrad")

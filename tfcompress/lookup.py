@@ -17,6 +17,8 @@ gather, from the table or from a quantized copy of it.
 
 import tensorflow as tf
 
+from tfcompress import robe_hash
+
 GRADIENT_MODES = ("auto", "sparse", "dense")
 
 # "auto" picks the dense scatter for tables of at most this many floats (64 MiB of float32). Below it a dense
@@ -74,6 +76,49 @@ def _gather_dense_gradient(params, indices):
         return scattered, None
 
     return tf.gather(params, indices), grad
+
+
+BAG_COMBINERS = ("sum", "mean", "sqrtn")
+
+
+def robe_bag_lookup_reference(memory, ids, row_splits, weights=None, offset=0, cardinality=None, output_dim=None,
+                              chunk_size=None, seed=robe_hash.DEFAULT_SEED, signed=False, combiner="sum",
+                              gradient="dense"):
+    """The pooled ROBE-Z lookup in stock TensorFlow ops: the twin of `fused_ops.robe_bag_lookup`.
+
+    The per-element ROBE-Z lookup of RobeEmbedding's pure-TF path (positions of a = ids + offset, a gather with the
+    chosen gradient form, the signs), times the weights, then one segment sum per row and the combiner's division
+    (tf.math.divide_no_nan, as tf.nn.embedding_lookup_sparse does). `unsorted_segment_sum` with an explicit row
+    count instead of `segment_sum`, which would drop trailing empty rows. Ids are not range-checked here: the
+    caller passes ids in [0, cardinality) (`cardinality` is accepted for the fused op's signature).
+
+    Args: as `fused_ops.robe_bag_lookup`. Returns f32[B, output_dim], B = len(row_splits) - 1.
+    """
+    if combiner not in BAG_COMBINERS:
+        raise ValueError(f"robe_bag_lookup_reference: combiner must be one of {BAG_COMBINERS}, got {combiner!r}")
+    del cardinality
+    memory_size = int(memory.shape[0])
+    row_splits = tf.cast(row_splits, tf.int64)
+    a = tf.cast(ids, tf.int64) + int(offset)
+    positions = robe_hash.robe_indices_tf(a, output_dim, chunk_size, memory_size, seed)
+    values = gather_with_gradient(memory, positions, gradient)  # [N, D]
+    if signed:
+        values = values * robe_hash.robe_signs_tf(a, output_dim, seed)
+    num_rows = tf.shape(row_splits, out_type=tf.int64)[0] - 1
+    segments = tf.ragged.row_splits_to_segment_ids(row_splits)
+    if weights is not None:
+        weights = tf.cast(weights, tf.float32)
+        values = values * weights[:, None]
+    else:
+        weights = tf.ones(tf.shape(a), tf.float32)
+    summed = tf.math.unsorted_segment_sum(values, segments, num_rows)
+    if combiner == "sum":
+        return summed
+    if combiner == "mean":
+        denominator = tf.math.unsorted_segment_sum(weights, segments, num_rows)
+    else:
+        denominator = tf.sqrt(tf.math.unsorted_segment_sum(tf.square(weights), segments, num_rows))
+    return tf.math.divide_no_nan(summed, denominator[:, None])
 
 
 class TableReader:

@@ -13,6 +13,14 @@
 //
 // "host" runs the same robe_hash.h arithmetic on the CPU (so the file format and the header are checkable on a
 // machine without a GPU); "device" runs the CUDA kernels. When an id is invalid only first_bad_row is meaningful.
+//
+// Bag problems (../robe_bag_gpu_kernels.cu.h), told apart by their magic 0x524f4245424147 ("ROBEBAG"):
+//   INPUT:  int64 header[20] = {magic, N, B, D, Z, M, signed, R1, R2, R3, S1, S2, S3, repeats, combiner (0 sum,
+//           1 mean, 2 sqrtn), weighted, table_offset, cardinality, 0, 0},
+//           int64 ids[N], int64 row_splits[B + 1], float weights[N], float memory[M], float grad[B * D]
+//   OUTPUT: int64 first_bad_id (-1 when all are valid), float embeddings[B * D], float memory_grad[M],
+//           float weights_grad[N] (zeros when not weighted)
+// "host" calls the kernels' own per-element functions (BagForwardElement, BagIdGradOf, BagWeightGradOf) in loops.
 
 #include <cuda_runtime.h>
 
@@ -22,6 +30,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../robe_bag_gpu_kernels.cu.h"
 #include "../robe_gpu_kernels.cu.h"
 
 namespace {
@@ -29,6 +38,7 @@ namespace {
 using tfcompress::robe::HashParams;
 
 constexpr int64_t kMagic = 0x524f42455a;
+constexpr int64_t kBagMagic = 0x524f4245424147;
 
 struct Problem {
   HashParams params;
@@ -238,12 +248,184 @@ Result RunDevice(const Problem& p) {
   return r;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Bag problems.
+
+struct BagProblem {
+  tfcompress::robe::RobeBag bag;  // host pointers into the vectors below
+  int64_t repeats = 1;
+  bool weighted = false;
+  std::vector<int64_t> ids, row_splits;
+  std::vector<float> weights, memory, grad;
+};
+
+struct BagResult {
+  int64_t first_bad_id = -1;
+  std::vector<float> embeddings, memory_grad, weights_grad;
+};
+
+BagProblem ReadBagProblem(const char* path) {
+  std::FILE* file = std::fopen(path, "rb");
+  if (file == nullptr) Fail("cannot open the input file");
+  int64_t h[20];
+  if (std::fread(h, sizeof(int64_t), 20, file) != 20 || h[0] != kBagMagic) Fail("bad bag input header");
+  const int64_t n = h[1], rows = h[2];
+  if (n < 0 || rows < 0 || h[3] < 1 || h[4] < 1 || h[4] > h[3] || h[5] < h[4] || h[14] < 0 || h[14] > 2 ||
+      h[16] < 0 || h[17] < 1) {
+    Fail("bad bag sizes");
+  }
+  BagProblem p;
+  p.repeats = std::max<int64_t>(1, h[13]);
+  p.weighted = h[15] != 0;
+  ReadVector(file, &p.ids, n);
+  ReadVector(file, &p.row_splits, rows + 1);
+  ReadVector(file, &p.weights, n);
+  ReadVector(file, &p.memory, h[5]);
+  ReadVector(file, &p.grad, rows * h[3]);
+  std::fclose(file);
+  if (p.row_splits[0] != 0 || p.row_splits[rows] != n) Fail("bad row_splits ends");
+  for (int64_t b = 0; b < rows; ++b) {
+    if (p.row_splits[b + 1] < p.row_splits[b]) Fail("row_splits not non-decreasing");
+  }
+  tfcompress::robe::RobeBag& bag = p.bag;
+  bag.params = tfcompress::robe::MakeHashParams(h[7], h[8], h[9], h[10], h[11], h[12], h[5],
+                                                static_cast<int32_t>(h[3]), static_cast<int32_t>(h[4]), h[6] != 0);
+  bag.ids = p.ids.data();
+  bag.row_splits = p.row_splits.data();
+  bag.weights = p.weighted ? p.weights.data() : nullptr;
+  bag.table_offset = h[16];
+  bag.cardinality = h[17];
+  bag.num_ids = n;
+  bag.num_rows = rows;
+  bag.combiner = static_cast<tfcompress::robe::Combiner>(h[14]);
+  return p;
+}
+
+void WriteBagResult(const char* path, const BagResult& r) {
+  std::FILE* file = std::fopen(path, "wb");
+  if (file == nullptr) Fail("cannot open the output file");
+  std::fwrite(&r.first_bad_id, sizeof(int64_t), 1, file);
+  WriteVector(file, r.embeddings);
+  WriteVector(file, r.memory_grad);
+  WriteVector(file, r.weights_grad);
+  std::fclose(file);
+}
+
+void AllocateBag(const BagProblem& p, BagResult* r) {
+  r->embeddings.assign(p.bag.num_rows * p.bag.params.output_dim, 0.0f);
+  r->memory_grad.assign(p.bag.params.memory_size, 0.0f);
+  r->weights_grad.assign(p.bag.num_ids, 0.0f);
+}
+
+namespace gpu = tfcompress::robe::gpu;
+
+BagResult RunBagHost(const BagProblem& p) {
+  BagResult r;
+  const tfcompress::robe::RobeBag& bag = p.bag;
+  for (int64_t k = 0; k < bag.num_ids; ++k) {
+    if (static_cast<uint64_t>(bag.ids[k]) >= static_cast<uint64_t>(bag.cardinality)) {
+      r.first_bad_id = k;
+      return r;
+    }
+  }
+  AllocateBag(p, &r);
+  const int32_t d = bag.params.output_dim;
+  std::vector<float> denominators(bag.num_rows);
+  for (int64_t b = 0; b < bag.num_rows; ++b) {
+    denominators[b] = gpu::BagRowDenominator(bag, b);
+    for (int32_t i = 0; i < d; ++i) r.embeddings[b * d + i] = gpu::BagForwardElement(bag, p.memory.data(), b, i);
+  }
+  for (int64_t k = 0; k < bag.num_ids; ++k) {
+    const int64_t b = gpu::BagRowOf(bag, k);
+    const int64_t a = gpu::BagOffsetId(bag, k);
+    for (int32_t i = 0; i < d; ++i) {
+      const float value = gpu::BagIdGradOf(bag, p.grad.data(), denominators.data(), b, k, i);
+      r.memory_grad[tfcompress::robe::IndexOf(bag.params, a, i)] +=
+          bag.params.is_signed ? value * tfcompress::robe::SignOf(bag.params, a, i) : value;
+    }
+    if (p.weighted) {
+      r.weights_grad[k] = gpu::BagWeightGradOf(bag, p.memory.data(), p.grad.data(), r.embeddings.data(),
+                                               denominators[b], b, k);
+    }
+  }
+  std::printf("mode=host bag ids=%lld rows=%lld\n", static_cast<long long>(bag.num_ids),
+              static_cast<long long>(bag.num_rows));
+  return r;
+}
+
+BagResult RunBagDevice(const BagProblem& p) {
+  BagResult r;
+  tfcompress::robe::RobeBag bag = p.bag;  // its pointers are replaced by device copies
+  int64_t* ids = ToDevice(p.ids);
+  int64_t* row_splits = ToDevice(p.row_splits);
+  float* weights = ToDevice(p.weights);
+  unsigned long long* first_bad = nullptr;
+  Check(cudaMalloc(&first_bad, sizeof(unsigned long long)), "cudaMalloc");
+  Check(gpu::LaunchBagFindFirstBadId(ids, bag.num_ids, bag.cardinality, first_bad, 0), "bag id check kernel");
+  unsigned long long bad = 0;
+  Check(cudaMemcpy(&bad, first_bad, sizeof(bad), cudaMemcpyDeviceToHost), "D2H");
+  if (bad != ~0ull) {
+    r.first_bad_id = static_cast<int64_t>(bad);
+    return r;
+  }
+  AllocateBag(p, &r);
+  bag.ids = ids;
+  bag.row_splits = row_splits;
+  bag.weights = p.weighted ? weights : nullptr;
+  float* memory = ToDevice(p.memory);
+  float* grad = ToDevice(p.grad);
+  float* embeddings = ToDevice(r.embeddings);
+  float* memory_grad = ToDevice(r.memory_grad);
+  float* weights_grad = ToDevice(r.weights_grad);
+  float* denominators = ToDevice(std::vector<float>(bag.num_rows));
+  const float forward_ms = MedianMs(p.repeats, [&] {
+    Check(gpu::LaunchBagForward(bag, memory, embeddings, 0), "bag forward kernel");
+  });
+  const float backward_ms = MedianMs(p.repeats, [&] {
+    Check(gpu::LaunchBagRowDenominators(bag, denominators, 0), "bag denominators kernel");
+    Check(gpu::LaunchBagScatter(bag, grad, denominators, memory_grad, 0), "bag scatter kernel");
+    if (p.weighted) {
+      Check(gpu::LaunchBagWeightsGrad(bag, memory, grad, embeddings, denominators, weights_grad, 0),
+            "bag weights gradient kernel");
+    }
+  });
+  Check(cudaDeviceSynchronize(), "kernels");
+  ToHost(embeddings, &r.embeddings);
+  ToHost(memory_grad, &r.memory_grad);
+  ToHost(weights_grad, &r.weights_grad);
+  std::printf("mode=device bag ids=%lld rows=%lld forward_ms=%.4f backward_ms=%.4f\n",
+              static_cast<long long>(bag.num_ids), static_cast<long long>(bag.num_rows), forward_ms, backward_ms);
+  for (void* ptr : {static_cast<void*>(ids), static_cast<void*>(row_splits), static_cast<void*>(weights),
+                    static_cast<void*>(first_bad), static_cast<void*>(memory), static_cast<void*>(grad),
+                    static_cast<void*>(embeddings), static_cast<void*>(memory_grad),
+                    static_cast<void*>(weights_grad), static_cast<void*>(denominators)}) {
+    cudaFree(ptr);
+  }
+  return r;
+}
+
+int64_t PeekMagic(const char* path) {
+  std::FILE* file = std::fopen(path, "rb");
+  if (file == nullptr) Fail("cannot open the input file");
+  int64_t magic = 0;
+  if (std::fread(&magic, sizeof(int64_t), 1, file) != 1) Fail("empty input");
+  std::fclose(file);
+  return magic;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 4 || (std::strcmp(argv[1], "host") != 0 && std::strcmp(argv[1], "device") != 0)) {
     std::fprintf(stderr, "usage: %s host|device INPUT OUTPUT\n", argv[0]);
     return 1;
+  }
+  const bool host = std::strcmp(argv[1], "host") == 0;
+  if (PeekMagic(argv[2]) == kBagMagic) {
+    const BagProblem problem = ReadBagProblem(argv[2]);
+    WriteBagResult(argv[3], host ? RunBagHost(problem) : RunBagDevice(problem));
+    return 0;
   }
   const Problem problem = ReadProblem(argv[2]);
   const Result result = std::strcmp(argv[1], "host") == 0 ? RunHost(problem) : RunDevice(problem);

@@ -8,6 +8,11 @@
 Checks, per case: positions and signs equal robe_indices / robe_signs bit for bit; embeddings equal
 memory[positions] * signs exactly; the scatter equals a float64 np.add.at to 1e-5 relative (atomics add in any
 order); an invalid id is reported at the right row. Exit status 0 only when every case passes.
+
+Bag cases (the pooled op, ../robe_bag_gpu_kernels.cu.h; `--only bag` runs just these): every combiner, with and
+without weights, signed or not, empty rows and a row of many ids, against a float64 NumPy reference of
+tf.nn.safe_embedding_lookup_sparse's arithmetic: the forward to 1e-5 relative (float32 sums in id order), the
+memory gradient to 1e-5 of its largest value, the weights gradient to 1e-4; an invalid id reported at its position.
 """
 
 import argparse
@@ -25,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BINARY = HERE / "build" / "robe_harness"
 MAGIC = 0x524F42455A
+BAG_MAGIC = 0x524F4245424147
+COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
 
 # Criteo Kaggle cardinalities (26 categorical features): the benchmark shape of the issue.
 KAGGLE_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
@@ -147,6 +154,135 @@ def kaggle_ids(rng, batch):
     return np.stack(columns, axis=1).astype(np.int64)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Bag cases.
+
+
+def bag_reference(ids, row_splits, weights, offset, output_dim, chunk_size, memory, grad, signed, seed, combiner):
+    """(embeddings, memory_grad, weights_grad) in float64 NumPy: the contract of the bag op."""
+    a = ids.astype(np.int64) + offset
+    element = np.arange(output_dim, dtype=np.int64)
+    positions = robe_hash.robe_chunk_hash(a[:, None], element // chunk_size, memory.size, chunk_size, seed)
+    positions = positions + element % chunk_size
+    signs = np.ones(positions.shape)
+    if signed:
+        s1, s2, s3 = robe_hash.hash_constants(seed)[3:6]
+        mixed = ((a[:, None] % robe_hash.P) * s3 % robe_hash.P + (element * s2) % robe_hash.P + s1) % robe_hash.P
+        signs = (1 - 2 * (mixed & 1)).astype(np.float64)
+    e = memory.astype(np.float64)[positions] * signs  # [N, D]
+    w = np.ones(ids.size) if weights is None else weights.astype(np.float64)
+    rows = len(row_splits) - 1
+    segments = np.repeat(np.arange(rows), np.diff(row_splits))
+    summed = np.zeros((rows, output_dim))
+    np.add.at(summed, segments, e * w[:, None])
+    if combiner == "sum":
+        denominator = np.ones(rows)
+    elif combiner == "mean":
+        denominator = np.bincount(segments, w, rows)
+    else:
+        denominator = np.sqrt(np.bincount(segments, w * w, rows))
+    safe = np.where(denominator == 0, 1.0, denominator)
+    out = np.where(denominator[:, None] == 0, 0.0, summed / safe[:, None])
+    g = grad.astype(np.float64)
+    id_grad = (g / safe[:, None])[segments] * w[:, None] * signs
+    memory_grad = np.zeros(memory.size)
+    np.add.at(memory_grad, positions.ravel(), id_grad.ravel())
+    g_dot_e = np.einsum("kd,kd->k", g[segments], e)
+    g_dot_out = np.einsum("bd,bd->b", g, out)[segments]
+    if combiner == "sum":
+        weights_grad = g_dot_e
+    elif combiner == "mean":
+        weights_grad = (g_dot_e - g_dot_out) / safe[segments]
+    else:
+        weights_grad = (g_dot_e - g_dot_out * w / safe[segments]) / safe[segments]
+    return out, memory_grad, weights_grad
+
+
+def run_bag_case(mode, name, lengths, cardinality, offset, output_dim, chunk_size, memory_size, signed, seed,
+                 combiner, weighted, rng, repeats=1, bad_id=None):
+    row_splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(row_splits[-1])
+    ids = rng.integers(0, cardinality, n).astype(np.int64)
+    if bad_id is not None:
+        ids[bad_id] = cardinality
+    weights = rng.uniform(0.1, 2.0, n).astype(np.float32)
+    memory = rng.standard_normal(memory_size).astype(np.float32)
+    grad = rng.standard_normal((len(lengths), output_dim)).astype(np.float32)
+    constants = robe_hash.hash_constants(seed)[:6]
+    header = np.array([BAG_MAGIC, n, len(lengths), output_dim, chunk_size, memory_size, int(signed), *constants,
+                       repeats, COMBINERS[combiner], int(weighted), offset, cardinality, 0, 0], dtype=np.int64)
+    with tempfile.TemporaryDirectory() as work:
+        src, dst = os.path.join(work, "in.bin"), os.path.join(work, "out.bin")
+        with open(src, "wb") as f:
+            for array in (header, ids, row_splits, weights, memory, grad):
+                f.write(np.ascontiguousarray(array).tobytes())
+        completed = subprocess.run([str(BINARY), mode, src, dst], capture_output=True, text=True)
+        if completed.returncode != 0:
+            return False, f"harness exited {completed.returncode}: {completed.stderr.strip()}"
+        raw = Path(dst).read_bytes()
+    first_bad = int(np.frombuffer(raw[:8], np.int64)[0])
+    if bad_id is not None:
+        return first_bad == bad_id, f"first bad id {first_bad}, expected {bad_id}"
+    if first_bad >= 0:
+        return False, f"harness rejected id {first_bad} of a valid bag"
+    sizes = (len(lengths) * output_dim, memory_size, n)
+    parts = np.split(np.frombuffer(raw[8:], np.float32), np.cumsum(sizes)[:-1])
+    out, memory_grad, weights_grad = bag_reference(ids, row_splits, weights if weighted else None, offset,
+                                                   output_dim, chunk_size, memory, grad, signed, seed, combiner)
+    problems = []
+
+    def relative(got, expected):
+        scale = np.abs(expected).max() if expected.size else 1.0
+        return np.abs(got - expected).max() / max(scale, 1e-30) if expected.size else 0.0
+
+    if relative(parts[0], out.ravel()) > 1e-5:
+        problems.append(f"forward relative error {relative(parts[0], out.ravel()):.2e}")
+    empty = np.repeat(np.asarray(lengths) == 0, output_dim)
+    if parts[0][empty].any():
+        problems.append("an empty row is not zeros")
+    if relative(parts[1], memory_grad) > 1e-5:
+        problems.append(f"memory gradient relative error {relative(parts[1], memory_grad):.2e}")
+    if weighted and relative(parts[2], weights_grad) > 1e-4:
+        problems.append(f"weights gradient relative error {relative(parts[2], weights_grad):.2e}")
+    return not problems, "; ".join(problems) or completed.stdout.strip()
+
+
+def bag_cases(rng):
+    """(name, lengths, cardinality, offset, D, Z, M, signed, seed, combiner, weighted)."""
+    cases = []
+    lengths = [0, 3, 1, 0, 7, 500, 5, 0, 1, 0]  # empty rows first, inside and last; one long row
+    for combiner in COMBINERS:
+        for weighted in (False, True):
+            for signed in (False, True):
+                for output_dim, chunk_size in ((16, 4), (7, 3)):
+                    cases.append((f"bag {combiner} weighted={weighted} signed={signed} D={output_dim} "
+                                  f"Z={chunk_size}", lengths, 1000, 12345, output_dim, chunk_size,
+                                  int(rng.integers(chunk_size, 20000)), signed, int(rng.integers(0, 10000)),
+                                  combiner, weighted))
+    cases.append(("bag ids near 2^32", [2, 1], 2**32 - 1, 2**32, 8, 2, 2**20 + 3, True, 5, "mean", True))
+    cases.append(("bag of no rows", [], 10, 0, 4, 2, 50, False, 1, "sqrtn", True))
+    return cases
+
+
+def run_bag_cases(mode, rng, bench):
+    failures = 0
+    for name, lengths, cardinality, offset, d, z, m, signed, seed, combiner, weighted in bag_cases(rng):
+        ok, detail = run_bag_case(mode, name, lengths, cardinality, offset, d, z, m, signed, seed, combiner,
+                                  weighted, rng)
+        failures += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {detail if not ok else ''}".rstrip(), flush=True)
+    ok, detail = run_bag_case(mode, "bag invalid id", [2, 3], 10, 0, 4, 2, 50, False, 1, "sum", False, rng, bad_id=3)
+    failures += not ok
+    print(f"{'PASS' if ok else 'FAIL'} bag invalid id reported at its position: {detail}", flush=True)
+    if bench:
+        # The issue's bag shape: 16384 rows x 20 ids of a 10M-row table, D=16, Z=4, 1000x.
+        ok, detail = run_bag_case(mode, "bag bench", [20] * 16384, 10_000_000, 0, 16, 4, 160_000, False, 1024,
+                                  "mean", False, rng, repeats=20)
+        failures += not ok
+        print(f"{'PASS' if ok else 'FAIL'} bag 16384 x 20 mean: {detail}", flush=True)
+    return failures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("host", "device"), default="device")
@@ -154,7 +290,10 @@ def main(argv=None):
     parser.add_argument("--nvcc", default=os.environ.get("NVCC") or shutil.which("nvcc") or "nvcc")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--rebuild", action="store_true", help="recompile even if the binary exists")
-    parser.add_argument("--bench", action="store_true", help="also time the Kaggle shape (16384 x 26, D=16)")
+    parser.add_argument("--bench", action="store_true", help="also time the Kaggle shape (16384 x 26, D=16) and the "
+                        "bag shape (16384 rows x 20 ids)")
+    parser.add_argument("--only", choices=("all", "lookup", "bag"), default="all",
+                        help="which cases to run (default %(default)s)")
     args = parser.parse_args(argv)
 
     if args.rebuild or args.compile_only or not BINARY.exists():
@@ -164,6 +303,11 @@ def main(argv=None):
 
     rng = np.random.default_rng(2024)
     failures = 0
+    if args.only in ("all", "bag"):
+        failures += run_bag_cases(args.mode, np.random.default_rng(16), args.bench)
+    if args.only == "bag":
+        print("all passed" if failures == 0 else f"{failures} failed")
+        return 1 if failures else 0
     for name, ids, cards, output_dim, chunk_size, memory_size, signed, seed in correctness_cases(rng):
         ok, detail = run_case(args.mode, name, ids, cards, output_dim, chunk_size, memory_size, signed, seed, rng=rng)
         failures += not ok
