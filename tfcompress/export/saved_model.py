@@ -488,6 +488,18 @@ def _stored(prefix, arrays):
             for key, value in arrays.items()}
 
 
+def _output_difference(got, expected):
+    """max |got - expected| of one output; NaN on both sides is equal (a model may give NaN, e.g. a mean over no
+    values), NaN on one side or another shape is inf; strings: 0 or inf."""
+    if got.dtype.kind in "SO":
+        return 0.0 if np.array_equal(got, expected) else float("inf")
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    if got.shape != expected.shape or not np.array_equal(np.isnan(got), np.isnan(expected)):
+        return float("inf")
+    known = ~np.isnan(got)
+    return float(np.max(np.abs(got[known] - expected[known]))) if np.any(known) else 0.0
+
+
 def _output_metadata(outputs):
     return {key: [value.dtype.name if hasattr(value.dtype, "name") else str(value.dtype),
                   [None, *[int(d) for d in value.shape[1:]]]] for key, value in outputs.items()}
@@ -531,9 +543,7 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
     if sorted(serving_outputs) != sorted(keras_outputs):
         raise RuntimeError(f"internal error: the serving graph returns {sorted(serving_outputs)}, the Keras model "
                            f"{sorted(keras_outputs)}")
-    difference = max(float(np.max(np.abs(serving_outputs[k].astype(np.float64) - keras_outputs[k])))
-                     if serving_outputs[k].size and serving_outputs[k].dtype.kind in "fiub" else 0.0
-                     for k in serving_outputs)
+    difference = max(_output_difference(serving_outputs[key], keras_outputs[key]) for key in serving_outputs)
 
     os.makedirs(model_dir, exist_ok=True)
     staging = os.path.join(model_dir, f".staging-{version}-{os.getpid()}")
