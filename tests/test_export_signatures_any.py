@@ -231,3 +231,53 @@ def test_served_inputs_refuse_names_and_ragged_shapes_export_cannot_carry():
     clash = keras.Model([a, b], keras.layers.Add()([pooled, b]))
     with pytest.raises(ValueError, match=r"served tensor name\(s\) \['tags_values'\] twice"):
         model_inputs.served_inputs(clash)
+
+
+@pytest.mark.slow
+def test_cli_exports_and_verifies_a_saved_model_with_ragged_and_string_inputs(tmp_path, capsys):
+    from tfcompress.cli import main
+
+    checkpoint = str(tmp_path / "bags.keras")
+    bag_model().save(checkpoint)
+    base = str(tmp_path / "saved_models")
+    assert main(["export", "--checkpoint", checkpoint, "--name", "cli_bags", "--base-dir", base, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "exported " + os.path.join(base, "cli_bags", "1") in out
+    assert "PASS  examples" in out and "OK: " in out and "FAIL" not in out
+
+
+LEGACY_SCRIPT = """
+import sys
+import tensorflow as tf
+from tfcompress._keras import keras
+assert keras.__name__ == "tf_keras", keras.__name__
+from tfcompress.export.saved_model import export_saved_model
+from tfcompress.layers import CompressedEmbedding
+
+user = keras.Input((1,), dtype="string", name="user")
+genres = keras.Input((None,), dtype="int64", ragged=True, name="genres")
+ids = keras.layers.StringLookup(vocabulary=["a", "b", "c"])(user)
+embedded = keras.layers.Flatten()(CompressedEmbedding(4, 4, method="full", name="user_embedding")(ids))
+bag = CompressedEmbedding(10, 4, method="robe", compression=2.0, chunk_size=2, combiner="sqrtn", name="bag")(genres)
+out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Concatenate()([embedded, bag]))
+model = keras.Model({"user": user, "genres": genres}, out, name="legacy")
+print(export_saved_model(model, base_dir=sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_tf_keras_model_with_ragged_and_string_inputs_exports_and_verifies(tmp_path):
+    """tf.keras (TF_USE_LEGACY_KERAS=1) models: ragged Inputs are RaggedTensorSpec KerasTensors there."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "legacy.py"
+    script.write_text(LEGACY_SCRIPT)
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "saved_models")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = done.stdout.strip().splitlines()[-1]
+    result = verify(path, require_serving_api=True)
+    assert result.ok, result.output[-3000:]
+    assert result.status("examples") == "PASS" and result.status("keras_parity") == "PASS"
