@@ -28,6 +28,11 @@ and `saved_models/models.config` (TF Serving's ModelServerConfig text format) ga
 tensorflow-serving-api, installed without its dependencies (`tfcompress.export.serving_config` says why); without
 it importing this module raises ImportError saying how to install it.
 
+Models with other inputs (anything but exactly {"dense", "sparse"}: string ids with a StringLookup, several id
+inputs, ragged bags, dense inputs of any names) get `serving_default` with one tensor per input (a ragged input NAME
+as NAME_values + NAME_row_lengths) and `examples` with one feature per input (`tfcompress.export.model_inputs`),
+returning the model's own outputs.
+
 What the serving graph contains (stock TensorFlow ops only: TF Serving's binary cannot load our custom ops):
 
 - the model's graph is traced with every id layer's `serving_lookup` in place of its `call`
@@ -278,7 +283,10 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
 
     Args:
         model: a Keras model with inputs {"dense": f32[B, n_dense], "sparse": i64[B, n_sparse]} returning the click
-            probability [B, 1] (what `tfcompress.models` builds), with any tfcompress embedding layers.
+            probability [B, 1] (what `tfcompress.models` builds), with any tfcompress embedding layers; or any other
+            functional/Sequential Keras model of Keras and tfcompress layers, whose signature is derived from its
+            inputs (string, several id, ragged and dense inputs of any names: `tfcompress.export.model_inputs`,
+            docs/export_contract.md "Models with other inputs"; onnx, schema and raw_preprocessing do not apply).
         base_dir: the TF Serving model base directory.
         name: the served model's name (default: the Keras model's name).
         version: integer version; default the next free one. An existing version is never overwritten.
@@ -289,7 +297,8 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         serving_out_of_range: "mod" (fold every id into range; never raises) or "as_trained" (each layer's own
             rule). See the module doc.
         sample_inputs: {"dense", "sparse"} rows (in range) whose predictions are stored for `verify`; default
-            `DEFAULT_SAMPLE_ROWS` random rows.
+            `DEFAULT_SAMPLE_ROWS` random rows. For a model with other inputs: {input name: array or
+            tf.RaggedTensor}, as the model takes them (needed when no layer tells the range of an integer input).
         onnx_opset: ONNX opset for `onnx=True`.
         config_base_path: base_path written to models.config (default: the absolute path of BASE_DIR/NAME).
         tolerance: allowed |exported - Keras| probability difference recorded for `verify`; default
@@ -303,7 +312,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         The path of the new version directory.
 
     Raises:
-        ValueError: a bad argument, a model without the {"dense", "sparse"} inputs, an existing version.
+        ValueError: a bad argument, a model input that cannot be served (named), an existing version.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")

@@ -251,12 +251,10 @@ class ServingModel:
 
 def _set_mask(tensor, mask):
     """Attach a Keras mask to `tensor`, where the next layers' `__call__` look for it (both Keras stacks)."""
-    try:
-        setattr(tensor, "_keras_mask", mask)
-    except AttributeError:  # Keras 3 keeps masks of tensors without a __dict__ in its own table
-        from keras.src.backend.common.masking import set_keras_mask
-
-        set_keras_mask(tensor, mask)
+    if hasattr(keras, "ops"):  # Keras 3: its own setter (a table for tensors that take no attribute)
+        keras.src.backend.common.masking.set_keras_mask(tensor, mask)
+    else:  # tf_keras reads `_keras_mask` of its inputs
+        tensor._keras_mask = mask
 
 
 def _graph_layers(model):

@@ -33,7 +33,12 @@ Checks, per SavedModel directory (each one PASS, FAIL or SKIP with the reason):
                   the converter wrote for them (ids, valid flags and reject reasons exactly, dense to 1e-6), and
                   `raw` equals serving_default on the converter's rows (1e-6), NaN where the row is rejected
 
-and prints the size table (bytes per saved variable from the checkpoint itself, total, against the uncompressed
+Exports of models with other inputs (metadata `contract: "model_inputs"`) get the same checks on their own
+inputs and outputs (`verify_model_inputs`): parity over every output, Examples built from the metadata's input list
+(ragged inputs as variable-length features), PredictRequests with ragged inputs as NAME_values + NAME_row_lengths,
+refusals of row lengths that do not add up; bad_ids and onnx are SKIP.
+
+The checker also prints the size table (bytes per saved variable from the checkpoint itself, total, against the uncompressed
 model). Exit status 0 when nothing FAILed, 1 otherwise, 2 for bad arguments.
 """
 
