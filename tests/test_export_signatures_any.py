@@ -50,19 +50,20 @@ def two_ids_model():
 
 
 def bag_model():
-    """A ragged genre bag pooled with combiner="mean", a mask_zero history averaged under its mask, and a FullEmbedding
-    of a dense [B, 1] id; two outputs (a dict)."""
+    """A ragged genre bag with per-id weights pooled with combiner="mean", a mask_zero history averaged under its
+    mask, and a FullEmbedding of a dense [B, 1] id; two outputs (a dict)."""
     genres = keras.Input((None,), dtype="int64", ragged=True, name="genres")
+    weights = keras.Input((None,), dtype="float32", ragged=True, name="genre_weights")
     history = keras.Input((5,), dtype="int64", name="history")
     item = keras.Input((1,), dtype="int64", name="item")
     bag = CompressedEmbedding(GENRES, 8, method="robe", compression=2.0, chunk_size=4, combiner="mean",
-                              name="genre_bag")(genres)
+                              name="genre_bag")(genres, weights=weights)
     seen = CompressedEmbedding(40, 8, method="full", mask_zero=True, name="history_embedding")(history)
     seen = keras.layers.GlobalAveragePooling1D()(seen)  # averages only the positions the mask keeps
     item_vector = keras.layers.Flatten()(FullEmbedding([40], 8, name="item_table")(item))
     x = keras.layers.Concatenate()([bag, seen, item_vector])
     score = keras.layers.Dense(1, name="score")(x)
-    return keras.Model({"genres": genres, "history": history, "item": item},
+    return keras.Model({"genres": genres, "genre_weights": weights, "history": history, "item": item},
                        {"score": score, "probability": keras.layers.Activation("sigmoid")(score)}, name="bags")
 
 
@@ -101,11 +102,12 @@ def test_the_signature_is_derived_from_the_model_inputs(exported):
     bags = metadata(exported["paths"]["bags"])
     assert bags["contract"] == "model_inputs"
     assert bags["signatures"]["serving_default"]["inputs"] == {
-        "genres_values": ["int64", [None]], "genres_row_lengths": ["int64", [None]], "history": ["int64", [None, 5]],
-        "item": ["int64", [None, 1]]}
+        "genres_values": ["int64", [None]], "genres_row_lengths": ["int64", [None]],
+        "genre_weights_values": ["float32", [None]], "genre_weights_row_lengths": ["int64", [None]],
+        "history": ["int64", [None, 5]], "item": ["int64", [None, 1]]}
     assert sorted(bags["signatures"]["serving_default"]["outputs"]) == ["probability", "score"]
     kinds = {item["name"]: item["example_kind"] for item in bags["inputs"]}
-    assert kinds == {"genres": "ragged", "history": "fixed", "item": "fixed"}
+    assert kinds == {"genres": "ragged", "genre_weights": "ragged", "history": "fixed", "item": "fixed"}
     two_ids = metadata(exported["paths"]["two_ids"])
     ranges = {item["name"]: item["id_range"] for item in two_ids["inputs"]}
     assert ranges == {"user_id": [0, 100], "item_ids": [0, 30], "shop_id": [0, 7], "features": None}
@@ -120,10 +122,14 @@ def _keras_outputs(model, feeds):
 def test_ragged_bags_and_strings_match_keras_on_new_rows_including_empty_bags_and_unseen_strings(exported):
     bags = tf.saved_model.load(exported["paths"]["bags"]).signatures["serving_default"]
     genres = tf.ragged.constant([[3, 7, 9], [], [5], [19, 0, 0, 1]], dtype=tf.int64)
+    weights = tf.ragged.constant([[1.0, 0.5, 2.0], [], [3.0], [1.0, 1.0, 0.25, 1.0]], dtype=tf.float32)
     history = tf.constant([[1, 2, 0, 0, 0], [0, 0, 0, 0, 3], [39, 38, 37, 36, 35], [5, 0, 5, 0, 5]], tf.int64)
     item = tf.constant([[0], [39], [4], [17]], tf.int64)
-    got = bags(genres_values=genres.flat_values, genres_row_lengths=genres.row_lengths(), history=history, item=item)
-    expected = _keras_outputs(exported["models"]["bags"], {"genres": genres, "history": history, "item": item})
+    got = bags(genres_values=genres.flat_values, genres_row_lengths=genres.row_lengths(),
+               genre_weights_values=weights.flat_values, genre_weights_row_lengths=weights.row_lengths(),
+               history=history, item=item)
+    expected = _keras_outputs(exported["models"]["bags"],
+                              {"genres": genres, "genre_weights": weights, "history": history, "item": item})
     for key in ("score", "probability"):
         np.testing.assert_allclose(got[key].numpy(), expected[key], atol=1e-6)
     assert np.all(np.isfinite(got["score"].numpy()))  # the empty bag pools to zeros, not NaN
@@ -139,7 +145,9 @@ def test_ragged_bags_and_strings_match_keras_on_new_rows_including_empty_bags_an
 def _example(**features):
     feature = {}
     for key, values in features.items():
-        if values and isinstance(values[0], bytes):
+        if isinstance(values, tf.train.Feature):
+            feature[key] = values
+        elif values and isinstance(values[0], bytes):
             feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
         elif values and isinstance(values[0], float):
             feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
@@ -150,22 +158,26 @@ def _example(**features):
 
 def test_the_example_signature_reads_ragged_inputs_as_variable_length_features(exported):
     loaded = tf.saved_model.load(exported["paths"]["bags"])
-    records = [_example(genres=[3, 7, 9], history=[1, 2, 0, 0, 0], item=[4]),
-               _example(history=[0, 0, 0, 0, 2], item=[0]),  # no genres feature at all: an empty bag
-               _example(genres=[], history=[3, 3, 3, 3, 3], item=[39], label=[1]),  # an empty list; a label
-               _example(genres=[5] * 12, history=[9, 8, 7, 6, 5], item=[1])]  # longer than any sample row
+    records = [_example(genres=[3, 7, 9], genre_weights=[1.0, 2.0, 0.5], history=[1, 2, 0, 0, 0], item=[4]),
+               _example(history=[0, 0, 0, 0, 2], item=[0]),  # no genres features at all: an empty bag
+               _example(genres=[], genre_weights=tf.train.Feature(float_list=tf.train.FloatList()),  # empty lists
+                        history=[3, 3, 3, 3, 3], item=[39], label=[1]),
+               _example(genres=[5] * 12, genre_weights=[0.5] * 12, history=[9, 8, 7, 6, 5], item=[1])]  # long
     got = loaded.signatures["examples"](examples=tf.constant(records))
     genres = tf.ragged.constant([[3, 7, 9], [], [], [5] * 12], dtype=tf.int64)
+    weights = tf.ragged.constant([[1.0, 2.0, 0.5], [], [], [0.5] * 12], dtype=tf.float32)
     history = tf.constant([[1, 2, 0, 0, 0], [0, 0, 0, 0, 2], [3] * 5, [9, 8, 7, 6, 5]], tf.int64)
     item = tf.constant([[4], [0], [39], [1]], tf.int64)
-    expected = loaded.signatures["serving_default"](genres_values=genres.flat_values,
-                                                    genres_row_lengths=genres.row_lengths(), history=history,
-                                                    item=item)
+    expected = loaded.signatures["serving_default"](
+        genres_values=genres.flat_values, genres_row_lengths=genres.row_lengths(),
+        genre_weights_values=weights.flat_values, genre_weights_row_lengths=weights.row_lengths(), history=history,
+        item=item)
     for key in ("score", "probability"):
         np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy())
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"record 1 of 2 is not a serialized tf.train.Example with int64 genres\[var\], "
-                             r"int64 history\[5\] and int64 item\[1\]: its feature history has 4 values, expected 5"):
+                       match=r"record 1 of 2 is not a serialized tf.train.Example with float genre_weights\[var\], "
+                             r"int64 genres\[var\], int64 history\[5\] and int64 item\[1\]: its feature history has "
+                             r"4 values, expected 5"):
         loaded.signatures["examples"](examples=tf.constant([records[0],
                                                             _example(history=[1, 2, 3, 4], item=[1])]))
     strings = tf.saved_model.load(exported["paths"]["strings"])
@@ -177,13 +189,16 @@ def test_the_example_signature_reads_ragged_inputs_as_variable_length_features(e
 def test_malformed_ragged_and_dense_requests_are_refused_naming_the_input(exported):
     bags = tf.saved_model.load(exported["paths"]["bags"]).signatures["serving_default"]
     good = dict(genres_values=tf.constant([1, 2, 3], tf.int64), genres_row_lengths=tf.constant([2, 1], tf.int64),
+                genre_weights_values=tf.constant([1.0, 1.0, 2.0]),
+                genre_weights_row_lengths=tf.constant([2, 1], tf.int64),
                 history=tf.ones([2, 5], tf.int64), item=tf.zeros([2, 1], tf.int64))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="input genres: genres_row_lengths must be >= 0 and add up to the number of "
                              "genres_values, received a sum of 4 for 3 values"):
         bags(**{**good, "genres_row_lengths": tf.constant([2, 2], tf.int64)})
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="inputs genres_row_lengths and history and item: expected the same number of rows"):
+                       match="inputs genre_weights_row_lengths and genres_row_lengths and history and item: expected "
+                             "the same number of rows"):
         bags(**{**good, "genres_row_lengths": tf.constant([3], tf.int64)})
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"input history: expected int64 \[batch, 5\], received shape \[2, 4\]"):

@@ -18,7 +18,8 @@ Each model input becomes one `ServedInput`:
 
 Sample rows for the fresh-process parity check are generated per input: ids in the range of the layer that reads
 them (an Embedding's input_dim, a tfcompress layer's cardinalities, a StringLookup's vocabulary), floats from a
-normal distribution, ragged rows of 0 to 4 values (an empty row included).
+normal distribution, ragged rows of 0 to 4 values (an empty row included; the same row lengths for every ragged input,
+as a bag's ids and its weights need).
 """
 
 import dataclasses
@@ -333,13 +334,14 @@ def sample_tensors(inputs, rows, seed=0):
                              "layer reads it, so the ids to generate sample rows from are unknown; pass "
                              "sample_inputs= (in-range rows, as the model takes them) to export_saved_model")
     rng = np.random.default_rng(seed)
+    # One set of row lengths for every ragged input: a bag's ids and its per-id weights must have the same rows.
+    lengths = rng.integers(0, MAX_SAMPLE_ROW_LENGTH + 1, rows).astype(np.int64)
+    lengths[0] = 0  # an empty row: a bag with no ids
+    if rows > 1:
+        lengths[1] = MAX_SAMPLE_ROW_LENGTH
     tensors = {}
     for item in inputs:
         if item.ragged:
-            lengths = rng.integers(0, MAX_SAMPLE_ROW_LENGTH + 1, rows).astype(np.int64)
-            lengths[0] = 0  # an empty row: a bag with no ids
-            if rows > 1:
-                lengths[1] = MAX_SAMPLE_ROW_LENGTH
             tensors[item.name + VALUES_SUFFIX] = _values(item, int(lengths.sum()), rng)
             tensors[item.name + ROW_LENGTHS_SUFFIX] = lengths
             continue
