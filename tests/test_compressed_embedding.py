@@ -204,3 +204,136 @@ def test_config_round_trip(method):
     clone.set_weights(layer.get_weights())
     assert clone.get_config() == layer.get_config()
     np.testing.assert_array_equal(clone(ids, **kwargs).numpy(), layer(ids, **kwargs).numpy())
+
+
+# ---- one shared ROBE memory ------------------------------------------------------------------------------------
+
+SHARED_CARDS = [300, 17, 1000]
+
+
+@pytest.mark.parametrize("use_custom_op", [False, "auto"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_shared_memory_layers_equal_one_multi_table_robe_bit_for_bit(use_custom_op, signed):
+    """N CompressedEmbedding layers over one RobeMemory read, and train, exactly one N-table RobeEmbedding."""
+    memory = RobeMemory(size=97, chunk_size=3, seed=7, signed=signed)
+    layers = [CompressedEmbedding(n, D, memory=memory, options={"use_custom_op": use_custom_op})
+              for n in SHARED_CARDS]
+    assert [layer.inner.table_offset for layer in layers] == [0, 300, 317]
+    reference = RobeEmbedding(SHARED_CARDS, D, memory_size=97, chunk_size=3, seed=7, signed=signed,
+                              use_custom_op=use_custom_op)
+    rng = np.random.default_rng(3)
+    ids = np.stack([rng.integers(0, n, 64) for n in SHARED_CARDS], axis=1)
+    for layer in layers:
+        layer.build(None)
+    reference.build((None, len(SHARED_CARDS)))
+    memory.array.assign(rng.normal(size=97).astype(np.float32))
+    reference.memory.assign(memory.array)
+    # Integer upstream gradients: every partial sum is exact, so the two gradients agree bit for bit whatever
+    # order the scatter-adds run in.
+    upstream = rng.integers(-3, 4, size=(64, len(SHARED_CARDS), D)).astype(np.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        shared = tf.stack([layer(ids[:, t]) for t, layer in enumerate(layers)], axis=1)
+        expected = reference(ids)
+        shared_loss = tf.reduce_sum(shared * upstream)
+        expected_loss = tf.reduce_sum(expected * upstream)
+    np.testing.assert_array_equal(shared.numpy(), expected.numpy())
+    np.testing.assert_array_equal(tf.convert_to_tensor(tape.gradient(shared_loss, memory.array)).numpy(),
+                                  tf.convert_to_tensor(tape.gradient(expected_loss, reference.memory)).numpy())
+    served = np.stack([layer.serving_lookup(ids[:, t]).numpy() for t, layer in enumerate(layers)], axis=1)
+    np.testing.assert_array_equal(served, reference.serving_lookup(ids).numpy())
+
+
+def test_robe_embedding_and_compressed_embedding_share_one_memory():
+    memory = RobeMemory(compression=20.0, chunk_size=4)
+    pair = RobeEmbedding(SHARED_CARDS[:2], D, memory=memory)
+    single = CompressedEmbedding(SHARED_CARDS[2], D, memory=memory, table_offset=None)
+    assert single.inner.table_offset == sum(SHARED_CARDS[:2])
+    model_weights_before = len(memory.weights)
+    ids = np.array([[1, 2, 3], [299, 16, 999]])
+    out_pair, out_single = pair(ids[:, :2]), single(ids[:, 2])
+    assert memory.size == int(np.ceil(sum(SHARED_CARDS) * D / 20.0))
+    assert pair.memory is single.inner.memory is memory.array and model_weights_before == 0
+    reference = RobeEmbedding(SHARED_CARDS, D, memory_size=memory.size, chunk_size=4)
+    reference.build((None, 3))
+    reference.memory.assign(memory.array)
+    expected = reference(ids).numpy()
+    np.testing.assert_array_equal(out_pair.numpy(), expected[:, :2])
+    np.testing.assert_array_equal(out_single.numpy(), expected[:, 2])
+
+
+def test_shared_memory_is_one_weight_of_the_model_and_trains():
+    memory = RobeMemory(size=128, chunk_size=4)
+    users, items = CompressedEmbedding(500, D, memory=memory), CompressedEmbedding(80, D, memory=memory)
+    user_ids = keras.Input(shape=(), dtype="int64")
+    item_ids = keras.Input(shape=(), dtype="int64")
+    score = keras.layers.Dense(1)(keras.layers.Concatenate()([users(user_ids), items(item_ids)]))
+    model = keras.Model([user_ids, item_ids], score)
+    assert sum(w.shape == (128,) for w in model.weights) == 1
+    assert model.count_params() == 128 + 2 * D + 1
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    rng = np.random.default_rng(0)
+    x = [rng.integers(0, 500, 256), rng.integers(0, 80, 256)]
+    y = (x[0] % 2).astype(np.float32)
+    before = memory.array.numpy().copy()
+    history = model.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert not np.array_equal(before, memory.array.numpy())
+
+
+def test_mismatched_shared_memory_settings_are_refused_naming_both():
+    memory = RobeMemory(size=64, chunk_size=4, name="ads_memory")
+    CompressedEmbedding(100, D, memory=memory)
+    with pytest.raises(ValueError, match="(?s)items.*chunk_size=2.*ads_memory.*chunk_size=4"):
+        CompressedEmbedding(100, D, memory=memory, chunk_size=2, name="items")
+    with pytest.raises(ValueError, match="seed"):
+        RobeEmbedding([10], D, memory=memory, seed=3)
+    with pytest.raises(ValueError, match="compression= or memory="):
+        CompressedEmbedding(100, D, memory=memory, compression=4.0)
+    with pytest.raises(ValueError, match="method='robe'"):
+        CompressedEmbedding(100, D, method="full", memory=memory)
+    with pytest.raises(ValueError, match="overlap"):
+        CompressedEmbedding(100, D, memory=memory, table_offset=50)
+    with pytest.raises(ValueError, match="output_dim=2 is below the chunk_size=4"):
+        CompressedEmbedding(100, 2, memory=memory)
+    late = RobeMemory(compression=10.0, chunk_size=4)
+    CompressedEmbedding(100, D, memory=late)(tf.constant([1]))
+    with pytest.raises(ValueError, match="after its array was made"):
+        CompressedEmbedding(100, D, memory=late)
+
+
+def shared_model():
+    memory = RobeMemory(compression=8.0, chunk_size=4)
+    history = keras.Input(shape=(5,), dtype="int64", name="history")
+    item = keras.Input(shape=(), dtype="int64", name="item")
+    # Used in the graph in the opposite order of creation: offsets must come from the config, not the call order.
+    item_layer = CompressedEmbedding(300, D, memory=memory, name="item_embedding")
+    history_layer = CompressedEmbedding(300, D, memory=memory, mask_zero=True, name="history_embedding")
+    genre_layer = CompressedEmbedding(40, D, method="hashing", compression=2.0, name="genre_embedding")
+    pooled = keras.layers.GlobalAveragePooling1D()(history_layer(history))
+    genre = keras.Input(shape=(3,), dtype="int64", name="genre")
+    genres = keras.layers.GlobalAveragePooling1D()(genre_layer(genre))
+    out = keras.layers.Dense(1)(keras.layers.Concatenate()([pooled, item_layer(item), genres]))
+    return keras.Model([history, item, genre], out)
+
+
+def model_inputs(rows=16, seed=0):
+    rng = np.random.default_rng(seed)
+    history = rng.integers(0, 300, (rows, 5))
+    history[:, 3:] = 0
+    return [history, rng.integers(0, 300, rows), rng.integers(0, 40, (rows, 3))]
+
+
+def test_keras_file_round_trip_keeps_the_memory_shared(tmp_path):
+    model = shared_model()
+    inputs = model_inputs()
+    model.predict(inputs, verbose=0)
+    for weight in model.weights:
+        weight.assign(np.random.default_rng(1).normal(size=weight.shape).astype(np.float32))
+    path = str(tmp_path / "shared.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0))
+    item, history = loaded.get_layer("item_embedding"), loaded.get_layer("history_embedding")
+    assert item.memory is history.memory
+    assert (item.inner.table_offset, history.inner.table_offset) == (0, 300)
+    assert len(loaded.weights) == len(model.weights)

@@ -108,7 +108,7 @@ class RobeMemory(keras.layers.Layer):
         if width < self.chunk_size:
             raise ValueError(f"{owner}: output_dim={width} is below the chunk_size={self.chunk_size} of its shared "
                              f"memory {self.described}; every sharer needs output_dim >= chunk_size")
-        if self.array is not None and self._size is None:
+        if self.array is not None and self.compression is not None:
             raise ValueError(f"{owner} registers with {self.described} after its array was made from "
                              f"compression={self.compression}; make every sharing layer before calling any")
         offset = self.total_rows if table_offset is None else int(table_offset)
