@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, keras
 from tfcompress.layers import (ChunkPrunedEmbedding, CompressedEmbedding, FullEmbedding, HashingTrickEmbedding,
-                               MLETEmbedding, QREmbedding, RobeEmbedding, RobeMemory)
+                               MLETEmbedding, QREmbedding, RobeEmbedding, RobeMemory, sharing_scope)
 from tfcompress.layers.bag import bag_lookup
 
 N, D = 200, 8
@@ -337,3 +337,17 @@ def test_keras_file_round_trip_keeps_the_memory_shared(tmp_path):
     assert item.memory is history.memory
     assert (item.inner.table_offset, history.inner.table_offset) == (0, 300)
     assert len(loaded.weights) == len(model.weights)
+
+
+def test_config_round_trip_of_shared_layers_needs_the_sharing_scope():
+    model = shared_model()
+    inputs = model_inputs()
+    model.predict(inputs, verbose=0)
+    # Keras re-raises the ValueError of a layer's from_config as a TypeError quoting it.
+    with pytest.raises((ValueError, TypeError), match="(?s)holds 2 tables.*sharing_scope"):
+        keras.Model.from_config(model.get_config())
+    with sharing_scope():
+        clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    assert clone.get_layer("item_embedding").memory is clone.get_layer("history_embedding").memory
+    np.testing.assert_array_equal(clone.predict(inputs, verbose=0), model.predict(inputs, verbose=0))

@@ -11,7 +11,7 @@ from tfcompress.layers.compressed_embedding import CompressedEmbedding
 from tfcompress.layers.qr import QREmbedding
 from tfcompress.layers.quantized import QuantizedEmbedding
 from tfcompress.layers.robe import RobeEmbedding
-from tfcompress.layers.robe_memory import RobeMemory
+from tfcompress.layers.robe_memory import RobeMemory, sharing_scope
 
 __all__ = [
     "ChunkPrunedEmbedding",
@@ -25,4 +25,5 @@ __all__ = [
     "QuantizedEmbedding",
     "RobeEmbedding",
     "RobeMemory",
+    "sharing_scope",
 ]
