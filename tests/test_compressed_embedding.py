@@ -5,6 +5,11 @@ with the same weights, `tf.nn.safe_embedding_lookup_sparse` on the materialized 
 `RobeEmbedding` over the same array.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -351,3 +356,42 @@ def test_config_round_trip_of_shared_layers_needs_the_sharing_scope():
     clone.set_weights(model.get_weights())
     assert clone.get_layer("item_embedding").memory is clone.get_layer("history_embedding").memory
     np.testing.assert_array_equal(clone.predict(inputs, verbose=0), model.predict(inputs, verbose=0))
+
+
+# ---- legacy tf.keras ---------------------------------------------------------------------------------------------
+
+LEGACY_CHILD = """
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, "tests")
+import test_compressed_embedding as t
+from tfcompress._keras import USING_LEGACY_KERAS
+assert USING_LEGACY_KERAS, "the child did not run on tf_keras"
+for method in sorted(t.METHOD_CASES):
+    t.test_any_shape_ids_equal_the_single_feature_layer(method)
+    t.test_config_round_trip(method)
+t.test_mask_zero_masks_id_zero_like_keras_embedding()
+for combiner in ("sum", "mean", "sqrtn"):
+    for kind in ("ragged", "sparse"):
+        t.test_bags_equal_safe_embedding_lookup_sparse(combiner, True, kind)
+t.test_bag_gradient_equals_safe_embedding_lookup_sparse_gradient()
+t.test_ragged_ids_without_a_combiner_give_ragged_embeddings()
+t.test_shared_memory_layers_equal_one_multi_table_robe_bit_for_bit(False, True)
+t.test_shared_memory_is_one_weight_of_the_model_and_trains()
+t.test_keras_file_round_trip_keeps_the_memory_shared(Path(tempfile.mkdtemp()))
+t.test_config_round_trip_of_shared_layers_needs_the_sharing_scope()
+t.test_bad_input_is_refused_naming_the_layer()
+print("legacy tf.keras: all passed")
+"""
+
+
+def test_the_same_tests_pass_under_legacy_tf_keras():
+    """One child process on tf_keras (TF_USE_LEGACY_KERAS=1 must be set before TensorFlow is imported) runs the
+    contract tests of this file: any-shape ids, mask, bags, sharing, .keras and config round trips, bad input."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", LEGACY_CHILD], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "legacy tf.keras: all passed" in result.stdout
