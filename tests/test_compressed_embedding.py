@@ -395,3 +395,22 @@ def test_the_same_tests_pass_under_legacy_tf_keras():
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "legacy tf.keras: all passed" in result.stdout
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_dense_ids_with_a_combiner_pool_the_last_axis_like_embed_reduce(combiner):
+    keras_rs = pytest.importorskip("keras_rs") if not USING_LEGACY_KERAS else None
+    layer = CompressedEmbedding(N, D, method="full", combiner=combiner)
+    ids = np.random.default_rng(0).integers(0, N, size=(4, 3))
+    weights = np.random.default_rng(1).uniform(0.5, 2.0, size=(4, 3)).astype(np.float32)
+    layer.build(None)
+    table = materialized(layer)
+    out = layer(ids, weights=weights).numpy()
+    assert out.shape == (4, D) and layer.compute_output_shape((4, 3)) == (4, D)
+    if keras_rs is not None:
+        reference = keras_rs.layers.EmbedReduce(N, D, combiner=combiner)
+        reference.build((None, 3))
+        reference.set_weights([table])
+        np.testing.assert_allclose(out, reference(ids, weights).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer(ids[:, 0]).numpy(), reference(ids[:, 0]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out[:, None], layer(ids[:, None], weights=weights[:, None]).numpy(), rtol=1e-6)
