@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, keras
-from tfcompress.layers import (ChunkPrunedEmbedding, CompressedEmbedding, FullEmbedding, HashingTrickEmbedding,
+from tfcompress.layers import (ChunkPrunedEmbedding, CompressedEmbedding, CompressedEmbeddings, FullEmbedding, HashingTrickEmbedding,
                                MLETEmbedding, QREmbedding, RobeEmbedding, RobeMemory, sharing_scope)
 from tfcompress.layers.bag import bag_lookup
 
@@ -414,3 +414,64 @@ def test_dense_ids_with_a_combiner_pool_the_last_axis_like_embed_reduce(combiner
         np.testing.assert_allclose(out, reference(ids, weights).numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(layer(ids[:, 0]).numpy(), reference(ids[:, 0]).numpy(), rtol=1e-6)
     np.testing.assert_allclose(out[:, None], layer(ids[:, None], weights=weights[:, None]).numpy(), rtol=1e-6)
+
+
+# ---- keras-rs feature configs ------------------------------------------------------------------------------------
+
+
+def keras_rs_features(keras_rs):
+    items = keras_rs.layers.TableConfig("items", vocabulary_size=500, embedding_dim=D, combiner="sum")
+    genres = keras_rs.layers.TableConfig("genres", vocabulary_size=30, embedding_dim=4, combiner="mean")
+    return {
+        "item": keras_rs.layers.FeatureConfig("item", items, (None,), (None, D)),
+        "context": {"history": keras_rs.layers.FeatureConfig("history", items, (None, 6), (None, D)),
+                    "genres": keras_rs.layers.FeatureConfig("genres", genres, (None, None), (None, 4))},
+    }
+
+
+def keras_rs_inputs(rows=8, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 4, rows)
+    genres = tf.RaggedTensor.from_row_lengths(rng.integers(0, 30, int(lengths.sum())), lengths)
+    return {"item": rng.integers(0, 500, rows), "context": {"history": rng.integers(0, 500, (rows, 6)),
+                                                             "genres": genres}}
+
+
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
+def test_compressed_embeddings_take_keras_rs_feature_configs_in_one_memory():
+    import keras_rs
+
+    features = keras_rs_features(keras_rs)
+    layer = CompressedEmbeddings(features, method="robe", ratio=10)
+    inputs = keras_rs_inputs()
+    out = layer(inputs)
+    assert tf.nest.map_structure(lambda t: tuple(t.shape), out) == {
+        "item": (8, D), "context": {"history": (8, D), "genres": (8, 4)}}
+    # One memory for both tables, sized by the ratio over all of them; features of one table read one layer.
+    assert layer.memory.size == int(np.ceil((500 * D + 30 * 4) / 10))
+    assert [w.shape for w in layer.weights] == [(layer.memory.size,)]
+    # Tables are laid out in the order tf.nest flattens the features (dict keys sorted): genres, then items.
+    genres, items = layer.table_layers
+    assert (genres.name, items.name) == ("genres", "items")
+    assert (genres.inner.table_offset, items.inner.table_offset) == (0, 30)
+    np.testing.assert_array_equal(out["item"].numpy(), items(inputs["item"]).numpy())
+    np.testing.assert_array_equal(out["context"]["history"].numpy(), items(inputs["context"]["history"]).numpy())
+    # The same structure as keras-rs' own DistributedEmbedding returns for these configs.
+    reference = keras_rs.layers.DistributedEmbedding(features)
+    expected = reference(inputs)
+    assert tf.nest.map_structure(lambda t: tuple(t.shape), expected) == tf.nest.map_structure(
+        lambda t: tuple(t.shape), out)
+    # A functional model trains and round-trips through a .keras file.
+    item_in = keras.Input(shape=(), dtype="int64", name="item")
+    history_in = keras.Input(shape=(6,), dtype="int64", name="history")
+    embedded = CompressedEmbeddings(keras_rs_features(keras_rs), method="hashing", budget=4000)(
+        {"item": item_in, "context": {"history": history_in, "genres": history_in}})
+    score = keras.layers.Dense(1)(keras.layers.Concatenate()(
+        [embedded["item"], embedded["context"]["history"], embedded["context"]["genres"]]))
+    model = keras.Model([item_in, history_in], score)
+    model.compile(optimizer="adam", loss="mse")
+    x = [inputs["item"], inputs["context"]["history"] % 30]
+    model.fit(x, np.ones(8), epochs=1, verbose=0)
+    clone = CompressedEmbeddings.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert clone.table_layers[1].inner.table_offset == 30 and clone.memory.size == layer.memory.size
