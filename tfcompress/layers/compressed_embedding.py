@@ -212,6 +212,11 @@ class CompressedEmbedding(keras.layers.Layer):
         out.set_shape(ids.shape.concatenate([self.output_dim]))
         return out
 
+    def _pool_bags(self, lookup_flat, values, row_splits, weights):
+        """The one place bags are pooled (ragged, sparse and dense bags alike): `bag.bag_lookup`, the composite
+        of stock ops; a fused bag op for training takes the same arguments here."""
+        return bag.bag_lookup(lookup_flat, values, row_splits, weights, self.combiner)
+
     def _lookup_dense_bags(self, ids, weights, lookup_flat):
         """Dense ids [..., L] with a combiner: each last-axis row is one bag -> [..., D], as
         `keras_rs.layers.EmbedReduce` pools; ids [B] are bags of one id -> [B, D]."""
@@ -227,7 +232,7 @@ class CompressedEmbedding(keras.layers.Layer):
             tf.debugging.assert_equal(tf.shape(weights), tf.shape(ids),
                                       message=f"{self.described}: weights must have the shape of the ids")
             weight_values = tf.reshape(weights, [-1])
-        pooled = bag.bag_lookup(lookup_flat, bags.values, bags.row_splits, weight_values, self.combiner)
+        pooled = self._pool_bags(lookup_flat, bags.values, bags.row_splits, weight_values)
         out = tf.reshape(pooled, tf.concat([tf.shape(ids)[:-1], [self.output_dim]], axis=0))
         out.set_shape(ids.shape[:-1].concatenate([self.output_dim]))
         return out
@@ -244,7 +249,7 @@ class CompressedEmbedding(keras.layers.Layer):
                                  "combiner=None (a ragged input then gives a ragged output)")
             return tf.ragged.map_flat_values(lambda flat: self._lookup_dense(flat, lookup_flat), ids)
         values, row_splits, weight_values = bag.as_ragged_bags(ids, weights, self.described)
-        return bag.bag_lookup(lookup_flat, values, row_splits, weight_values, self.combiner)
+        return self._pool_bags(lookup_flat, values, row_splits, weight_values)
 
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero or isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
