@@ -81,6 +81,8 @@ def test_mask_zero_masks_id_zero_like_keras_embedding():
     np.testing.assert_array_equal(layer.compute_mask(ids).numpy(),
                                   keras.layers.Embedding(N, D, mask_zero=True).compute_mask(ids).numpy())
     assert CompressedEmbedding(N, D, method="full").compute_mask(ids) is None
+    # A pooled bag has no per-id axis left to mask.
+    assert CompressedEmbedding(N, D, method="full", mask_zero=True, combiner="sum").compute_mask(ids) is None
     # The mask reaches a masking consumer in a functional model: masked steps do not move the mean.
     inputs = keras.Input(shape=(3,), dtype="int32")
     pooled = keras.layers.GlobalAveragePooling1D()(layer(inputs))

@@ -252,7 +252,8 @@ class CompressedEmbedding(keras.layers.Layer):
         return self._pool_bags(lookup_flat, values, row_splits, weight_values)
 
     def compute_mask(self, inputs, mask=None):
-        if not self.mask_zero or isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
+        # Pooled bags have no per-id axis left to mask; ragged and sparse inputs carry their own lengths.
+        if not self.mask_zero or self.combiner is not None or isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
             return None
         if hasattr(keras, "ops"):  # Keras 3 builds functional models on KerasTensors, which only keras.ops take
             return keras.ops.not_equal(inputs, 0)
