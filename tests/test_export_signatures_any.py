@@ -296,3 +296,28 @@ def test_a_tf_keras_model_with_ragged_and_string_inputs_exports_and_verifies(tmp
     result = verify(path, require_serving_api=True)
     assert result.ok, result.output[-3000:]
     assert result.status("examples") == "PASS" and result.status("keras_parity") == "PASS"
+
+
+@pytest.mark.slow
+def test_a_keras_rs_configured_compressed_embeddings_model_exports_and_verifies(tmp_path):
+    """CompressedEmbeddings (keras-rs FeatureConfigs, DistributedEmbedding's dict call) over dict inputs: the
+    sample ids come from each feature's table size, one ROBE memory holds both tables."""
+    keras_rs = pytest.importorskip("keras_rs")  # the [recommenders] extra
+    if keras.__name__ != "keras":
+        pytest.skip("keras-rs is a Keras 3 library")
+    from tfcompress.layers import CompressedEmbeddings
+
+    genres_table = keras_rs.layers.TableConfig("genres", vocabulary_size=50, embedding_dim=8, combiner="mean")
+    items_table = keras_rs.layers.TableConfig("items", vocabulary_size=1000, embedding_dim=8)
+    features = {"item": keras_rs.layers.FeatureConfig("item", items_table, (None,), (None, 8)),
+                "genres": keras_rs.layers.FeatureConfig("genres", genres_table, (None, None), (None, 8))}
+    inputs = {"item": keras.Input((), dtype="int64", name="item"),
+              "genres": keras.Input((None,), dtype="int64", ragged=True, name="genres")}
+    embedded = CompressedEmbeddings(features, method="robe", ratio=10)(inputs)
+    x = keras.layers.Concatenate()([embedded["item"], embedded["genres"]])
+    model = keras.Model(inputs, keras.layers.Dense(1)(x), name="keras_rs_tables")
+    path = export_saved_model(model, base_dir=str(tmp_path))
+    ranges = {item["name"]: item["id_range"] for item in metadata(path)["inputs"]}
+    assert ranges == {"item": [0, 1000], "genres": [0, 50]}
+    result = verify(path, require_serving_api=True)
+    assert result.ok, result.output[-3000:]

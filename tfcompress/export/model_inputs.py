@@ -197,8 +197,15 @@ def _nodes(model):
     return calls
 
 
-def _layer_range(layer):
-    """(low, high) of the ids `layer` reads, a vocabulary list, or None when it is not an id layer."""
+def _layer_range(layer, position=0):
+    """(low, high) of the ids `layer` reads as its `position`-th flat input, a vocabulary list, or None when it is
+    not an id layer."""
+    feature_configs = getattr(layer, "feature_configs", None)
+    if feature_configs is not None:  # CompressedEmbeddings: keras-rs FeatureConfigs, flat in the inputs' order
+        features = tf.nest.flatten(feature_configs)
+        table = getattr(features[position], "table", None) if position < len(features) else None
+        size = getattr(table, "vocabulary_size", None)
+        return (0, int(size)) if size is not None else None
     vocabulary = getattr(layer, "get_vocabulary", None)
     if callable(vocabulary):
         return list(vocabulary())
@@ -220,15 +227,15 @@ def _reached_ranges(calls, tensor, depth=0):
     """Ranges of the id layers that read `tensor`, following layers that pass it on (Reshape, Flatten, ...)."""
     found, passed = [], []
     for layer, inputs, outputs in calls:
-        if not any(t is tensor for t in inputs):
+        positions = [i for i, t in enumerate(inputs) if t is tensor]
+        if not positions:
             continue
-        layer_range = _layer_range(layer)
-        if layer_range is not None:
-            found.append(layer_range)
+        layer_ranges = [_layer_range(layer, i) for i in positions]
+        if any(r is not None for r in layer_ranges):
+            found += [r for r in layer_ranges if r is not None]
         elif hasattr(layer, "layers") and hasattr(layer, "inputs"):  # a nested model: its own graph
-            position = [i for i, t in enumerate(inputs) if t is tensor]
             inner = tf.nest.flatten(layer.inputs)
-            for i in position:
+            for i in positions:
                 if i < len(inner):
                     found += _reached_ranges(_nodes(layer), inner[i], depth + 1)[0]
         elif depth < 4:
