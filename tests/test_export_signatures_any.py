@@ -321,3 +321,14 @@ def test_a_keras_rs_configured_compressed_embeddings_model_exports_and_verifies(
     assert ranges == {"item": [0, 1000], "genres": [0, 50]}
     result = verify(path, require_serving_api=True)
     assert result.ok, result.output[-3000:]
+
+
+def test_a_sequential_model_is_served_by_its_input_and_one_without_inputs_is_refused():
+    sequential = keras.Sequential([keras.Input((4,), dtype="int32", name="ids"),
+                                   CompressedEmbedding(100, 8, method="qr", compression=4.0), keras.layers.Flatten(),
+                                   keras.layers.Dense(1)], name="sequential_ids")
+    (served,) = model_inputs.served_inputs(sequential)
+    assert (served.name, served.dtype, served.shape, served.id_range) == ("ids", tf.int32, (4,), (0, 100))
+    unbuilt = keras.Sequential([keras.layers.Dense(1)], name="unbuilt")
+    with pytest.raises(ValueError, match="model 'unbuilt' has no defined inputs"):
+        model_inputs.served_inputs(unbuilt)

@@ -99,7 +99,12 @@ class ServedInput:
 # ------------------------------------------------------------------------------------------- model inputs
 def input_structure(model):
     """The model's inputs as the model takes them: a dict, a list or one KerasTensor."""
-    structure = model.input
+    functional = getattr(model, "_functional", None)  # Keras 3 Sequential: the graph built from its Input
+    try:
+        structure = (functional or model).input
+    except AttributeError:
+        raise ValueError(f"model {model.name!r} has no defined inputs: build it from keras.Input (a Sequential model "
+                         "starting with keras.Input) so that export can derive its signature") from None
     if isinstance(structure, tuple):
         structure = list(structure)
     return structure
