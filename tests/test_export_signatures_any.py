@@ -34,18 +34,22 @@ def strings_model():
 
 
 def two_ids_model():
-    """Two id inputs of different ranks and tables (rank-1 hashed, [B, 2] multi-table ROBE, a plain Embedding) plus
-    a dense input: a list-input model (the signature takes the Inputs' names)."""
+    """Id inputs of different ranks and tables (rank-1 hashed, [B, 2] multi-table ROBE, a plain Embedding, a padded
+    [B, None] sequence under mask_zero) plus a dense input: a list-input model (the signature takes the Inputs'
+    names)."""
     user_id = keras.Input((), dtype="int64", name="user_id")
     item_ids = keras.Input((2,), dtype="int32", name="item_ids")
     shop_id = keras.Input((1,), dtype="int64", name="shop_id")
     features = keras.Input((3,), name="features")
+    recent = keras.Input((None,), dtype="int64", name="recent")  # padded with 0, any length per request
     user = CompressedEmbedding(100, 8, method="hashing", compression=4.0, name="user_embedding")(user_id)
     items = keras.layers.Flatten()(RobeEmbedding([50, 30], 8, compression=2.0, chunk_size=4, name="items")(item_ids))
     shop = keras.layers.Flatten()(keras.layers.Embedding(7, 8, name="shop_embedding")(shop_id))
-    x = keras.layers.Concatenate()([user, items, shop, features])
+    recent_vector = keras.layers.GlobalAveragePooling1D()(
+        CompressedEmbedding(60, 8, method="full", mask_zero=True, name="recent_embedding")(recent))
+    x = keras.layers.Concatenate()([user, items, shop, features, recent_vector])
     x = keras.layers.Dense(16, activation="relu")(x)
-    return keras.Model([user_id, item_ids, shop_id, features], keras.layers.Dense(1, activation="sigmoid")(x),
+    return keras.Model([user_id, item_ids, shop_id, features, recent], keras.layers.Dense(1, activation="sigmoid")(x),
                        name="two_ids")
 
 
@@ -98,7 +102,7 @@ def test_the_signature_is_derived_from_the_model_inputs(exported):
     loaded = tf.saved_model.load(exported["paths"]["two_ids"])
     declared = loaded.signatures["serving_default"].structured_input_signature[1]
     assert {key: spec.dtype for key, spec in declared.items()} == {
-        "user_id": tf.int64, "item_ids": tf.int32, "shop_id": tf.int64, "features": tf.float32}
+        "user_id": tf.int64, "item_ids": tf.int32, "shop_id": tf.int64, "features": tf.float32, "recent": tf.int64}
     bags = metadata(exported["paths"]["bags"])
     assert bags["contract"] == "model_inputs"
     assert bags["signatures"]["serving_default"]["inputs"] == {
@@ -110,7 +114,9 @@ def test_the_signature_is_derived_from_the_model_inputs(exported):
     assert kinds == {"genres": "ragged", "genre_weights": "ragged", "history": "fixed", "item": "fixed"}
     two_ids = metadata(exported["paths"]["two_ids"])
     ranges = {item["name"]: item["id_range"] for item in two_ids["inputs"]}
-    assert ranges == {"user_id": [0, 100], "item_ids": [0, 30], "shop_id": [0, 7], "features": None}
+    assert ranges == {"user_id": [0, 100], "item_ids": [0, 30], "shop_id": [0, 7], "features": None,
+                      "recent": [0, 60]}
+    assert {item["name"]: item["example_kind"] for item in two_ids["inputs"]}["recent"] == "sequence"
 
 
 def _keras_outputs(model, feeds):
@@ -332,3 +338,18 @@ def test_a_sequential_model_is_served_by_its_input_and_one_without_inputs_is_ref
     unbuilt = keras.Sequential([keras.layers.Dense(1)], name="unbuilt")
     with pytest.raises(ValueError, match="model 'unbuilt' has no defined inputs"):
         model_inputs.served_inputs(unbuilt)
+
+
+def test_a_padded_sequence_input_is_read_from_examples_of_any_length(exported):
+    loaded = tf.saved_model.load(exported["paths"]["two_ids"])
+    common = dict(user_id=[7], item_ids=[3, 29], shop_id=[6], features=[0.5, -1.0, 2.0])
+    records = [_example(recent=[12], **common), _example(recent=[5, 59, 1], **common)]
+    got = loaded.signatures["examples"](examples=tf.constant(records))["output"].numpy()
+    feeds = dict(user_id=tf.constant([7, 7], tf.int64), item_ids=tf.constant([[3, 29]] * 2, tf.int32),
+                 shop_id=tf.constant([[6]] * 2, tf.int64), features=tf.constant([[0.5, -1.0, 2.0]] * 2),
+                 recent=tf.constant([[12, 0, 0], [5, 59, 1]], tf.int64))  # padded with 0, which the mask drops
+    np.testing.assert_array_equal(got, loaded.signatures["serving_default"](**feeds)["output"].numpy())
+    keras_model = exported["models"]["two_ids"]
+    expected = np.asarray(keras_model([feeds[k] for k in ("user_id", "item_ids", "shop_id", "features", "recent")],
+                                      training=False))
+    np.testing.assert_allclose(got, expected, atol=1e-6)

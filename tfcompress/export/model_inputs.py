@@ -362,6 +362,10 @@ def sample_tensors(inputs, rows, seed=0):
         if item.id_range is not None and rows > 1:  # the edge ids in the first two rows
             values[0] = item.id_range[0]
             values[1] = item.id_range[1] - 1
+            if values[0].size > 1:
+                # Not only the lowest id: for a mask_zero sequence an all-zero row is all padding, which a masked
+                # mean turns into NaN (and fused graph ops into another value): a row no model is asked to score.
+                values[0].reshape(-1)[-1] = item.id_range[1] - 1
         tensors[item.name] = values
     return tensors
 
