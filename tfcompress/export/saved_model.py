@@ -487,8 +487,11 @@ def _tracked_resources(model, concrete_functions):
     return list(found.values())
 
 
-def _numpy_outputs(function, tensors):
-    return {key: value.numpy() for key, value in function(**model_inputs.to_constants(tensors)).items()}
+def _numpy_outputs(function, inputs, tensors):
+    """The outputs of serving_default's concrete function on {tensor name: array}, fed in signature order."""
+    constants = model_inputs.to_constants(tensors)
+    feeds = [constants[spec.name] for spec in model_inputs.signature_specs(inputs)]
+    return {key: value.numpy() for key, value in function(*feeds).items()}
 
 
 def _stored(prefix, arrays):
@@ -548,7 +551,7 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
     captured = {id(v): v for function in concrete.values() for v in function.variables}
     named = unique_names(captured.values(), paths)
     sizes = size_table(named, folded)
-    serving_outputs = _numpy_outputs(concrete[TENSOR_SIGNATURE], tensors)
+    serving_outputs = _numpy_outputs(concrete[TENSOR_SIGNATURE], inputs, tensors)
     if sorted(serving_outputs) != sorted(keras_outputs):
         raise RuntimeError(f"internal error: the serving graph returns {sorted(serving_outputs)}, the Keras model "
                            f"{sorted(keras_outputs)}")
