@@ -320,7 +320,7 @@ def parsed_to_tensors(inputs, parsed):
 
 
 # ------------------------------------------------------------------------------------------------- samples
-def _values(item, count, rng, column_ranges=None):
+def _values(item, count, rng):
     if item.dtype == tf.string:
         if item.vocabulary:
             choices = item.vocabulary + ["__tfcompress_unseen__"]
