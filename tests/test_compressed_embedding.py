@@ -492,6 +492,14 @@ def test_compressed_embeddings_take_keras_rs_feature_configs_in_one_memory(tmp_p
     assert (genres.inner.table_offset, items.inner.table_offset) == (0, 30)
     np.testing.assert_array_equal(out["item"].numpy(), items(inputs["item"]).numpy())
     np.testing.assert_array_equal(out["context"]["history"].numpy(), items(inputs["context"]["history"]).numpy())
+    # Per-id weights come in the inputs' structure and reach the table's bag.
+    weights = tf.nest.map_structure(lambda ids: tf.ones_like(ids, tf.float32) * 2.0, inputs)
+    weighted = layer(inputs, weights=weights)
+    np.testing.assert_allclose(weighted["item"].numpy(), 2.0 * out["item"].numpy(), rtol=1e-6)  # "sum" table
+    np.testing.assert_allclose(weighted["context"]["genres"].numpy(), out["context"]["genres"].numpy(),
+                               rtol=1e-6, atol=1e-7)  # "mean" table: uniform weights cancel
+    with pytest.raises(ValueError, match="structure of feature_configs"):
+        layer({"item": inputs["item"]})
     # With full tables, the values keras-rs' own DistributedEmbedding returns for the same tables.
     full = CompressedEmbeddings(features, method="full")
     reference = keras_rs.layers.DistributedEmbedding(features)
