@@ -62,3 +62,49 @@ def fresh_initializer(initializer):
     if config.get("seed") is not None:
         return initializer
     return type(initializer).from_config(config)
+
+
+# Keras' object-sharing scope: inside it, an object serialized by several layers' configs (a shared RobeMemory) is
+# deserialized once and handed to all of them. `.keras` save and load open it themselves; neither stack exports it
+# publicly, so it is reached here, the one module that knows which Keras is in use. The private modules are
+# imported when first needed, so a Keras release that moves them breaks memory sharing only, not the package.
+
+
+def _serialization_lib():
+    if USING_LEGACY_KERAS:
+        # private module, imported on use (see above)
+        from tf_keras.src.saving import serialization_lib
+    else:
+        # private module, imported on use (see above)
+        from keras.src.saving import serialization_lib
+    return serialization_lib
+
+
+def in_object_sharing_scope():
+    """True inside a Keras object-sharing scope (where shared objects are serialized and read back once)."""
+    if USING_LEGACY_KERAS:  # tf_keras keeps the flag in a thread-local
+        return bool(getattr(_serialization_lib().SHARED_OBJECTS, "enabled", False))
+    # Keras 3 keeps its map in global state while a scope is open; private module, imported on use (see above)
+    from keras.src.backend.common import global_state
+
+    return global_state.get_global_attribute("shared_objects/id_to_obj_map") is not None
+
+
+def object_sharing_scope():
+    """A context manager: configs made and read inside it keep objects shared by several layers shared."""
+    return _serialization_lib().ObjectSharingScope()
+
+
+def legacy_loading_scope():
+    """The tf_keras SavedModel loader's shared-object scope while `load_model(directory)` runs, else None.
+
+    That loader rebuilds layers from their configs outside the object-sharing scope above; this scope (its own,
+    with `get(key)` / `set(key, object)`) is what lets an object shared by several layers come back shared there.
+    """
+    if not USING_LEGACY_KERAS:
+        return None
+    # private module, imported on use (see above)
+    from tf_keras.src.saving.legacy import serialization as legacy_serialization
+
+    scope = legacy_serialization._shared_object_loading_scope()
+    return scope if isinstance(scope, legacy_serialization.SharedObjectLoadingScope) else None

@@ -153,7 +153,9 @@ def _add_export_arguments(parser):
     parser.add_argument("--pipeline", metavar="TOML",
                         help="the trained pipeline: its model is RUNS_DIR/<pipeline name>/model.keras and its name "
                              "is the default --name")
-    parser.add_argument("--checkpoint", metavar="MODEL.keras", help="a saved Keras model (instead of --pipeline's)")
+    parser.add_argument("--checkpoint", metavar="MODEL.keras",
+                        help="a saved Keras model (instead of --pipeline's): {dense, sparse} inputs, or any inputs "
+                             "(string, several id, ragged, dense; docs/export_contract.md 'Models with other inputs')")
     parser.add_argument("--runs-dir", default="runs", help="where `tfcompress train` saved the models")
     parser.add_argument("--name", help="served model name (default: the pipeline's or the Keras model's name)")
     parser.add_argument("--base-dir", default="saved_models", help="TF Serving model base (holds models.config)")

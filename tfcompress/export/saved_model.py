@@ -28,6 +28,11 @@ and `saved_models/models.config` (TF Serving's ModelServerConfig text format) ga
 tensorflow-serving-api, installed without its dependencies (`tfcompress.export.serving_config` says why); without
 it importing this module raises ImportError saying how to install it.
 
+Models with other inputs (anything but exactly {"dense", "sparse"}: string ids with a StringLookup, several id
+inputs, ragged bags, dense inputs of any names) get `serving_default` with one tensor per input (a ragged input NAME
+as NAME_values + NAME_row_lengths) and `examples` with one feature per input (`tfcompress.export.model_inputs`),
+returning the model's own outputs.
+
 What the serving graph contains (stock TensorFlow ops only: TF Serving's binary cannot load our custom ops):
 
 - the model's graph is traced with every id layer's `serving_lookup` in place of its `call`
@@ -72,12 +77,15 @@ from tfcompress.export.onnx import DEFAULT_ONNX_OPSET, export_onnx, onnx_predict
 from tfcompress.export.raw_features import (RAW_FEATURES_SIGNATURE, RAW_INPUT, RAW_SIGNATURE, RawPreprocessor,
                                             load_raw_spec, pack_fields, raw_sample_rows, reference_features)
 from tfcompress.export.serving_config import check_model_name, update_models_config
-from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_for_serving, model_cardinalities,
-                                             outer_embedding_layers, quantized_substitutes, unique_names,
-                                             variable_paths)
+from tfcompress.export import model_inputs
+from tfcompress.export.serving_model import (ServingModel, embedding_layer_sizes, feature_counts, fold_for_serving,
+                                             model_cardinalities, quantized_substitutes, size_embedding_layers,
+                                             takes_dense_sparse, unique_names, variable_paths)
 from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, SERVED_SHAPE,
-                                          TENSOR_SIGNATURE, example_features, raw_serving_functions,
-                                          serving_functions, write_warmup_requests)
+                                          TENSOR_SIGNATURE, example_features, model_input_functions,
+                                          raw_serving_functions, serving_functions, write_model_input_warmup,
+                                          write_warmup_requests)
+from tfcompress.layers.base import nested_layers
 from tfcompress.lookup import TableReader, resource_variable
 
 QUANTIZE_CHOICES = (None, "int8", "fp16")
@@ -97,6 +105,8 @@ RAW_SAMPLES_FILE = "tfcompress_raw_samples.npz"
 WARMUP_FILE = "tf_serving_warmup_requests"
 ONNX_FILE = "model.onnx"
 METADATA_FORMAT = 1
+# `contract` in the metadata of a model with other inputs (absent: the {"dense", "sparse"} contract).
+MODEL_INPUTS_CONTRACT = "model_inputs"
 
 
 # ---------------------------------------------------------------------------------------------- size table
@@ -106,7 +116,7 @@ def size_table(named_variables, model):
     The uncompressed model keeps the non-embedding weights and replaces every embedding layer by full float32
     tables: sum over its features of cardinality x output_dim x 4 bytes.
     """
-    embedding_layers = outer_embedding_layers(model)
+    embedding_layers = size_embedding_layers(model)
     embedding_ids = {id(resource_variable(w)) for layer in embedding_layers for w in layer.weights}
     rows = []
     for name, variable in named_variables.items():
@@ -115,15 +125,16 @@ def size_table(named_variables, model):
         rows.append({"name": name, "dtype": variable.dtype.name, "shape": [int(d) for d in variable.shape],
                      "bytes": nbytes, "embedding": bool(is_embedding)})
     dense_bytes = sum(row["bytes"] for row in rows if not row["embedding"])
-    logical_bytes = sum(int(layer.logical_parameters) * 4 for layer in embedding_layers)
+    sizes = [embedding_layer_sizes(layer) for layer in embedding_layers]
+    logical_bytes = sum(logical * 4 for _, _, logical in sizes)
     return {
         "variables": rows,
         "exported_bytes": sum(row["bytes"] for row in rows),
         "uncompressed_bytes": dense_bytes + logical_bytes,
         "embedding_layers": [
-            {"name": layer.name, "class": type(layer).__name__, "cardinalities": [int(c) for c in layer.cardinalities],
-             "output_dim": int(layer.output_dim), "logical_parameters": int(layer.logical_parameters)}
-            for layer in embedding_layers
+            {"name": layer.name, "class": type(layer).__name__, "cardinalities": cardinalities,
+             "output_dim": output_dim, "logical_parameters": logical}
+            for layer, (cardinalities, output_dim, logical) in zip(embedding_layers, sizes)
         ],
     }
 
@@ -183,6 +194,20 @@ def next_version(model_dir):
     """The next free integer version: one more than the largest, 1 for a new model."""
     versions = existing_versions(model_dir)
     return versions[-1] + 1 if versions else 1
+
+
+def _new_version(base_dir, name, version):
+    """(model_dir, version, version_dir) of the version to write: `version`, or the next free one."""
+    model_dir = os.path.join(base_dir, name)
+    if version is None:
+        version = next_version(model_dir)
+    elif isinstance(version, bool) or int(version) != version or version < 1:
+        raise ValueError(f"version must be an integer >= 1, got {version!r}")
+    version = int(version)
+    version_dir = os.path.join(model_dir, str(version))
+    if os.path.exists(version_dir):
+        raise ValueError(f"{version_dir} exists; versions are never overwritten (omit version= for the next one)")
+    return model_dir, version, version_dir
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -258,7 +283,10 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
 
     Args:
         model: a Keras model with inputs {"dense": f32[B, n_dense], "sparse": i64[B, n_sparse]} returning the click
-            probability [B, 1] (what `tfcompress.models` builds), with any tfcompress embedding layers.
+            probability [B, 1] (what `tfcompress.models` builds), with any tfcompress embedding layers; or any other
+            functional/Sequential Keras model of Keras and tfcompress layers, whose signature is derived from its
+            inputs (string, several id, ragged and dense inputs of any names: `tfcompress.export.model_inputs`,
+            docs/export_contract.md "Models with other inputs"; onnx, schema and raw_preprocessing do not apply).
         base_dir: the TF Serving model base directory.
         name: the served model's name (default: the Keras model's name).
         version: integer version; default the next free one. An existing version is never overwritten.
@@ -269,7 +297,8 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         serving_out_of_range: "mod" (fold every id into range; never raises) or "as_trained" (each layer's own
             rule). See the module doc.
         sample_inputs: {"dense", "sparse"} rows (in range) whose predictions are stored for `verify`; default
-            `DEFAULT_SAMPLE_ROWS` random rows.
+            `DEFAULT_SAMPLE_ROWS` random rows. For a model with other inputs: {input name: array or
+            tf.RaggedTensor}, as the model takes them (needed when no layer tells the range of an integer input).
         onnx_opset: ONNX opset for `onnx=True`.
         config_base_path: base_path written to models.config (default: the absolute path of BASE_DIR/NAME).
         tolerance: allowed |exported - Keras| probability difference recorded for `verify`; default
@@ -283,7 +312,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         The path of the new version directory.
 
     Raises:
-        ValueError: a bad argument, a model without the {"dense", "sparse"} inputs, an existing version.
+        ValueError: a bad argument, a model input that cannot be served (named), an existing version.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -296,20 +325,15 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     tolerance = KERAS_TOLERANCE[quantize] if tolerance is None else float(tolerance)
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    if not takes_dense_sparse(model):
+        return _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema, serving_out_of_range,
+                                    sample_inputs, config_base_path, tolerance, raw_preprocessing)
     n_dense, n_sparse = feature_counts(model, schema)
     cardinalities = model_cardinalities(model, n_sparse, schema)
     if len(cardinalities) != n_sparse:
         raise ValueError(f"schema lists {len(cardinalities)} cardinalities for {n_sparse} sparse columns")
 
-    model_dir = os.path.join(base_dir, name)
-    if version is None:
-        version = next_version(model_dir)
-    elif isinstance(version, bool) or int(version) != version or version < 1:
-        raise ValueError(f"version must be an integer >= 1, got {version!r}")
-    version = int(version)
-    version_dir = os.path.join(model_dir, str(version))
-    if os.path.exists(version_dir):
-        raise ValueError(f"{version_dir} exists; versions are never overwritten (omit version= for the next one)")
+    model_dir, version, version_dir = _new_version(base_dir, name, version)
 
     samples = _check_inputs(sample_inputs, n_dense, n_sparse) if sample_inputs is not None else \
         sample_rows(n_dense, cardinalities)
@@ -428,5 +452,159 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         warnings.warn(f"the exported model's probabilities differ from the Keras model's by "
                       f"{metadata['keras_max_abs_difference']:.3g} (> tolerance {tolerance}); verify will fail",
                       RuntimeWarning, stacklevel=2)
+    update_models_config(base_dir, name, config_base_path)
+    return version_dir
+
+
+# ------------------------------------------------------------------------------------ models with other inputs
+def _tracked_resources(model, concrete_functions):
+    """The non-variable resources the signatures read (a StringLookup's hash table, ...), found among the model's
+    layers so that the SavedModel saves them.
+
+    Raises:
+        ValueError: a resource the signatures read that no layer of the model holds (export could not save it).
+    """
+    captured = {}
+    for function in concrete_functions:
+        for external, _ in function.graph.captures:
+            if getattr(external, "dtype", None) == tf.resource:
+                captured[id(external)] = external
+    variables = {id(v.handle) for function in concrete_functions for v in function.variables}
+    wanted = {key for key in captured if key not in variables}
+    found = {}
+    for layer in [model, *nested_layers(model)]:
+        for value in list(vars(layer).values()):
+            for candidate in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(candidate, tf.saved_model.experimental.TrackableResource):
+                    handle = getattr(candidate, "resource_handle", None)
+                    if id(handle) in wanted:
+                        found[id(handle)] = candidate
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"the serving graph reads {len(missing)} resource(s) (e.g. "
+                         f"{getattr(captured[missing[0]], 'name', '?')}) that no layer of the model holds as an "
+                         "attribute, so the SavedModel could not save them")
+    return list(found.values())
+
+
+def _numpy_outputs(function, inputs, tensors):
+    """The outputs of serving_default's concrete function on {tensor name: array}, fed in signature order."""
+    constants = model_inputs.to_constants(tensors)
+    feeds = [constants[spec.name] for spec in model_inputs.signature_specs(inputs)]
+    return {key: value.numpy() for key, value in function(*feeds).items()}
+
+
+def _stored(prefix, arrays):
+    """npz entries PREFIX.KEY; strings as fixed-width bytes (np.savez stores them without pickling)."""
+    return {f"{prefix}.{key}": value.astype(bytes) if value.dtype == object else value
+            for key, value in arrays.items()}
+
+
+def _output_difference(got, expected):
+    """max |got - expected| of one output; NaN on both sides is equal (a model may give NaN, e.g. a mean over no
+    values), NaN on one side or another shape is inf; strings: 0 or inf."""
+    if got.dtype.kind in "SO":
+        return 0.0 if np.array_equal(got, expected) else float("inf")
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    if got.shape != expected.shape or not np.array_equal(np.isnan(got), np.isnan(expected)):
+        return float("inf")
+    known = ~np.isnan(got)
+    return float(np.max(np.abs(got[known] - expected[known]))) if np.any(known) else 0.0
+
+
+def _output_metadata(outputs):
+    return {key: [value.dtype.name if hasattr(value.dtype, "name") else str(value.dtype),
+                  [None, *[int(d) for d in value.shape[1:]]]] for key, value in outputs.items()}
+
+
+def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema, serving_out_of_range,
+                         sample_inputs, config_base_path, tolerance, raw_preprocessing):
+    """`export_saved_model` for a model with other inputs (docs/export_contract.md, "Models with other inputs")."""
+    where = f"model {model.name!r} takes {sorted(n for n, _ in model_inputs.named_inputs(model))}, not the " \
+            "{'dense', 'sparse'} contract"
+    for argument, value in (("onnx", onnx), ("schema", schema), ("raw_preprocessing", raw_preprocessing)):
+        if value:
+            raise ValueError(f"{argument}= is for models with the {{'dense', 'sparse'}} inputs only; {where}")
+    inputs = model_inputs.served_inputs(model)
+    model_dir, version, version_dir = _new_version(base_dir, name, version)
+    if sample_inputs is not None:
+        tensors = model_inputs.tensors_from_model_rows(inputs, sample_inputs)
+    else:
+        tensors = model_inputs.sample_tensors(inputs, DEFAULT_SAMPLE_ROWS)
+    keras_outputs = model_inputs.keras_outputs(model, inputs, tensors)
+
+    folded = fold_for_serving(model)
+    paths = variable_paths(folded)
+    substitutes = {}
+    if quantize is not None:
+        probe = TableReader()
+        model_input_functions(ServingModel(folded, serving_out_of_range, probe), inputs)[0].get_concrete_function()
+        substitutes = quantized_substitutes(probe.tables, quantize, paths)
+        for key, (values, _) in substitutes.items():
+            paths[id(values)] = values.name.split(":")[0]
+    served = ServingModel(folded, serving_out_of_range, TableReader(substitutes))
+    serve_tensors, serve_examples = model_input_functions(served, inputs)
+    concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
+                EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
+    _check_stock_graph(concrete.values())
+    resources = _tracked_resources(folded, concrete.values())
+    captured = {id(v): v for function in concrete.values() for v in function.variables}
+    named = unique_names(captured.values(), paths)
+    sizes = size_table(named, folded)
+    serving_outputs = _numpy_outputs(concrete[TENSOR_SIGNATURE], inputs, tensors)
+    if sorted(serving_outputs) != sorted(keras_outputs):
+        raise RuntimeError(f"internal error: the serving graph returns {sorted(serving_outputs)}, the Keras model "
+                           f"{sorted(keras_outputs)}")
+    difference = max(_output_difference(serving_outputs[key], keras_outputs[key]) for key in serving_outputs)
+
+    os.makedirs(model_dir, exist_ok=True)
+    staging = os.path.join(model_dir, f".staging-{version}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        module = tf.Module()
+        module.weights_by_name = named  # tracks exactly the variables the signatures read
+        module.resources = resources  # and the lookup tables they read (saved with their contents)
+        tf.saved_model.save(module, staging, signatures=concrete)
+        extra = os.path.join(staging, METADATA_DIR)
+        os.makedirs(extra, exist_ok=True)
+        np.savez(os.path.join(extra, SAMPLES_FILE), **_stored("input", tensors), **_stored("keras", keras_outputs),
+                 **_stored("serving", serving_outputs))
+        write_model_input_warmup(os.path.join(extra, WARMUP_FILE), name, inputs, tensors)
+        outputs = _output_metadata(serving_outputs)
+        specs = model_inputs.signature_specs(inputs)
+        metadata = {
+            "format": METADATA_FORMAT,
+            "contract": MODEL_INPUTS_CONTRACT,
+            "name": name,
+            "version": version,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tfcompress": tfcompress.__version__,
+            "tensorflow": tf.__version__,
+            "keras_model": model.name,
+            "inputs": [item.describe() for item in inputs],
+            "signatures": _signature_def_inputs({
+                TENSOR_SIGNATURE: {"inputs": {spec.name: [spec.dtype.name, spec.shape.as_list()] for spec in specs},
+                                   "outputs": outputs},
+                EXAMPLE_SIGNATURE: {"inputs": {EXAMPLES_INPUT: ["string", [None]]}, "outputs": outputs,
+                                    "example_keys": sorted(item.name for item in inputs)},
+            }),
+            "quantize": quantize,
+            "keras_tolerance": tolerance,
+            "parity_tolerance": PARITY_TOLERANCE,
+            "keras_max_abs_difference": difference,
+            "serving_out_of_range": serving_out_of_range,
+            "bad_ids_raise": None,
+            "warmup_requests": WARMUP_FILE,
+            "onnx": None,
+            **sizes,
+        }
+        with open(os.path.join(extra, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2)
+        os.rename(staging, version_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if difference > tolerance:
+        warnings.warn(f"the exported model's outputs differ from the Keras model's by {difference:.3g} (> tolerance "
+                      f"{tolerance}); verify will fail", RuntimeWarning, stacklevel=3)
     update_models_config(base_dir, name, config_base_path)
     return version_dir

@@ -2,6 +2,8 @@
 (stock ops, plain or de-quantizing lookups, the serving id rule), quantized table copies and variable names.
 """
 
+import inspect
+
 import numpy as np
 import tensorflow as tf
 
@@ -24,6 +26,31 @@ def outer_embedding_layers(model):
     embeddings = [layer for layer in nested_layers(model) if _is_embedding(layer)]
     inner = {id(sub) for layer in embeddings for sub in nested_layers(layer)}
     return [layer for layer in embeddings if id(layer) not in inner]
+
+
+def takes_dense_sparse(model):
+    """Whether `model` takes exactly {"dense", "sparse"} (the dense/sparse contract); other models are exported with
+    a signature derived from their inputs (`tfcompress.export.model_inputs`)."""
+    inputs = getattr(model, "input", None)
+    return isinstance(inputs, dict) and set(inputs) == {"dense", "sparse"}
+
+
+def size_embedding_layers(model):
+    """The layers the size table counts as embeddings: tfcompress embedding layers and `keras.layers.Embedding`
+    (and any id layer with `input_dim` and `output_dim`), each once (not the members of another)."""
+    found = [layer for layer in nested_layers(model)
+             if _is_embedding(layer) or isinstance(layer, keras.layers.Embedding)
+             or (is_id_layer(layer) and hasattr(layer, "input_dim") and hasattr(layer, "output_dim"))]
+    inner = {id(sub) for layer in found for sub in nested_layers(layer)}
+    return [layer for layer in found if id(layer) not in inner]
+
+
+def embedding_layer_sizes(layer):
+    """(cardinalities, output_dim, logical parameters) of a layer of `size_embedding_layers`."""
+    if hasattr(layer, "cardinalities") and hasattr(layer, "logical_parameters"):
+        return [int(c) for c in layer.cardinalities], int(layer.output_dim), int(layer.logical_parameters)
+    cardinalities = [int(layer.input_dim)]
+    return cardinalities, int(layer.output_dim), cardinalities[0] * int(layer.output_dim)
 
 
 def feature_counts(model, schema=None):
@@ -149,7 +176,7 @@ class ServingModel:
     def _serving_call(self, layer):
         """What runs in place of `layer(*args, **kwargs)` in the serving graph."""
         if is_id_layer(layer):
-            return lambda ids, *args, **kwargs: layer.serving_lookup(ids, self.out_of_range, self.tables)
+            return self._id_call(layer)
         if self._is_graph_model(layer):
             return lambda inputs, *args, **kwargs: self._run(layer, inputs)
         takes_training = ("training" in getattr(layer, "_call_context_args", ())  # Keras 3
@@ -159,6 +186,31 @@ class ServingModel:
             if takes_training:
                 kwargs["training"] = False
             return layer(*args, **kwargs)
+
+        return call
+
+    def _id_call(self, layer):
+        """`layer.serving_lookup` with the serving rule, the table reader and the call's own arguments (a bag
+        layer's per-id `weights`), and the mask `call` would give (mask_zero) set on its output."""
+        parameters = inspect.signature(layer.serving_lookup).parameters
+
+        def call(ids, *args, **kwargs):
+            options = {"out_of_range": self.out_of_range}
+            if "tables" in parameters:
+                options["tables"] = self.tables
+            given = dict(kwargs)
+            given.pop("training", None)
+            given.pop("mask", None)
+            if args:  # the second positional argument of a bag layer's call: the per-id weights
+                given.setdefault("weights", args[0])
+            unknown = sorted(key for key in given if key not in parameters)
+            if unknown:
+                raise ValueError(f"export cannot pass {unknown} to {type(layer).__name__} {layer.name!r}."
+                                 f"serving_lookup (it takes {sorted(parameters)})")
+            outputs = layer.serving_lookup(ids, **options, **given)
+            if getattr(layer, "mask_zero", False):
+                _set_mask(outputs, layer.compute_mask(ids))
+            return outputs
 
         return call
 
@@ -199,6 +251,14 @@ class ServingModel:
                     computed[key] = [value] * usage[key]
         return tf.nest.pack_sequence_as(model._nested_outputs,
                                         [computed[str(id(output))].pop() for output in model.outputs])
+
+
+def _set_mask(tensor, mask):
+    """Attach a Keras mask to `tensor`, where the next layers' `__call__` look for it (both Keras stacks)."""
+    if hasattr(keras, "ops"):  # Keras 3: its own setter (a table for tensors that take no attribute)
+        keras.src.backend.common.masking.set_keras_mask(tensor, mask)
+    else:  # tf_keras reads `_keras_mask` of its inputs
+        tensor._keras_mask = mask
 
 
 def _graph_layers(model):

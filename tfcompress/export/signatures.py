@@ -23,6 +23,7 @@ request naming its index and what is wrong with it, never TF's message that quot
 import numpy as np
 import tensorflow as tf
 
+from tfcompress.export import model_inputs
 from tfcompress.export.raw_features import RAW_INPUT
 from tfcompress.export.serving_config import SERVING_API_MISSING
 
@@ -134,26 +135,39 @@ def _try(function, args, fallback):
     return attempt.concatenate(otherwise).take(1).get_single_element()
 
 
-def _example_expectation(n_dense, n_sparse):
-    dense = f" and float dense[{n_dense}]" if n_dense > 0 else ""
-    return f"int64 sparse[{n_sparse}]{dense}"
+def _layout_checks(n_dense, n_sparse):
+    """(key, dtype, list name, width) of the TFRecord layout's features, as `_record_problem` checks them."""
+    checks = [("sparse", tf.int64, "int64_list", n_sparse)]
+    if n_dense > 0:
+        checks.append(("dense", tf.float32, "float_list", n_dense))
+    return checks
 
 
-def _record_problem(record, n_dense, n_sparse):
-    """Why one serialized record fails to parse as the layout: a string tensor (run only on the failure path)."""
+def _example_expectation(checks):
+    """"int64 sparse[26] and float dense[13]" ("[var]" for a feature of any length)."""
+    parts = [f"{'float' if dtype == tf.float32 else dtype.name if dtype != tf.string else 'bytes'} "
+             f"{key}[{'var' if width is None else width}]" for key, dtype, _, width in checks]
+    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+
+def _record_problem(record, checks):
+    """Why one serialized record fails to parse: a string tensor (run only on the failure path).
+
+    `checks`: (key, dtype, list name, width) per feature; width None for a feature of any length (ragged or
+    sequence inputs), which is only checked for its list type.
+    """
     one = tf.reshape(record, [1])
     parses, _ = _try(lambda r: tf.io.parse_example(r, {_PROBE_KEY: tf.io.VarLenFeature(tf.string)})[_PROBE_KEY]
                      .values, (one,), tf.zeros([0], tf.string))
     reasons = [(tf.logical_not(parses), tf.constant("its bytes do not parse as a tf.train.Example"))]
-    for key, dtype, list_name, width in (("sparse", tf.int64, "int64_list", n_sparse),
-                                         ("dense", tf.float32, "float_list", n_dense)):
-        if width == 0:
-            continue
+    for key, dtype, list_name, width in checks:
         typed, values = _try(lambda r, key=key, dtype=dtype: tf.io.parse_example(r, {key: tf.io.VarLenFeature(dtype)})
                              [key].values, (one,), tf.zeros([0], dtype))
+        reasons.append((tf.logical_not(typed), tf.constant(f"its feature {key} is not a valid {list_name}")))
+        if width is None:
+            continue
         count = tf.size(values, out_type=tf.int64)
         reasons += [
-            (tf.logical_not(typed), tf.constant(f"its feature {key} is not a valid {list_name}")),
             (tf.equal(count, 0), tf.constant(f"it has no feature {key} (or an empty one)")),
             (tf.not_equal(count, width),
              tf.strings.join([f"its feature {key} has ", tf.strings.as_string(count), f" values, expected {width}"])),
@@ -164,6 +178,15 @@ def _record_problem(record, n_dense, n_sparse):
     return why
 
 
+def _empty_parsed(feature):
+    """A zero-row value of what parse_example gives for `feature` (the fallback of the in-graph try)."""
+    if isinstance(feature, tf.io.RaggedFeature):
+        return tf.RaggedTensor.from_row_lengths(tf.zeros([0], feature.dtype), tf.zeros([0], feature.row_splits_dtype))
+    if isinstance(feature, tf.io.FixedLenSequenceFeature):
+        return tf.zeros([0, 0] + list(feature.shape), feature.dtype)
+    return tf.zeros([0] + list(feature.shape), feature.dtype)
+
+
 def parse_examples(examples, n_dense, n_sparse):
     """A checked vector of serialized Examples -> {"dense", "sparse"} in the TFRecord layout.
 
@@ -172,8 +195,13 @@ def parse_examples(examples, n_dense, n_sparse):
     not a serialized tf.train.Example with int64 sparse[26] and float dense[13]: its feature sparse has 25 values,
     expected 26". TF's own message for bytes that do not parse quotes them raw, and names no record.
     """
-    features = example_features(n_dense, n_sparse)
-    fallback = {key: tf.zeros([0] + spec.shape, spec.dtype) for key, spec in features.items()}
+    return parse_example_records(examples, example_features(n_dense, n_sparse), _layout_checks(n_dense, n_sparse))
+
+
+def parse_example_records(examples, features, checks):
+    """A checked vector of serialized Examples parsed with `features` ({key: tf.io feature}), or the request fails
+    naming the first bad record and why (`parse_examples`; `checks` as in `_record_problem`)."""
+    fallback = {key: _empty_parsed(feature) for key, feature in features.items()}
     parsed_ok, parsed = _try(lambda e: tf.io.parse_example(e, features), (examples,), fallback)
 
     def first_bad_record():
@@ -188,15 +216,15 @@ def parse_examples(examples, n_dense, n_sparse):
         parsed_alone = tf.scatter_nd(good[:, None], tf.ones_like(good, tf.int32), tf.reshape(n, [1]))
         index = tf.argmin(tf.concat([parsed_alone, [0]], axis=0), output_type=tf.int64)  # n when every record parses
         record = tf.gather(tf.concat([examples, [""]], axis=0), index)
-        why = tf.cond(index < n, lambda: _record_problem(record, n_dense, n_sparse),
+        why = tf.cond(index < n, lambda: _record_problem(record, checks),
                       lambda: tf.constant("the batch does not parse, although each record does alone"))
         return tf.strings.join([f"input {EXAMPLES_INPUT}: record ", tf.strings.as_string(index), " of ",
                                 tf.strings.as_string(n), " is not a serialized tf.train.Example with "
-                                f"{_example_expectation(n_dense, n_sparse)}: ", why])
+                                f"{_example_expectation(checks)}: ", why])
 
     message = tf.cond(parsed_ok, lambda: tf.constant(""), first_bad_record)
     with tf.control_dependencies([_fail_unless(parsed_ok, message, f"check_{EXAMPLES_INPUT}_records")]):
-        return {key: tf.identity(value) for key, value in parsed.items()}
+        return tf.nest.map_structure(tf.identity, parsed, expand_composites=True)
 
 
 def serving_functions(model, n_dense, n_sparse):
@@ -224,6 +252,69 @@ def serving_functions(model, n_dense, n_sparse):
         return probability(dense, parsed["sparse"])
 
     return serve_tensors, serve_examples
+
+
+def model_input_functions(model, inputs):
+    """The two signature functions (not yet traced) of a model with other inputs ("Models with other inputs").
+
+    `serving_default` takes one tensor per dense input and NAME_values + NAME_row_lengths per ragged input
+    (`tfcompress.export.model_inputs.ServedInput`), checks every documented shape, that all inputs have the same
+    number of rows and that each ragged input's row lengths add up to its values, then calls the model as served.
+    `examples` parses serialized Examples with one feature per input (`model_inputs.example_features`) into the same
+    tensors. Both return the model's outputs (`model_inputs.output_dict`).
+
+    Args:
+        model: the model as served: a `tfcompress.export.serving_model.ServingModel` of the Keras model.
+        inputs: `model_inputs.served_inputs(keras_model)`.
+    """
+    specs = model_inputs.signature_specs(inputs)
+
+    def outputs(tensors):
+        return model_inputs.output_dict(model(model_inputs.model_feeds(model.model, inputs, tensors)))
+
+    @tf.function(input_signature=served_signature(specs))
+    def serve_tensors(*tensors):
+        checked = {spec.name: checked_input(tensor, spec.name, spec.shape.as_list())
+                   for spec, tensor in zip(specs, tensors)}
+        return outputs(checked_model_tensors(inputs, checked))
+
+    features = model_inputs.example_features(inputs)
+    checks = [(item.name, item.example_dtype, model_inputs.EXAMPLE_LIST_NAMES[item.example_dtype],
+               int(np.prod(item.shape)) if item.example_kind == "fixed" else None) for item in inputs]
+
+    @tf.function(input_signature=served_signature([tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)]))
+    def serve_examples(examples):
+        examples = checked_input(examples, EXAMPLES_INPUT, [None])
+        parsed = parse_example_records(examples, features, checks)
+        return outputs(model_inputs.parsed_to_tensors(inputs, parsed))
+
+    return serve_tensors, serve_examples
+
+
+def checked_model_tensors(inputs, tensors):
+    """{tensor name: tensor} of a model with other inputs after run-time checks that every input has the same
+    number of rows, and that each ragged input's row lengths are >= 0 and add up to its number of values."""
+    checked = dict(tensors)
+    rows = {}
+    for item in inputs:
+        if item.ragged:
+            values_name = item.name + model_inputs.VALUES_SUFFIX
+            lengths_name = item.name + model_inputs.ROW_LENGTHS_SUFFIX
+            lengths, values = tensors[lengths_name], tensors[values_name]
+            total = tf.reduce_sum(lengths)
+            count = tf.shape(values, out_type=tf.int64)[0]
+            ok = tf.logical_and(tf.equal(total, count), tf.reduce_all(lengths >= 0))
+            message = tf.strings.join([f"input {item.name}: {lengths_name} must be >= 0 and add up to the number of "
+                                       f"{values_name}, received a sum of ", tf.strings.as_string(total), " for ",
+                                       tf.strings.as_string(count), " values"])
+            with tf.control_dependencies([_fail_unless(ok, message, f"check_{item.name}_row_lengths")]):
+                checked[lengths_name] = tf.identity(lengths)
+            rows[lengths_name] = checked[lengths_name]
+        else:
+            rows[item.name] = checked[item.name]
+    if len(rows) > 1:
+        checked.update(checked_batch(rows))
+    return checked
 
 
 def raw_serving_functions(model, preprocessor):
@@ -280,3 +371,22 @@ def serialize_example(dense, sparse, label=None):
     if label is not None:
         feature["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_model_input_warmup(path, model_name, inputs, tensors, rows=8):
+    """TF Serving's warmup file for a model with other inputs: one PredictRequest per signature on the first
+    `rows` rows (ragged inputs as NAME_values + NAME_row_lengths)."""
+    first = model_inputs.first_rows(inputs, tensors, rows)
+    tensor_request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=TENSOR_SIGNATURE))
+    for key, value in first.items():
+        tensor_request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string if value.dtype == object
+                                                                 else None))
+    example_request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=EXAMPLE_SIGNATURE))
+    records = model_inputs.example_rows(inputs, first)
+    example_request.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(records, dtype=tf.string))
+    with tf.io.TFRecordWriter(path) as writer:
+        for request in (tensor_request, example_request):
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())

@@ -33,7 +33,12 @@ Checks, per SavedModel directory (each one PASS, FAIL or SKIP with the reason):
                   the converter wrote for them (ids, valid flags and reject reasons exactly, dense to 1e-6), and
                   `raw` equals serving_default on the converter's rows (1e-6), NaN where the row is rejected
 
-and prints the size table (bytes per saved variable from the checkpoint itself, total, against the uncompressed
+Exports of models with other inputs (metadata `contract: "model_inputs"`) get the same checks on their own
+inputs and outputs (`verify_model_inputs`): parity over every output, Examples built from the metadata's input list
+(ragged inputs as variable-length features), PredictRequests with ragged inputs as NAME_values + NAME_row_lengths,
+refusals of row lengths that do not add up; bad_ids and onnx are SKIP.
+
+The checker also prints the size table (bytes per saved variable from the checkpoint itself, total, against the uncompressed
 model). Exit status 0 when nothing FAILed, 1 otherwise, 2 for bad arguments.
 """
 
@@ -68,6 +73,9 @@ TENSOR_SIGNATURE = "serving_default"
 EXAMPLE_SIGNATURE = "examples"
 EXAMPLES_INPUT = "examples"
 OUTPUT_KEY = "probability"
+MODEL_INPUTS_CONTRACT = "model_inputs"
+VALUES_SUFFIX = "_values"
+ROW_LENGTHS_SUFFIX = "_row_lengths"
 EXACT_TOLERANCE = 1e-6  # two signatures of one SavedModel on the same rows: the same ops on the same values
 
 
@@ -195,7 +203,11 @@ def check_signatures(report, loaded, metadata):
                 problems.append(f"{name}.{key}: expected {dtype} {'any shape' if shape is None else shape}, "
                                 f"got {spec}")
         outputs = signature.structured_outputs
-        if OUTPUT_KEY not in outputs or outputs[OUTPUT_KEY].dtype != tf.float32:
+        if is_model_inputs(metadata):
+            for key, (dtype, _) in metadata["signatures"][name]["outputs"].items():
+                if key not in outputs or outputs[key].dtype.name != dtype:
+                    problems.append(f"{name}: no {dtype} output {key!r}")
+        elif OUTPUT_KEY not in outputs or outputs[OUTPUT_KEY].dtype != tf.float32:
             problems.append(f"{name}: no float32 output {OUTPUT_KEY!r}")
     if problems:
         report.failed("signatures", "; ".join(problems))
@@ -265,7 +277,7 @@ def check_predict_request(report, loaded, samples, probability, model_name, requ
     (report.passed if difference <= EXACT_TOLERANCE else report.failed)("predict_request", message)
 
 
-def check_warmup(report, loaded, path):
+def check_warmup(report, loaded, path, metadata):
     warmup = os.path.join(path, METADATA_DIR, WARMUP_FILE)
     if not os.path.exists(warmup):
         report.skipped("warmup", "no warmup file (written when tensorflow-serving-api is installed at export)")
@@ -281,10 +293,22 @@ def check_warmup(report, loaded, path):
         request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
         signature = loaded.signatures[request.model_spec.signature_name or TENSOR_SIGNATURE]
         feeds = {key: tf.constant(tf.make_ndarray(proto)) for key, proto in request.inputs.items()}
-        output = signature(**feeds)[OUTPUT_KEY].numpy()
-        if output.ndim != 2 or output.shape[1] != 1 or not np.all(np.isfinite(output)):
-            report.failed("warmup", f"request for {request.model_spec.signature_name!r} gave shape {output.shape}")
-            return
+        outputs = signature(**feeds)
+        if OUTPUT_KEY in outputs and not is_model_inputs(metadata):
+            output = outputs[OUTPUT_KEY].numpy()
+            if output.ndim != 2 or output.shape[1] != 1 or not np.all(np.isfinite(output)):
+                report.failed("warmup", f"request for {request.model_spec.signature_name!r} gave shape "
+                                        f"{output.shape}")
+                return
+        else:  # a model with other inputs: every output has one row per request row (its values are the model's)
+            row_keys = [EXAMPLES_INPUT] if request.model_spec.signature_name == EXAMPLE_SIGNATURE else \
+                [item["name"] + ROW_LENGTHS_SUFFIX if item["ragged"] else item["name"] for item in metadata["inputs"]]
+            rows = {len(feeds[key]) for key in row_keys}
+            bad = [key for key, value in outputs.items() if value.shape.rank == 0 or {value.shape[0]} != rows]
+            if bad:
+                report.failed("warmup", f"request for {request.model_spec.signature_name!r} gave outputs {bad} "
+                                        f"without one row per example")
+                return
         replayed.append(request.model_spec.signature_name)
     report.passed("warmup", f"replayed {len(replayed)} PredictRequests: {replayed}")
 
@@ -453,6 +477,181 @@ def check_raw(report, loaded, path, metadata):
         report.passed("raw", message)
 
 
+# ---------------------------------------------------------------------------- models with other inputs
+def is_model_inputs(metadata):
+    """Whether the export is of a model with other inputs (docs/export_contract.md, "Models with other inputs")."""
+    return metadata.get("contract") == MODEL_INPUTS_CONTRACT
+
+
+def _constants(arrays):
+    return {key: tf.constant(value) for key, value in arrays.items()}
+
+
+def _outputs(signature, feeds):
+    return {key: value.numpy() for key, value in signature(**_constants(feeds)).items()}
+
+
+def _worst(got, expected):
+    """The largest |difference| over every output: inf when keys or shapes differ, strings differ, or one side is
+    NaN where the other is not (NaN on both sides is equal: a model may give NaN, e.g. a mean over nothing)."""
+    if sorted(got) != sorted(expected):
+        return float("inf")
+    worst = 0.0
+    for key in got:
+        a, b = got[key], expected[key]
+        if a.dtype.kind in "SO" or b.dtype.kind in "SO":
+            worst = max(worst, 0.0 if np.array_equal(a.astype(bytes), b.astype(bytes)) else float("inf"))
+            continue
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+            return float("inf")
+        known = ~np.isnan(a)
+        worst = max(worst, float(np.max(np.abs(a[known] - b[known]))) if np.any(known) else 0.0)
+    return worst
+
+
+def model_input_examples(inputs, tensors, with_label):
+    """Serialized tf.train.Example per row, one feature per model input, built here from the metadata's input list
+    (ragged inputs from NAME_values cut by NAME_row_lengths)."""
+    first = inputs[0]
+    rows = len(tensors[first["name"] + ROW_LENGTHS_SUFFIX] if first["ragged"] else tensors[first["name"]])
+    splits = {item["name"]: np.concatenate([[0], np.cumsum(tensors[item["name"] + ROW_LENGTHS_SUFFIX])])
+              for item in inputs if item["ragged"]}
+    records = []
+    for row in range(rows):
+        feature = {}
+        for item in inputs:
+            name = item["name"]
+            if item["ragged"]:
+                values = tensors[name + VALUES_SUFFIX][splits[name][row]:splits[name][row + 1]]
+            else:
+                values = np.asarray(tensors[name][row]).reshape(-1)
+            if item["example_dtype"] == "string":
+                feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(v) for v in values]))
+            elif item["example_dtype"] == "int64":
+                feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+            else:
+                feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+        if with_label:
+            feature["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[row % 2]))
+        records.append(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    return records
+
+
+def verify_model_inputs(report, loaded, path, metadata, require_serving_api):
+    """The checks of an export of a model with other inputs: parity of every output, Examples, PredictRequests,
+    warmup and malformed requests (bad_ids and onnx do not apply: SKIP)."""
+    with np.load(os.path.join(path, METADATA_DIR, SAMPLES_FILE)) as data:
+        stored = {key: data[key] for key in data.files}
+
+    def part(prefix):
+        return {key[len(prefix) + 1:]: value for key, value in stored.items() if key.startswith(prefix + ".")}
+
+    tensors, keras_outputs, serving_outputs = part("input"), part("keras"), part("serving")
+    inputs = metadata["inputs"]
+    tensor_signature = loaded.signatures[TENSOR_SIGNATURE]
+    outputs = _outputs(tensor_signature, tensors)
+    rows = len(next(iter(outputs.values())))
+    ragged = [item["name"] for item in inputs if item["ragged"]]
+    keras_difference = _worst(outputs, keras_outputs)
+    tolerance = metadata["keras_tolerance"]
+    report.details["keras_max_abs_difference"] = keras_difference
+    (report.passed if keras_difference <= tolerance else report.failed)(
+        "keras_parity", f"outputs {sorted(outputs)}: max |diff| {keras_difference:.2e} on {rows} rows of inputs "
+                        f"{[item['name'] for item in inputs]} (ragged {ragged}; tolerance {tolerance:g})")
+    serving_difference = _worst(outputs, serving_outputs)
+    tolerance = metadata["parity_tolerance"]
+    (report.passed if serving_difference <= tolerance else report.failed)(
+        "serving_parity", f"max |diff| {serving_difference:.2e} (tolerance {tolerance:g})")
+
+    example_signature = loaded.signatures[EXAMPLE_SIGNATURE]
+    differences = []
+    for with_label in (True, False):
+        records = model_input_examples(inputs, tensors, with_label)
+        differences.append(_worst(_outputs(example_signature, {EXAMPLES_INPUT: np.array(records, dtype=object)}),
+                                  outputs))
+    worst = max(differences)
+    (report.passed if worst <= EXACT_TOLERANCE else report.failed)(
+        "examples", f"{rows} Examples (one feature per input, ragged as variable-length lists), with and without "
+                    f"label: max |diff| vs serving_default {worst:.2e}")
+
+    try:
+        # optional in the verifier: only the PredictRequest check needs it
+        from tensorflow_serving.apis import model_pb2, predict_pb2
+    except ImportError:
+        (report.failed if require_serving_api else report.skipped)("predict_request",
+                                                                   "tensorflow-serving-api not installed")
+    else:
+        worst = 0.0
+        requests = [(TENSOR_SIGNATURE, tensors),
+                    (EXAMPLE_SIGNATURE, {EXAMPLES_INPUT: np.array(model_input_examples(inputs, tensors, False),
+                                                                  dtype=object)})]
+        for signature_name, feeds in requests:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=metadata["name"], signature_name=signature_name))
+            for key, value in feeds.items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string if value.dtype.kind in "SO"
+                                                                  else None))
+            received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+            signature = loaded.signatures[received.model_spec.signature_name]
+            got = {key: value.numpy() for key, value in signature(**{
+                key: tf.constant(tf.make_ndarray(proto)) for key, proto in received.inputs.items()}).items()}
+            worst = max(worst, _worst(got, outputs))
+        (report.passed if worst <= EXACT_TOLERANCE else report.failed)(
+            "predict_request", f"PredictRequests for {TENSOR_SIGNATURE} ({len(tensors)} tensors: "
+                               f"{sorted(tensors)}) and {EXAMPLE_SIGNATURE}, max |diff| {worst:.2e}")
+    check_warmup(report, loaded, path, metadata)
+    report.skipped("bad_ids", "a model with other inputs: its layers apply the serving id rule "
+                              f"{metadata['serving_out_of_range']!r} to the ids the model routes to them")
+    check_model_input_refusals(report, loaded, inputs, tensors, outputs)
+    check_onnx(report, path, metadata, None, None, False)
+    check_raw(report, loaded, path, metadata)
+
+
+def check_model_input_refusals(report, loaded, inputs, tensors, served):
+    """Malformed requests are refused naming the input: row lengths that do not add up, a dense input one column
+    too wide, a record that is not an Example."""
+    first = {}
+    for item in inputs:
+        name = item["name"]
+        if item["ragged"]:
+            lengths = tensors[name + ROW_LENGTHS_SUFFIX][:2]
+            first[name + ROW_LENGTHS_SUFFIX] = lengths
+            first[name + VALUES_SUFFIX] = tensors[name + VALUES_SUFFIX][:int(np.sum(lengths))]
+        else:
+            first[name] = tensors[name][:2]
+    cases = []
+    for item in inputs:
+        name = item["name"]
+        if item["ragged"]:
+            feeds = dict(first)
+            feeds[name + ROW_LENGTHS_SUFFIX] = first[name + ROW_LENGTHS_SUFFIX] + np.array([0, 1], np.int64)
+            cases.append((TENSOR_SIGNATURE, feeds, f"input {name}: {name}{ROW_LENGTHS_SUFFIX} must be >= 0 and add "
+                                                   f"up to the number of {name}{VALUES_SUFFIX}"))
+        elif len(item["shape"]) == 2 and item["shape"][1] is not None:
+            feeds = dict(first)
+            feeds[name] = np.concatenate([first[name], first[name][:, :1]], axis=1)
+            cases.append((TENSOR_SIGNATURE, feeds, f"input {name}: expected {item['dtype']} [batch, "
+                                                   f"{item['shape'][1]}], received shape [2, {item['shape'][1] + 1}]"))
+    records = model_input_examples(inputs, first, False)
+    cases.append((EXAMPLE_SIGNATURE, {EXAMPLES_INPUT: np.array([records[0], b"\xff not an Example"], dtype=object)},
+                  f"input {EXAMPLES_INPUT}: record 1 of 2 is not a serialized tf.train.Example"))
+    problems = []
+    for name, feeds, expected in cases:
+        message = _refusal(loaded.signatures[name], feeds)
+        if message is None or expected not in message:
+            problems.append(f"{name} {sorted(feeds)}: expected an InvalidArgumentError with {expected!r}, got "
+                            f"{'none' if message is None else repr(message.strip().splitlines()[0][:200])}")
+    again = _outputs(loaded.signatures[TENSOR_SIGNATURE], tensors)
+    if _worst(again, served) > EXACT_TOLERANCE:
+        problems.append("valid rows are not served as before after the refused requests")
+    if problems:
+        report.failed("bad_inputs", "; ".join(problems))
+    else:
+        report.passed("bad_inputs", f"{len(cases)} malformed requests refused naming the input; valid rows still "
+                                    "served")
+
+
 # ---------------------------------------------------------------------------------------------- size table
 def _unescape_checkpoint_name(name):
     """Object-graph names escape '/' as '.S' and '.' as '..' in checkpoint keys."""
@@ -519,13 +718,18 @@ def verify_one(path, require_serving_api=False, require_onnx=False):
         return report
     if not check_signatures(report, loaded, metadata):
         return report
+    if is_model_inputs(metadata):
+        verify_model_inputs(report, loaded, path, metadata, require_serving_api)
+        report.details["sizes"] = size_table(path, metadata)
+        check_isolation(report)
+        return report
     with np.load(os.path.join(path, METADATA_DIR, SAMPLES_FILE)) as data:
         samples = {key: data[key] for key in data.files}
     tensors = loaded.signatures[TENSOR_SIGNATURE]
     probability = check_parity(report, tensors, samples, metadata)
     check_examples(report, loaded.signatures[EXAMPLE_SIGNATURE], samples, probability)
     check_predict_request(report, loaded, samples, probability, metadata["name"], require_serving_api)
-    check_warmup(report, loaded, path)
+    check_warmup(report, loaded, path, metadata)
     check_bad_ids(report, tensors, metadata, samples)
     check_bad_inputs(report, loaded, metadata, samples)
     check_onnx(report, path, metadata, tensors, samples, require_onnx)
