@@ -534,6 +534,9 @@ def test_compressed_embeddings_take_keras_rs_feature_configs_in_one_memory(tmp_p
 def test_a_ragged_bag_input_trains_and_round_trips_in_a_functional_model(tmp_path):
     bags = keras.Input(shape=(None,), dtype="int64", ragged=True, name="genres")
     pooled = CompressedEmbedding(100, D, method="robe", compression=4.0, combiner="mean", name="genre_bag")(bags)
+    assert tuple(pooled.shape) == (None, D) and not pooled.ragged
+    passed_through = CompressedEmbedding(100, D, method="full")(bags)  # no combiner: a ragged output, marked so
+    assert tuple(passed_through.shape) == (None, None, D) and passed_through.ragged
     model = keras.Model(bags, keras.layers.Dense(1)(pooled))
     x = tf.ragged.constant([[1, 2], [], [3, 4, 5], [7]], dtype=tf.int64)
     model.compile(optimizer="adam", loss="mse")

@@ -272,6 +272,18 @@ class CompressedEmbedding(keras.layers.Layer):
             return (shape[:-1] if len(shape) > 1 else shape) + (self.output_dim,)
         return shape + (self.output_dim,)
 
+    def compute_output_spec(self, ids, weights=None, training=None):
+        """Keras 3's symbolic output, without tracing `call`: the shape of `compute_output_shape`, ragged exactly
+        when a ragged input passes through without a combiner (Keras would otherwise mark it dense, and a
+        dense-only layer after it would fail on the RaggedTensor at run time with an unrelated message)."""
+        if self.combiner is None and getattr(ids, "sparse", False):
+            raise ValueError(f"{self.described}: sparse ids need a combiner ('sum', 'mean' or 'sqrtn') to pool "
+                             "each row; this layer was made with combiner=None")
+        if not ids.dtype or not tf.as_dtype(ids.dtype).is_integer:
+            raise TypeError(f"{self.described}: ids must be integers, got {ids.dtype}")
+        ragged = bool(getattr(ids, "ragged", False)) and self.combiner is None
+        return keras.KerasTensor(self.compute_output_shape(ids.shape), dtype="float32", ragged=ragged)
+
     # ---- serving lookup ---------------------------------------------------------------------------------------
 
     def serving_lookup(self, ids, out_of_range="mod", weights=None, tables=None):
