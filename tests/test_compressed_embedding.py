@@ -186,6 +186,8 @@ def test_bad_input_is_refused_naming_the_layer():
         layer(tf.constant([1]), weights=tf.constant([1.0]))
     with pytest.raises(ValueError, match="method"):
         CompressedEmbedding(N, D, method="bloom")
+    with pytest.raises(ValueError, match="input_dim must be an integer >= 1, got 0"):
+        CompressedEmbedding(0, D, method="full")
     with pytest.raises(ValueError, match="compression"):
         CompressedEmbedding(N, D, method="hashing")
     with pytest.raises(ValueError, match="combiner"):
@@ -305,6 +307,8 @@ def test_mismatched_shared_memory_settings_are_refused_naming_both():
         CompressedEmbedding(100, D, method="full", memory=memory)
     with pytest.raises(ValueError, match="overlap"):
         CompressedEmbedding(100, D, memory=memory, table_offset=50)
+    with pytest.raises(ValueError, match="initialized by its RobeMemory"):
+        CompressedEmbedding(100, D, memory=memory, embeddings_initializer="zeros")
     with pytest.raises(ValueError, match="output_dim=2 is below the chunk_size=4"):
         CompressedEmbedding(100, 2, memory=memory)
     late = RobeMemory(compression=10.0, chunk_size=4)

@@ -83,6 +83,9 @@ class CompressedEmbedding(keras.layers.Layer):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"{self.described}: method must be one of {sorted(METHODS)}, got {method!r}")
+        for argument, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+                raise ValueError(f"{self.described}: {argument} must be an integer >= 1, got {value!r}")
         self.input_dim = int(input_dim)
         self.output_dim = int(output_dim)
         self.method = method
@@ -149,6 +152,9 @@ class CompressedEmbedding(keras.layers.Layer):
                 if compression is not None:
                     raise ValueError(f"{self.described}: give compression= or memory=, not both (the memory's size "
                                      "is set where the RobeMemory is made)")
+                if embeddings_initializer is not None:
+                    raise ValueError(f"{self.described}: a shared memory is initialized by its RobeMemory "
+                                     "(embeddings_initializer= there); leave embeddings_initializer unset here")
                 arguments.update(memory=memory, table_offset=table_offset)
             elif compression is None:
                 raise ValueError(f"{self.described}: method='robe' needs compression= (logical size / |M|, >= 1) "
