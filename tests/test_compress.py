@@ -1,0 +1,302 @@
+"""`tfcompress.compress(model)`: the rewrite of a user's own model (docs/compress.md).
+
+`method="full"` proves the rewrite itself (predictions equal the original's exactly); the ROBE cases prove what
+the user gets: one shared array, sizes as asked, a model that trains with the user's unchanged `compile`/`fit`.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfcompress
+from tfcompress._keras import USING_LEGACY_KERAS, keras
+from tfcompress.layers import CompressedEmbedding
+from tfcompress.model_compress import plan_and_replacements
+
+ROOT = Path(__file__).resolve().parents[1]
+USERS, ITEMS, GENRES, HISTORY = 20_000, 30_000, 20, 6
+
+
+def ranking_model():
+    """A small MovieLens-shaped functional model: user [B], history [B, L] (mask_zero), a small genre table, dense."""
+    user = keras.Input((), dtype="int64", name="user")
+    history = keras.Input((HISTORY,), dtype="int64", name="history")
+    genre = keras.Input((), dtype="int64", name="genre")
+    dense = keras.Input((3,), dtype="float32", name="dense")
+    user_vector = keras.layers.Embedding(USERS, 8, name="user_embedding")(user)
+    history_vectors = keras.layers.Embedding(ITEMS, 8, mask_zero=True, name="history_embedding")(history)
+    history_vector = keras.layers.GlobalAveragePooling1D(name="history_pool")(history_vectors)
+    genre_vector = keras.layers.Embedding(GENRES, 4, name="genre_embedding")(genre)
+    joined = keras.layers.Concatenate(name="joined")([user_vector, history_vector, genre_vector, dense])
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(joined)
+    output = keras.layers.Dense(1, activation="sigmoid", name="click")(hidden)
+    return keras.Model({"user": user, "history": history, "genre": genre, "dense": dense}, output, name="ranker")
+
+
+def ranking_batch(rows=256, seed=0):
+    rng = np.random.default_rng(seed)
+    features = {
+        "user": rng.integers(0, USERS, rows).astype(np.int64),
+        "history": np.where(rng.random((rows, HISTORY)) < 0.3, 0, rng.integers(1, ITEMS, (rows, HISTORY))),
+        "genre": rng.integers(0, GENRES, rows).astype(np.int64),
+        "dense": rng.normal(size=(rows, 3)).astype(np.float32),
+    }
+    features["history"] = features["history"].astype(np.int64)
+    # A learnable label: users with an even id and a positive first dense value click.
+    labels = ((features["user"] % 2 == 0) ^ (features["dense"][:, 0] > 0)).astype(np.float32)
+    return features, labels
+
+
+def sequential_model():
+    return keras.Sequential([
+        keras.Input((4,), dtype="int64"),
+        keras.layers.Embedding(USERS, 8, name="ids_embedding"),
+        keras.layers.Flatten(name="flat"),
+        keras.layers.Dense(1, name="score"),
+    ], name="sequential")
+
+
+def nested_model():
+    """A functional model whose user tower is a nested functional model holding the large table."""
+    user = keras.Input((), dtype="int64", name="user")
+    tower_input = keras.Input((), dtype="int64", name="tower_user")
+    tower_out = keras.layers.Dense(8, name="tower_dense")(
+        keras.layers.Embedding(USERS, 8, name="user_embedding")(tower_input))
+    tower = keras.Model(tower_input, tower_out, name="user_tower")
+    item = keras.Input((), dtype="int64", name="item")
+    item_vector = keras.layers.Embedding(ITEMS, 8, name="item_embedding")(item)
+    score = keras.layers.Dot(axes=1, name="score")([tower(user), item_vector])
+    return keras.Model({"user": user, "item": item}, score, name="two_tower")
+
+
+def predict(model, features):
+    return np.asarray(model(features, training=False))
+
+
+def compressed_layers(model):
+    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, CompressedEmbedding)]
+
+
+@pytest.mark.parametrize("build", [ranking_model, sequential_model, nested_model])
+def test_full_method_predicts_exactly_what_the_original_does(build):
+    model = build()
+    rng = np.random.default_rng(1)
+    if build is ranking_model:
+        features, _ = ranking_batch(64)
+    elif build is sequential_model:
+        features = rng.integers(0, USERS, (64, 4)).astype(np.int64)
+    else:
+        features = {"user": rng.integers(0, USERS, 64), "item": rng.integers(0, ITEMS, 64)}
+    compressed = tfcompress.compress(model, method="full", min_rows=1000, verbose=False)
+    assert len(compressed_layers(compressed)) == (1 if build is sequential_model else 2)
+    np.testing.assert_array_equal(predict(compressed, features), predict(model, features))
+
+
+def test_names_inputs_outputs_and_other_weights_are_kept():
+    model = ranking_model()
+    compressed = tfcompress.compress(model, ratio=100, verbose=False)
+    assert compressed.name == model.name
+    assert [layer.name for layer in compressed.layers] == [layer.name for layer in model.layers]
+    assert [t.name for t in compressed.inputs] == [t.name for t in model.inputs]
+    assert [tuple(t.shape) for t in compressed.outputs] == [tuple(t.shape) for t in model.outputs]
+    for name in ("hidden", "click", "genre_embedding"):
+        for old, new in zip(model.get_layer(name).get_weights(), compressed.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(old, new)
+    for name in ("user_embedding", "history_embedding"):
+        layer = compressed.get_layer(name)
+        assert isinstance(layer, CompressedEmbedding)
+        old = model.get_layer(name)
+        assert (layer.input_dim, layer.output_dim, layer.mask_zero) == (old.input_dim, old.output_dim, old.mask_zero)
+
+
+def test_min_rows_keeps_smaller_tables_as_they_are():
+    model = ranking_model()
+    compressed = tfcompress.compress(model, ratio=10, min_rows=ITEMS, verbose=False)
+    assert isinstance(compressed.get_layer("history_embedding"), CompressedEmbedding)
+    for name in ("user_embedding", "genre_embedding"):  # 20,000 and 20 rows < min_rows
+        assert type(compressed.get_layer(name)) is keras.layers.Embedding
+        np.testing.assert_array_equal(compressed.get_layer(name).get_weights()[0],
+                                      model.get_layer(name).get_weights()[0])
+    with pytest.raises(ValueError, match="min_rows=100,000"):
+        tfcompress.compress(model, min_rows=100_000, verbose=False)
+
+
+def _variables_by_size(model):
+    return sorted(int(np.prod(v.shape)) for v in model.weights)
+
+
+def test_shared_robe_memory_is_one_array_of_the_planned_size():
+    model = ranking_model()
+    compressed = tfcompress.compress(model, ratio=100, verbose=False)
+    replaced_logical = (USERS + ITEMS) * 8
+    memory_size = replaced_logical // 100
+    embedding_variables = {id(v): v for layer in compressed_layers(compressed) for v in layer.weights}
+    assert [int(np.prod(v.shape)) for v in embedding_variables.values()] == [memory_size]
+    # The whole model: its other weights are the original's, plus that one array (no per-table copies).
+    others = [int(np.prod(v.shape)) for v in model.weights
+              if not v.path.startswith(("user_embedding", "history_embedding"))] if hasattr(model.weights[0], "path") \
+        else None
+    if others is not None:
+        assert _variables_by_size(compressed) == sorted(others + [memory_size])
+
+
+def test_unshared_robe_gives_one_array_per_table():
+    compressed = tfcompress.compress(ranking_model(), ratio=100, share=False, verbose=False)
+    sizes = sorted(int(np.prod(v.shape)) for layer in compressed_layers(compressed) for v in layer.weights)
+    assert sizes == [USERS * 8 // 100, ITEMS * 8 // 100]
+
+
+@pytest.mark.parametrize("method", ["robe", "hashing"])
+def test_budget_counts_every_table_and_is_met(method):
+    model = ranking_model()
+    budget = 20_000  # bytes: the kept 20x4 genre table (320 B) + the two compressed ones
+    plan, _ = plan_and_replacements(model, budget=budget, method=method)
+    assert plan.physical_bytes <= budget
+    assert plan.physical_bytes >= 0.9 * budget
+    compressed = tfcompress.compress(model, budget=budget, method=method, verbose=False)
+    embedding_bytes = 4 * sum(int(np.prod(v.shape)) for v in {
+        id(v): v for layer in compressed._flatten_layers(include_self=False)
+        if isinstance(layer, (CompressedEmbedding, keras.layers.Embedding)) for v in layer.weights}.values())
+    assert embedding_bytes == plan.physical_bytes
+    with pytest.raises(ValueError, match="used up by the tables kept"):
+        tfcompress.compress(model, budget=100, min_rows=10, verbose=False)
+
+
+def test_plan_table_is_printed(capsys):
+    tfcompress.compress(ranking_model(), ratio=100)
+    printed = capsys.readouterr().out
+    for text in ("user_embedding", "history_embedding", "genre_embedding", "kept", "shared ROBE memory", "total",
+                 "2 of 3 embedding tables replaced"):
+        assert text in printed, printed
+
+
+def test_robe_model_fits_with_the_users_own_script_and_learns():
+    model = ranking_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    compressed = tfcompress.compress(model, ratio=50, verbose=False)
+    features, labels = ranking_batch(2048)
+    # The user's script: compile and fit exactly as for the original.
+    compressed.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    history = compressed.fit(features, labels, batch_size=256, epochs=4, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_keras_file_round_trip_of_the_compressed_model(tmp_path):
+    model = tfcompress.compress(ranking_model(), ratio=100, verbose=False)
+    features, _ = ranking_batch(64)
+    path = str(tmp_path / "compressed.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(predict(loaded, features), predict(model, features))
+    shared = {id(v) for layer in compressed_layers(loaded) for v in layer.weights}
+    assert len(shared) == 1, "the loaded layers must read one shared memory again"
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.embedding = keras.layers.Embedding(USERS, 8)
+        self.score = keras.layers.Dense(1)
+
+    def call(self, ids):
+        return self.score(self.embedding(ids))
+
+
+def test_subclassed_model_is_refused_pointing_to_the_drop_in_layer():
+    model = Subclassed()
+    model(np.zeros((2,), np.int64))
+    with pytest.raises(ValueError, match="subclassed model.*CompressedEmbedding"):
+        tfcompress.compress(model, verbose=False)
+    ids = keras.Input((), dtype="int64")
+    outer = keras.Model(ids, Subclassed()(ids))
+    with pytest.raises(ValueError, match="nested model .*subclassed.*CompressedEmbedding"):
+        tfcompress.compress(outer, verbose=False)
+
+
+def test_bad_arguments_are_named():
+    model = ranking_model()
+    for kwargs, message in [
+        (dict(ratio=10, budget="1MB"), "ratio or budget, not both"),
+        (dict(ratio=0.5), "ratio must be a number >= 1"),
+        (dict(method="zip"), "method must be one of"),
+        (dict(method="full", ratio=10), "method 'full'"),
+        (dict(min_rows=0), "min_rows"),
+        (dict(budget="ten"), "budget"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tfcompress.compress(model, verbose=False, **kwargs)
+    with pytest.raises(TypeError, match="expected a Keras model"):
+        tfcompress.compress(keras.layers.Dense(3), verbose=False)
+
+
+def test_embedding_settings_that_cannot_be_kept_are_refused():
+    ids = keras.Input((), dtype="int64")
+    out = keras.layers.Embedding(USERS, 4, embeddings_regularizer="l2", name="regularized")(ids)
+    with pytest.raises(ValueError, match="'regularized' has embeddings_regularizer"):
+        tfcompress.compress(keras.Model(ids, out), verbose=False)
+
+
+# ---- keras-rs (Keras 3 only) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
+def test_keras_rs_embed_reduce_is_replaced_with_its_combiner():
+    keras_rs = pytest.importorskip("keras_rs")
+    genres = keras.Input((3,), dtype="int64", name="genres")
+    bag = keras_rs.layers.EmbedReduce(USERS, 8, combiner="mean", name="genre_bag")(genres)
+    model = keras.Model(genres, keras.layers.Dense(1, name="score")(bag))
+    ids = np.random.default_rng(0).integers(0, USERS, (32, 3))
+    compressed = tfcompress.compress(model, method="full", min_rows=1000, verbose=False)
+    layer = compressed.get_layer("genre_bag")
+    assert isinstance(layer, CompressedEmbedding) and layer.combiner == "mean"
+    np.testing.assert_allclose(predict(compressed, ids), predict(model, ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
+def test_keras_rs_distributed_embedding_is_not_rewritten_yet():
+    keras_rs = pytest.importorskip("keras_rs")
+    table = keras_rs.layers.TableConfig(name="users", vocabulary_size=USERS, embedding_dim=8)
+    feature = keras_rs.layers.FeatureConfig(name="user", table=table, input_shape=(16,), output_shape=(16, 8))
+    user = keras.Input((), dtype="int64", batch_size=16, name="user")
+    embedded = keras_rs.layers.DistributedEmbedding({"user": feature}, name="distributed")({"user": user})
+    model = keras.Model(user, keras.layers.Dense(1)(embedded["user"]))
+    with pytest.raises(NotImplementedError, match="CompressedEmbeddings"):
+        tfcompress.compress(model, verbose=False)
+
+
+# ---- legacy tf.keras ---------------------------------------------------------------------------------------------
+
+LEGACY_SCRIPT = """
+import numpy as np, tensorflow as tf, tfcompress, tf_keras
+from tfcompress._keras import keras
+assert keras is tf_keras
+from tests.test_compress import ranking_model, ranking_batch, predict
+model = ranking_model()
+features, labels = ranking_batch(512)
+full = tfcompress.compress(model, method="full", min_rows=1000, verbose=False)
+assert np.array_equal(predict(full, features), predict(model, features))
+model.compile(optimizer="adam", loss="binary_crossentropy")
+small = tfcompress.compress(model, ratio=100)
+small.compile(optimizer=tf_keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+losses = small.fit(features, labels, batch_size=128, epochs=3, verbose=0).history["loss"]
+assert losses[-1] < losses[0], losses
+memories = {id(v) for l in small.layers if type(l).__name__ == "CompressedEmbedding" for v in l.weights}
+assert len(memories) == 1, memories
+print("LEGACY-OK", [type(l).__name__ for l in small.layers])
+"""
+
+
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="runs the legacy stack in a child process itself")
+def test_legacy_tf_keras_model_compresses_and_trains():
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", LEGACY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "LEGACY-OK" in done.stdout and "shared ROBE memory" in done.stdout
