@@ -38,17 +38,22 @@ def ranking_model():
     return keras.Model({"user": user, "history": history, "genre": genre, "dense": dense}, output, name="ranker")
 
 
-def ranking_batch(rows=256, seed=0):
+def ranking_batch(rows=256, seed=0, active_users=USERS):
+    """Rows of `ranking_model`'s inputs; users drawn from the first `active_users` ids, label = user id parity.
+
+    With few active users each is seen often enough for its embedding to learn its label (even ids click).
+    """
     rng = np.random.default_rng(seed)
     features = {
-        "user": rng.integers(0, USERS, rows).astype(np.int64),
+        "user": rng.integers(0, active_users, rows).astype(np.int64),
         "history": np.where(rng.random((rows, HISTORY)) < 0.3, 0, rng.integers(1, ITEMS, (rows, HISTORY))),
         "genre": rng.integers(0, GENRES, rows).astype(np.int64),
         "dense": rng.normal(size=(rows, 3)).astype(np.float32),
     }
+    # At least one movie per history: GlobalAveragePooling1D of an all-masked row is 0/0 = NaN.
+    features["history"][:, 0] = rng.integers(1, ITEMS, rows)
     features["history"] = features["history"].astype(np.int64)
-    # A learnable label: users with an even id and a positive first dense value click.
-    labels = ((features["user"] % 2 == 0) ^ (features["dense"][:, 0] > 0)).astype(np.float32)
+    labels = (features["user"] % 2 == 0).astype(np.float32)
     return features, labels
 
 
@@ -163,8 +168,10 @@ def test_budget_counts_every_table_and_is_met(method):
         id(v): v for layer in compressed._flatten_layers(include_self=False)
         if isinstance(layer, (CompressedEmbedding, keras.layers.Embedding)) for v in layer.weights}.values())
     assert embedding_bytes == plan.physical_bytes
-    with pytest.raises(ValueError, match="used up by the tables kept"):
-        tfcompress.compress(model, budget=100, min_rows=10, verbose=False)
+    with pytest.raises(ValueError, match="used up by the tables kept"):  # the kept 20,000 x 8 user table: 640 kB
+        tfcompress.compress(model, budget="100kB", min_rows=ITEMS, verbose=False)
+    with pytest.raises(ValueError, match="holds every table uncompressed"):
+        tfcompress.compress(model, budget="10MB", verbose=False)
 
 
 def test_plan_table_is_printed(capsys):
@@ -179,12 +186,12 @@ def test_robe_model_fits_with_the_users_own_script_and_learns():
     model = ranking_model()
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
     compressed = tfcompress.compress(model, ratio=50, verbose=False)
-    features, labels = ranking_batch(2048)
+    features, labels = ranking_batch(4096, active_users=200)
     # The user's script: compile and fit exactly as for the original.
     compressed.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
     history = compressed.fit(features, labels, batch_size=256, epochs=4, verbose=0)
     losses = history.history["loss"]
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert losses[-1] < losses[0] - 0.2, losses  # from ~0.69: the users' labels are learned through ROBE
 
 
 def test_keras_file_round_trip_of_the_compressed_model(tmp_path):
@@ -246,16 +253,27 @@ def test_embedding_settings_that_cannot_be_kept_are_refused():
 
 
 @pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
-def test_keras_rs_embed_reduce_is_replaced_with_its_combiner():
+@pytest.mark.parametrize("combiner", ["mean", "sum", "sqrtn"])
+def test_keras_rs_embed_reduce_over_ragged_bags_is_replaced_with_its_combiner(combiner):
     keras_rs = pytest.importorskip("keras_rs")
-    genres = keras.Input((3,), dtype="int64", name="genres")
-    bag = keras_rs.layers.EmbedReduce(USERS, 8, combiner="mean", name="genre_bag")(genres)
+    genres = keras.Input((None,), dtype="int64", ragged=True, name="genres")
+    bag = keras_rs.layers.EmbedReduce(USERS, 8, combiner=combiner, name="genre_bag")(genres)
     model = keras.Model(genres, keras.layers.Dense(1, name="score")(bag))
-    ids = np.random.default_rng(0).integers(0, USERS, (32, 3))
+    ids = tf.ragged.constant([[1, 2, 3], [4], [], [19_999, 5, 5, 6]], dtype=tf.int64)  # an empty bag too
     compressed = tfcompress.compress(model, method="full", min_rows=1000, verbose=False)
     layer = compressed.get_layer("genre_bag")
-    assert isinstance(layer, CompressedEmbedding) and layer.combiner == "mean"
+    assert isinstance(layer, CompressedEmbedding) and layer.combiner == combiner
     np.testing.assert_allclose(predict(compressed, ids), predict(model, ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
+def test_keras_rs_embed_reduce_over_dense_ids_is_refused():
+    keras_rs = pytest.importorskip("keras_rs")
+    genres = keras.Input((3,), dtype="int64", name="genres")
+    bag = keras_rs.layers.EmbedReduce(USERS, 8, name="dense_bag")(genres)
+    model = keras.Model(genres, keras.layers.Dense(1)(bag))
+    with pytest.raises(ValueError, match="'dense_bag'.*ragged"):
+        tfcompress.compress(model, verbose=False)
 
 
 @pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")

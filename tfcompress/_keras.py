@@ -15,6 +15,8 @@ What differs between the two stacks and is handled here (the layers themselves a
 - saving: both write and load `.keras` files; tf_keras also writes SavedModel directories (`model.save(dir)`,
   `tf.saved_model.save`), which is what TFRS stacks export.
 - initializers: `fresh_initializer()` gives every weight its own draw (see there; needed in both stacks).
+- shared objects: `object_sharing_scope()` is the scope in which both stacks serialize an object that several
+  layers hold (a shared `RobeMemory`) once and deserialize it as one object again (what `.keras` saving uses).
 """
 
 import os
@@ -26,6 +28,7 @@ USING_LEGACY_KERAS = os.environ.get("TF_USE_LEGACY_KERAS") in ("true", "True", "
 if USING_LEGACY_KERAS:
     try:
         import tf_keras as keras  # noqa: F401  (re-exported)
+        from tf_keras.src.saving.serialization_lib import ObjectSharingScope as _ObjectSharingScope
     except ImportError as error:
         raise ImportError(
             "TF_USE_LEGACY_KERAS is set, so tfcompress uses legacy tf.keras, but the tf_keras package is not "
@@ -38,6 +41,7 @@ if USING_LEGACY_KERAS:
 
 else:
     import keras  # noqa: F401  (re-exported)
+    from keras.src.saving.serialization_lib import ObjectSharingScope as _ObjectSharingScope
 
     def register_serializable(package="tfcompress"):
         """Class decorator: make a layer loadable by name from saved configs (Keras 3 registry)."""
@@ -62,3 +66,13 @@ def fresh_initializer(initializer):
     if config.get("seed") is not None:
         return initializer
     return type(initializer).from_config(config)
+
+
+def object_sharing_scope():
+    """A context manager: inside it, an object serialized twice (e.g. one `RobeMemory` in the configs of several
+    layers) is marked as shared, and deserializing those configs gives one object again, not one copy per layer.
+
+    Keras' own scope (both stacks have it, under the same name, and use it for `.keras` files); it is not part of
+    their public API, so it is reached from this one place.
+    """
+    return _ObjectSharingScope()

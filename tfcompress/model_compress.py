@@ -179,6 +179,15 @@ def _check_replaceable(path, layer):
         raise ValueError(
             f"compress: layer {path!r} is a {type(layer).__name__}, a subclass of keras.layers.Embedding that "
             "compress does not know; replace it with tfcompress.layers.CompressedEmbedding in the model's code")
+    if _is_keras_rs(layer, "EmbedReduce"):
+        for node_input in _call_inputs(layer):
+            if not (getattr(node_input, "ragged", False) or getattr(node_input, "sparse", False)) \
+                    and len(node_input.shape) >= 2:
+                raise ValueError(
+                    f"compress: layer {path!r} (keras_rs EmbedReduce) reduces dense ids of shape "
+                    f"{tuple(node_input.shape)}, every entry counted, padding included; CompressedEmbedding pools "
+                    "bags given as ragged (or sparse) ids. Feed the bag as a ragged input "
+                    "(keras.Input((None,), ragged=True)) to compress this table, or raise min_rows to keep it")
     config = layer.get_config()
     for key in UNSUPPORTED_EMBEDDING_SETTINGS:
         if config.get(key) is not None:
@@ -233,19 +242,23 @@ def _target_parameters(ratio, budget_bytes, replaced_logical, kept_logical):
     return left
 
 
-def _unique_variables(layers):
-    seen = {}
-    for layer in layers:
-        for variable in layer.weights:
-            seen.setdefault(id(variable), variable)
-    return seen
-
-
 def _variable_size(variable):
     return int(np.prod(variable.shape))
 
 
 # ---- the rewrite -------------------------------------------------------------------------------------------------
+
+
+def _call_inputs(layer):
+    """The symbolic ids of every call of `layer` in its model (a layer may be called more than once)."""
+    inputs = []
+    for node in getattr(layer, "_inbound_nodes", []):
+        tensors = getattr(node, "input_tensors", None)
+        if isinstance(tensors, (list, tuple)) and tensors:
+            inputs.append(tensors[0])  # the ids; EmbedReduce's optional weights come after them
+        elif tensors is not None:
+            inputs.append(tensors)
+    return inputs
 
 
 def _input_shape(layer):
@@ -318,16 +331,8 @@ def plan_and_replacements(model, ratio=None, budget=None, method="robe", min_row
     for path, layer in replaced:
         new_layers[id(layer)] = _replacement(path, layer, method, compression, memory, chunk_size)
 
-    shared = {}
-    if memory is not None:
-        shared = {id(v): v for v in memory.weights} if getattr(memory, "weights", None) else {}
-        if not shared:  # the memory's array lives in the layers: the one variable all of them hold
-            counts = {}
-            for new in new_layers.values():
-                for variable in new.weights:
-                    counts[id(variable)] = counts.get(id(variable), 0) + 1
-            shared = {vid: v for new in new_layers.values() for v in new.weights
-                      if vid_of(v) in counts and counts[vid_of(v)] == len(new_layers) for vid in [vid_of(v)]}
+    # The shared memory's array is one variable that every replaced layer holds; count it once, in its own row.
+    shared = {id(v): v for v in memory.weights} if memory is not None else {}
     rows = []
     for path, layer in tables:
         new = new_layers.get(id(layer))
@@ -345,10 +350,6 @@ def plan_and_replacements(model, ratio=None, budget=None, method="robe", min_row
         raise ValueError(f"compress: method {method!r} cannot fit these tables in {format_bytes(budget_bytes)}: its "
                          f"layers need {format_bytes(plan.physical_bytes)} (e.g. QR's floor of 2*sqrt(rows) rows)")
     return plan, new_layers
-
-
-def vid_of(variable):
-    return id(variable)
 
 
 def compress(model, ratio=None, budget=None, method="robe", min_rows=10_000, share=True, chunk_size=None,
