@@ -5,8 +5,9 @@ import math
 import tensorflow as tf
 
 from tfcompress import fused_ops, robe_hash
-from tfcompress._keras import register_serializable
+from tfcompress._keras import keras, register_serializable
 from tfcompress.layers import base
+from tfcompress.layers.robe_memory import RobeMemory
 from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
 
 
@@ -60,6 +61,11 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         out_of_range: "error" (default) raises naming feature and value for an id outside [0, cardinality);
             "mod" folds ids into range with a floor modulo.
         embeddings_initializer: initializer of M.
+        memory: a `RobeMemory` to store the tables in, shared with the other layers given it (instead of
+            `memory_size`/`compression`; the memory's chunk size, seed and signs apply, and a different one asked
+            here is a ValueError naming both). The tables are laid end to end from `table_offset`.
+        table_offset: with `memory`, where table 0 starts in the memory's id space; default: after the tables
+            registered with it before (creation order). Kept in `get_config`.
         use_custom_op: "auto" (default) runs the fused C++/CUDA op (custom_ops/) when its library loads and the
             pure-TF path otherwise (warned once); True requires the op (CustomOpUnavailableError if it cannot
             load); False always takes the pure-TF path. Results are identical. Serving exports trace
@@ -75,28 +81,54 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         memory_size=None,
         compression=None,
         chunk_size=None,
-        seed=robe_hash.DEFAULT_SEED,
-        signed=False,
+        seed=None,
+        signed=None,
         gradient="auto",
         out_of_range="error",
         embeddings_initializer="uniform",
         use_custom_op="auto",
+        memory=None,
+        table_offset=None,
         **kwargs,
     ):
         super().__init__(cardinalities, output_dim, gradient=gradient, out_of_range=out_of_range,
                          embeddings_initializer=embeddings_initializer, **kwargs)
-        self.chunk_size, self.memory_size = array_size(self.logical_parameters, self.output_dim, memory_size,
-                                                       compression, chunk_size)
         self.compression = None if compression is None else float(compression)
-        self.seed = int(seed)
-        self.signed = bool(signed)
-        self._gradient_mode = resolve_gradient_mode(gradient, self.memory_size)
-        self._offsets = robe_hash.table_offsets(self.cardinalities)
         self.use_custom_op = fused_ops.check_use_custom_op(use_custom_op)
+        if isinstance(memory, dict):  # a serialized RobeMemory, as from_config passes it
+            memory = keras.saving.deserialize_keras_object(memory)
+        if memory is None:
+            if table_offset is not None:
+                raise ValueError(f"{self.described}: table_offset={table_offset!r} places tables in a shared "
+                                 "memory; give memory= too")
+            self.shared_memory = None
+            self.table_offset = 0
+            self.chunk_size, self.memory_size = array_size(self.logical_parameters, self.output_dim, memory_size,
+                                                           compression, chunk_size)
+            self.seed = robe_hash.DEFAULT_SEED if seed is None else int(seed)
+            self.signed = bool(signed)
+            self._gradient_mode = resolve_gradient_mode(gradient, self.memory_size)
+        else:
+            if not isinstance(memory, RobeMemory):
+                raise TypeError(f"{self.described}: memory must be a tfcompress.layers.RobeMemory, got "
+                                f"{type(memory).__name__}")
+            if memory_size is not None or compression is not None:
+                raise ValueError(f"{self.described}: the size of a shared memory is set on the RobeMemory; give "
+                                 f"memory= without memory_size/compression (got memory_size={memory_size!r}, "
+                                 f"compression={compression!r})")
+            self.shared_memory = memory
+            # One table of width D per feature, laid end to end from the registered offset (docs/robe_z.md).
+            self.table_offset = memory.register(self.described, sum(self.cardinalities), self.output_dim,
+                                                chunk_size=chunk_size, seed=seed, signed=signed,
+                                                table_offset=table_offset)
+            self.chunk_size, self.seed, self.signed = memory.chunk_size, memory.seed, memory.signed
+            self.memory_size = None  # the memory's size, known once its array is made (build)
+        self._offsets = robe_hash.table_offsets(self.cardinalities) + self.table_offset
 
     @property
     def physical_parameters(self):
-        return self.memory_size
+        """|M|; with a shared memory, the whole shared array (counted once per sharer here)."""
+        return self.memory_size if self.shared_memory is None else self.shared_memory.size
 
     @classmethod
     def _parameter_counts(cls, cardinalities, output_dim, memory_size=None, compression=None, chunk_size=None,
@@ -106,9 +138,17 @@ class RobeEmbedding(base.IdEmbeddingLayer):
 
     def build(self, input_shape):
         self.check_id_shape(input_shape)
-        self.memory = self.add_weight(
-            name="memory", shape=(self.memory_size,), initializer=self.embeddings_initializer, trainable=True
-        )
+        if self.shared_memory is None:
+            self.memory = self.add_weight(
+                name="memory", shape=(self.memory_size,), initializer=self.embeddings_initializer, trainable=True
+            )
+        else:
+            self.shared_memory.build()
+            self.memory_size = self.shared_memory.size
+            self._gradient_mode = resolve_gradient_mode(self.gradient, self.memory_size)
+            # Set past Keras' attribute tracking: the variable belongs to the RobeMemory (a tracked sub-layer of
+            # every sharer), so it is saved and counted once, not once per sharer.
+            object.__setattr__(self, "memory", self.shared_memory.array)
         super().build(input_shape)
 
     def call(self, ids):
@@ -116,10 +156,17 @@ class RobeEmbedding(base.IdEmbeddingLayer):
             # The op checks every id value itself (naming feature and value), so only "mod" needs the TF-side pass;
             # dtype and shape are checked here as on the pure-TF path, with the same message.
             ids = self.check_ids(ids)
-            if self.out_of_range == "mod":
+            cardinalities = self.cardinalities
+            if self.out_of_range == "mod" or self.table_offset:
                 ids = self.prepare_ids(ids)
+            if self.table_offset:
+                # The op lays tables end to end from 0; a table at offset O is the op's first table grown by O rows
+                # with its ids shifted by O (in range after prepare_ids): the same a = x + O, the same hash.
+                ids = ids + tf.one_hot(0, len(cardinalities), on_value=self.table_offset, off_value=0,
+                                       dtype=tf.int64)
+                cardinalities = [cardinalities[0] + self.table_offset, *cardinalities[1:]]
             return fused_ops.robe_lookup(
-                self.memory, ids, self.cardinalities, self.output_dim, self.chunk_size, self.seed, self.signed,
+                self.memory, ids, cardinalities, self.output_dim, self.chunk_size, self.seed, self.signed,
                 self._gradient_mode,
             )
         ids = self.prepare_ids(ids)
@@ -149,7 +196,8 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         size, width, chunk = self.memory_size, self.output_dim, self.chunk_size
         chunks = robe_hash.num_chunks(width, chunk)
         num_features = len(self.cardinalities)
-        total_rows = int(sum(self.cardinalities))  # the id rule puts every offset id in [0, total_rows)
+        # The id rule puts every offset id in [0, total_rows).
+        total_rows = self.table_offset + int(sum(self.cardinalities))
         window_rows = min(size - chunk + 1, robe_hash.P)  # every chunk start h < min(|M| - Z + 1, P)
         position_dtype = tf.int32 if robe_hash.max_position(size, chunk) <= robe_hash.INT32_MAX else tf.int64
 
@@ -192,4 +240,9 @@ class RobeEmbedding(base.IdEmbeddingLayer):
             signed=self.signed,
             use_custom_op=self.use_custom_op,
         )
+        if self.shared_memory is not None:
+            # The memory holds the size and the hash settings; the offset keeps this layer's rows where they were.
+            config.update(memory=keras.saving.serialize_keras_object(self.shared_memory),
+                          table_offset=self.table_offset, memory_size=None, chunk_size=None, seed=None,
+                          signed=None)
         return config

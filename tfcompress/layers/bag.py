@@ -1,0 +1,100 @@
+"""Bag (multi-hot) lookups: every row of a ragged or sparse id tensor pooled into one embedding.
+
+One function, `bag_lookup`, does the pooling for every layer and for serving. It is the composite of stock ops
+(a gather through `lookup_fn`, then `tf.math.unsorted_segment_sum`), so serving graphs can trace it as it is; a
+fused bag op (hashed gather and per-row sum in one kernel) replaces the composite in training by taking the same
+arguments. The contract is `tf.nn.safe_embedding_lookup_sparse`'s, so a model moved from it reads the same values.
+"""
+
+import tensorflow as tf
+
+COMBINERS = ("sum", "mean", "sqrtn")
+
+
+def check_combiner(combiner, layer_name, allow_none=True):
+    """`combiner` if it is one of COMBINERS (or None where allowed), else ValueError naming the layer."""
+    if combiner is None and allow_none:
+        return None
+    if combiner not in COMBINERS:
+        raise ValueError(f"{layer_name}: combiner must be one of {COMBINERS}{' or None' if allow_none else ''}, "
+                         f"got {combiner!r}")
+    return combiner
+
+
+def bag_lookup(lookup_fn, ids_values, row_splits, weights, combiner):
+    """Pooled embeddings of bags of ids: float32 [rows, D], with `tf.nn.safe_embedding_lookup_sparse`'s contract.
+
+    - ids < 0 are pruned (with their weights);
+    - with weights and a combiner other than "sum", ids of weight <= 0 are pruned too ("sum" keeps them, as
+      safe_embedding_lookup_sparse does);
+    - "sum": sum_i w_i e_i; "mean": sum_i w_i e_i / sum_i w_i; "sqrtn": sum_i w_i e_i / sqrt(sum_i w_i^2), with
+      w_i = 1 without weights;
+    - a row left empty (no ids, or all pruned) is zeros.
+
+    Args:
+        lookup_fn: maps int64 ids [V] (all >= 0) to float32 embeddings [V, D]; applies the layer's id rule.
+        ids_values: integer [V], the ids of all bags, row after row (a RaggedTensor's `values`).
+        row_splits: int64 [rows + 1], bag r holds ids_values[row_splits[r]:row_splits[r + 1]].
+        weights: float [V] per-id weights, or None.
+        combiner: "sum", "mean" or "sqrtn".
+
+    Returns:
+        float32 [rows, D].
+    """
+    if combiner not in COMBINERS:
+        raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+    ids_values = tf.cast(ids_values, tf.int64)
+    row_splits = tf.cast(row_splits, tf.int64)
+    num_rows = tf.shape(row_splits, out_type=tf.int64)[0] - 1
+    row_ids = tf.ragged.row_splits_to_segment_ids(row_splits)
+    keep = ids_values >= 0
+    if weights is not None:
+        weights = tf.cast(weights, tf.float32)
+        if combiner != "sum":
+            keep = tf.logical_and(keep, weights > 0)
+        weights = tf.boolean_mask(weights, keep)
+    ids_values = tf.boolean_mask(ids_values, keep)
+    row_ids = tf.boolean_mask(row_ids, keep)
+
+    embeddings = lookup_fn(ids_values)  # [V', D]
+    if weights is not None:
+        embeddings = embeddings * weights[:, None]
+    pooled = tf.math.unsorted_segment_sum(embeddings, row_ids, num_rows)
+    if combiner == "sum":
+        return pooled
+    per_id = tf.ones_like(row_ids, tf.float32) if weights is None else weights
+    if combiner == "mean":
+        scale = tf.math.unsorted_segment_sum(per_id, row_ids, num_rows)
+    else:
+        scale = tf.sqrt(tf.math.unsorted_segment_sum(per_id * per_id, row_ids, num_rows))
+    # An empty row has scale 0 and a pooled sum of 0: divide_no_nan gives the zeros the contract asks for.
+    return tf.math.divide_no_nan(pooled, scale[:, None])
+
+
+def as_ragged_bags(ids, weights, layer_name):
+    """(values, row_splits, weight values or None) of rank-2 ragged or sparse ids, checked.
+
+    A SparseTensor is reordered first (its rows may come in any order); its weights must be a SparseTensor with
+    the same indices, a ragged input's a RaggedTensor with the same row splits (or None).
+    """
+    if isinstance(ids, tf.SparseTensor):
+        if ids.shape.rank is not None and ids.shape.rank != 2:
+            raise ValueError(f"{layer_name}: sparse ids must have rank 2 ([batch, bag]), got shape {ids.shape}")
+        if weights is not None and not isinstance(weights, tf.SparseTensor):
+            raise TypeError(f"{layer_name}: weights of sparse ids must be a tf.SparseTensor with the same indices, "
+                            f"got {type(weights).__name__}")
+        if weights is not None:
+            # Reordered together: the weights ride along as the values of a copy of the id tensor.
+            paired = tf.sparse.reorder(tf.SparseTensor(ids.indices, tf.range(tf.size(ids.values, tf.int64)),
+                                                       ids.dense_shape))
+            weights = tf.gather(weights.values, paired.values)
+        ids = tf.RaggedTensor.from_sparse(tf.sparse.reorder(ids))
+    elif weights is not None:
+        if not isinstance(weights, tf.RaggedTensor):
+            raise TypeError(f"{layer_name}: weights of ragged ids must be a tf.RaggedTensor with the same row "
+                            f"lengths, got {type(weights).__name__}")
+        weights = weights.flat_values
+    if ids.ragged_rank != 1 or ids.shape.rank != 2:
+        raise ValueError(f"{layer_name}: ragged ids with a combiner must have shape [batch, None] (one bag per row), "
+                         f"got shape {ids.shape}")
+    return ids.values, ids.row_splits, weights

@@ -1,0 +1,282 @@
+"""CompressedEmbedding: a drop-in for `keras.layers.Embedding` whose one table is compressed by any method.
+
+The lookup itself is not written here: the layer holds one inner single-feature layer of the chosen method
+(`RobeEmbedding`, `HashingTrickEmbedding`, ... with `cardinalities=[input_dim]`) and reshapes ids of any shape to
+the inner layer's `[N, 1]` and back, so every method's math, fused op and serving lookup are reused as they are.
+Bags (ragged or sparse ids with a `combiner`) are pooled by `tfcompress.layers.bag.bag_lookup`.
+"""
+
+import tensorflow as tf
+
+from tfcompress import robe_hash
+from tfcompress._keras import keras, register_serializable
+from tfcompress.layers import bag
+from tfcompress.layers.chunk_pruned import ChunkPrunedEmbedding
+from tfcompress.layers.full import FullEmbedding
+from tfcompress.layers.hashing_trick import HashingTrickEmbedding
+from tfcompress.layers.mlet import MLETEmbedding
+from tfcompress.layers.qr import QREmbedding
+from tfcompress.layers.robe import RobeEmbedding
+from tfcompress.layers.robe_memory import RobeMemory
+
+METHODS = {
+    "robe": RobeEmbedding,
+    "mlet": MLETEmbedding,
+    "hashing": HashingTrickEmbedding,
+    "qr": QREmbedding,
+    "pruned": ChunkPrunedEmbedding,
+    "full": FullEmbedding,
+}
+# The methods whose size is set by `compression` and that cannot be made without it (or a RobeMemory).
+NEEDS_COMPRESSION = ("hashing", "qr")
+
+
+@register_serializable()
+class CompressedEmbedding(keras.layers.Layer):
+    """`keras.layers.Embedding(input_dim, output_dim)` with a compressed table: the same call contract.
+
+    Example:
+
+    >>> layer = CompressedEmbedding(100_000, 16, method="robe", compression=100.0, mask_zero=True)
+    >>> layer(tf.constant([[3, 0], [99_999, 7]])).shape          # any id shape -> shape + [16]
+    TensorShape([2, 2, 16])
+    >>> bags = tf.ragged.constant([[3, 7, 9], [], [5]])
+    >>> CompressedEmbedding(1000, 8, method="full", combiner="mean")(bags).shape
+    TensorShape([3, 8])
+
+    Args:
+        input_dim: rows of the logical table (ids lie in [0, input_dim)).
+        output_dim: embedding width D.
+        method: "robe", "mlet", "hashing", "qr", "pruned" or "full" (the inner layer: `RobeEmbedding`,
+            `MLETEmbedding`, `HashingTrickEmbedding`, `QREmbedding`, `ChunkPrunedEmbedding`, `FullEmbedding`).
+        compression: logical size / stored size (>= 1). Required for "hashing" and "qr" and for "robe" without a
+            `memory`; for "mlet" it hashes the tables first (optional); for "pruned" the pool budget is
+            1 / compression of the chunks (default: the layer's own budget). "full" takes none (or 1).
+        memory: a `RobeMemory` (method "robe" only): the table is stored in that one shared array, at its own
+            table offset, together with every other layer given the same memory.
+        mask_zero: as in `keras.layers.Embedding`: `compute_mask` returns `ids != 0` (dense ids only). Id 0 is
+            still a row of the table.
+        combiner: None, or "sum", "mean" or "sqrtn": ragged [B, None] or sparse [B, N] ids are then pooled per
+            row into [B, D] (the `tf.nn.safe_embedding_lookup_sparse` contract, `bag.bag_lookup`). Without a
+            combiner a ragged input gives a ragged output and a sparse input is refused.
+        chunk_size: ROBE-Z chunk Z ("robe" only; default min(D, 32), or the memory's).
+        seed: ROBE-Z hash seed ("robe" only; default `robe_hash.DEFAULT_SEED`, or the memory's).
+        embeddings_initializer: initializer of the stored tables (default: the inner layer's default; for a
+            shared memory the memory's initializer decides and this must stay None).
+        gradient: "sparse", "dense" or "auto" (see docs/layers.md).
+        out_of_range: "error" (default: an id outside [0, input_dim) raises naming the layer and the value) or
+            "mod" (ids are folded into range). Ids < 0 inside bags are pruned before this rule, as
+            safe_embedding_lookup_sparse prunes them.
+        table_offset: "robe" with a memory only: where this table starts in the memory's id space (default: after
+            the tables registered before it). Saved in the config so a reloaded model reads the same rows.
+        options: other arguments of the inner layer by name, e.g. {"inner_dim": 32} (mlet), {"operation": "add"}
+            (qr), {"num_chunks": 4} (pruned), {"signed": True} (robe without a memory).
+        **kwargs: `keras.layers.Layer` arguments (name, trainable, dtype).
+
+    Input: integer ids of any shape [...] -> float32 [..., D]; with a combiner, ragged [B, None] or sparse [B, N]
+    ids (and optional per-id `weights` of the same structure) -> [B, D].
+    """
+
+    def __init__(self, input_dim, output_dim, method="robe", compression=None, memory=None, mask_zero=False,
+                 combiner=None, chunk_size=None, seed=None, embeddings_initializer=None, gradient="auto",
+                 out_of_range="error", table_offset=None, options=None, **kwargs):
+        super().__init__(**kwargs)
+        if method not in METHODS:
+            raise ValueError(f"{self.described}: method must be one of {sorted(METHODS)}, got {method!r}")
+        self.input_dim = int(input_dim)
+        self.output_dim = int(output_dim)
+        self.method = method
+        self.compression = None if compression is None else float(compression)
+        self.mask_zero = bool(mask_zero)
+        self.combiner = bag.check_combiner(combiner, self.described)
+        self.options = dict(options or {})
+        if isinstance(memory, dict):  # a serialized RobeMemory, as from_config passes it
+            memory = keras.saving.deserialize_keras_object(memory)
+        if memory is not None and not isinstance(memory, RobeMemory):
+            raise TypeError(f"{self.described}: memory must be a tfcompress.layers.RobeMemory, got "
+                            f"{type(memory).__name__}")
+        if memory is not None and method != "robe":
+            raise ValueError(f"{self.described}: memory= is a shared ROBE array, so it needs method='robe', got "
+                             f"method={method!r}")
+        for argument, value in (("chunk_size", chunk_size), ("seed", seed), ("table_offset", table_offset)):
+            if value is not None and method != "robe":
+                raise ValueError(f"{self.described}: {argument}={value!r} applies to method='robe' only, got "
+                                 f"method={method!r}")
+        self.inner = self._make_inner(memory, chunk_size, seed, embeddings_initializer, gradient, out_of_range,
+                                      table_offset)
+        self.supports_masking = self.mask_zero
+
+    @property
+    def described(self):
+        """How errors name this layer: its class and name."""
+        return f"{type(self).__name__} {self.name!r}"
+
+    def _make_inner(self, memory, chunk_size, seed, embeddings_initializer, gradient, out_of_range, table_offset):
+        """The single-feature layer of `self.method` that stores this table (cardinalities=[input_dim])."""
+        method, compression = self.method, self.compression
+        arguments = dict(gradient=gradient, out_of_range=out_of_range, **self.options)
+        if embeddings_initializer is not None:
+            arguments["embeddings_initializer"] = embeddings_initializer
+        if method == "full":
+            if compression not in (None, 1.0):
+                raise ValueError(f"{self.described}: method='full' stores the whole table, so compression must be "
+                                 f"None or 1, got {compression!r}")
+        elif method in NEEDS_COMPRESSION:
+            if compression is None:
+                raise ValueError(f"{self.described}: method={method!r} needs compression= (logical size / stored "
+                                 "size, >= 1)")
+            arguments["compression"] = compression
+        elif method == "mlet":
+            arguments.setdefault("inner_dim", self.output_dim)
+            if compression is not None:
+                arguments["compression"] = compression
+        elif method == "pruned":
+            if compression is not None:
+                if not compression >= 1.0:
+                    raise ValueError(f"{self.described}: compression must be >= 1, got {compression!r}")
+                arguments["budget"] = 1.0 / compression
+        else:  # robe
+            arguments.update(chunk_size=chunk_size, seed=seed)
+            if memory is not None:
+                if compression is not None:
+                    raise ValueError(f"{self.described}: give compression= or memory=, not both (the memory's size "
+                                     "is set where the RobeMemory is made)")
+                arguments.update(memory=memory, table_offset=table_offset)
+            elif compression is None:
+                raise ValueError(f"{self.described}: method='robe' needs compression= (logical size / |M|, >= 1) "
+                                 "or memory= (a shared RobeMemory)")
+            else:
+                arguments["compression"] = compression
+        return METHODS[method](cardinalities=[self.input_dim], output_dim=self.output_dim,
+                               name=f"{self.name}_{method}", **arguments)
+
+    @property
+    def memory(self):
+        """The shared `RobeMemory` of a "robe" layer made with `memory=`, else None."""
+        return getattr(self.inner, "shared_memory", None)
+
+    @property
+    def logical_parameters(self):
+        return self.input_dim * self.output_dim
+
+    @property
+    def physical_parameters(self):
+        """Floats this layer stores; for a shared memory, the whole memory (shared with the other layers)."""
+        return self.inner.physical_parameters
+
+    def build(self, input_shape=None):
+        # Built here, not on first call, so a loaded model has every weight before its values are read.
+        if not self.inner.built:
+            self.inner.build((None, 1))
+        super().build(input_shape)
+
+    # ---- training lookup --------------------------------------------------------------------------------------
+
+    def call(self, ids, weights=None, training=None):
+        if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
+            return self._lookup_composite(ids, weights, lambda flat: self._lookup_flat(flat, training))
+        if weights is not None:
+            raise ValueError(f"{self.described}: weights= apply to ragged or sparse ids with a combiner (bags), "
+                             "not to dense ids")
+        return self._lookup_dense(self.check_ids(ids), lambda flat: self._lookup_flat(flat, training))
+
+    def _lookup_flat(self, flat_ids, training=None):
+        """Embeddings [N, D] of ids [N]: the inner layer on a one-column [N, 1] id matrix."""
+        column = tf.reshape(flat_ids, [-1, 1])
+        if isinstance(self.inner, ChunkPrunedEmbedding):  # the only method whose training step differs
+            values = self.inner(column, training=training)
+        else:
+            values = self.inner(column)
+        return tf.reshape(values, [-1, self.output_dim])
+
+    def check_ids(self, ids):
+        """`ids` as a tensor; TypeError naming the layer for a non-integer dtype (floats would truncate)."""
+        ids = tf.convert_to_tensor(ids) if not isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)) else ids
+        if not ids.dtype.is_integer:
+            raise TypeError(f"{self.described}: ids must be integers, got {ids.dtype.name}; float ids would be "
+                            "truncated silently (cast them yourself once you know they are whole numbers)")
+        return ids
+
+    def _lookup_dense(self, ids, lookup_flat):
+        """Ids of any shape [...] -> [..., D] through `lookup_flat` ([N] -> [N, D])."""
+        values = lookup_flat(tf.reshape(ids, [-1]))
+        out = tf.reshape(values, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
+        out.set_shape(ids.shape.concatenate([self.output_dim]))
+        return out
+
+    def _lookup_composite(self, ids, weights, lookup_flat):
+        """Ragged or sparse ids: pooled bags with a combiner, a ragged passthrough without one."""
+        ids = self.check_ids(ids)
+        if self.combiner is None:
+            if isinstance(ids, tf.SparseTensor):
+                raise ValueError(f"{self.described}: sparse ids need a combiner ('sum', 'mean' or 'sqrtn') to pool "
+                                 "each row; this layer was made with combiner=None")
+            if weights is not None:
+                raise ValueError(f"{self.described}: weights= need a combiner; this layer was made with "
+                                 "combiner=None (a ragged input then gives a ragged output)")
+            return tf.ragged.map_flat_values(lambda flat: self._lookup_dense(flat, lookup_flat), ids)
+        values, row_splits, weight_values = bag.as_ragged_bags(ids, weights, self.described)
+        return bag.bag_lookup(lookup_flat, values, row_splits, weight_values, self.combiner)
+
+    def compute_mask(self, inputs, mask=None):
+        if not self.mask_zero or isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
+            return None
+        if hasattr(keras, "ops"):  # Keras 3 builds functional models on KerasTensors, which only keras.ops take
+            return keras.ops.not_equal(inputs, 0)
+        return tf.not_equal(inputs, 0)
+
+    def compute_output_shape(self, input_shape):
+        if self.combiner is not None:
+            return (tuple(input_shape)[0], self.output_dim)
+        return tuple(input_shape) + (self.output_dim,)
+
+    # ---- serving lookup ---------------------------------------------------------------------------------------
+
+    def serving_lookup(self, ids, out_of_range="mod", weights=None, tables=None):
+        """What `call(ids, weights)` returns, in stock TensorFlow ops only (see `base.IdLayer.serving_lookup`).
+
+        Dense ids of any shape, ragged ids (pooled with the combiner, or ragged out without one) and sparse ids
+        with a combiner, as in `call`; the inner layer's `serving_lookup` does the lookups.
+
+        Args:
+            ids: integer ids as `call` takes them.
+            out_of_range: the serving id rule, "mod", "error" or "as_trained" (see `base.serving_rule`).
+            weights: per-id weights of a bag input, as in `call`.
+            tables: a `tfcompress.lookup.TableReader` (default: the stored variables).
+        """
+        def lookup_flat(flat_ids):
+            column = tf.reshape(flat_ids, [-1, 1])
+            values = self.inner.serving_lookup(column, out_of_range=out_of_range, tables=tables)
+            return tf.reshape(values, [-1, self.output_dim])
+
+        if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
+            return self._lookup_composite(ids, weights, lookup_flat)
+        if weights is not None:
+            raise ValueError(f"{self.described}: weights= apply to ragged or sparse ids with a combiner (bags), "
+                             "not to dense ids")
+        return self._lookup_dense(self.check_ids(ids), lookup_flat)
+
+    # ---- config -----------------------------------------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        inner = self.inner.get_config()
+        config.update(
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            method=self.method,
+            compression=self.compression,
+            mask_zero=self.mask_zero,
+            combiner=self.combiner,
+            chunk_size=inner.get("chunk_size"),
+            seed=inner.get("seed"),
+            embeddings_initializer=inner["embeddings_initializer"] if self.memory is None else None,
+            gradient=inner["gradient"],
+            out_of_range=inner["out_of_range"],
+            table_offset=None,
+            options=self.options,
+            memory=None,
+        )
+        if self.memory is not None:
+            config.update(memory=keras.saving.serialize_keras_object(self.memory), table_offset=self.inner.table_offset, chunk_size=None, seed=None)
+        return config
