@@ -1,6 +1,11 @@
-"""examples/keras_rs_movielens.py: a keras-rs ranking model written with plain keras.layers.Embedding, compressed
-by one `tfcompress.compress` call, trains with `fit`, and its SavedModel serves the same predictions in a fresh
-process that never imports tfcompress (issue 16 section 5)."""
+"""The MovieLens-shaped examples (issue 16 section 5): a ranking model written with plain Embedding layers,
+compressed by one `tfcompress.compress` call, trains with `fit`, and its SavedModel serves the same predictions in
+a fresh Keras 3 process that never imports tfcompress.
+
+- examples/keras_rs_movielens.py: Keras 3 + keras-rs (FeatureCross);
+- examples/tfrs_movielens.py: legacy tf.keras + TFRS (tfrs.models.Model + tfrs.tasks.Ranking); the script sets
+  TF_USE_LEGACY_KERAS=1 itself, and its SavedModel is loaded on Keras 3.
+"""
 
 import json
 import os
@@ -12,21 +17,22 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("keras_rs")
+EXAMPLES = ["keras_rs_movielens", "tfrs_movielens"]
 
 
 def child_env():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_USE_LEGACY_KERAS", None)  # keras-rs is Keras 3
+    env.pop("TF_USE_LEGACY_KERAS", None)  # the TFRS example sets it itself; the serving check runs on Keras 3
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
 
-@pytest.fixture(scope="module")
-def example_run(tmp_path_factory):
-    work_dir = tmp_path_factory.mktemp("keras_rs_movielens")
+@pytest.fixture(scope="module", params=EXAMPLES)
+def example_run(request, tmp_path_factory):
+    pytest.importorskip("keras_rs" if request.param == "keras_rs_movielens" else "tensorflow_recommenders")
+    work_dir = tmp_path_factory.mktemp(request.param)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "keras_rs_movielens.py"), "--work-dir", str(work_dir),
+        [sys.executable, str(ROOT / "examples" / f"{request.param}.py"), "--work-dir", str(work_dir),
          "--rows", "12000", "--eval-rows", "4000", "--num-users", "300", "--num-items", "500", "--min-rows", "300",
          "--ratio", "10", "--epochs", "2", "--batch-size", "256"],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600,
