@@ -5,13 +5,18 @@ with the same weights, `tf.nn.safe_embedding_lookup_sparse` on the materialized 
 `RobeEmbedding` over the same array.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, keras
-from tfcompress.layers import (ChunkPrunedEmbedding, CompressedEmbedding, FullEmbedding, HashingTrickEmbedding,
-                               MLETEmbedding, QREmbedding, RobeEmbedding, RobeMemory)
+from tfcompress.layers import (ChunkPrunedEmbedding, CompressedEmbedding, CompressedEmbeddings, FullEmbedding, HashingTrickEmbedding,
+                               MLETEmbedding, QREmbedding, RobeEmbedding, RobeMemory, sharing_scope)
 from tfcompress.layers.bag import bag_lookup
 
 N, D = 200, 8
@@ -76,6 +81,8 @@ def test_mask_zero_masks_id_zero_like_keras_embedding():
     np.testing.assert_array_equal(layer.compute_mask(ids).numpy(),
                                   keras.layers.Embedding(N, D, mask_zero=True).compute_mask(ids).numpy())
     assert CompressedEmbedding(N, D, method="full").compute_mask(ids) is None
+    # A pooled bag has no per-id axis left to mask.
+    assert CompressedEmbedding(N, D, method="full", mask_zero=True, combiner="sum").compute_mask(ids) is None
     # The mask reaches a masking consumer in a functional model: masked steps do not move the mean.
     inputs = keras.Input(shape=(3,), dtype="int32")
     pooled = keras.layers.GlobalAveragePooling1D()(layer(inputs))
@@ -337,3 +344,158 @@ def test_keras_file_round_trip_keeps_the_memory_shared(tmp_path):
     assert item.memory is history.memory
     assert (item.inner.table_offset, history.inner.table_offset) == (0, 300)
     assert len(loaded.weights) == len(model.weights)
+
+
+def test_config_round_trip_of_shared_layers_needs_the_sharing_scope():
+    model = shared_model()
+    inputs = model_inputs()
+    model.predict(inputs, verbose=0)
+    # Keras re-raises the ValueError of a layer's from_config as a TypeError quoting it.
+    with pytest.raises((ValueError, TypeError), match="(?s)holds 2 tables.*sharing_scope"):
+        keras.Model.from_config(model.get_config())
+    with sharing_scope():
+        clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    assert clone.get_layer("item_embedding").memory is clone.get_layer("history_embedding").memory
+    np.testing.assert_array_equal(clone.predict(inputs, verbose=0), model.predict(inputs, verbose=0))
+
+
+# ---- legacy tf.keras ---------------------------------------------------------------------------------------------
+
+LEGACY_CHILD = """
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, "tests")
+import test_compressed_embedding as t
+from tfcompress._keras import USING_LEGACY_KERAS
+assert USING_LEGACY_KERAS, "the child did not run on tf_keras"
+for method in sorted(t.METHOD_CASES):
+    t.test_any_shape_ids_equal_the_single_feature_layer(method)
+t.test_config_round_trip("robe")
+t.test_mask_zero_masks_id_zero_like_keras_embedding()
+for combiner, kind in (("sum", "ragged"), ("mean", "sparse"), ("sqrtn", "ragged")):
+    t.test_bags_equal_safe_embedding_lookup_sparse(combiner, True, kind)
+t.test_dense_ids_with_a_combiner_pool_the_last_axis_like_embed_reduce("mean")
+t.test_bag_gradient_equals_safe_embedding_lookup_sparse_gradient()
+t.test_ragged_ids_without_a_combiner_give_ragged_embeddings()
+t.test_shared_memory_layers_equal_one_multi_table_robe_bit_for_bit(False, True)
+t.test_shared_memory_is_one_weight_of_the_model_and_trains()
+t.test_keras_file_round_trip_keeps_the_memory_shared(Path(tempfile.mkdtemp()))
+t.test_config_round_trip_of_shared_layers_needs_the_sharing_scope()
+t.test_bad_input_is_refused_naming_the_layer()
+print("legacy tf.keras: all passed")
+"""
+
+
+def test_the_same_tests_pass_under_legacy_tf_keras():
+    """One child process on tf_keras (TF_USE_LEGACY_KERAS=1 must be set before TensorFlow is imported) runs the
+    contract tests of this file: any-shape ids, mask, bags, sharing, .keras and config round trips, bad input."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", LEGACY_CHILD], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "legacy tf.keras: all passed" in result.stdout
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_dense_ids_with_a_combiner_pool_the_last_axis_like_embed_reduce(combiner):
+    keras_rs = pytest.importorskip("keras_rs") if not USING_LEGACY_KERAS else None
+    layer = CompressedEmbedding(N, D, method="full", combiner=combiner)
+    ids = np.random.default_rng(0).integers(0, N, size=(4, 3))
+    weights = np.random.default_rng(1).uniform(0.5, 2.0, size=(4, 3)).astype(np.float32)
+    layer.build(None)
+    table = materialized(layer)
+    out = layer(ids, weights=weights).numpy()
+    assert out.shape == (4, D) and layer.compute_output_shape((4, 3)) == (4, D)
+    if keras_rs is not None:
+        reference = keras_rs.layers.EmbedReduce(N, D, combiner=combiner)
+        reference.build((None, 3))
+        reference.set_weights([table])
+        np.testing.assert_allclose(out, reference(ids, weights).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer(ids[:, 0]).numpy(), reference(ids[:, 0]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out[:, None], layer(ids[:, None], weights=weights[:, None]).numpy(), rtol=1e-6)
+
+
+# ---- keras-rs feature configs ------------------------------------------------------------------------------------
+
+
+def keras_rs_features(keras_rs):
+    items = keras_rs.layers.TableConfig("items", vocabulary_size=500, embedding_dim=D, combiner="sum")
+    genres = keras_rs.layers.TableConfig("genres", vocabulary_size=30, embedding_dim=4, combiner="mean")
+    return {
+        "item": keras_rs.layers.FeatureConfig("item", items, (None,), (None, D)),
+        "context": {"history": keras_rs.layers.FeatureConfig("history", items, (None, 6), (None, D)),
+                    "genres": keras_rs.layers.FeatureConfig("genres", genres, (None, None), (None, 4))},
+    }
+
+
+def keras_rs_inputs(rows=8, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 4, rows)
+    genres = tf.RaggedTensor.from_row_lengths(rng.integers(0, 30, int(lengths.sum())), lengths)
+    return {"item": rng.integers(0, 500, rows), "context": {"history": rng.integers(0, 500, (rows, 6)),
+                                                             "genres": genres}}
+
+
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
+def test_compressed_embeddings_take_keras_rs_feature_configs_in_one_memory(tmp_path):
+    import keras_rs
+
+    features = keras_rs_features(keras_rs)
+    layer = CompressedEmbeddings(features, method="robe", ratio=10)
+    inputs = keras_rs_inputs()
+    out = layer(inputs)
+    assert tf.nest.map_structure(lambda t: tuple(t.shape), out) == {
+        "item": (8, D), "context": {"history": (8, D), "genres": (8, 4)}}
+    # One memory for both tables, sized by the ratio over all of them; features of one table read one layer.
+    assert layer.memory.size == int(np.ceil((500 * D + 30 * 4) / 10))
+    assert [w.shape for w in layer.weights] == [(layer.memory.size,)]
+    # Tables are laid out in the order tf.nest flattens the features (dict keys sorted): genres, then items.
+    genres, items = layer.table_layers
+    assert (genres.name, items.name) == ("genres", "items")
+    assert (genres.inner.table_offset, items.inner.table_offset) == (0, 30)
+    np.testing.assert_array_equal(out["item"].numpy(), items(inputs["item"]).numpy())
+    np.testing.assert_array_equal(out["context"]["history"].numpy(), items(inputs["context"]["history"]).numpy())
+    # With full tables, the values keras-rs' own DistributedEmbedding returns for the same tables.
+    full = CompressedEmbeddings(features, method="full")
+    reference = keras_rs.layers.DistributedEmbedding(features)
+    reference(inputs)
+    full(inputs)
+    for table_layer in full.table_layers:
+        random_weights(table_layer)
+        reference._default_device_embedding_layers[
+            "item" if table_layer.name == "items" else "context.genres"].set_weights(table_layer.get_weights())
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7),
+                          full(inputs), reference(inputs))
+    # A functional model trains and round-trips through a .keras file.
+    item_in = keras.Input(shape=(), dtype="int64", name="item")
+    history_in = keras.Input(shape=(6,), dtype="int64", name="history")
+    embedded = CompressedEmbeddings(keras_rs_features(keras_rs), method="hashing", budget=4000)(
+        {"item": item_in, "context": {"history": history_in, "genres": history_in}})
+    score = keras.layers.Dense(1)(keras.layers.Concatenate()(
+        [embedded["item"], embedded["context"]["history"], embedded["context"]["genres"]]))
+    model = keras.Model([item_in, history_in], score)
+    model.compile(optimizer="adam", loss="mse")
+    x = [inputs["item"], inputs["context"]["history"] % 30]
+    model.fit(x, np.ones(8), epochs=1, verbose=0)
+    path = str(tmp_path / "keras_rs.keras")
+    model.save(path)
+    np.testing.assert_array_equal(keras.models.load_model(path).predict(x, verbose=0), model.predict(x, verbose=0))
+    clone = CompressedEmbeddings.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert clone.table_layers[1].inner.table_offset == 30 and clone.memory.size == layer.memory.size
+
+
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras.Input(ragged=True) is Keras 3's; tf_keras bags are tested eagerly")
+def test_a_ragged_bag_input_trains_and_round_trips_in_a_functional_model(tmp_path):
+    bags = keras.Input(shape=(None,), dtype="int64", ragged=True, name="genres")
+    pooled = CompressedEmbedding(100, D, method="robe", compression=4.0, combiner="mean", name="genre_bag")(bags)
+    model = keras.Model(bags, keras.layers.Dense(1)(pooled))
+    x = tf.ragged.constant([[1, 2], [], [3, 4, 5], [7]], dtype=tf.int64)
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, np.ones(4), batch_size=4, epochs=2, verbose=0)
+    path = str(tmp_path / "bags.keras")
+    model.save(path)
+    np.testing.assert_array_equal(keras.models.load_model(path)(x).numpy(), model(x).numpy())

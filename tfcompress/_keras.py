@@ -28,7 +28,6 @@ USING_LEGACY_KERAS = os.environ.get("TF_USE_LEGACY_KERAS") in ("true", "True", "
 if USING_LEGACY_KERAS:
     try:
         import tf_keras as keras  # noqa: F401  (re-exported)
-        from tf_keras.src.saving.serialization_lib import ObjectSharingScope as _ObjectSharingScope
     except ImportError as error:
         raise ImportError(
             "TF_USE_LEGACY_KERAS is set, so tfcompress uses legacy tf.keras, but the tf_keras package is not "
@@ -41,7 +40,6 @@ if USING_LEGACY_KERAS:
 
 else:
     import keras  # noqa: F401  (re-exported)
-    from keras.src.saving.serialization_lib import ObjectSharingScope as _ObjectSharingScope
 
     def register_serializable(package="tfcompress"):
         """Class decorator: make a layer loadable by name from saved configs (Keras 3 registry)."""
@@ -68,11 +66,25 @@ def fresh_initializer(initializer):
     return type(initializer).from_config(config)
 
 
-def object_sharing_scope():
-    """A context manager: inside it, an object serialized twice (e.g. one `RobeMemory` in the configs of several
-    layers) is marked as shared, and deserializing those configs gives one object again, not one copy per layer.
+# Keras' object-sharing scope: inside it, an object serialized by several layers' configs (a shared RobeMemory) is
+# deserialized once and handed to all of them. `.keras` save and load open it themselves; neither stack exports it
+# publicly, so it is reached here, the one module that knows which Keras is in use.
+if USING_LEGACY_KERAS:
+    from tf_keras.src.saving import serialization_lib as _serialization_lib
 
-    Keras' own scope (both stacks have it, under the same name, and use it for `.keras` files); it is not part of
-    their public API, so it is reached from this one place.
-    """
-    return _ObjectSharingScope()
+    def in_object_sharing_scope():
+        """True inside a Keras object-sharing scope (tf_keras keeps the flag in a thread-local)."""
+        return bool(getattr(_serialization_lib.SHARED_OBJECTS, "enabled", False))
+
+else:
+    from keras.src.backend.common import global_state as _global_state
+    from keras.src.saving import serialization_lib as _serialization_lib
+
+    def in_object_sharing_scope():
+        """True inside a Keras object-sharing scope (Keras 3 keeps its map in global state while one is open)."""
+        return _global_state.get_global_attribute("shared_objects/id_to_obj_map") is not None
+
+
+def object_sharing_scope():
+    """A context manager: configs made and read inside it keep objects shared by several layers shared."""
+    return _serialization_lib.ObjectSharingScope()

@@ -8,14 +8,16 @@ from tfcompress.layers.mlet import MLETEmbedding
 from tfcompress.layers.planned import PlannedEmbedding
 from tfcompress.layers.chunk_pruned import ChunkPrunedEmbedding
 from tfcompress.layers.compressed_embedding import CompressedEmbedding
+from tfcompress.layers.compressed_embeddings import CompressedEmbeddings
 from tfcompress.layers.qr import QREmbedding
 from tfcompress.layers.quantized import QuantizedEmbedding
 from tfcompress.layers.robe import RobeEmbedding
-from tfcompress.layers.robe_memory import RobeMemory
+from tfcompress.layers.robe_memory import RobeMemory, sharing_scope
 
 __all__ = [
     "ChunkPrunedEmbedding",
     "CompressedEmbedding",
+    "CompressedEmbeddings",
     "FullEmbedding",
     "HashingTrickEmbedding",
     "LearnedHashEmbedding",
@@ -25,4 +27,5 @@ __all__ = [
     "QuantizedEmbedding",
     "RobeEmbedding",
     "RobeMemory",
+    "sharing_scope",
 ]

@@ -84,6 +84,8 @@ def as_ragged_bags(ids, weights, layer_name):
             raise TypeError(f"{layer_name}: weights of sparse ids must be a tf.SparseTensor with the same indices, "
                             f"got {type(weights).__name__}")
         if weights is not None:
+            tf.debugging.assert_equal(weights.indices, ids.indices,
+                                      message=f"{layer_name}: sparse weights must have the indices of the ids")
             # Reordered together: the weights ride along as the values of a copy of the id tensor.
             paired = tf.sparse.reorder(tf.SparseTensor(ids.indices, tf.range(tf.size(ids.values, tf.int64)),
                                                        ids.dense_shape))
@@ -93,6 +95,8 @@ def as_ragged_bags(ids, weights, layer_name):
         if not isinstance(weights, tf.RaggedTensor):
             raise TypeError(f"{layer_name}: weights of ragged ids must be a tf.RaggedTensor with the same row "
                             f"lengths, got {type(weights).__name__}")
+        tf.debugging.assert_equal(weights.row_splits, tf.cast(ids.row_splits, weights.row_splits.dtype),
+                                  message=f"{layer_name}: ragged weights must have the row lengths of the ids")
         weights = weights.flat_values
     if ids.ragged_rank != 1 or ids.shape.rank != 2:
         raise ValueError(f"{layer_name}: ragged ids with a combiner must have shape [batch, None] (one bag per row), "

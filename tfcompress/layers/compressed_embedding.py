@@ -56,9 +56,10 @@ class CompressedEmbedding(keras.layers.Layer):
             table offset, together with every other layer given the same memory.
         mask_zero: as in `keras.layers.Embedding`: `compute_mask` returns `ids != 0` (dense ids only). Id 0 is
             still a row of the table.
-        combiner: None, or "sum", "mean" or "sqrtn": ragged [B, None] or sparse [B, N] ids are then pooled per
-            row into [B, D] (the `tf.nn.safe_embedding_lookup_sparse` contract, `bag.bag_lookup`). Without a
-            combiner a ragged input gives a ragged output and a sparse input is refused.
+        combiner: None, or "sum", "mean" or "sqrtn": each row of ids is then one bag pooled into one embedding
+            (the `tf.nn.safe_embedding_lookup_sparse` contract, `bag.bag_lookup`): ragged [B, None] or sparse
+            [B, N] ids -> [B, D]; dense ids [..., L] -> [..., D] (as `keras_rs.layers.EmbedReduce`; [B] -> [B, D]).
+            Without a combiner a ragged input gives a ragged output and a sparse input is refused.
         chunk_size: ROBE-Z chunk Z ("robe" only; default min(D, 32), or the memory's).
         seed: ROBE-Z hash seed ("robe" only; default `robe_hash.DEFAULT_SEED`, or the memory's).
         embeddings_initializer: initializer of the stored tables (default: the inner layer's default; for a
@@ -73,8 +74,8 @@ class CompressedEmbedding(keras.layers.Layer):
             (qr), {"num_chunks": 4} (pruned), {"signed": True} (robe without a memory).
         **kwargs: `keras.layers.Layer` arguments (name, trainable, dtype).
 
-    Input: integer ids of any shape [...] -> float32 [..., D]; with a combiner, ragged [B, None] or sparse [B, N]
-    ids (and optional per-id `weights` of the same structure) -> [B, D].
+    Input: integer ids of any shape [...] -> float32 [..., D]; with a combiner, ragged [B, None], sparse [B, N] or
+    dense [..., L] ids (and optional per-id `weights` of the same structure) -> [B, D] / [..., D].
     """
 
     def __init__(self, input_dim, output_dim, method="robe", compression=None, memory=None, mask_zero=False,
@@ -173,12 +174,19 @@ class CompressedEmbedding(keras.layers.Layer):
     # ---- training lookup --------------------------------------------------------------------------------------
 
     def call(self, ids, weights=None, training=None):
+        return self._lookup(ids, weights, lambda flat: self._lookup_flat(flat, training))
+
+    def _lookup(self, ids, weights, lookup_flat):
+        """`call`'s contract for every input kind, with `lookup_flat` ([N] ids -> [N, D]) doing the lookups."""
         if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
-            return self._lookup_composite(ids, weights, lambda flat: self._lookup_flat(flat, training))
+            return self._lookup_composite(ids, weights, lookup_flat)
+        ids = self.check_ids(ids)
+        if self.combiner is not None:
+            return self._lookup_dense_bags(ids, weights, lookup_flat)
         if weights is not None:
-            raise ValueError(f"{self.described}: weights= apply to ragged or sparse ids with a combiner (bags), "
-                             "not to dense ids")
-        return self._lookup_dense(self.check_ids(ids), lambda flat: self._lookup_flat(flat, training))
+            raise ValueError(f"{self.described}: weights= apply to bags (a layer with a combiner), and this layer "
+                             "was made with combiner=None")
+        return self._lookup_dense(ids, lookup_flat)
 
     def _lookup_flat(self, flat_ids, training=None):
         """Embeddings [N, D] of ids [N]: the inner layer on a one-column [N, 1] id matrix."""
@@ -204,6 +212,31 @@ class CompressedEmbedding(keras.layers.Layer):
         out.set_shape(ids.shape.concatenate([self.output_dim]))
         return out
 
+    def _pool_bags(self, lookup_flat, values, row_splits, weights):
+        """The one place bags are pooled (ragged, sparse and dense bags alike): `bag.bag_lookup`, the composite
+        of stock ops; a fused bag op for training takes the same arguments here."""
+        return bag.bag_lookup(lookup_flat, values, row_splits, weights, self.combiner)
+
+    def _lookup_dense_bags(self, ids, weights, lookup_flat):
+        """Dense ids [..., L] with a combiner: each last-axis row is one bag -> [..., D], as
+        `keras_rs.layers.EmbedReduce` pools; ids [B] are bags of one id -> [B, D]."""
+        if ids.shape.rank == 0:
+            raise ValueError(f"{self.described}: a layer with a combiner pools rows of ids; got a scalar id")
+        if ids.shape.rank == 1:
+            ids = ids[:, None]
+            weights = None if weights is None else tf.reshape(weights, [-1, 1])
+        bags = tf.RaggedTensor.from_tensor(tf.reshape(ids, [-1, tf.shape(ids)[-1]]))
+        weight_values = None
+        if weights is not None:
+            weights = tf.convert_to_tensor(weights)
+            tf.debugging.assert_equal(tf.shape(weights), tf.shape(ids),
+                                      message=f"{self.described}: weights must have the shape of the ids")
+            weight_values = tf.reshape(weights, [-1])
+        pooled = self._pool_bags(lookup_flat, bags.values, bags.row_splits, weight_values)
+        out = tf.reshape(pooled, tf.concat([tf.shape(ids)[:-1], [self.output_dim]], axis=0))
+        out.set_shape(ids.shape[:-1].concatenate([self.output_dim]))
+        return out
+
     def _lookup_composite(self, ids, weights, lookup_flat):
         """Ragged or sparse ids: pooled bags with a combiner, a ragged passthrough without one."""
         ids = self.check_ids(ids)
@@ -216,19 +249,21 @@ class CompressedEmbedding(keras.layers.Layer):
                                  "combiner=None (a ragged input then gives a ragged output)")
             return tf.ragged.map_flat_values(lambda flat: self._lookup_dense(flat, lookup_flat), ids)
         values, row_splits, weight_values = bag.as_ragged_bags(ids, weights, self.described)
-        return bag.bag_lookup(lookup_flat, values, row_splits, weight_values, self.combiner)
+        return self._pool_bags(lookup_flat, values, row_splits, weight_values)
 
     def compute_mask(self, inputs, mask=None):
-        if not self.mask_zero or isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
+        # Pooled bags have no per-id axis left to mask; ragged and sparse inputs carry their own lengths.
+        if not self.mask_zero or self.combiner is not None or isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
             return None
         if hasattr(keras, "ops"):  # Keras 3 builds functional models on KerasTensors, which only keras.ops take
             return keras.ops.not_equal(inputs, 0)
         return tf.not_equal(inputs, 0)
 
     def compute_output_shape(self, input_shape):
-        if self.combiner is not None:
-            return (tuple(input_shape)[0], self.output_dim)
-        return tuple(input_shape) + (self.output_dim,)
+        shape = tuple(input_shape)
+        if self.combiner is not None:  # the last axis is pooled (a rank-1 input is bags of one id)
+            return (shape[:-1] if len(shape) > 1 else shape) + (self.output_dim,)
+        return shape + (self.output_dim,)
 
     # ---- serving lookup ---------------------------------------------------------------------------------------
 
@@ -249,12 +284,7 @@ class CompressedEmbedding(keras.layers.Layer):
             values = self.inner.serving_lookup(column, out_of_range=out_of_range, tables=tables)
             return tf.reshape(values, [-1, self.output_dim])
 
-        if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
-            return self._lookup_composite(ids, weights, lookup_flat)
-        if weights is not None:
-            raise ValueError(f"{self.described}: weights= apply to ragged or sparse ids with a combiner (bags), "
-                             "not to dense ids")
-        return self._lookup_dense(self.check_ids(ids), lookup_flat)
+        return self._lookup(ids, weights, lookup_flat)
 
     # ---- config -----------------------------------------------------------------------------------------------
 

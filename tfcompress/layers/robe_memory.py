@@ -11,7 +11,7 @@ every sharer uses the memory's.
 import math
 
 from tfcompress import robe_hash
-from tfcompress._keras import fresh_initializer, keras, register_serializable
+from tfcompress._keras import fresh_initializer, in_object_sharing_scope, keras, object_sharing_scope, register_serializable
 
 # What the memory's chunk size is when neither it nor its first sharer names one (as RobeEmbedding's default).
 MAX_DEFAULT_CHUNK = 32
@@ -135,9 +135,23 @@ class RobeMemory(keras.layers.Layer):
         raise TypeError(f"{self.described} is an array shared by embedding layers, not a layer to call; pass it "
                         "as memory= to CompressedEmbedding or RobeEmbedding")
 
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        sharers = config.pop("sharers", 0)
+        if sharers > 1 and not in_object_sharing_scope():
+            # Each layer deserializing this config would make its own copy: N arrays instead of one, trained apart.
+            raise ValueError(
+                f"RobeMemory {config.get('name')!r} holds {sharers} tables, and its config is being read outside "
+                "a Keras object-sharing scope, where each layer would get its own copy of the memory: load the "
+                "model from a .keras file, or make and read the config inside "
+                "`with tfcompress.layers.sharing_scope():` (docs/layers.md, 'Drop-in: CompressedEmbedding')")
+        return cls(**config)
+
     def get_config(self):
         config = super().get_config()
         config.update(
+            sharers=len(self.tables),
             # The resolved size alone fixes the array (as RobeEmbedding stores memory_size, not compression), so a
             # reloaded memory does not depend on the order its sharers are deserialized in.
             size=self.size,
@@ -148,3 +162,14 @@ class RobeMemory(keras.layers.Layer):
             embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
         )
         return config
+
+
+def sharing_scope():
+    """Keep RobeMemory objects shared through `get_config`/`from_config` made inside this `with` block.
+
+    `.keras` save and load do this themselves. For an in-memory round trip::
+
+        with tfcompress.layers.sharing_scope():
+            clone = keras.Model.from_config(model.get_config())
+    """
+    return object_sharing_scope()
