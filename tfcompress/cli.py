@@ -270,9 +270,10 @@ def _add_data_arguments(parser):
     convert.add_argument("--shard-size", default="256MiB",
                          help="plain text inputs are cut into pieces of about this size, e.g. 256MiB")
     convert.add_argument("--rows-per-shard", type=int, help="most rows in one output shard (default 2097152)")
-    convert.add_argument("--record-layout", choices=("fixed", "canonical"), default="fixed",
+    convert.add_argument("--record-layout", choices=("fixed", "canonical"), default=None,
                          help="fixed: equal-length records that `read` loads fast (default); canonical: protobuf's "
-                              "shortest encoding")
+                              "shortest encoding (the default, and the only choice, for a schema with multi-valued "
+                              "columns)")
     convert.add_argument("--max-reject-fraction", type=float, default=0.01, metavar="F",
                          help="exit with an error (status 2, naming the top rejection reasons) when more than this "
                               "share of the rows is rejected; the output is still written (default 0.01)")

@@ -26,8 +26,11 @@ bytes. The random train/eval split is a hash of (seed, file name, line number), 
 Records: by default every record has the same length (`tfcompress.data.fixed_records`: ids as padded varints, still
 ordinary tf.train.Examples), which `tfcompress.data.read` loads several times faster, and which the workers frame
 and checksum in NumPy without importing TensorFlow; `record_layout="canonical"` writes protobuf's shortest encoding
-through tf.io.TFRecordWriter instead. Workers are started with the spawn method: a script that calls `convert` with
-workers > 1 must do so under `if __name__ == "__main__":`.
+through tf.io.TFRecordWriter instead. A schema with multi-valued columns (`genres = {type = "categorical", multi =
+"|"}`) is written canonical by default, each such column one more variable-length int64 key
+(docs/tfrecord_layout.md, "Multi-valued fields"); fixed-width records cannot hold it, and asking for them is an
+error naming the columns. Workers are started with the spawn method: a script that calls `convert` with workers > 1
+must do so under `if __name__ == "__main__":`.
 
 One run at a time: the run holds OUT/_convert.lock (`convert_plan.OutputLock`); a second run into the same
 directory stops with an error naming the holder (pid, host, start time). A full disk, a read-only file system or a
@@ -209,7 +212,7 @@ def _run_tasks(function, tasks, context, workers, progress=None, on_done=None):
 def convert(inputs, output, format, *, workers=1, encoding=None, max_ind_range=None, min_count=1,
             hash_buckets=DEFAULT_HASH_BUCKETS, dense_transform=None, clip_negative=True, split="none",
             eval_fraction=0.1, seed=2020, test_day=23, shard_bytes=DEFAULT_SHARD_BYTES,
-            rows_per_shard=DEFAULT_ROWS_PER_SHARD, schema=None, record_layout="fixed", strict=False, overwrite=False,
+            rows_per_shard=DEFAULT_ROWS_PER_SHARD, schema=None, record_layout=None, strict=False, overwrite=False,
             progress=False, on_piece_done=None, split_column=None, vocab_max_keys=DEFAULT_VOCAB_MAX_KEYS,
             max_reject_fraction=None):
     """Convert raw click logs into the TFRecord layout of docs/tfrecord_layout.md (module docstring: the output).
@@ -485,7 +488,7 @@ def _merge_id_counts(output, layout, splits, piece_reports):
     used = {}
     for split in splits:
         arrays = {}
-        for column in layout.sparse:
+        for column in layout.tables:  # a multi-valued table counts every token
             total = enc.KeyCounter(np.int64)
             for r in piece_reports:
                 with np.load(piece_state_path(output, r["index"], ".counts.npz")) as data:
@@ -501,7 +504,7 @@ def _tables(context, ids_used):
     """Per categorical column: its encoder, table size (cardinality) and the distinct ids the train split uses."""
     return [{"name": column.name, "encoding": encoder.kind, "cardinality": int(encoder.cardinality),
              "train_ids_used": ids_used.get(column.name, 0)}
-            for column, encoder in zip(context.layout.sparse, context.load_encoders())]
+            for column, encoder in zip(context.layout.tables, context.load_encoders())]
 
 
 def _table_warnings(tables, options):
@@ -539,14 +542,18 @@ def _save_schema(output, files, context, rows_per_split, split_info):
     if options.encoding == "auto":
         extra["hash_buckets"] = options.hash_buckets
         extra["vocab_max_keys"] = options.vocab_max_keys
-        extra["column_encodings"] = {column.name: e.kind for column, e in zip(layout.sparse, encoders)}
+        extra["column_encodings"] = {column.name: e.kind for column, e in zip(layout.tables, encoders)}
     if layout.label_rule is not None:
         extra["label_rule"] = dict(layout.label_rule.describe(), source=layout.label)
     if split_info is not None:
         extra["split"] = split_info
+    n_sparse = len(layout.sparse)
+    multi_fields = [{"name": column.name, "cardinality": int(encoder.cardinality),
+                     "delimiter": column.multi.decode("utf-8")}
+                    for column, encoder in zip(layout.multi, encoders[n_sparse:])]
     Schema(name=layout.name, label=layout.label, dense_names=list(layout.dense), sparse_names=layout.sparse_names,
-           cardinalities=[e.cardinality for e in encoders], dense_transform=options.dense_transform,
-           encoding=options.encoding, extra=extra).save(output)
+           cardinalities=[e.cardinality for e in encoders[:n_sparse]], dense_transform=options.dense_transform,
+           encoding=options.encoding, extra=extra, multi_fields=multi_fields).save(output)
 
 
 def _run_report(piece_reports, totals, n_pieces, skipped, errors, started, parquet_note):
@@ -638,7 +645,7 @@ def load_counts(output, split="train"):
     """Per-id access counts of a conversion: {table name: (ids int64 sorted, counts int64)}."""
     schema = Schema.load(output)
     with np.load(os.path.join(os.fspath(output), COUNTS_DIR, f"{split}.npz")) as data:
-        return {name: (data[f"ids_{name}"], data[f"counts_{name}"]) for name in schema.sparse_names}
+        return {name: (data[f"ids_{name}"], data[f"counts_{name}"]) for name in schema.table_names}
 
 
 def dense_count_array(ids, counts, cardinality):

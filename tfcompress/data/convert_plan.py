@@ -88,7 +88,9 @@ class ConvertOptions:
         schema_path: csv (required) / parquet (optional) schema TOML.
         record_layout: "fixed" (every record the same length: ids as padded varints, read fast by
             `tfcompress.data.read`, see `tfcompress.data.fixed_records`) or "canonical" (protobuf's shortest
-            encoding, as `tfcompress.data.tfrecord.serialize_rows`).
+            encoding, as `tfcompress.data.tfrecord.serialize_rows`). None (the default): "fixed", or "canonical"
+            when the layout has multi-valued columns (a variable-length feature has no fixed width; asking for
+            "fixed" then is an error naming them).
         split_column: by-column split: the numeric column whose largest values go to eval (any column of the
             input, feature or not).
         vocab_max_keys: encoding "auto": the most distinct training keys a column may have to get a vocabulary.
@@ -108,7 +110,7 @@ class ConvertOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
     schema_path: str = None
-    record_layout: str = "fixed"
+    record_layout: str = None
     split_column: str = None
     vocab_max_keys: int = DEFAULT_VOCAB_MAX_KEYS
 
@@ -124,10 +126,17 @@ class ConvertOptions:
         if encoding == "hex-mod" and max_ind_range is None:
             max_ind_range = DEFAULT_MAX_IND_RANGE
         dense_transform = self.dense_transform or layout.dense_transform
+        record_layout = self.record_layout
+        if record_layout is None:
+            record_layout = "canonical" if layout.multi else "fixed"
+        if record_layout == "fixed" and layout.multi:
+            raise ValueError(f"record_layout 'fixed' cannot hold the multi-valued columns {layout.multi_names} "
+                             "(every fixed-width record has the same length); use record_layout 'canonical' "
+                             "(--record-layout canonical, the default for such a schema)")
         checks = [
             ("dense_transform", dense_transform in DENSE_TRANSFORMS, f"one of {list(DENSE_TRANSFORMS)}"),
             ("split", self.split in SPLITS, f"one of {list(SPLITS)}"),
-            ("record_layout", self.record_layout in RECORD_LAYOUTS, f"one of {list(RECORD_LAYOUTS)}"),
+            ("record_layout", record_layout in RECORD_LAYOUTS, f"one of {list(RECORD_LAYOUTS)}"),
             ("max_ind_range", max_ind_range is None or is_int_at_least(max_ind_range, 1), "an integer >= 1"),
             ("min_count", is_int_at_least(self.min_count, 1), "an integer >= 1"),
             ("hash_buckets", is_int_at_least(self.hash_buckets, 1), "an integer >= 1"),
@@ -149,7 +158,8 @@ class ConvertOptions:
                              f"used by it; got split {self.split!r} with split_column {self.split_column!r}")
         schema_path = os.path.abspath(self.schema_path) if self.schema_path else None
         return dataclasses.replace(self, encoding=encoding, max_ind_range=max_ind_range,
-                                   dense_transform=dense_transform, schema_path=schema_path)
+                                   dense_transform=dense_transform, schema_path=schema_path,
+                                   record_layout=record_layout)
 
     def as_dict(self):
         """The options as a JSON-able dict (plan.json, schema.json `extra.options`; `ConvertOptions(**d)` reads it)."""
@@ -562,9 +572,10 @@ def make_encoders(layout, options, output):
     vocabulary = None
     if options.encoding in ("vocab", "auto"):
         with np.load(os.path.join(output, VOCABULARY_FILENAME)) as data:
-            vocabulary = {name: data[f"keys_{name}"] for name in layout.sparse_names if f"keys_{name}" in data}
+            vocabulary = {column.name: data[f"keys_{column.name}"] for column in layout.tables
+                          if f"keys_{column.name}" in data}
     encoders = []
-    for column in layout.sparse:
+    for column in layout.tables:  # single-valued columns, then multi-valued ones (their tokens)
         if column.kind in formats.DERIVED_CARDINALITY:
             encoders.append(enc.DirectEncoder(formats.DERIVED_CARDINALITY[column.kind]))
         elif options.encoding == "auto" and column.name not in vocabulary:  # too many distinct keys: hashed
@@ -582,6 +593,8 @@ def make_encoders(layout, options, output):
 
 def fixed_layout(layout, encoders):
     """The FixedLayout of record_layout "fixed": ids as varints padded to the width of the largest cardinality."""
+    if layout.multi:  # ConvertOptions.resolved refuses this combination first; a second guard costs nothing
+        raise ValueError(f"a fixed-width layout cannot hold the multi-valued columns {layout.multi_names}")
     return fixed_records.FixedLayout.for_ids_below(
         len(layout.dense), len(encoders), max([e.cardinality for e in encoders], default=1))
 
@@ -606,7 +619,7 @@ def save_vocabulary(output, layout, options, pieces):
     all pieces together) gets no `keys_<name>` entry, which makes `make_encoders` hash it.
     """
     arrays = {}
-    for column in layout.sparse:
+    for column in layout.tables:  # a multi-valued column counts its tokens
         counter, too_many = enc.KeyCounter(), False
         for piece in pieces:
             with np.load(piece_state_path(output, piece["index"], ".vocab.npz")) as data:

@@ -186,8 +186,8 @@ def _count_piece_keys(piece):
     """
     context = _CONTEXT
     layout, options = context.layout, context.options
-    counters = [enc.KeyCounter() for _ in layout.sparse]
-    too_many = [False] * len(layout.sparse)
+    counters = [enc.KeyCounter() for _ in layout.tables]  # single-valued columns, then multi-valued ones
+    too_many = [False] * len(layout.tables)
     limit = options.vocab_max_keys if options.encoding == "auto" else None
     rule = context.rules[piece["path"]]
     rows = 0
@@ -197,10 +197,13 @@ def _count_piece_keys(piece):
                 raise _strict_error(piece, parsed.rejected[0])
             train = assign_splits(rule, parsed.line, parsed.split_value) == "train"
             keys = vocab_keys(parsed.keys[train], layout, options)
+            # A multi-valued column counts every token of the training rows (min_count is per token).
+            columns = [keys[:, j] for j in range(len(layout.sparse))]
+            columns += [tokens[np.repeat(train, lengths)] for tokens, lengths in parsed.multi]
             for j, counter in enumerate(counters):
                 if too_many[j]:
                     continue
-                counter.add(keys[:, j])
+                counter.add(columns[j])
                 if limit is not None and counter.pending_upper_bound > 2 * limit + 1:
                     if counter.result()[0].size > limit:
                         too_many[j], counters[j] = True, enc.KeyCounter()
@@ -209,7 +212,7 @@ def _count_piece_keys(piece):
     except PieceReadError as error:
         return {"index": piece["index"], "error": str(error), "path": error.path, "line": error.line}
     arrays = {}
-    for column, counter, over in zip(layout.sparse, counters, too_many):
+    for column, counter, over in zip(layout.tables, counters, too_many):
         arrays[f"keys_{column.name}"], arrays[f"counts_{column.name}"] = counter.result()
         if limit is not None:
             arrays[f"too_many_{column.name}"] = np.array(over or arrays[f"keys_{column.name}"].size > limit)
@@ -305,29 +308,42 @@ def _open_writers(context, index, splits):
 
 def _encode_ids(keys, encoders):
     ids = np.empty(keys.shape, dtype=np.int64)
-    for j, encoder in enumerate(encoders):
-        ids[:, j] = encoder.encode(keys[:, j])
+    for j in range(keys.shape[1]):
+        ids[:, j] = encoders[j].encode(keys[:, j])
     return ids
 
 
-def _write_rows(parsed, rule, encoders, writers, fixed, tally):
+def _select_ragged(ids, lengths, rows):
+    """(values, row lengths) of the rows `rows` (sorted indices) of a ragged column."""
+    take = np.zeros(lengths.size, bool)
+    take[rows] = True
+    return ids[np.repeat(take, lengths)], lengths[rows]
+
+
+def _write_rows(parsed, rule, encoders, writers, fixed, tally, layout):
     """Encode the good rows of a parsed block and write each to the shards of its split."""
     if parsed.n_good == 0:
         return
     dense = parsed.dense  # transformed by the parser (float32), overflowing rows rejected there
+    n_sparse = len(layout.sparse)
     ids = _encode_ids(parsed.keys, encoders)
+    # Multi-valued columns: the encoders after the single-valued ones encode their tokens.
+    multi = [(encoder.encode(tokens), lengths)
+             for encoder, (tokens, lengths) in zip(encoders[n_sparse:], parsed.multi)]
     assigned = assign_splits(rule, parsed.line, parsed.split_value)
     for split, writer in writers.items():
         rows = np.flatnonzero(assigned == split)
         if not rows.size:
             continue
+        selected = [_select_ragged(values, lengths, rows) for values, lengths in multi]
         if fixed is not None:
             writer.write_rows(fixed_records.fixed_rows(fixed, parsed.label[rows], dense[rows], ids[rows]))
         else:
-            writer.write(serialize_rows(parsed.label[rows], dense[rows], ids[rows]))
+            ragged = {column.name: column_rows for column, column_rows in zip(layout.multi, selected)}
+            writer.write(serialize_rows(parsed.label[rows], dense[rows], ids[rows], ragged=ragged))
         tally.rows_per_split[split] += int(rows.size)
         for j, table_counts in enumerate(tally.id_counts[split]):
-            table_counts.add(ids[rows, j])
+            table_counts.add(ids[rows, j] if j < n_sparse else selected[j - n_sparse][0])
 
 
 def _write_piece(piece, context, encoders, writers, tally):
@@ -351,7 +367,7 @@ def _write_piece(piece, context, encoders, writers, tally):
                         tally.rejected_by_reason[reason] += 1
                         quarantine.write(b"%s\t%d\t%s\t%s\n" % (source, line, reason.encode(), raw))
                     tally.rows_read += parsed.n_read
-                    _write_rows(parsed, rule, encoders, writers, context.fixed, tally)
+                    _write_rows(parsed, rule, encoders, writers, context.fixed, tally, context.layout)
                     context.add_progress(parsed.n_read)
             except PieceReadError as read_error:
                 error = {"path": read_error.path, "line": read_error.line, "cause": read_error.cause}
@@ -369,7 +385,7 @@ def _save_id_counts(output, index, layout, tally):
     """_state/piece-PPPPP.counts.npz: `<split>/ids_<name>` and `<split>/counts_<name>` of every split and table."""
     arrays = {}
     for split, split_counts in tally.id_counts.items():
-        for column, table_counts in zip(layout.sparse, split_counts):
+        for column, table_counts in zip(layout.tables, split_counts):
             arrays[f"{split}/ids_{column.name}"], arrays[f"{split}/counts_{column.name}"] = table_counts.result()
     atomic_savez(piece_state_path(output, index, ".counts.npz"), arrays)
 

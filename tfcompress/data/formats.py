@@ -108,11 +108,15 @@ class SparseColumn:
         source: input column it is read from (e.g. "C1", "hour").
         kind: "hex" (hex digits -> value), "string" (stable hash of the bytes), "hour_of_day" / "weekday"
             (derived from a YYMMDDHH column).
+        multi: None (one value per field), or the one-byte delimiter of a multi-valued field ("Action|Comedy" is
+            two tokens, each a "string" key; an empty field is no token). Multi-valued columns sit in
+            `Layout.multi`, never in `Layout.sparse`.
     """
 
     name: str
     source: str
     kind: str
+    multi: bytes = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +137,8 @@ class Layout:
         label_rule: None (the label field must be "0" or "1") or a `LabelRule` mapping it to 0/1.
         split_column: a column read for a by-column split (set by the converter from --split-column; it need not
             be a feature column, and is not one unless the schema also names it).
+        multi: SparseColumn per multi-valued categorical feature (output order; each has a `multi` delimiter).
+            They are written as variable-length features (docs/tfrecord_layout.md, "Multi-valued fields").
     """
 
     name: str
@@ -147,13 +153,24 @@ class Layout:
     default_encoding: str = "hash"
     label_rule: object = None
     split_column: str = None
+    multi: tuple = ()
 
     @property
     def sparse_names(self):
         return [column.name for column in self.sparse]
 
+    @property
+    def multi_names(self):
+        return [column.name for column in self.multi]
+
+    @property
+    def tables(self):
+        """Every categorical column, one embedding table each: the single-valued ones, then the multi-valued."""
+        return tuple(self.sparse) + tuple(self.multi)
+
     def required_columns(self):
         sources = [self.label] + list(self.dense) + [column.source for column in self.sparse]
+        sources += [column.source for column in self.multi]
         if self.split_column is not None:
             sources.append(self.split_column)
         return list(dict.fromkeys(sources))
@@ -178,6 +195,7 @@ class Layout:
             dense=tuple(index[name] for name in self.dense),
             sparse=tuple(index[column.source] for column in self.sparse),
             split=None if self.split_column is None else index[self.split_column],
+            multi=tuple(index[column.source] for column in self.multi),
         )
 
 
@@ -190,6 +208,7 @@ class ColumnMap:
     dense: tuple
     sparse: tuple
     split: int = None
+    multi: tuple = ()
 
 
 @dataclasses.dataclass
@@ -204,6 +223,8 @@ class Parsed:
         rejected: list of (line number, reason, raw bytes) of the bad rows.
         n_read: rows read in the block (good + rejected).
         split_value: float64 [G], the split column's value of each good row (None without a split column).
+        multi: per multi-valued column (`Layout.multi`), (keys uint64 [T], row_lengths int64 [G]): the tokens of
+            the good rows end to end, and how many belong to each row (0 for an empty field).
 
     With `dense_options`, `dense` is float32, transformed as written (`transform_dense`).
     """
@@ -215,6 +236,7 @@ class Parsed:
     rejected: list
     n_read: int
     split_value: np.ndarray = None
+    multi: list = dataclasses.field(default_factory=list)
 
     @property
     def n_good(self):
@@ -261,12 +283,18 @@ def layout_for_format(format_name, schema_path=None):
     if format_name == "avazu-csv":
         return avazu_layout()
     if schema_path is not None:
-        return dataclasses.replace(layout_from_schema_file(schema_path), format="parquet", header=True, columns=None)
+        layout = layout_from_schema_file(schema_path)
+        if layout.multi:
+            raise ValueError(f"format 'parquet' does not read multi-valued columns yet; schema {schema_path} declares "
+                             f"{layout.multi_names} (convert them from CSV, or declare them as plain sparse columns)")
+        return dataclasses.replace(layout, format="parquet", header=True, columns=None)
     return dataclasses.replace(criteo_layout("parquet", b",", header=True), format="parquet")
 
 
 SCHEMA_KEYS = ("name", "delimiter", "header", "columns", "label", "dense", "sparse", "hex_sparse", "hour_column",
-               "dense_transform", "encoding")
+               "dense_transform", "encoding", "multi_sparse")
+FIELD_KEYS = ("type", "multi")  # a field declared by its own key: NAME = {type = "categorical", multi = "|"}
+FIELD_TYPES = ("categorical",)
 LABEL_RULE_KEYS = ("source", "threshold", "positive")
 SCHEMA_ENCODINGS = ("auto", "hash", "vocab", "hex-mod")
 
@@ -285,6 +313,11 @@ schema file (--schema, TOML; for --format csv, optional for parquet). Every key:
   sparse           categorical columns (the field's bytes -> stable 64-bit key -> table id)
   hex_sparse       categorical columns holding hex numbers (Criteo-like)
   hour_column      a YYMMDDHH column -> two categorical features, hour_of_day and weekday
+  multi_sparse     multi-valued categorical columns and their token delimiter, e.g. {genres = "|"}: the field
+                   "Action|Comedy" is two tokens, each encoded like a `sparse` value (one table per column); an
+                   empty field is an empty list. Written as a variable-length feature; read() gives a RaggedTensor
+  NAME = {...}     a column declared by its own key: {type = "categorical"} is a `sparse` column,
+                   {type = "categorical", multi = "|"} a `multi_sparse` one (the same thing, the issue-16 form)
   dense_transform  "none" (default) or "log1p" (after negative -> 0 unless --keep-negative)
   encoding         "auto" (default), "vocab", "hash" or "hex-mod"; --encoding overrides it. auto: a first pass
                    counts each categorical column's distinct keys in the training rows; a column with at most
@@ -296,15 +329,17 @@ Example, a MovieLens-like CSV with the header userId,movieId,rating,timestamp,ge
   delimiter = ","
   header = true
   label = {source = "rating", threshold = 4}    # liked: rating >= 4 (ratings 0.5-5 are not 0/1)
-  sparse = ["userId", "movieId", "genres"]      # genres: the whole field ("Comedy|Drama") is one key
+  sparse = ["userId", "movieId"]
+  genres = {type = "categorical", multi = "|"}  # "Comedy|Drama": two tokens (or: multi_sparse = {genres = "|"})
   dense = []                                     # timestamp is no feature here, but it can split the data:
   # tfcompress data convert --format csv --schema movielens.toml --input ratings.csv --output data/ml \\
   #     --split by-column --split-column timestamp --eval-fraction 0.2
 
 The raw serving signature (`tfcompress export --raw-signature DATA_DIR`) takes the feature columns in this order
-(`fields` string[B, F]; for the example: userId, movieId, genres): with `columns`, their order there; else the
-dense columns, then the sources of sparse, hex_sparse and hour_column, each list in the order written; the label,
-the split column and columns the schema does not use are left out.
+(`fields` string[B, F]; for the example without genres: userId, movieId): with `columns`, their order there; else
+the dense columns, then the sources of sparse, hex_sparse and hour_column, each list in the order written; the
+label, the split column and columns the schema does not use are left out. It has no multi-valued fields: exporting
+it for a schema with multi_sparse columns is an error naming them.
 """
 
 
@@ -336,6 +371,40 @@ def _label_rule(path, value):
     return source, LabelRule(positive=tuple(dict.fromkeys(p.encode("utf-8") for p in positive)))
 
 
+RESERVED_FEATURE_KEYS = ("dense", "label", "sparse")  # the record's own keys (docs/tfrecord_layout.md)
+
+
+def _multi_delimiter(path, name, value, delimiter):
+    if not isinstance(value, str) or len(value.encode()) != 1 or value in ("\n", "\r") or value == delimiter:
+        raise FormatError(f"schema file {path}: column {name!r}: multi must be one single-byte character other than "
+                          f"the file's delimiter {delimiter!r} and a newline, got {value!r}")
+    return value.encode()
+
+
+def _multi_columns(path, multi_sparse, declared, sparse, delimiter):
+    """Multi-valued SparseColumns from `multi_sparse = {name = "|"}` and from `name = {type = ..., multi = ...}`
+    declarations; a declaration without `multi` is appended to `sparse` (a single-valued categorical column)."""
+    if not isinstance(multi_sparse, dict):
+        raise FormatError(f'schema file {path}: multi_sparse must be a table like {{genres = "|"}}, got '
+                          f"{multi_sparse!r}")
+    multi = [SparseColumn(name, name, "string", multi=_multi_delimiter(path, name, value, delimiter))
+             for name, value in multi_sparse.items()]
+    for name, declaration in declared.items():
+        unknown = sorted(set(declaration) - set(FIELD_KEYS))
+        if unknown:
+            raise FormatError(f"schema file {path}: column {name!r} has unknown keys {unknown}; allowed: "
+                              f"{list(FIELD_KEYS)}")
+        if declaration.get("type") not in FIELD_TYPES:
+            raise FormatError(f"schema file {path}: column {name!r}: type must be one of {list(FIELD_TYPES)}, got "
+                              f"{declaration.get('type')!r}")
+        if "multi" in declaration:
+            multi.append(SparseColumn(name, name, "string",
+                                      multi=_multi_delimiter(path, name, declaration["multi"], delimiter)))
+        else:
+            sparse.append(SparseColumn(name, name, "string"))
+    return multi
+
+
 def layout_from_schema_file(path):
     """A Layout from a schema TOML file describing any delimited click log (`SCHEMA_FILE_HELP` lists the keys).
 
@@ -363,9 +432,11 @@ def layout_from_schema_file(path):
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as error:
         raise FormatError(f"schema file {path}: invalid TOML: {error}") from None
-    unknown = sorted(set(raw) - set(SCHEMA_KEYS))
+    declared = {key: value for key, value in raw.items() if key not in SCHEMA_KEYS and isinstance(value, dict)}
+    unknown = sorted(set(raw) - set(SCHEMA_KEYS) - set(declared))
     if unknown:
-        raise FormatError(f"schema file {path}: unknown keys {unknown}; allowed keys: {list(SCHEMA_KEYS)}")
+        raise FormatError(f"schema file {path}: unknown keys {unknown}; allowed keys: {list(SCHEMA_KEYS)}, or a "
+                          f'column declared by its name, e.g. genres = {{type = "categorical", multi = "|"}}')
 
     def get(key, kind, default):
         value = raw.get(key, default)
@@ -391,6 +462,7 @@ def layout_from_schema_file(path):
     label, label_rule = _label_rule(path, raw["label"])
     dense = get("dense", "str_list", [])
     sparse = [SparseColumn(n, n, "string") for n in get("sparse", "str_list", [])]
+    multi = _multi_columns(path, raw.get("multi_sparse", {}), declared, sparse, delimiter)
     sparse += [SparseColumn(n, n, "hex") for n in get("hex_sparse", "str_list", [])]
     hour_column = raw.get("hour_column")
     if hour_column is not None:
@@ -403,15 +475,20 @@ def layout_from_schema_file(path):
     encoding = get("encoding", str, "auto")
     if encoding not in SCHEMA_ENCODINGS:
         raise FormatError(f"schema file {path}: encoding must be one of {list(SCHEMA_ENCODINGS)}, got {encoding!r}")
-    names = list(dense) + [c.name for c in sparse]
+    names = list(dense) + [c.name for c in sparse] + [c.name for c in multi]
     if len(set(names)) != len(names) or label in names:
-        raise FormatError(f"schema file {path}: label, dense and sparse columns must be distinct, got label "
-                          f"{label!r}, dense {dense}, sparse {[c.name for c in sparse]}")
-    if not sparse and not dense:
+        raise FormatError(f"schema file {path}: label, dense, sparse and multi-valued columns must be distinct, got "
+                          f"label {label!r}, dense {dense}, sparse {[c.name for c in sparse]}, multi-valued "
+                          f"{[c.name for c in multi]}")
+    reserved = [c.name for c in multi if c.name in RESERVED_FEATURE_KEYS]
+    if reserved:
+        raise FormatError(f"schema file {path}: multi-valued columns {reserved} would collide with the record keys "
+                          f"{list(RESERVED_FEATURE_KEYS)}; rename the column in the file")
+    if not sparse and not dense and not multi:
         raise FormatError(f"schema file {path}: name at least one dense or sparse column")
     layout = Layout(name=name, format="csv", delimiter=delimiter.encode(), header=header, columns=columns,
                     label=label, dense=tuple(dense), sparse=tuple(sparse), dense_transform=dense_transform,
-                    default_encoding=encoding, label_rule=label_rule)
+                    default_encoding=encoding, label_rule=label_rule, multi=tuple(multi))
     if columns is not None:
         layout.column_map(None, source=f"schema file {path}")  # every named column must be among `columns`
     return layout
@@ -642,6 +719,8 @@ def parse_text_block(block, layout, column_map, first_line, dense_options=None):
     reason[good] = row_reason
 
     keep = row_reason == 0
+    multi = [multi_tokens(buf, field_starts[:, c], field_ends[:, c], column.multi, keep)
+             for column, c in zip(layout.multi, column_map.multi)]
     rejected_lines = np.flatnonzero(reason != 0)
     rejected = [(first_line + int(i), REJECT_REASONS[reason[i] - 1], block[line_start[i]:line_end[i]])
                 for i in rejected_lines]
@@ -653,7 +732,33 @@ def parse_text_block(block, layout, column_map, first_line, dense_options=None):
         rejected=rejected,
         n_read=n,
         split_value=None if split_value is None else split_value[keep],
+        multi=multi,
     )
+
+
+def multi_tokens(buf, starts, ends, delimiter, keep):
+    """The tokens of multi-valued fields buf[starts:ends] split at `delimiter`, of the rows where `keep` is True.
+
+    An empty field has no token; otherwise a field with k delimiters has k + 1 tokens, each keyed like a single
+    "string" field (`string_keys`; an empty token, as in "A||B", is the missing key like an empty single field).
+
+    Returns:
+        (keys uint64 [T], row_lengths int64 [kept rows]).
+    """
+    starts, ends = starts[keep], ends[keep]
+    positions = np.flatnonzero(buf == delimiter[0])
+    first = np.searchsorted(positions, starts)
+    n_delimiters = np.searchsorted(positions, ends) - first
+    lengths = np.where(ends > starts, n_delimiters + 1, 0).astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.uint64), lengths
+    row = np.repeat(np.arange(lengths.size), lengths)
+    k = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # token index within its row
+    at = first[row] + k  # the delimiter that ends token k (when k < n_delimiters)
+    token_ends = np.where(k < n_delimiters[row], positions[np.minimum(at, positions.size - 1)], ends[row])
+    token_starts = np.where(k == 0, starts[row], positions[np.maximum(at - 1, 0)] + 1)
+    return string_keys(buf, token_starts, token_ends), lengths
 
 
 def _check_dense(dense, dense_options, row_reason):

@@ -88,13 +88,16 @@ def feature_spec(schema):
         spec["dense"] = tf.io.FixedLenFeature([schema.n_dense], tf.float32)
     if schema.n_sparse:
         spec["sparse"] = tf.io.FixedLenFeature([schema.n_sparse], tf.int64)
+    for name in schema.multi_names:  # variable-length: a RaggedTensor [B, None] per multi-valued column
+        spec[name] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
     return spec
 
 
 def example_parser(schema, files=None):
     """A function: serialized Examples string[B] (and optionally their int64 [B] positions: file index in `files`
-    << fixed_records.WHERE_FILE_SHIFT | record index) -> ({"dense": f32[B, n_dense], "sparse": i64[B, n_sparse]},
-    label f32[B, 1]). A label other than 0 or 1 is an InvalidArgumentError naming the file and record."""
+    << fixed_records.WHERE_FILE_SHIFT | record index) -> ({"dense": f32[B, n_dense], "sparse": i64[B, n_sparse],
+    and per multi-valued column NAME: i64 RaggedTensor [B, None]}, label f32[B, 1]). A label other than 0 or 1 is
+    an InvalidArgumentError naming the file and record."""
     spec = feature_spec(schema)
     files = None if files is None else [os.fspath(f) for f in files]
 
@@ -119,7 +122,10 @@ def example_parser(schema, files=None):
         label = tf.ensure_shape(tf.cast(checked, tf.float32), label.shape)
         dense = parsed["dense"] if schema.n_dense else tf.zeros([batch, 0], tf.float32)
         sparse = parsed["sparse"] if schema.n_sparse else tf.zeros([batch, 0], tf.int64)
-        return {"dense": dense, "sparse": sparse}, label
+        features = {"dense": dense, "sparse": sparse}
+        for name in schema.multi_names:
+            features[name] = parsed[name]
+        return features, label
 
     return parse
 
@@ -139,6 +145,10 @@ def check_first_record(path, schema, schema_source="the given schema"):
     features = example.features.feature
     expected = {"label": ("int64_list", 1), "dense": ("float_list", schema.n_dense),
                 "sparse": ("int64_list", schema.n_sparse)}
+    for name in schema.multi_names:
+        if name not in features or features[name].WhichOneof("kind") not in ("int64_list", None):
+            raise ValueError(f"schema mismatch: {path} record 0 has no int64_list {name!r} (keys: {sorted(features)}), "
+                             f"but {schema_source} declares the multi-valued field {name!r}")
     for key, (kind, width) in expected.items():
         if width == 0 and key not in features:
             continue
@@ -186,7 +196,9 @@ def read(files_or_pattern, batch_size, schema=None, shuffle=True, repeat=True, s
             whatever rows are there (partial or trimmed data on purpose).
 
     Returns:
-        tf.data.Dataset of ({"dense": float32 [B, n_dense], "sparse": int64 [B, n_sparse]}, float32 [B, 1]).
+        tf.data.Dataset of ({"dense": float32 [B, n_dense], "sparse": int64 [B, n_sparse]}, float32 [B, 1]); a
+        schema with multi-valued fields (`schema.multi_fields`) adds `features[name]`, an int64 RaggedTensor
+        [B, None] of each one's ids (an empty row for an empty field).
         Iterating it raises InvalidArgumentError, naming the file and the record, on a damaged record (fixed-width
         records: any byte of the frame, by its data CRC and layout; other records: TensorFlow's TFRecord CRC
         checks) and on a label other than 0 or 1.
@@ -298,6 +310,9 @@ def _fixed_layout(schema, fixed_width, schema_source):
     declared = schema.extra.get(fixed_records.SCHEMA_KEY) if isinstance(schema.extra, dict) else None
     if fixed_width is False:
         return None
+    if fixed_width or declared is not None:
+        # Fixed-width records have no room for a variable-length feature: never read such a dataset without them.
+        schema.require_no_multi_fields(f"the fixed-width reader (read(fixed_width={fixed_width}), {schema_source})")
     if declared is None:
         if fixed_width:
             raise ValueError(f"fixed_width=True, but {schema_source} declares no fixed-width records "

@@ -29,6 +29,10 @@ class Schema:
         dense_transform: what was applied to the raw dense values before writing, e.g. "log1p".
         encoding: how the categorical ids were made, e.g. "synthetic", "vocabulary", "hash".
         extra: free-form JSON-serializable details (generator options, source files, ...).
+        multi_fields: multi-valued categorical columns, each {"name", "cardinality", "delimiter"}: written as a
+            variable-length int64 feature under its name, ids in [0, cardinality); `read()` returns it as
+            `features[name]`, a RaggedTensor [B, None] (docs/tfrecord_layout.md, "Multi-valued fields"). Left out of
+            schema.json when empty, so schemas without such columns keep their bytes.
     """
 
     name: str
@@ -39,6 +43,7 @@ class Schema:
     dense_transform: str = "none"
     encoding: str = "unknown"
     extra: dict = dataclasses.field(default_factory=dict)
+    multi_fields: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         # Plain Python types so that the schema is JSON and compares equal after a round trip.
@@ -56,6 +61,30 @@ class Schema:
         for kind, names in (("dense", self.dense_names), ("sparse", self.sparse_names)):
             if len(set(names)) != len(names):
                 raise ValueError(f"{kind}_names must be unique, got {names}")
+        self.multi_fields = [_multi_field(field) for field in self.multi_fields]
+        names = self.multi_names
+        clashing = sorted(set(names) & {"dense", "label", "sparse"})
+        if len(set(names)) != len(names) or clashing or set(names) & set(self.sparse_names):
+            raise ValueError(f"multi_fields names must be unique, differ from sparse_names and from the record keys "
+                             f"dense/label/sparse, got {names}")
+
+    @property
+    def multi_names(self):
+        """Names of the multi-valued columns, in order (each a RaggedTensor `features[name]` from `read()`)."""
+        return [field["name"] for field in self.multi_fields]
+
+    @property
+    def table_names(self):
+        """Every embedding table's name: the sparse columns, then the multi-valued ones."""
+        return self.sparse_names + self.multi_names
+
+    def require_no_multi_fields(self, what):
+        """Raise a ValueError naming the multi-valued columns when `what` (e.g. "the fixed-width reader") cannot
+        consume them: nothing drops them silently."""
+        if self.multi_fields:
+            raise ValueError(f"{what} cannot consume the multi-valued fields {self.multi_names} of schema "
+                             f"{self.name!r} (variable-length features); "
+                             "use read() with fixed_width=False, or a model with a ragged input for each")
 
     @property
     def n_dense(self):
@@ -66,7 +95,10 @@ class Schema:
         return len(self.sparse_names)
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["multi_fields"]:
+            del data["multi_fields"]  # schemas without multi-valued columns keep the bytes they had
+        return data
 
     def save(self, path_or_dir):
         """Write schema.json (sorted keys, so equal schemas give equal bytes); returns the file path.
@@ -115,6 +147,20 @@ class Schema:
             return cls.from_dict(data, source=path)
         except TypeError as e:
             raise ValueError(f"schema file {path} is malformed: {e}") from e
+
+
+def _multi_field(field):
+    """A checked {"name", "cardinality", "delimiter"} entry of `Schema.multi_fields`."""
+    if not isinstance(field, dict) or set(field) != {"name", "cardinality", "delimiter"}:
+        raise ValueError(f"each multi_fields entry must be {{'name', 'cardinality', 'delimiter'}}, got {field!r}")
+    name, cardinality, delimiter = field["name"], field["cardinality"], field["delimiter"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"multi_fields: name must be a non-empty string, got {name!r}")
+    if isinstance(cardinality, bool) or not isinstance(cardinality, int) or cardinality < 1:
+        raise ValueError(f"multi_fields: cardinality of {name!r} must be an integer >= 1, got {cardinality!r}")
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        raise ValueError(f"multi_fields: delimiter of {name!r} must be one character, got {delimiter!r}")
+    return {"name": name, "cardinality": int(cardinality), "delimiter": delimiter}
 
 
 def find_schema(path_or_dir):

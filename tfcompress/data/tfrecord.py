@@ -89,13 +89,15 @@ class _RowAssembler:
         self.n = n
         self.pieces = []
 
-    def constant(self, raw):
+    def constant(self, raw, present=None):
+        """The same bytes in every row (or only in the rows where `present` is True)."""
         data = np.frombuffer(bytes(raw), dtype=np.uint8)
-        self.pieces.append((np.broadcast_to(data, (self.n, data.size)), None))
+        mask = None if present is None else np.repeat(present[:, None], data.size, axis=1)
+        self.pieces.append((np.broadcast_to(data, (self.n, data.size)), mask))
 
-    def varint(self, lengths):
+    def varint(self, lengths, present=None):
         data, mask = _varint_columns(np.asarray(lengths, dtype=np.uint64).reshape(self.n, 1))
-        self.pieces.append((data, mask))
+        self.pieces.append((data, mask if present is None else mask & present[:, None]))
 
     def payload(self, data, mask=None):
         self.pieces.append((data, mask))
@@ -134,19 +136,41 @@ def _check_rows(label, dense, sparse):
     return label.astype(np.int64), dense, sparse.astype(np.int64)
 
 
-def serialize_rows(label, dense, sparse):
+def _ragged_varints(values, row_lengths, n):
+    """Varint bytes of a ragged int64 column (values [T], row_lengths [N]) as uint8 [N, L*W] with a validity mask."""
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    row_lengths = np.asarray(row_lengths, dtype=np.int64).reshape(-1)
+    if row_lengths.shape != (n,) or np.any(row_lengths < 0) or int(row_lengths.sum()) != values.size:
+        raise ValueError(f"a ragged column needs {n} non-negative row lengths that add up to its {values.size} "
+                         f"values, got lengths of shape {row_lengths.shape} adding up to {int(row_lengths.sum())}")
+    width = max(int(row_lengths.max(initial=0)), 1)
+    inside = np.arange(width)[None, :] < row_lengths[:, None]
+    padded = np.zeros((n, width), np.int64)
+    padded[inside] = values  # row-major: each row's values in order
+    data, mask = _varint_columns(padded.view(np.uint64))
+    return data, mask & np.repeat(inside, data.shape[1] // width, axis=1)
+
+
+def serialize_rows(label, dense, sparse, ragged=None):
     """Serialized tf.train.Example bytes, one per row.
 
     Args:
         label: int [N] (or [N, 1]), usually 0/1.
         dense: float [N, n_dense] (n_dense may be 0), stored as float32.
         sparse: int [N, n_sparse], stored as int64.
+        ragged: None, or {feature key: (values int [T], row_lengths int [N])}: variable-length int64 features
+            (multi-valued fields), one more key each; a row of length 0 gets an empty int64_list. The keys must
+            differ from `dense`, `label` and `sparse`.
 
     Returns:
         list of N `bytes`, each equal to the deterministic serialization of the matching tf.train.Example.
     """
     label, dense, sparse = _check_rows(label, dense, sparse)
     n = label.shape[0]
+    ragged = dict(ragged or {})
+    clashing = sorted(set(ragged) & set(FEATURE_KEYS))
+    if clashing:
+        raise ValueError(f"ragged feature keys {clashing} collide with the record's keys {list(FEATURE_KEYS)}")
     if n == 0:
         return []
     # Negative int64 values are written as 10-byte varints of their two's complement, as protobuf does.
@@ -161,6 +185,10 @@ def serialize_rows(label, dense, sparse):
         ("sparse", _TAG_FIELD3, None if sparse_bytes is None else sparse_bytes[0],
          None if sparse_bytes is None else sparse_bytes[1]),
     ]
+    for key, (values, row_lengths) in ragged.items():
+        features.append((key, _TAG_FIELD3, *_ragged_varints(values, row_lengths, n)))
+    # Deterministic serialization orders map keys by their UTF-8 bytes.
+    features.sort(key=lambda feature: feature[0].encode())
     # Lengths first (every length prefix precedes its content), innermost message outward.
     sizes = []
     features_len = np.zeros(n, dtype=np.int64)
@@ -171,9 +199,10 @@ def serialize_rows(label, dense, sparse):
         else:
             payload_len = (np.full(n, payload.shape[1], dtype=np.int64) if mask is None
                            else mask.sum(axis=1).astype(np.int64))
-            list_len = 1 + varint_length(payload_len) + payload_len
+            # An empty packed field is not written at all (a ragged row of length 0).
+            list_len = np.where(payload_len > 0, 1 + varint_length(payload_len) + payload_len, 0)
         feature_len = 1 + varint_length(list_len) + list_len
-        entry_len = 2 + len(key) + 1 + varint_length(feature_len) + feature_len
+        entry_len = 2 + len(key.encode()) + 1 + varint_length(feature_len) + feature_len
         features_len += 1 + varint_length(entry_len) + entry_len
         sizes.append((payload_len, list_len, feature_len, entry_len))
 
@@ -183,13 +212,14 @@ def serialize_rows(label, dense, sparse):
     for (key, tag, payload, mask), (payload_len, list_len, feature_len, entry_len) in zip(features, sizes):
         rows.constant([_TAG_FIELD1])
         rows.varint(entry_len)
-        rows.constant([_TAG_FIELD1, len(key)] + list(key.encode()) + [_TAG_FIELD2])
+        rows.constant([_TAG_FIELD1, len(key.encode())] + list(key.encode()) + [_TAG_FIELD2])
         rows.varint(feature_len)
         rows.constant([tag])
         rows.varint(list_len)
         if payload is not None:
-            rows.constant([_TAG_FIELD1])
-            rows.varint(payload_len)
+            present = payload_len > 0
+            rows.constant([_TAG_FIELD1], present)
+            rows.varint(payload_len, present)
             rows.payload(payload, mask)
     return rows.rows()
 

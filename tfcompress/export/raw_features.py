@@ -144,11 +144,13 @@ def load_raw_spec(data_dir):
 
     Raises:
         FileNotFoundError: no schema.json there.
-        ValueError: not a converter output, a format without raw-string serving (Parquet, synthetic data), or a
-            schema-driven CSV whose schema TOML is gone.
+        ValueError: not a converter output, a format without raw-string serving (Parquet, synthetic data), a
+            schema-driven CSV whose schema TOML is gone, or a schema with multi-valued fields (named).
     """
     data_dir = os.path.abspath(os.fspath(data_dir))
     schema = Schema.load(data_dir)
+    # The signature's `fields` string[B, F] holds one value per column: no place for a list of tokens.
+    schema.require_no_multi_fields(f"the raw-string serving signature (tfcompress export --raw-signature {data_dir})")
     extra = schema.extra or {}
     if extra.get("converter") != "tfcompress.data.convert" or "options" not in extra:
         raise ValueError(f"{data_dir} was not written by `tfcompress data convert` (schema.json has no converter "

@@ -30,7 +30,8 @@ def feature_counts(model, schema=None):
     """(n_dense, n_sparse) of a model whose inputs are {"dense": f32[B, n_dense], "sparse": int[B, n_sparse]}.
 
     Raises:
-        ValueError: the model takes other inputs, or `schema` disagrees with it.
+        ValueError: the model takes other inputs, `schema` disagrees with it, or `schema` has multi-valued fields
+            (named), which these inputs cannot take.
     """
     inputs = getattr(model, "input", None)
     if not isinstance(inputs, dict) or set(inputs) != {"dense", "sparse"}:
@@ -43,6 +44,9 @@ def feature_counts(model, schema=None):
     if n_dense is None or n_sparse is None:
         raise ValueError(f"the model's inputs need a known width, got dense {inputs['dense'].shape}, "
                          f"sparse {inputs['sparse'].shape}")
+    if schema is not None and getattr(schema, "multi_fields", None):
+        # The {"dense", "sparse"} serving signature has no place for them: refuse rather than serve without them.
+        schema.require_no_multi_fields('export of a model with {"dense", "sparse"} inputs')
     if schema is not None and (schema.n_dense, schema.n_sparse) != (n_dense, n_sparse):
         raise ValueError(f"schema {schema.name!r} has {schema.n_dense} dense and {schema.n_sparse} sparse columns, "
                          f"the model takes {n_dense} and {n_sparse}")

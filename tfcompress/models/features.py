@@ -6,9 +6,14 @@ from tfcompress._keras import keras
 def feature_counts(schema_or_dims):
     """(n_dense, n_sparse) from a Schema-like object, a mapping, or a (n_dense, n_sparse) pair.
 
-    Raises ValueError when the counts are missing or out of range (n_dense >= 0, n_sparse >= 1).
+    Raises ValueError when the counts are missing or out of range (n_dense >= 0, n_sparse >= 1), or when the
+    schema has multi-valued fields (schema.multi_fields), which these inputs cannot take (the error names them).
     """
     if hasattr(schema_or_dims, "n_dense") and hasattr(schema_or_dims, "n_sparse"):
+        if getattr(schema_or_dims, "multi_fields", None):
+            # These models take {"dense", "sparse"} only: a multi-valued field would be read and never used.
+            schema_or_dims.require_no_multi_fields('the {"dense", "sparse"} inputs of the tfcompress.models '
+                                                   "architectures")
         counts = (schema_or_dims.n_dense, schema_or_dims.n_sparse)
     elif isinstance(schema_or_dims, dict):
         if "n_dense" not in schema_or_dims or "n_sparse" not in schema_or_dims:
