@@ -174,6 +174,21 @@ def test_budget_counts_every_table_and_is_met(method):
         tfcompress.compress(model, budget="10MB", verbose=False)
 
 
+@pytest.mark.parametrize("method", ["hashing", "qr", "mlet", "pruned"])
+def test_every_method_compresses_and_trains_one_step(method):
+    model = ranking_model()
+    compressed = tfcompress.compress(model, ratio=10, method=method, verbose=False)
+    plan, _ = plan_and_replacements(model, ratio=10, method=method)
+    assert [t.action for t in plan.tables] == [method if t.rows >= 10_000 else "kept" for t in plan.tables]
+    # Chunk pruning also stores its int address table and float utilities per chunk, counted in its bytes.
+    assert plan.physical_bytes < plan.logical_bytes / (2 if method == "pruned" else 5)
+    features, labels = ranking_batch(256)
+    compressed.compile(optimizer="adam", loss="binary_crossentropy")
+    loss = compressed.train_on_batch(features, labels)
+    assert np.isfinite(loss)
+    assert {layer.method for layer in compressed_layers(compressed)} == {method}
+
+
 def test_plan_table_is_printed(capsys):
     tfcompress.compress(ranking_model(), ratio=100)
     printed = capsys.readouterr().out

@@ -27,6 +27,7 @@ import dataclasses
 import math
 
 import numpy as np
+import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, keras
 from tfcompress.layers import CompressedEmbedding, RobeMemory
@@ -209,6 +210,10 @@ def _check_arguments(ratio, budget, method, min_rows, share):
         raise ValueError(f"compress: method must be one of {METHODS}, got {method!r}")
     if ratio is not None and budget is not None:
         raise ValueError(f"compress: give ratio or budget, not both (got ratio={ratio!r}, budget={budget!r})")
+    if isinstance(min_rows, bool) or not isinstance(min_rows, (int, np.integer)) or min_rows < 1:
+        raise ValueError(f"compress: min_rows must be an int >= 1, got {min_rows!r}")
+    if not isinstance(share, bool):
+        raise ValueError(f"compress: share must be True or False, got {share!r}")
     if method == "full":
         if budget is not None or ratio not in (None, 1):
             raise ValueError(f"compress: method 'full' copies the tables as they are; it takes no ratio or budget "
@@ -218,10 +223,6 @@ def _check_arguments(ratio, budget, method, min_rows, share):
         ratio = DEFAULT_RATIO
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1):
         raise ValueError(f"compress: ratio must be a number >= 1 (1000 = 1000x smaller), got {ratio!r}")
-    if isinstance(min_rows, bool) or not isinstance(min_rows, (int, np.integer)) or min_rows < 1:
-        raise ValueError(f"compress: min_rows must be an int >= 1, got {min_rows!r}")
-    if not isinstance(share, bool):
-        raise ValueError(f"compress: share must be True or False, got {share!r}")
     return ratio, (None if budget is None else parse_bytes(budget))
 
 
@@ -242,8 +243,10 @@ def _target_parameters(ratio, budget_bytes, replaced_logical, kept_logical):
     return left
 
 
-def _variable_size(variable):
-    return int(np.prod(variable.shape))
+def _variable_bytes(variable):
+    """Bytes `variable` stores: its size times its dtype's width (int bookkeeping, e.g. chunk pruning's address
+    table, counts too, as it is stored and shipped with the model)."""
+    return int(np.prod(variable.shape)) * tf.as_dtype(variable.dtype).size
 
 
 # ---- the rewrite -------------------------------------------------------------------------------------------------
@@ -277,9 +280,11 @@ def _replacement(path, layer, method, compression, memory, chunk_size):
                   trainable=bool(config.get("trainable", True)))
     if _is_keras_rs(layer, "EmbedReduce"):
         kwargs["combiner"] = layer.combiner
-    if method == "robe":
-        kwargs.update(memory=memory) if memory is not None else kwargs.update(compression=compression)
-        if chunk_size is not None and memory is None:
+    if method == "robe" and memory is not None:
+        kwargs["memory"] = memory  # size and chunk size are the memory's
+    elif method == "robe":
+        kwargs["compression"] = compression
+        if chunk_size is not None:
             kwargs["chunk_size"] = chunk_size
     elif method != "full":
         kwargs["compression"] = compression
@@ -341,10 +346,10 @@ def plan_and_replacements(model, ratio=None, budget=None, method="robe", min_row
                                   logical(layer) * BYTES_PER_FLOAT, logical(layer) * BYTES_PER_FLOAT))
             continue
         own = [v for v in new.weights if id(v) not in shared]
-        physical = sum(_variable_size(v) for v in own) * BYTES_PER_FLOAT
+        physical = sum(_variable_bytes(v) for v in own)
         rows.append(TablePlan(path, type(layer).__name__, int(layer.input_dim), int(layer.output_dim), method,
                               logical(layer) * BYTES_PER_FLOAT, physical if physical or not shared else None))
-    shared_bytes = sum(_variable_size(v) for v in shared.values()) * BYTES_PER_FLOAT
+    shared_bytes = sum(_variable_bytes(v) for v in shared.values())
     plan = ModelCompressionPlan(method, rows, shared_bytes)
     if budget_bytes is not None and plan.physical_bytes > budget_bytes:
         raise ValueError(f"compress: method {method!r} cannot fit these tables in {format_bytes(budget_bytes)}: its "
