@@ -309,7 +309,13 @@ LEGACY_SCRIPT = """
 import numpy as np, tensorflow as tf, tfcompress, tf_keras
 from tfcompress._keras import keras
 assert keras is tf_keras
-from tests.test_compress import ranking_model, ranking_batch, predict
+from tests.test_compress import ITEMS, USERS, nested_model, ranking_model, ranking_batch, predict, sequential_model
+rng = np.random.default_rng(0)
+for build, inputs in [(sequential_model, rng.integers(0, USERS, (64, 4))),
+                      (nested_model, {"user": rng.integers(0, USERS, 64), "item": rng.integers(0, ITEMS, 64)})]:
+    original = build()
+    copy = tfcompress.compress(original, method="full", min_rows=1000, verbose=False)
+    assert np.array_equal(predict(copy, inputs), predict(original, inputs)), build.__name__
 model = ranking_model()
 features, labels = ranking_batch(512)
 full = tfcompress.compress(model, method="full", min_rows=1000, verbose=False)

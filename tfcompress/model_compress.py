@@ -104,7 +104,7 @@ class ModelCompressionPlan:
         replaced = len(self.replaced)
         lines.append(f"{replaced} of {len(self.tables)} embedding tables replaced ({self.method}); embeddings "
                      f"{format_bytes(self.logical_bytes)} -> {format_bytes(self.physical_bytes)}")
-        return "\n".join(lines)
+        return "\n".join(line.rstrip() for line in lines)
 
 
 # ---- finding the tables ------------------------------------------------------------------------------------------
