@@ -291,16 +291,60 @@ def test_keras_rs_embed_reduce_over_dense_ids_is_refused():
         tfcompress.compress(model, verbose=False)
 
 
+def distributed_model(keras_rs):
+    """A keras-rs DistributedEmbedding over a large user table and a small item table read by two features."""
+    users = keras_rs.layers.TableConfig(name="users", vocabulary_size=USERS, embedding_dim=8, combiner="mean")
+    items = keras_rs.layers.TableConfig(name="items", vocabulary_size=300, embedding_dim=8, combiner="mean")
+    features = {
+        "user": keras_rs.layers.FeatureConfig(name="user", table=users, input_shape=(16,), output_shape=(16, 8)),
+        "item": keras_rs.layers.FeatureConfig(name="item", table=items, input_shape=(16,), output_shape=(16, 8)),
+        "history": keras_rs.layers.FeatureConfig(name="history", table=items, input_shape=(16, 5),
+                                                 output_shape=(16, 8)),
+    }
+    inputs = {"user": keras.Input((), dtype="int64", batch_size=16, name="user"),
+              "item": keras.Input((), dtype="int64", batch_size=16, name="item"),
+              "history": keras.Input((5,), dtype="int64", batch_size=16, name="history")}
+    embedded = keras_rs.layers.DistributedEmbedding(features, name="distributed")(inputs)
+    joined = keras.layers.Concatenate(name="joined")([embedded["user"], embedded["item"], embedded["history"]])
+    genre = keras.Input((), dtype="int64", batch_size=16, name="genre")
+    genre_vector = keras.layers.Embedding(ITEMS, 8, name="genre_embedding")(genre)
+    joined = keras.layers.Concatenate(name="all")([joined, genre_vector])
+    return keras.Model({**inputs, "genre": genre}, keras.layers.Dense(1, name="score")(joined), name="distributed")
+
+
+def distributed_batch(batches=1, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = 16 * batches
+    users = rng.integers(0, 100, rows)
+    features = {"user": users, "item": rng.integers(0, 300, rows), "history": rng.integers(0, 300, (rows, 5)),
+                "genre": rng.integers(0, ITEMS, rows)}
+    return features, (users % 2).astype(np.float32)
+
+
 @pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
-def test_keras_rs_distributed_embedding_is_not_rewritten_yet():
+def test_keras_rs_distributed_embedding_becomes_compressed_embeddings():
     keras_rs = pytest.importorskip("keras_rs")
-    table = keras_rs.layers.TableConfig(name="users", vocabulary_size=USERS, embedding_dim=8)
-    feature = keras_rs.layers.FeatureConfig(name="user", table=table, input_shape=(16,), output_shape=(16, 8))
-    user = keras.Input((), dtype="int64", batch_size=16, name="user")
-    embedded = keras_rs.layers.DistributedEmbedding({"user": feature}, name="distributed")({"user": user})
-    model = keras.Model(user, keras.layers.Dense(1)(embedded["user"]))
-    with pytest.raises(NotImplementedError, match="CompressedEmbeddings"):
-        tfcompress.compress(model, verbose=False)
+    model = distributed_model(keras_rs)
+    features, labels = distributed_batch()
+    full = tfcompress.compress(model, method="full", verbose=False)
+    assert isinstance(full.get_layer("distributed"), tfcompress.layers.CompressedEmbeddings)
+    np.testing.assert_array_equal(predict(full, features), predict(model, features))
+
+    plan, _ = plan_and_replacements(model, ratio=100)
+    assert [(t.path, t.rows, t.action) for t in plan.tables] == [
+        ("distributed/items", 300, "robe"), ("distributed/users", USERS, "robe"), ("genre_embedding", ITEMS, "robe")]
+    # The DistributedEmbedding's tables share its own memory; the Embedding reads the compress memory.
+    assert [m.label for m in plan.shared_memories] == ["shared ROBE memory", "distributed: shared ROBE memory"]
+    assert plan.ratio == pytest.approx(100, rel=0.01)
+    budget = 40_000
+    plan, _ = plan_and_replacements(model, budget=budget)
+    assert budget - 8 <= plan.physical_bytes <= budget
+
+    compressed = tfcompress.compress(model, ratio=20, verbose=False)
+    compressed.compile(optimizer=keras.optimizers.Adam(0.02), loss="binary_crossentropy")
+    features, labels = distributed_batch(64)
+    losses = compressed.fit(features, labels, batch_size=16, epochs=4, verbose=0).history["loss"]
+    assert losses[-1] < losses[0] - 0.1, losses
 
 
 # ---- legacy tf.keras ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
     model.compile(...); model.fit(...)                     # the user's own script, unchanged
 
 Every `keras.layers.Embedding` (and keras-rs `EmbedReduce`) with at least `min_rows` rows becomes a
-`tfcompress.layers.CompressedEmbedding` with the same `input_dim`, `output_dim`, `mask_zero`, name (and combiner);
+`tfcompress.layers.CompressedEmbedding` with the same `input_dim`, `output_dim`, `mask_zero`, name (and combiner),
+and a keras-rs `DistributedEmbedding` a `tfcompress.layers.CompressedEmbeddings` over its feature configs;
 with `method="robe"` and `share=True` all of them read one `RobeMemory` array, ROBE's point. Every other layer, its
 weights, the layer names and the model's inputs and outputs stay as they are. The rewrite is
 `tfcompress.model_rewrite.replace_layers` (through `get_config` / `from_config`), so functional and Sequential
@@ -30,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, keras
-from tfcompress.layers import CompressedEmbedding, RobeMemory
+from tfcompress.layers import CompressedEmbedding, CompressedEmbeddings, RobeMemory
 from tfcompress.model_rewrite import replace_layers
 from tfcompress.sizes import BYTES_PER_FLOAT, format_bytes, parse_bytes
 
@@ -58,12 +59,21 @@ class TablePlan:
 
 
 @dataclasses.dataclass
+class SharedMemoryPlan:
+    """One ROBE array that several replaced tables read: the tables' logical bytes and the array's bytes."""
+
+    label: str
+    logical_bytes: int
+    physical_bytes: int
+
+
+@dataclasses.dataclass
 class ModelCompressionPlan:
-    """What `compress` did: per table logical vs physical bytes, the shared memory, totals."""
+    """What `compress` did: per table logical vs physical bytes, the shared memories, totals."""
 
     method: str
     tables: list
-    shared_memory_bytes: int = 0
+    shared_memories: list = dataclasses.field(default_factory=list)
 
     @property
     def logical_bytes(self):
@@ -71,7 +81,7 @@ class ModelCompressionPlan:
 
     @property
     def physical_bytes(self):
-        return sum(t.physical_bytes or 0 for t in self.tables) + self.shared_memory_bytes
+        return sum(t.physical_bytes or 0 for t in self.tables) + sum(m.physical_bytes for m in self.shared_memories)
 
     @property
     def ratio(self):
@@ -83,7 +93,7 @@ class ModelCompressionPlan:
 
     def summary(self):
         """The plan as a text table."""
-        width = max([len("table")] + [len(t.path) for t in self.tables] + [len("shared ROBE memory")])
+        width = max([len("table")] + [len(t.path) for t in self.tables] + [len(m.label) for m in self.shared_memories])
         header = (f"{'table':<{width}} {'rows':>12} {'dim':>5} {'method':>8} {'logical':>12} {'physical':>12} "
                   f"{'ratio':>9}")
         lines = [header, "-" * len(header)]
@@ -92,18 +102,15 @@ class ModelCompressionPlan:
             ratio = "" if t.ratio is None else f"{t.ratio:,.1f}x"
             lines.append(f"{t.path:<{width}} {t.rows:>12,} {t.dim:>5} {t.action:>8} "
                          f"{format_bytes(t.logical_bytes):>12} {physical:>12} {ratio:>9}")
-        if self.shared_memory_bytes:
-            shared_logical = sum(t.logical_bytes for t in self.tables if t.physical_bytes is None)
-            lines.append(f"{'shared ROBE memory':<{width}} {'':>12} {'':>5} {'robe':>8} "
-                         f"{format_bytes(shared_logical):>12} {format_bytes(self.shared_memory_bytes):>12} "
-                         f"{shared_logical / self.shared_memory_bytes:>8,.1f}x")
+        for m in self.shared_memories:
+            lines.append(f"{m.label:<{width}} {'':>12} {'':>5} {'robe':>8} {format_bytes(m.logical_bytes):>12} "
+                         f"{format_bytes(m.physical_bytes):>12} {m.logical_bytes / m.physical_bytes:>8,.1f}x")
         lines.append("-" * len(header))
         lines.append(f"{'total':<{width}} {sum(t.rows for t in self.tables):>12,} {'':>5} {self.method:>8} "
                      f"{format_bytes(self.logical_bytes):>12} {format_bytes(self.physical_bytes):>12} "
                      f"{self.ratio:>8,.1f}x")
-        replaced = len(self.replaced)
-        lines.append(f"{replaced} of {len(self.tables)} embedding tables replaced ({self.method}); embeddings "
-                     f"{format_bytes(self.logical_bytes)} -> {format_bytes(self.physical_bytes)}")
+        lines.append(f"{len(self.replaced)} of {len(self.tables)} embedding tables replaced ({self.method}); "
+                     f"embeddings {format_bytes(self.logical_bytes)} -> {format_bytes(self.physical_bytes)}")
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -141,22 +148,17 @@ def _subclassed_error(model, where):
 
 
 def find_embeddings(model, prefix=""):
-    """(path, layer) of every embedding table `compress` can replace, in the order of `model.layers`.
+    """(path, layer) of every embedding layer `compress` can replace (a keras `Embedding`, keras-rs `EmbedReduce`
+    or `DistributedEmbedding`), in the order of `model.layers`.
 
     Raises:
         ValueError: `model` (or a nested model holding an embedding) is subclassed; an embedding sits inside a
             custom layer, where a config rewrite cannot reach it.
-        NotImplementedError: a keras-rs `DistributedEmbedding`.
     """
     found = []
     for layer in model.layers:
         path = f"{prefix}{layer.name}"
-        if _is_keras_rs(layer, "DistributedEmbedding"):
-            raise NotImplementedError(
-                f"compress: layer {path!r} is a keras_rs.layers.DistributedEmbedding; compress does not rewrite it "
-                "yet. Build the model with tfcompress.layers.CompressedEmbeddings(feature_configs, method=..., "
-                "ratio=...) in its place: the same feature configs and call contract, all tables in one ROBE array")
-        if isinstance(layer, keras.layers.Embedding):
+        if isinstance(layer, keras.layers.Embedding) or _is_keras_rs(layer, "DistributedEmbedding"):
             found.append((path, layer))
         elif isinstance(layer, keras.Model):
             if not _has_layer_graph(layer):
@@ -174,8 +176,22 @@ def find_embeddings(model, prefix=""):
     return found
 
 
+def _tables_of(layer):
+    """(table name or None, rows, dim) of each table `layer` holds: one for an Embedding; a DistributedEmbedding's
+    distinct TableConfigs (several features may read one table)."""
+    if not _is_keras_rs(layer, "DistributedEmbedding"):
+        return [(None, int(layer.input_dim), int(layer.output_dim))]
+    tables = []
+    for feature in tf.nest.flatten(layer._feature_configs):
+        if not any(feature.table is table for table in tables):
+            tables.append(feature.table)
+    return [(table.name, int(table.vocabulary_size), int(table.embedding_dim)) for table in tables]
+
+
 def _check_replaceable(path, layer):
     """The embedding's settings that `CompressedEmbedding` reproduces, or a ValueError naming the one it cannot."""
+    if _is_keras_rs(layer, "DistributedEmbedding"):
+        return  # its TableConfigs are what CompressedEmbeddings reads; nothing else to keep
     if type(layer) is not keras.layers.Embedding and not _is_keras_rs(layer, "EmbedReduce"):
         raise ValueError(
             f"compress: layer {path!r} is a {type(layer).__name__}, a subclass of keras.layers.Embedding that "
@@ -298,6 +314,28 @@ def _replacement(path, layer, method, compression, memory, chunk_size):
     return new
 
 
+def _distributed_replacement(path, layer, method, compression, share, chunk_size, memory_floats=None):
+    """A built `CompressedEmbeddings` over the feature configs of keras-rs DistributedEmbedding `layer`."""
+    kwargs = dict(method=method, share_memory=share, chunk_size=chunk_size, name=layer.name,
+                  trainable=layer.trainable)
+    if method != "full":
+        kwargs["ratio"] = compression
+    if memory_floats is not None:
+        # Its RobeMemory rounds |M| = ceil(logical / ratio) up; this ratio makes it exactly `memory_floats`.
+        logical = sum(rows * dim for _, rows, dim in _tables_of(layer))
+        kwargs["ratio"] = logical / (memory_floats - 0.5)
+    try:
+        new = CompressedEmbeddings(layer._feature_configs, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"compress: cannot compress layer {path!r} with method {method!r}: {error}") from error
+    new.build(None)
+    if method == "full":
+        old_tables = layer.get_embedding_tables()
+        for table_layer in new.table_layers:
+            table_layer.set_weights([np.asarray(old_tables[table_layer.name])])
+    return new
+
+
 def plan_and_replacements(model, ratio=None, budget=None, method="robe", min_rows=10_000, share=True,
                           chunk_size=None):
     """The plan and the replacement layers of `compress` (by id of the layer they replace), without the rewrite.
@@ -309,52 +347,84 @@ def plan_and_replacements(model, ratio=None, budget=None, method="robe", min_row
         raise TypeError(f"compress: expected a Keras model (functional or Sequential), got {type(model).__name__}")
     if not _has_layer_graph(model):
         raise _subclassed_error(model, "model")
-    tables = find_embeddings(model)
-    if not tables:
+    layers = find_embeddings(model)
+    if not layers:
         raise ValueError(f"compress: model {model.name!r} has no keras.layers.Embedding to compress")
-    replaced = [(path, layer) for path, layer in tables if int(layer.input_dim) >= min_rows]
+
+    def logical(layer):
+        return sum(rows * dim for _, rows, dim in _tables_of(layer))
+
+    # A DistributedEmbedding is replaced as a whole (all its tables) when its largest table has min_rows rows.
+    replaced = [(path, layer) for path, layer in layers
+                if max(rows for _, rows, _ in _tables_of(layer)) >= min_rows]
     if not replaced:
-        largest = max(int(layer.input_dim) for _, layer in tables)
+        largest = max(rows for _, layer in layers for _, rows, _ in _tables_of(layer))
         raise ValueError(f"compress: no embedding of model {model.name!r} has min_rows={min_rows:,} rows or more "
                          f"(the largest has {largest:,}); lower min_rows")
     for path, layer in replaced:
         _check_replaceable(path, layer)
-
-    def logical(layer):
-        return int(layer.input_dim) * int(layer.output_dim)
-
     replaced_logical = sum(logical(layer) for _, layer in replaced)
-    kept_logical = sum(logical(layer) for _, layer in tables) - replaced_logical
-    memory, compression = None, None
+    kept_logical = sum(logical(layer) for _, layer in layers) - replaced_logical
+
+    memory, compression, target = None, None, None
     if method != "full":
         target = _target_parameters(ratio, budget_bytes, replaced_logical, kept_logical)
         compression = replaced_logical / target
-        if method == "robe" and share:
-            memory_kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
-            memory = RobeMemory(size=max(1, math.floor(target)), name="robe_memory", **memory_kwargs)
+    distributed = [(path, layer) for path, layer in replaced if _is_keras_rs(layer, "DistributedEmbedding")]
+    embeddings = [(path, layer) for path, layer in replaced if not _is_keras_rs(layer, "DistributedEmbedding")]
     new_layers = {}
-    for path, layer in replaced:
+    shares_memory = method == "robe" and share
+    for path, layer in distributed:
+        # With shared ROBE, each DistributedEmbedding's tables share its own memory (CompressedEmbeddings makes it);
+        # under a budget it gets exactly its part of the floats, the Embeddings' memory the rest.
+        floats = math.floor(target * logical(layer) / replaced_logical) if shares_memory and budget_bytes else None
+        new_layers[id(layer)] = _distributed_replacement(path, layer, method, compression, share, chunk_size, floats)
+    if embeddings and shares_memory:
+        taken = sum(new_layers[id(layer)].memory.size for _, layer in distributed)
+        size = math.floor(target) - taken if budget_bytes else math.floor(
+            target * sum(logical(layer) for _, layer in embeddings) / replaced_logical)
+        memory_kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+        memory = RobeMemory(size=max(1, size), name="robe_memory", **memory_kwargs)
+    for path, layer in embeddings:
         new_layers[id(layer)] = _replacement(path, layer, method, compression, memory, chunk_size)
+    return _plan(method, layers, new_layers, memory, budget_bytes), new_layers
 
-    # The shared memory's array is one variable that every replaced layer holds; count it once, in its own row.
-    shared = {id(v): v for v in memory.weights} if memory is not None else {}
-    rows = []
-    for path, layer in tables:
+
+def _plan(method, layers, new_layers, memory, budget_bytes):
+    """The plan table of `layers` (path, old layer) with `new_layers` (by id of the old layer) built."""
+    memories = []  # (label, RobeMemory, logical floats of its tables)
+    if memory is not None:
+        memories.append(["shared ROBE memory", memory, 0])
+    for path, layer in layers:
         new = new_layers.get(id(layer))
-        if new is None:
-            rows.append(TablePlan(path, type(layer).__name__, int(layer.input_dim), int(layer.output_dim), "kept",
-                                  logical(layer) * BYTES_PER_FLOAT, logical(layer) * BYTES_PER_FLOAT))
-            continue
-        own = [v for v in new.weights if id(v) not in shared]
-        physical = sum(_variable_bytes(v) for v in own)
-        rows.append(TablePlan(path, type(layer).__name__, int(layer.input_dim), int(layer.output_dim), method,
-                              logical(layer) * BYTES_PER_FLOAT, physical if physical or not shared else None))
-    shared_bytes = sum(_variable_bytes(v) for v in shared.values())
-    plan = ModelCompressionPlan(method, rows, shared_bytes)
+        if getattr(new, "memory", None) is not None and new.memory is not memory:
+            memories.append([f"{path}: shared ROBE memory", new.memory, 0])
+    shared = {id(v): entry for entry in memories for v in entry[1].weights}
+    rows = []
+    for path, layer in layers:
+        new = new_layers.get(id(layer))
+        tables = _tables_of(layer)
+        parts = new.table_layers if isinstance(new, CompressedEmbeddings) else [new] * len(tables)
+        for (table, rows_, dim), part in zip(tables, parts):
+            table_path = path if table is None else f"{path}/{table}"
+            logical_bytes = rows_ * dim * BYTES_PER_FLOAT
+            if new is None:
+                rows.append(TablePlan(table_path, type(layer).__name__, rows_, dim, "kept", logical_bytes,
+                                      logical_bytes))
+                continue
+            owners = [shared[id(v)] for v in part.weights if id(v) in shared]
+            for entry in owners[:1]:
+                entry[2] += rows_ * dim
+            physical = sum(_variable_bytes(v) for v in part.weights if id(v) not in shared)
+            rows.append(TablePlan(table_path, type(layer).__name__, rows_, dim, method, logical_bytes,
+                                  None if owners and not physical else physical))
+    shared_plans = [SharedMemoryPlan(label, floats * BYTES_PER_FLOAT, sum(_variable_bytes(v) for v in m.weights))
+                    for label, m, floats in memories]
+    plan = ModelCompressionPlan(method, rows, shared_plans)
     if budget_bytes is not None and plan.physical_bytes > budget_bytes:
         raise ValueError(f"compress: method {method!r} cannot fit these tables in {format_bytes(budget_bytes)}: its "
                          f"layers need {format_bytes(plan.physical_bytes)} (e.g. QR's floor of 2*sqrt(rows) rows)")
-    return plan, new_layers
+    return plan
 
 
 def compress(model, ratio=None, budget=None, method="robe", min_rows=10_000, share=True, chunk_size=None,
@@ -381,7 +451,6 @@ def compress(model, ratio=None, budget=None, method="robe", min_rows=10_000, sha
         ValueError: a subclassed model (use `tfcompress.layers.CompressedEmbedding` in its code), no table with
             `min_rows` rows, bad arguments, an embedding setting the compressed layer cannot keep, a budget the kept
             tables already exceed.
-        NotImplementedError: a keras-rs `DistributedEmbedding` (use `tfcompress.layers.CompressedEmbeddings`).
     """
     plan, new_layers = plan_and_replacements(model, ratio, budget, method, min_rows, share, chunk_size)
     compressed = replace_layers(model, lambda layer: new_layers.get(id(layer)))
