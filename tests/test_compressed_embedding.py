@@ -191,6 +191,10 @@ def test_bad_input_is_refused_naming_the_layer():
         CompressedEmbedding(N, D, method="full", combiner="max")
     with pytest.raises(ValueError, match="chunk_size.*robe"):
         CompressedEmbedding(N, D, method="full", chunk_size=4)
+    with pytest.raises(ValueError, match="options may not set 'budget'"):
+        CompressedEmbedding(N, D, method="pruned", options={"budget": 0.5})
+    with pytest.raises(ValueError, match="QREmbedding has no option 'inner_dim'"):
+        CompressedEmbedding(N, D, method="qr", compression=2.0, options={"inner_dim": 4})
     with pytest.raises(tf.errors.InvalidArgumentError, match="id out of range"):
         layer(tf.constant([N]))
 

@@ -68,23 +68,30 @@ def fresh_initializer(initializer):
 
 # Keras' object-sharing scope: inside it, an object serialized by several layers' configs (a shared RobeMemory) is
 # deserialized once and handed to all of them. `.keras` save and load open it themselves; neither stack exports it
-# publicly, so it is reached here, the one module that knows which Keras is in use.
-if USING_LEGACY_KERAS:
-    from tf_keras.src.saving import serialization_lib as _serialization_lib
+# publicly, so it is reached here, the one module that knows which Keras is in use. The private modules are
+# imported when first needed, so a Keras release that moves them breaks memory sharing only, not the package.
 
-    def in_object_sharing_scope():
-        """True inside a Keras object-sharing scope (tf_keras keeps the flag in a thread-local)."""
-        return bool(getattr(_serialization_lib.SHARED_OBJECTS, "enabled", False))
 
-else:
-    from keras.src.backend.common import global_state as _global_state
-    from keras.src.saving import serialization_lib as _serialization_lib
+def _serialization_lib():
+    if USING_LEGACY_KERAS:
+        # private module, imported on use (see above)
+        from tf_keras.src.saving import serialization_lib
+    else:
+        # private module, imported on use (see above)
+        from keras.src.saving import serialization_lib
+    return serialization_lib
 
-    def in_object_sharing_scope():
-        """True inside a Keras object-sharing scope (Keras 3 keeps its map in global state while one is open)."""
-        return _global_state.get_global_attribute("shared_objects/id_to_obj_map") is not None
+
+def in_object_sharing_scope():
+    """True inside a Keras object-sharing scope (where shared objects are serialized and read back once)."""
+    if USING_LEGACY_KERAS:  # tf_keras keeps the flag in a thread-local
+        return bool(getattr(_serialization_lib().SHARED_OBJECTS, "enabled", False))
+    # Keras 3 keeps its map in global state while a scope is open; private module, imported on use (see above)
+    from keras.src.backend.common import global_state
+
+    return global_state.get_global_attribute("shared_objects/id_to_obj_map") is not None
 
 
 def object_sharing_scope():
     """A context manager: configs made and read inside it keep objects shared by several layers shared."""
-    return _serialization_lib.ObjectSharingScope()
+    return _serialization_lib().ObjectSharingScope()

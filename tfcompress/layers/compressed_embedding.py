@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfcompress import robe_hash
 from tfcompress._keras import keras, register_serializable
-from tfcompress.layers import bag
+from tfcompress.layers import bag, base
 from tfcompress.layers.chunk_pruned import ChunkPrunedEmbedding
 from tfcompress.layers.full import FullEmbedding
 from tfcompress.layers.hashing_trick import HashingTrickEmbedding
@@ -115,6 +115,14 @@ class CompressedEmbedding(keras.layers.Layer):
     def _make_inner(self, memory, chunk_size, seed, embeddings_initializer, gradient, out_of_range, table_offset):
         """The single-feature layer of `self.method` that stores this table (cardinalities=[input_dim])."""
         method, compression = self.method, self.compression
+        # What this layer sets itself may not come in again through options (it would be a duplicate argument).
+        own = {"cardinalities", "output_dim", "name", "gradient", "out_of_range", "embeddings_initializer",
+               "compression", "memory_size", "num_buckets", "budget", "memory", "table_offset", "chunk_size", "seed"}
+        clashing = sorted(own & set(self.options))
+        if clashing:
+            raise ValueError(f"{self.described}: options may not set {clashing[0]!r}; it is an argument of "
+                             f"CompressedEmbedding itself (or derived from compression=)")
+        base.check_option_names(METHODS[method], self.options)
         arguments = dict(gradient=gradient, out_of_range=out_of_range, **self.options)
         if embeddings_initializer is not None:
             arguments["embeddings_initializer"] = embeddings_initializer

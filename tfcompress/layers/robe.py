@@ -54,8 +54,10 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         memory_size: |M|, floats in the shared array. Give this or `compression`.
         compression: logical size / |M| (1000.0 = 1000x smaller than full tables), >= 1.
         chunk_size: Z in [1, output_dim]; default min(output_dim, 32).
-        seed: draws the hash constants (docs/robe_z.md); another seed gives another independent hash.
-        signed: multiply each element by an independent +-1 hash (reduces collision bias).
+        seed: draws the hash constants (docs/robe_z.md); another seed gives another independent hash. None: the
+            default seed `robe_hash.DEFAULT_SEED` (or, with `memory`, the memory's).
+        signed: multiply each element by an independent +-1 hash (reduces collision bias). None: False (or, with
+            `memory`, the memory's).
         gradient: "sparse" (coalesced IndexedSlices), "dense" (one scatter-add into an |M|-sized tensor) or
             "auto" (dense when |M| <= 16M floats). Both give the same update.
         out_of_range: "error" (default) raises naming feature and value for an id outside [0, cardinality);
