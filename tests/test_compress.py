@@ -257,6 +257,15 @@ def test_bad_arguments_are_named():
         tfcompress.compress(keras.layers.Dense(3), verbose=False)
 
 
+def test_an_unshared_table_starts_from_the_users_initializer():
+    ids = keras.Input((), dtype="int64")
+    out = keras.layers.Embedding(USERS, 8, embeddings_initializer="ones", name="ones")(ids)
+    compressed = tfcompress.compress(keras.Model(ids, out), ratio=10, method="hashing", verbose=False)
+    (table,) = compressed.get_layer("ones").get_weights()
+    assert table.shape == (USERS // 10, 8)
+    np.testing.assert_array_equal(table, np.ones_like(table))
+
+
 def test_embedding_settings_that_cannot_be_kept_are_refused():
     ids = keras.Input((), dtype="int64")
     out = keras.layers.Embedding(USERS, 4, embeddings_regularizer="l2", name="regularized")(ids)

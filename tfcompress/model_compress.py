@@ -304,6 +304,10 @@ def _replacement(path, layer, method, compression, memory, chunk_size):
             kwargs["chunk_size"] = chunk_size
     elif method != "full":
         kwargs["compression"] = compression
+    if method != "full" and memory is None:
+        # The table starts as the user asked; a shared memory starts from RobeMemory's initializer ("uniform",
+        # Embedding's default) as its tables may have asked for different ones.
+        kwargs["embeddings_initializer"] = config.get("embeddings_initializer")
     try:
         new = CompressedEmbedding(**kwargs)
     except (ValueError, TypeError) as error:
