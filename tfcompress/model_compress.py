@@ -30,7 +30,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfcompress._keras import USING_LEGACY_KERAS, keras
+from tfcompress._keras import keras
 from tfcompress.layers import CompressedEmbedding, CompressedEmbeddings, RobeMemory
 from tfcompress.model_rewrite import replace_layers
 from tfcompress.sizes import BYTES_PER_FLOAT, format_bytes, parse_bytes
