@@ -202,6 +202,9 @@ def test_robe_model_fits_with_the_users_own_script_and_learns():
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
     compressed = tfcompress.compress(model, ratio=50, verbose=False)
     features, labels = ranking_batch(4096, active_users=200)
+    # Compiled like the original (loss, a fresh optimizer): fit runs at once.
+    assert np.isfinite(compressed.fit(features, labels, batch_size=1024, epochs=1, verbose=0).history["loss"][0])
+    compressed = tfcompress.compress(model, ratio=50, verbose=False)
     # The user's script: compile and fit exactly as for the original.
     compressed.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
     history = compressed.fit(features, labels, batch_size=256, epochs=4, verbose=0)
