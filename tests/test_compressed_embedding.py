@@ -354,15 +354,43 @@ def test_config_round_trip_of_shared_layers_needs_the_sharing_scope():
     model = shared_model()
     inputs = model_inputs()
     model.predict(inputs, verbose=0)
-    # Keras re-raises the ValueError of a layer's from_config as a TypeError quoting it.
-    with pytest.raises((ValueError, TypeError), match="(?s)holds 2 tables.*sharing_scope"):
-        keras.Model.from_config(model.get_config())
+    if USING_LEGACY_KERAS:
+        # tf_keras' Model.from_config opens its own shared-object loading scope, which keeps the memory shared.
+        clone = keras.Model.from_config(model.get_config())
+        assert clone.get_layer("item_embedding").memory is clone.get_layer("history_embedding").memory
+    else:
+        # Keras re-raises the ValueError of a layer's from_config as a TypeError quoting it.
+        with pytest.raises((ValueError, TypeError), match="(?s)holds 2 tables.*sharing_scope"):
+            keras.Model.from_config(model.get_config())
     with sharing_scope():
         clone = keras.Model.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     assert clone.get_layer("item_embedding").memory is clone.get_layer("history_embedding").memory
     np.testing.assert_array_equal(clone.predict(inputs, verbose=0), model.predict(inputs, verbose=0))
 
+
+
+def test_saved_model_round_trip_keeps_the_memory_shared(tmp_path):
+    """Keras 3: `model.export` serves the same predictions. tf_keras (TFRS stacks): a SavedModel directory serves
+    them, and `load_model(directory)` rebuilds the layers with one shared memory (not generic revived layers,
+    which would lose the mask)."""
+    model = shared_model()
+    inputs = model_inputs()
+    expected = model.predict(inputs, verbose=0)
+    path = str(tmp_path / "saved_model")
+    if not USING_LEGACY_KERAS:
+        model.export(path, verbose=False)
+        reloaded = tf.saved_model.load(path)  # kept: its functions read variables the object owns
+        np.testing.assert_allclose(reloaded.serve(inputs).numpy(), expected, rtol=1e-6)
+        return
+    model.save(path, save_format="tf")
+    served = tf.saved_model.load(path).signatures["serving_default"](
+        history=tf.constant(inputs[0]), item=tf.constant(inputs[1]), genre=tf.constant(inputs[2]))
+    np.testing.assert_allclose(list(served.values())[0].numpy(), expected, rtol=1e-6)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.get_layer("history_embedding")) is CompressedEmbedding
+    assert loaded.get_layer("item_embedding").memory is loaded.get_layer("history_embedding").memory
+    np.testing.assert_allclose(loaded.predict(inputs, verbose=0), expected, rtol=1e-6)
 
 # ---- legacy tf.keras ---------------------------------------------------------------------------------------------
 
@@ -386,6 +414,7 @@ t.test_shared_memory_layers_equal_one_multi_table_robe_bit_for_bit(False, True)
 t.test_shared_memory_is_one_weight_of_the_model_and_trains()
 t.test_keras_file_round_trip_keeps_the_memory_shared(Path(tempfile.mkdtemp()))
 t.test_config_round_trip_of_shared_layers_needs_the_sharing_scope()
+t.test_saved_model_round_trip_keeps_the_memory_shared(Path(tempfile.mkdtemp()))
 t.test_bad_input_is_refused_naming_the_layer()
 print("legacy tf.keras: all passed")
 """

@@ -95,3 +95,18 @@ def in_object_sharing_scope():
 def object_sharing_scope():
     """A context manager: configs made and read inside it keep objects shared by several layers shared."""
     return _serialization_lib().ObjectSharingScope()
+
+
+def legacy_loading_scope():
+    """The tf_keras SavedModel loader's shared-object scope while `load_model(directory)` runs, else None.
+
+    That loader rebuilds layers from their configs outside the object-sharing scope above; this scope (its own,
+    with `get(key)` / `set(key, object)`) is what lets an object shared by several layers come back shared there.
+    """
+    if not USING_LEGACY_KERAS:
+        return None
+    # private module, imported on use (see above)
+    from tf_keras.src.saving.legacy import serialization as legacy_serialization
+
+    scope = legacy_serialization._shared_object_loading_scope()
+    return scope if isinstance(scope, legacy_serialization.SharedObjectLoadingScope) else None

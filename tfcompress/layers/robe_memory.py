@@ -9,9 +9,11 @@ every sharer uses the memory's.
 """
 
 import math
+import uuid
 
 from tfcompress import robe_hash
-from tfcompress._keras import fresh_initializer, in_object_sharing_scope, keras, object_sharing_scope, register_serializable
+from tfcompress._keras import (fresh_initializer, in_object_sharing_scope, keras, legacy_loading_scope,
+                               object_sharing_scope, register_serializable)
 
 # What the memory's chunk size is when neither it nor its first sharer names one (as RobeEmbedding's default).
 MAX_DEFAULT_CHUNK = 32
@@ -37,6 +39,8 @@ class RobeMemory(keras.layers.Layer):
         seed: the hash seed (docs/robe_z.md); default `robe_hash.DEFAULT_SEED`.
         signed: multiply each element by a +-1 hash (default False).
         embeddings_initializer: initializer of M.
+        share_key: the id that configs name this memory by (default: a fresh random one); a config read back
+            keeps it, so a tf_keras SavedModel load hands all sharers one memory.
         **kwargs: `keras.layers.Layer` arguments (name, ...).
 
     Sharing survives `.keras` save/load (Keras saves shared objects once and restores them shared). Outside such
@@ -45,8 +49,11 @@ class RobeMemory(keras.layers.Layer):
     """
 
     def __init__(self, size=None, compression=None, chunk_size=None, seed=None, signed=None,
-                 embeddings_initializer="uniform", **kwargs):
+                 embeddings_initializer="uniform", share_key=None, **kwargs):
         super().__init__(**kwargs)
+        # Names this memory in configs, so a loader without Keras' object-sharing scope (tf_keras SavedModel
+        # directories) can still hand every sharer the same object.
+        self.share_key = share_key or uuid.uuid4().hex
         if (size is None) == (compression is None):
             raise ValueError(f"{self.described}: give exactly one of size= (floats in the array) or compression= "
                              f"(logical size / array size), got size={size!r}, compression={compression!r}")
@@ -139,6 +146,14 @@ class RobeMemory(keras.layers.Layer):
     def from_config(cls, config):
         config = dict(config)
         sharers = config.pop("sharers", 0)
+        legacy_scope = legacy_loading_scope()
+        if legacy_scope is not None and config.get("share_key"):
+            key = ("tfcompress.RobeMemory", config["share_key"])
+            memory = legacy_scope.get(key)
+            if memory is None:
+                memory = cls(**config)
+                legacy_scope.set(key, memory)
+            return memory
         if sharers > 1 and not in_object_sharing_scope():
             # Each layer deserializing this config would make its own copy: N arrays instead of one, trained apart.
             raise ValueError(
@@ -152,6 +167,7 @@ class RobeMemory(keras.layers.Layer):
         config = super().get_config()
         config.update(
             sharers=len(self.tables),
+            share_key=self.share_key,
             # The resolved size alone fixes the array (as RobeEmbedding stores memory_size, not compression), so a
             # reloaded memory does not depend on the order its sharers are deserialized in.
             size=self.size,
