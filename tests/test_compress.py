@@ -143,11 +143,10 @@ def test_shared_robe_memory_is_one_array_of_the_planned_size():
     embedding_variables = {id(v): v for layer in compressed_layers(compressed) for v in layer.weights}
     assert [int(np.prod(v.shape)) for v in embedding_variables.values()] == [memory_size]
     # The whole model: its other weights are the original's, plus that one array (no per-table copies).
-    others = [int(np.prod(v.shape)) for v in model.weights
-              if not v.path.startswith(("user_embedding", "history_embedding"))] if hasattr(model.weights[0], "path") \
-        else None
-    if others is not None:
-        assert _variables_by_size(compressed) == sorted(others + [memory_size])
+    replaced = {id(v) for name in ("user_embedding", "history_embedding") for v in model.get_layer(name).weights}
+    others = [int(np.prod(v.shape)) for v in model.weights if id(v) not in replaced]
+    assert _variables_by_size(compressed) == sorted(others + [memory_size])
+    assert len(compressed.trainable_weights) == len(model.trainable_weights) - 1
 
 
 def test_unshared_robe_gives_one_array_per_table():
