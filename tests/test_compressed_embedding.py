@@ -15,8 +15,9 @@ import pytest
 import tensorflow as tf
 
 from tfcompress._keras import USING_LEGACY_KERAS, keras
-from tfcompress.layers import (ChunkPrunedEmbedding, CompressedEmbedding, CompressedEmbeddings, FullEmbedding, HashingTrickEmbedding,
-                               MLETEmbedding, QREmbedding, RobeEmbedding, RobeMemory, sharing_scope)
+from tfcompress.layers import (ChunkPrunedEmbedding, CompressedEmbedding, CompressedEmbeddings, FullEmbedding,
+                               HashingTrickEmbedding, MLETEmbedding, QREmbedding, RobeEmbedding, RobeMemory,
+                               sharing_scope)
 from tfcompress.layers.bag import bag_lookup
 
 N, D = 200, 8
@@ -521,7 +522,7 @@ def test_compressed_embeddings_take_keras_rs_feature_configs_in_one_memory(tmp_p
     assert clone.table_layers[1].inner.table_offset == 30 and clone.memory.size == layer.memory.size
 
 
-@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras.Input(ragged=True) is Keras 3's; tf_keras bags are tested eagerly")
+@pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras.Input(ragged=True) is Keras 3's; tf_keras bags run eagerly")
 def test_a_ragged_bag_input_trains_and_round_trips_in_a_functional_model(tmp_path):
     bags = keras.Input(shape=(None,), dtype="int64", ragged=True, name="genres")
     pooled = CompressedEmbedding(100, D, method="robe", compression=4.0, combiner="mean", name="genre_bag")(bags)

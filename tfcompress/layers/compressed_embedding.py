@@ -8,7 +8,6 @@ Bags (ragged or sparse ids with a `combiner`) are pooled by `tfcompress.layers.b
 
 import tensorflow as tf
 
-from tfcompress import robe_hash
 from tfcompress._keras import keras, register_serializable
 from tfcompress.layers import bag, base
 from tfcompress.layers.chunk_pruned import ChunkPrunedEmbedding
@@ -316,5 +315,6 @@ class CompressedEmbedding(keras.layers.Layer):
             memory=None,
         )
         if self.memory is not None:
-            config.update(memory=keras.saving.serialize_keras_object(self.memory), table_offset=self.inner.table_offset, chunk_size=None, seed=None)
+            config.update(memory=keras.saving.serialize_keras_object(self.memory),
+                          table_offset=self.inner.table_offset, chunk_size=None, seed=None)
         return config
