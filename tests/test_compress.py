@@ -279,13 +279,19 @@ def test_embedding_settings_that_cannot_be_kept_are_refused():
 
 
 @pytest.mark.skipif(USING_LEGACY_KERAS, reason="keras-rs is a Keras 3 library")
+@pytest.mark.parametrize("kind", ["ragged", "sparse"])
 @pytest.mark.parametrize("combiner", ["mean", "sum", "sqrtn"])
-def test_keras_rs_embed_reduce_over_ragged_bags_is_replaced_with_its_combiner(combiner):
+def test_keras_rs_embed_reduce_over_bags_is_replaced_with_its_combiner(combiner, kind):
     keras_rs = pytest.importorskip("keras_rs")
-    genres = keras.Input((None,), dtype="int64", ragged=True, name="genres")
+    bags = tf.ragged.constant([[1, 2, 3], [4], [], [19_999, 5, 5, 6]], dtype=tf.int64)  # an empty bag too
+    if kind == "ragged":
+        genres = keras.Input((None,), dtype="int64", ragged=True, name="genres")
+        ids = bags
+    else:
+        genres = keras.Input((4,), dtype="int64", sparse=True, name="genres")
+        ids = bags.to_sparse()
     bag = keras_rs.layers.EmbedReduce(USERS, 8, combiner=combiner, name="genre_bag")(genres)
     model = keras.Model(genres, keras.layers.Dense(1, name="score")(bag))
-    ids = tf.ragged.constant([[1, 2, 3], [4], [], [19_999, 5, 5, 6]], dtype=tf.int64)  # an empty bag too
     compressed = tfcompress.compress(model, method="full", min_rows=1000, verbose=False)
     layer = compressed.get_layer("genre_bag")
     assert isinstance(layer, CompressedEmbedding) and layer.combiner == combiner
