@@ -186,6 +186,8 @@ def test_bad_input_is_refused_naming_the_layer():
         layer(tf.constant([1]), weights=tf.constant([1.0]))
     with pytest.raises(ValueError, match="method"):
         CompressedEmbedding(N, D, method="bloom")
+    with pytest.raises(ValueError, match="input_dim must be an integer >= 1, got 0"):
+        CompressedEmbedding(0, D, method="full")
     with pytest.raises(ValueError, match="compression"):
         CompressedEmbedding(N, D, method="hashing")
     with pytest.raises(ValueError, match="combiner"):
@@ -305,6 +307,8 @@ def test_mismatched_shared_memory_settings_are_refused_naming_both():
         CompressedEmbedding(100, D, method="full", memory=memory)
     with pytest.raises(ValueError, match="overlap"):
         CompressedEmbedding(100, D, memory=memory, table_offset=50)
+    with pytest.raises(ValueError, match="initialized by its RobeMemory"):
+        CompressedEmbedding(100, D, memory=memory, embeddings_initializer="zeros")
     with pytest.raises(ValueError, match="output_dim=2 is below the chunk_size=4"):
         CompressedEmbedding(100, 2, memory=memory)
     late = RobeMemory(compression=10.0, chunk_size=4)
@@ -492,6 +496,14 @@ def test_compressed_embeddings_take_keras_rs_feature_configs_in_one_memory(tmp_p
     assert (genres.inner.table_offset, items.inner.table_offset) == (0, 30)
     np.testing.assert_array_equal(out["item"].numpy(), items(inputs["item"]).numpy())
     np.testing.assert_array_equal(out["context"]["history"].numpy(), items(inputs["context"]["history"]).numpy())
+    # Per-id weights come in the inputs' structure and reach the table's bag.
+    weights = tf.nest.map_structure(lambda ids: tf.ones_like(ids, tf.float32) * 2.0, inputs)
+    weighted = layer(inputs, weights=weights)
+    np.testing.assert_allclose(weighted["item"].numpy(), 2.0 * out["item"].numpy(), rtol=1e-6)  # "sum" table
+    np.testing.assert_allclose(weighted["context"]["genres"].numpy(), out["context"]["genres"].numpy(),
+                               rtol=1e-6, atol=1e-7)  # "mean" table: uniform weights cancel
+    with pytest.raises(ValueError, match="structure of feature_configs"):
+        layer({"item": inputs["item"]})
     # With full tables, the values keras-rs' own DistributedEmbedding returns for the same tables.
     full = CompressedEmbeddings(features, method="full")
     reference = keras_rs.layers.DistributedEmbedding(features)
@@ -526,6 +538,9 @@ def test_compressed_embeddings_take_keras_rs_feature_configs_in_one_memory(tmp_p
 def test_a_ragged_bag_input_trains_and_round_trips_in_a_functional_model(tmp_path):
     bags = keras.Input(shape=(None,), dtype="int64", ragged=True, name="genres")
     pooled = CompressedEmbedding(100, D, method="robe", compression=4.0, combiner="mean", name="genre_bag")(bags)
+    assert tuple(pooled.shape) == (None, D) and not pooled.ragged
+    passed_through = CompressedEmbedding(100, D, method="full")(bags)  # no combiner: a ragged output, marked so
+    assert tuple(passed_through.shape) == (None, None, D) and passed_through.ragged
     model = keras.Model(bags, keras.layers.Dense(1)(pooled))
     x = tf.ragged.constant([[1, 2], [], [3, 4, 5], [7]], dtype=tf.int64)
     model.compile(optimizer="adam", loss="mse")

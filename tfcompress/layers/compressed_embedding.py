@@ -83,6 +83,9 @@ class CompressedEmbedding(keras.layers.Layer):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"{self.described}: method must be one of {sorted(METHODS)}, got {method!r}")
+        for argument, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+                raise ValueError(f"{self.described}: {argument} must be an integer >= 1, got {value!r}")
         self.input_dim = int(input_dim)
         self.output_dim = int(output_dim)
         self.method = method
@@ -149,6 +152,9 @@ class CompressedEmbedding(keras.layers.Layer):
                 if compression is not None:
                     raise ValueError(f"{self.described}: give compression= or memory=, not both (the memory's size "
                                      "is set where the RobeMemory is made)")
+                if embeddings_initializer is not None:
+                    raise ValueError(f"{self.described}: a shared memory is initialized by its RobeMemory "
+                                     "(embeddings_initializer= there); leave embeddings_initializer unset here")
                 arguments.update(memory=memory, table_offset=table_offset)
             elif compression is None:
                 raise ValueError(f"{self.described}: method='robe' needs compression= (logical size / |M|, >= 1) "
@@ -271,6 +277,18 @@ class CompressedEmbedding(keras.layers.Layer):
         if self.combiner is not None:  # the last axis is pooled (a rank-1 input is bags of one id)
             return (shape[:-1] if len(shape) > 1 else shape) + (self.output_dim,)
         return shape + (self.output_dim,)
+
+    def compute_output_spec(self, ids, weights=None, training=None):
+        """Keras 3's symbolic output, without tracing `call`: the shape of `compute_output_shape`, ragged exactly
+        when a ragged input passes through without a combiner (Keras would otherwise mark it dense, and a
+        dense-only layer after it would fail on the RaggedTensor at run time with an unrelated message)."""
+        if self.combiner is None and getattr(ids, "sparse", False):
+            raise ValueError(f"{self.described}: sparse ids need a combiner ('sum', 'mean' or 'sqrtn') to pool "
+                             "each row; this layer was made with combiner=None")
+        if not ids.dtype or not tf.as_dtype(ids.dtype).is_integer:
+            raise TypeError(f"{self.described}: ids must be integers, got {ids.dtype}")
+        ragged = bool(getattr(ids, "ragged", False)) and self.combiner is None
+        return keras.KerasTensor(self.compute_output_shape(ids.shape), dtype="float32", ragged=ragged)
 
     # ---- serving lookup ---------------------------------------------------------------------------------------
 

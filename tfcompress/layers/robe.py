@@ -147,7 +147,10 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         else:
             self.shared_memory.build()
             self.memory_size = self.shared_memory.size
-            self._gradient_mode = resolve_gradient_mode(self.gradient, self.memory_size)
+            # "auto" weighs what a dense gradient costs here: every sharer makes its own |M|-sized tensor and
+            # the tape holds them until it sums them, so the bound is |M| times the number of sharers.
+            self._gradient_mode = resolve_gradient_mode(self.gradient,
+                                                        self.memory_size * len(self.shared_memory.tables))
             # Set past Keras' attribute tracking: the variable belongs to the RobeMemory (a tracked sub-layer of
             # every sharer), so it is saved and counted once, not once per sharer.
             object.__setattr__(self, "memory", self.shared_memory.array)
