@@ -102,6 +102,33 @@ def test_full_method_predicts_exactly_what_the_original_does(build):
     np.testing.assert_array_equal(predict(compressed, features), predict(model, features))
 
 
+@pytest.mark.parametrize("method", ["full", "robe"])
+def test_a_table_called_twice_stays_one_table(method):
+    """One item table read by the candidate item [B] and the history [B, L], as MovieLens models often do."""
+    item = keras.Input((), dtype="int64", name="item")
+    history = keras.Input((HISTORY,), dtype="int64", name="history")
+    table = keras.layers.Embedding(ITEMS, 8, name="item_embedding")
+    item_vector = table(item)
+    history_vector = keras.layers.GlobalAveragePooling1D(name="pool")(table(history))
+    score = keras.layers.Dot(axes=1, name="score")([item_vector, history_vector])
+    model = keras.Model({"item": item, "history": history}, score)
+    rng = np.random.default_rng(2)
+    features = {"item": rng.integers(0, ITEMS, 32), "history": rng.integers(0, ITEMS, (32, HISTORY))}
+    kwargs = {"ratio": 10} if method == "robe" else {}
+    compressed = tfcompress.compress(model, method=method, verbose=False, **kwargs)
+    (layer,) = compressed_layers(compressed)
+    assert len(layer._inbound_nodes) == 2
+    if method == "full":
+        np.testing.assert_array_equal(predict(compressed, features), predict(model, features))
+    else:
+        assert np.all(np.isfinite(predict(compressed, features)))
+        # Both calls read the same rows: the history of one id equals that id's item vector.
+        same = {"item": np.full(4, 7), "history": np.full((4, HISTORY), 7)}
+        lookup = layer(np.array([7]))
+        np.testing.assert_allclose(predict(compressed, same).ravel(),
+                                   np.full(4, float(np.sum(np.asarray(lookup) ** 2))), rtol=1e-5)
+
+
 def test_names_inputs_outputs_and_other_weights_are_kept():
     model = ranking_model()
     compressed = tfcompress.compress(model, ratio=100, verbose=False)
