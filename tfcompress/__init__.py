@@ -5,6 +5,7 @@
     layer = tfcompress.layers.RobeEmbedding([1000, 50], output_dim=16, compression=100.0)
     plan = tfcompress.make_plan(cardinalities, output_dim=16, method="robe", ratio=1000)
     folded = tfcompress.fold(model)          # MLET tables -> one table each (tfcompress.model_rewrite)
+    small = tfcompress.compress(model, ratio=1000)   # your own Keras model, its Embeddings compressed
 
 Subpackages and modules (`tfcompress.layers`, `tfcompress.data`, `tfcompress.export`, ...) and the top-level names
 below are loaded on first use, as `tf.keras.layers` is, so `import tfcompress` itself does not import TensorFlow
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 # name -> (module, attribute): resolved lazily by __getattr__ below.
 _LAZY = {
     "fold": ("tfcompress.model_rewrite", "fold"),
+    "compress": ("tfcompress.model_compress", "compress"),
     "make_plan": ("tfcompress.plan", "make_plan"),
     "export_saved_model": ("tfcompress.export", "export_saved_model"),
     "ChunkPruningCallback": ("tfcompress.chunk_pruning", "ChunkPruningCallback"),
@@ -29,7 +31,8 @@ _LAZY = {
 # package once something imports it).
 _SUBMODULES = (
     "chunk_pruning", "cli", "data", "export", "fused_ops", "layers", "learn_hash", "lookup", "metrics",
-    "model_rewrite", "models", "optimizers", "pipeline", "plan", "quantize", "reproduce", "robe_hash", "sizes",
+    "model_compress", "model_rewrite", "models", "optimizers", "pipeline", "plan", "quantize", "reproduce",
+    "robe_hash", "sizes",
     "train", "tune",
 )
 

@@ -15,6 +15,8 @@ What differs between the two stacks and is handled here (the layers themselves a
 - saving: both write and load `.keras` files; tf_keras also writes SavedModel directories (`model.save(dir)`,
   `tf.saved_model.save`), which is what TFRS stacks export.
 - initializers: `fresh_initializer()` gives every weight its own draw (see there; needed in both stacks).
+- shared objects: `object_sharing_scope()` is the scope in which both stacks serialize an object that several
+  layers hold (a shared `RobeMemory`) once and deserialize it as one object again (what `.keras` saving uses).
 """
 
 import os

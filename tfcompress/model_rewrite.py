@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from tfcompress._keras import keras
+from tfcompress._keras import keras, object_sharing_scope
 from tfcompress.layers import FullEmbedding, HashingTrickEmbedding, MLETEmbedding, PlannedEmbedding, QuantizedEmbedding
 from tfcompress.quantize import DEFAULT_GRID_SIZE, check_grid_size, quantize_int8
 
@@ -155,15 +155,20 @@ def replace_layers(model, convert):
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"expected a keras.Model, got {type(model).__name__}; use fold_layer for a single layer")
-    config = model.get_config()
-    if not isinstance(config, dict) or "layers" not in config:
-        raise ValueError(
-            f"model {model.name!r} ({type(model).__name__}) has no layer graph in its config (a subclassed model?); "
-            "only functional and Sequential models can be rewritten. Replace the layers yourself with fold_layer."
-        )
     replaced = {}
-    _rewrite_config(model, config, convert, replaced)
-    new_model = type(model).from_config(config)
+    # One scope around writing the configs and rebuilding the model from them: an object that several layers hold
+    # (one shared RobeMemory, in the model or in the replacements) is written once and comes back as one object,
+    # not one copy per layer.
+    with object_sharing_scope():
+        config = model.get_config()
+        if not isinstance(config, dict) or "layers" not in config:
+            raise ValueError(
+                f"model {model.name!r} ({type(model).__name__}) has no layer graph in its config (a subclassed "
+                "model?); only functional and Sequential models can be rewritten. Replace the layers yourself with "
+                "fold_layer."
+            )
+        _rewrite_config(model, config, convert, replaced)
+        new_model = type(model).from_config(config)
     _copy_weights(model, new_model, replaced)
     _compile_like(model, new_model)
     return new_model

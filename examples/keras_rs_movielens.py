@@ -1,0 +1,248 @@
+"""A Keras 3 + keras-rs ranking model over MovieLens-shaped data, compressed by one `tfcompress.compress` call.
+
+The model is written the way a keras-rs user writes it, with plain `keras.layers.Embedding` tables and string ids
+looked up inside the model:
+
+    user_id  str [B]     -> StringLookup -> Embedding(users + 1, d)
+    item_id  str [B]     -> StringLookup -> Embedding(items + 1, d)
+    history  str [B, L]  -> StringLookup(mask_token="") -> Embedding(items + 2, d, mask_zero=True) -> masked mean
+    genres   str [B, G]  -> StringLookup(mask_token="") -> Embedding(genres + 2, 8, mask_zero=True) -> masked mean
+                            (the multi-hot genre bag, padded with "" to G genres: a mean combiner over the bag)
+    age, hour_of_day f32 [B] -> rescaled dense features
+    all of it -> two keras_rs.layers.FeatureCross (DCN) layers -> MLP -> P(like)
+
+Then the one line this example is about::
+
+    compressed = tfcompress.compress(model, ratio=RATIO)   # every table >= min_rows rows: one shared ROBE array
+
+Both models, the original and the compressed one, are trained the same way (`compile` + `fit`, same data, same
+seed) and scored by AUC on held-out rows of the same generated world (`tfcompress.data.synthetic_movielens`, nothing
+downloaded). The compressed model is then exported as a plain `tf.saved_model.save` of a serving function that takes
+the raw string and float features, traced on stock TensorFlow ops only, so a process without tfcompress serves it.
+
+Run (the numbers in BENCHMARKS.md):
+
+    python examples/keras_rs_movielens.py --work-dir /tmp/keras_rs_movielens
+
+It prints the plan table and writes WORK_DIR/results.json (parameters and bytes before/after, AUC of both models,
+the planted ceiling AUC, the export path) and WORK_DIR/serving_check.npz (inputs and the compressed model's
+predictions, for a fresh-process check of the SavedModel).
+"""
+
+import os
+
+# The SavedModel must hold stock ops only (TF Serving cannot load tfcompress's fused op), so this example keeps the
+# layers on their pure-TensorFlow path (same values; the fused op only makes training faster).
+os.environ.setdefault("TFCOMPRESS_CUSTOM_OPS", "0")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import keras  # noqa: E402
+import keras_rs  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfcompress  # noqa: E402
+from tfcompress.data.synthetic_movielens import GENRES, item_ids, movielens_like, user_ids  # noqa: E402
+from tfcompress.metrics import exact_auc as roc_auc  # noqa: E402
+
+MAX_GENRES = 3  # the generator gives 0..3 genres per movie
+SERVING_CHECK_ROWS = 256
+STRING_FEATURES = ("user_id", "item_id")
+DENSE_FEATURES = ("age", "hour_of_day")
+
+
+def model_inputs(data):
+    """The generator's columns as the model's input dict: genres padded with "" to MAX_GENRES."""
+    genres = np.array([row + [""] * (MAX_GENRES - len(row)) for row in data["genres"]], dtype=str)
+    return {
+        "user_id": np.asarray(data["user_id"], dtype=str),
+        "item_id": np.asarray(data["item_id"], dtype=str),
+        "history": np.asarray(data["history"], dtype=str),
+        "genres": genres,
+        "age": np.asarray(data["age"], np.float32),
+        "hour_of_day": np.asarray(data["hour_of_day"], np.float32),
+    }
+
+
+@keras.saving.register_keras_serializable(package="keras_rs_movielens")
+class MaskedMean(keras.layers.Layer):
+    """Mean of the unmasked steps of [B, L, D] -> [B, D]; zeros for a row with none (an empty history or bag).
+
+    `keras.layers.GlobalAveragePooling1D` divides by the mask's sum, which is 0/0 = NaN for such a row.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, values, mask=None):
+        if mask is None:
+            return keras.ops.mean(values, axis=1)
+        weights = keras.ops.expand_dims(keras.ops.cast(mask, values.dtype), -1)
+        return keras.ops.divide_no_nan(keras.ops.sum(values * weights, axis=1), keras.ops.sum(weights, axis=1))
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+def build_ranking_model(num_users, num_items, history_length, embedding_dim=32, cross_layers=2, hidden_units=64):
+    """The keras-rs ranking model with plain `keras.layers.Embedding` tables (module docstring)."""
+    inputs = {
+        "user_id": keras.Input((), dtype="string", name="user_id"),
+        "item_id": keras.Input((), dtype="string", name="item_id"),
+        "history": keras.Input((history_length,), dtype="string", name="history"),
+        "genres": keras.Input((MAX_GENRES,), dtype="string", name="genres"),
+        "age": keras.Input((), dtype="float32", name="age"),
+        "hour_of_day": keras.Input((), dtype="float32", name="hour_of_day"),
+    }
+    items = item_ids(num_items)
+    user_index = keras.layers.StringLookup(vocabulary=user_ids(num_users), name="user_lookup")(inputs["user_id"])
+    item_index = keras.layers.StringLookup(vocabulary=items, name="item_lookup")(inputs["item_id"])
+    # mask_token="" maps the padding to 0, which Embedding(mask_zero=True) masks (unknown ids -> 1).
+    history_index = keras.layers.StringLookup(vocabulary=items, mask_token="", name="history_lookup")(
+        inputs["history"])
+    genre_index = keras.layers.StringLookup(vocabulary=list(GENRES), mask_token="", name="genre_lookup")(
+        inputs["genres"])
+
+    user = keras.layers.Embedding(num_users + 1, embedding_dim, name="user_embedding")(user_index)
+    item = keras.layers.Embedding(num_items + 1, embedding_dim, name="item_embedding")(item_index)
+    history = keras.layers.Embedding(num_items + 2, embedding_dim, mask_zero=True, name="history_embedding")(
+        history_index)
+    history = MaskedMean(name="history_mean")(history)  # mean over the unmasked movies
+    genres = keras.layers.Embedding(len(GENRES) + 2, 8, mask_zero=True, name="genre_embedding")(genre_index)
+    genres = MaskedMean(name="genre_bag")(genres)  # the bag's mean combiner
+    age = keras.layers.Reshape((1,), name="age_column")(keras.layers.Rescaling(1 / 70, name="age_scale")(
+        inputs["age"]))
+    hour = keras.layers.Reshape((1,), name="hour_column")(keras.layers.Rescaling(1 / 24, name="hour_scale")(
+        inputs["hour_of_day"]))
+
+    x0 = keras.layers.Concatenate(name="features")([user, item, history, genres, age, hour])
+    x = x0
+    for k in range(cross_layers):
+        x = keras_rs.layers.FeatureCross(projection_dim=embedding_dim, name=f"cross_{k}")(x0, x)
+    x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
+    probability = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    return keras.Model(inputs, probability, name="movielens_ranker")
+
+
+def dataset(features, labels=None, batch_size=512, shuffle_seed=None):
+    """A tf.data pipeline over the feature dict (Keras' fit takes no NumPy string arrays)."""
+    tensors = {k: tf.constant(v) for k, v in features.items()}
+    data = tf.data.Dataset.from_tensor_slices(tensors if labels is None else (tensors, tf.constant(labels)))
+    if shuffle_seed is not None:
+        data = data.shuffle(len(next(iter(features.values()))), seed=shuffle_seed)
+    return data.batch(batch_size)
+
+
+def compile_and_fit(model, train, labels, epochs, batch_size, learning_rate, seed=0):
+    """The user's own training script: the same for the original and the compressed model."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(name="auc")])
+    return model.fit(dataset(train, labels, batch_size, shuffle_seed=seed), epochs=epochs, verbose=2)
+
+
+def predict(model, features):
+    return model.predict(dataset(features, batch_size=4096), verbose=0).ravel()
+
+
+def embedding_bytes(model):
+    """Float32 bytes of the model's embedding variables, each shared variable counted once."""
+    variables = {}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (keras.layers.Embedding, tfcompress.layers.CompressedEmbedding)):
+            for variable in layer.weights:
+                variables[id(variable)] = variable
+    return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
+
+
+def export_serving(model, export_dir, history_length):
+    """A plain `tf.saved_model.save` of a serving function over the raw features (strings and floats)."""
+    signature = {
+        "user_id": tf.TensorSpec([None], tf.string, name="user_id"),
+        "item_id": tf.TensorSpec([None], tf.string, name="item_id"),
+        "history": tf.TensorSpec([None, history_length], tf.string, name="history"),
+        "genres": tf.TensorSpec([None, MAX_GENRES], tf.string, name="genres"),
+        "age": tf.TensorSpec([None], tf.float32, name="age"),
+        "hour_of_day": tf.TensorSpec([None], tf.float32, name="hour_of_day"),
+    }
+
+    @tf.function(input_signature=[signature])
+    def serve(features):
+        return {"probability": model(features, training=False)}
+
+    module = tf.Module()
+    module.model = model  # tracks the variables and the StringLookup tables
+    module.serve = serve
+    tf.saved_model.save(module, export_dir, signatures={"serving_default": serve})
+    return export_dir
+
+
+def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
+        embedding_dim=32, ratio=100, min_rows=10_000, epochs=3, batch_size=512, learning_rate=2e-3, seed=0):
+    """Generate, build, compress, train both, evaluate, export; returns the results (also WORK_DIR/results.json)."""
+    os.makedirs(work_dir, exist_ok=True)
+    data = movielens_like(rows + eval_rows, num_users=num_users, num_items=num_items, seed=seed,
+                          history_length=history_length, return_probability=True)
+    features = model_inputs(data)
+    labels = data["label"].astype(np.float32)
+    train = {k: v[:rows] for k, v in features.items()}
+    held_out = {k: v[rows:] for k, v in features.items()}
+
+    results = {"rows": rows, "eval_rows": eval_rows, "num_users": num_users, "num_items": num_items,
+               "ratio": ratio, "min_rows": min_rows, "epochs": epochs,
+               "ceiling_auc": float(roc_auc(labels[rows:], data["planted_probability"][rows:]))}
+    for variant in ("full", "compressed"):
+        keras.utils.set_random_seed(seed)
+        model = build_ranking_model(num_users, num_items, history_length, embedding_dim)
+        if variant == "compressed":
+            results["full_parameters"] = int(model.count_params())
+            results["full_embedding_bytes"] = embedding_bytes(model)
+            model = tfcompress.compress(model, ratio=ratio, min_rows=min_rows)  # the one line
+            results["compressed_parameters"] = int(model.count_params())
+            results["compressed_embedding_bytes"] = embedding_bytes(model)
+        compile_and_fit(model, train, labels[:rows], epochs, batch_size, learning_rate, seed)
+        predictions = predict(model, held_out)
+        results[f"{variant}_auc"] = float(roc_auc(labels[rows:], predictions))
+
+    check = {k: v[:SERVING_CHECK_ROWS] for k, v in held_out.items()}
+    export_dir = export_serving(model, os.path.join(work_dir, "saved_model"), history_length)
+    served = tf.saved_model.load(export_dir).signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in check.items()})["probability"].numpy().ravel()
+    expected = predict(model, check)
+    results["export_dir"] = export_dir
+    results["max_reload_difference"] = float(np.max(np.abs(served - expected)))
+    np.savez(os.path.join(work_dir, "serving_check.npz"), predictions=expected, **check)
+    with open(os.path.join(work_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default=None, help="output directory (default: a new temporary one)")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--eval-rows", type=int, default=20_000)
+    parser.add_argument("--num-users", type=int, default=20_000)
+    parser.add_argument("--num-items", type=int, default=12_000)
+    parser.add_argument("--embedding-dim", type=int, default=32)
+    parser.add_argument("--ratio", type=float, default=100)
+    parser.add_argument("--min-rows", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="keras_rs_movielens_")
+    results = run(work_dir, rows=args.rows, eval_rows=args.eval_rows, num_users=args.num_users,
+                  num_items=args.num_items, embedding_dim=args.embedding_dim, ratio=args.ratio,
+                  min_rows=args.min_rows, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""A TensorFlow Recommenders ranking model over MovieLens-shaped data on legacy tf.keras, compressed by one
+`tfcompress.compress` call.
+
+tensorflow-recommenders (TFRS) 0.7.7 runs only on legacy tf.keras: `TF_USE_LEGACY_KERAS=1` with the tf-keras
+package, set before TensorFlow is imported (this script sets it first thing); tfcompress reads the same variable.
+
+The TFRS pattern: a functional ranking network (string ids looked up inside it with `StringLookup` -> plain
+`tf.keras.layers.Embedding`, a user-history sequence with `mask_zero=True`, the genre bag padded with "" and
+averaged over its unmasked entries, two dense features, two `tfrs.layers.dcn.Cross` layers, an MLP) held by a
+`tfrs.models.Model` whose loss is a `tfrs.tasks.Ranking` task. `compress` rewrites the functional network (a
+`tfrs.models.Model` is a subclassed model, which `compress` refuses, pointing to the drop-in layer):
+
+    ranker = tfcompress.compress(build_ranker(...), ratio=RATIO)   # the one line
+    model = RankingModel(ranker)                                   # TFRS as before
+    model.compile(optimizer); model.fit(dataset)
+
+The full and the compressed network are trained the same way and scored by AUC on held-out generated rows; the
+compressed one is exported with plain `tf.saved_model.save` (a serving function over the raw strings and floats,
+stock TF ops: `TFCOMPRESS_CUSTOM_OPS=0`), which a Keras 3 process without tfcompress loads.
+
+Run:
+
+    python examples/tfrs_movielens.py --work-dir /tmp/tfrs_movielens
+
+It writes WORK_DIR/results.json and WORK_DIR/serving_check.npz, as examples/keras_rs_movielens.py does.
+"""
+
+import os
+
+# Before TensorFlow is imported: tf.keras (and so TFRS) and tfcompress use tf_keras.
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# The SavedModel must hold stock ops only, so the layers stay on their pure-TensorFlow path (same values).
+os.environ.setdefault("TFCOMPRESS_CUSTOM_OPS", "0")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_recommenders as tfrs  # noqa: E402
+
+import tfcompress  # noqa: E402
+from tfcompress.data.synthetic_movielens import GENRES, item_ids, movielens_like, user_ids  # noqa: E402
+from tfcompress.metrics import exact_auc  # noqa: E402
+
+MAX_GENRES = 3
+SERVING_CHECK_ROWS = 256
+
+
+def model_inputs(data):
+    """The generator's columns as the network's input dict: genres padded with "" to MAX_GENRES."""
+    return {
+        "user_id": np.asarray(data["user_id"], dtype=str),
+        "item_id": np.asarray(data["item_id"], dtype=str),
+        "history": np.asarray(data["history"], dtype=str),
+        "genres": np.array([row + [""] * (MAX_GENRES - len(row)) for row in data["genres"]], dtype=str),
+        "age": np.asarray(data["age"], np.float32),
+        "hour_of_day": np.asarray(data["hour_of_day"], np.float32),
+    }
+
+
+@tf.keras.utils.register_keras_serializable(package="tfrs_movielens")
+class MaskedMean(tf.keras.layers.Layer):
+    """Mean of the unmasked steps of [B, L, D] -> [B, D]; zeros for a row with none (GlobalAveragePooling1D: NaN)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, values, mask=None):
+        if mask is None:
+            return tf.reduce_mean(values, axis=1)
+        weights = tf.cast(mask, values.dtype)[..., None]
+        return tf.math.divide_no_nan(tf.reduce_sum(values * weights, axis=1), tf.reduce_sum(weights, axis=1))
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+
+def build_ranker(num_users, num_items, history_length, embedding_dim=32, hidden_units=64):
+    """The functional ranking network with plain `tf.keras.layers.Embedding` tables."""
+    layers = tf.keras.layers
+    inputs = {
+        "user_id": tf.keras.Input((), dtype=tf.string, name="user_id"),
+        "item_id": tf.keras.Input((), dtype=tf.string, name="item_id"),
+        "history": tf.keras.Input((history_length,), dtype=tf.string, name="history"),
+        "genres": tf.keras.Input((MAX_GENRES,), dtype=tf.string, name="genres"),
+        "age": tf.keras.Input((), dtype=tf.float32, name="age"),
+        "hour_of_day": tf.keras.Input((), dtype=tf.float32, name="hour_of_day"),
+    }
+    items = item_ids(num_items)
+    user = layers.Embedding(num_users + 1, embedding_dim, name="user_embedding")(
+        layers.StringLookup(vocabulary=user_ids(num_users), name="user_lookup")(inputs["user_id"]))
+    item = layers.Embedding(num_items + 1, embedding_dim, name="item_embedding")(
+        layers.StringLookup(vocabulary=items, name="item_lookup")(inputs["item_id"]))
+    # mask_token="" maps the padding to 0, which Embedding(mask_zero=True) masks.
+    history = layers.Embedding(num_items + 2, embedding_dim, mask_zero=True, name="history_embedding")(
+        layers.StringLookup(vocabulary=items, mask_token="", name="history_lookup")(inputs["history"]))
+    genres = layers.Embedding(len(GENRES) + 2, 8, mask_zero=True, name="genre_embedding")(
+        layers.StringLookup(vocabulary=list(GENRES), mask_token="", name="genre_lookup")(inputs["genres"]))
+    dense = layers.Concatenate(name="dense_features")([
+        layers.Reshape((1,), name="age_column")(layers.Rescaling(1 / 70, name="age_scale")(inputs["age"])),
+        layers.Reshape((1,), name="hour_column")(layers.Rescaling(1 / 24, name="hour_scale")(inputs["hour_of_day"])),
+    ])
+    x0 = layers.Concatenate(name="features")(
+        [user, item, MaskedMean(name="history_mean")(history), MaskedMean(name="genre_bag")(genres), dense])
+    x = tfrs.layers.dcn.Cross(projection_dim=embedding_dim, name="cross_1")(x0)
+    x = tfrs.layers.dcn.Cross(projection_dim=embedding_dim, name="cross_2")(x0, x)
+    x = layers.Dense(hidden_units, activation="relu", name="hidden")(x)
+    probability = layers.Dense(1, activation="sigmoid", name="probability")(x)
+    return tf.keras.Model(inputs, probability, name="tfrs_movielens_ranker")
+
+
+class RankingModel(tfrs.models.Model):
+    """TFRS model: the ranking network plus a `tfrs.tasks.Ranking` task."""
+
+    def __init__(self, ranker):
+        super().__init__()
+        self.ranker = ranker
+        self.task = tfrs.tasks.Ranking(loss=tf.keras.losses.BinaryCrossentropy(),
+                                       metrics=[tf.keras.metrics.AUC(name="auc")])
+
+    def call(self, features, training=False):
+        return self.ranker(features, training=training)
+
+    def compute_loss(self, inputs, training=False):
+        features, labels = inputs
+        return self.task(labels=labels, predictions=self.ranker(features, training=training))
+
+
+def dataset(features, labels=None, batch_size=512, shuffle_seed=None):
+    tensors = {k: tf.constant(v) for k, v in features.items()}
+    data = tf.data.Dataset.from_tensor_slices(tensors if labels is None else (tensors, tf.constant(labels)))
+    if shuffle_seed is not None:
+        data = data.shuffle(len(next(iter(features.values()))), seed=shuffle_seed)
+    return data.batch(batch_size)
+
+
+def predict(ranker, features):
+    return ranker.predict(dataset(features, batch_size=4096), verbose=0).ravel()
+
+
+def embedding_bytes(model):
+    """Float32 bytes of the embedding variables, a shared variable counted once."""
+    variables = {}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (tf.keras.layers.Embedding, tfcompress.layers.CompressedEmbedding)):
+            variables.update((id(v), v) for v in layer.weights)
+    return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
+
+
+def export_serving(ranker, export_dir, history_length):
+    """A plain `tf.saved_model.save` of a serving function over the raw features (strings and floats)."""
+    signature = {
+        "user_id": tf.TensorSpec([None], tf.string, name="user_id"),
+        "item_id": tf.TensorSpec([None], tf.string, name="item_id"),
+        "history": tf.TensorSpec([None, history_length], tf.string, name="history"),
+        "genres": tf.TensorSpec([None, MAX_GENRES], tf.string, name="genres"),
+        "age": tf.TensorSpec([None], tf.float32, name="age"),
+        "hour_of_day": tf.TensorSpec([None], tf.float32, name="hour_of_day"),
+    }
+
+    @tf.function(input_signature=[signature])
+    def serve(features):
+        return {"probability": ranker(features, training=False)}
+
+    module = tf.Module()
+    module.ranker = ranker
+    module.serve = serve
+    tf.saved_model.save(module, export_dir, signatures={"serving_default": serve})
+    return export_dir
+
+
+def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
+        embedding_dim=32, ratio=100, min_rows=10_000, epochs=3, batch_size=512, learning_rate=2e-3, seed=0):
+    """Generate, build, compress, train both, evaluate, export; returns the results (also WORK_DIR/results.json)."""
+    os.makedirs(work_dir, exist_ok=True)
+    data = movielens_like(rows + eval_rows, num_users=num_users, num_items=num_items, seed=seed,
+                          history_length=history_length, return_probability=True)
+    features = model_inputs(data)
+    labels = data["label"].astype(np.float32)
+    train = {k: v[:rows] for k, v in features.items()}
+    held_out = {k: v[rows:] for k, v in features.items()}
+    results = {"rows": rows, "eval_rows": eval_rows, "num_users": num_users, "num_items": num_items,
+               "ratio": ratio, "min_rows": min_rows, "epochs": epochs,
+               "ceiling_auc": float(exact_auc(labels[rows:], data["planted_probability"][rows:]))}
+    for variant in ("full", "compressed"):
+        tf.keras.utils.set_random_seed(seed)
+        ranker = build_ranker(num_users, num_items, history_length, embedding_dim)
+        if variant == "compressed":
+            results["full_parameters"] = int(ranker.count_params())
+            results["full_embedding_bytes"] = embedding_bytes(ranker)
+            ranker = tfcompress.compress(ranker, ratio=ratio, min_rows=min_rows)  # the one line
+            results["compressed_parameters"] = int(ranker.count_params())
+            results["compressed_embedding_bytes"] = embedding_bytes(ranker)
+        model = RankingModel(ranker)
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+        model.fit(dataset(train, labels[:rows], batch_size, shuffle_seed=seed), epochs=epochs, verbose=2)
+        results[f"{variant}_auc"] = float(exact_auc(labels[rows:], predict(ranker, held_out)))
+
+    check = {k: v[:SERVING_CHECK_ROWS] for k, v in held_out.items()}
+    export_dir = export_serving(ranker, os.path.join(work_dir, "saved_model"), history_length)
+    served = tf.saved_model.load(export_dir).signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in check.items()})["probability"].numpy().ravel()
+    expected = predict(ranker, check)
+    results["export_dir"] = export_dir
+    results["max_reload_difference"] = float(np.max(np.abs(served - expected)))
+    np.savez(os.path.join(work_dir, "serving_check.npz"), predictions=expected, **check)
+    with open(os.path.join(work_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default=None, help="output directory (default: a new temporary one)")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--eval-rows", type=int, default=20_000)
+    parser.add_argument("--num-users", type=int, default=20_000)
+    parser.add_argument("--num-items", type=int, default=12_000)
+    parser.add_argument("--embedding-dim", type=int, default=32)
+    parser.add_argument("--ratio", type=float, default=100)
+    parser.add_argument("--min-rows", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="tfrs_movielens_")
+    results = run(work_dir, rows=args.rows, eval_rows=args.eval_rows, num_users=args.num_users,
+                  num_items=args.num_items, embedding_dim=args.embedding_dim, ratio=args.ratio,
+                  min_rows=args.min_rows, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
