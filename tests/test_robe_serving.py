@@ -1,0 +1,84 @@
+"""Every ROBE-Z serving layout (`TableReader` chunk_reads x unique_ids x jit_compile, float and int8 tables) equals
+the training layer's lookup bit for bit (docs/export_contract.md "Serving layout")."""
+
+import functools
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcompress import robe_hash
+from tfcompress.layers import RobeEmbedding
+from tfcompress.lookup import CHUNK_READS, TableReader
+from tfcompress.quantize import quantize_int8
+
+CARDS = [1000, 50, 7, 3000]
+LAYOUTS = list(itertools.product(CHUNK_READS, (False, True), (False, True)))
+
+
+def _ids(rows, seed):
+    rng = np.random.default_rng(seed)
+    ids = (rng.random((rows, len(CARDS))) * np.asarray(CARDS)).astype(np.int64)
+    ids[0] = 0
+    ids[-1] = np.asarray(CARDS) - 1
+    ids[rows // 2:] = ids[: rows - rows // 2]  # repeated rows: what unique_ids dedupes
+    return ids
+
+
+# (output_dim, chunk_size, memory_size, signed): Z = D (one chunk), Z | D, a partial last chunk, Z = 1, a tiny M.
+@pytest.mark.parametrize("dim, chunk, memory, signed", [(8, 8, 4000, False), (8, 4, 4000, True),
+                                                        (7, 3, 999, False), (6, 1, 500, True), (4, 4, 4, False)])
+def test_every_serving_layout_equals_call_bit_for_bit(dim, chunk, memory, signed):
+    layer = RobeEmbedding(CARDS, dim, memory_size=memory, chunk_size=chunk, signed=signed, use_custom_op=False)
+    spec = tf.TensorSpec([None, len(CARDS)], tf.int64)
+    for rows in (2, 700):  # per_call: 2 rows take the element branch, 700 rows the window branch
+        ids = _ids(rows, rows)
+        expected = layer(ids).numpy()
+        for chunk_reads, unique_ids, jit_compile in LAYOUTS:
+            reader = TableReader(chunk_reads=chunk_reads, unique_ids=unique_ids, jit_compile=jit_compile)
+            traced = tf.function(functools.partial(layer.serving_lookup, out_of_range="mod", tables=reader))
+            got = traced.get_concrete_function(spec)(tf.constant(ids)).numpy()
+            np.testing.assert_array_equal(got, expected, err_msg=f"{chunk_reads} {unique_ids} {jit_compile}")
+
+
+def test_windows_is_the_window_matrix_of_the_table_or_of_its_int8_copy():
+    layer = RobeEmbedding(CARDS, 8, memory_size=3000, chunk_size=4, use_custom_op=False)
+    ids = _ids(300, 3)
+    layer(ids)
+    memory = layer.memory.numpy()
+    reader = TableReader(chunk_reads="windows")
+    layer.serving_lookup(ids, tables=reader)
+    (windows,) = reader.window_matrices.values()
+    assert windows.shape == (3000 - 4 + 1, 4) and not windows.trainable
+    np.testing.assert_array_equal(windows.numpy()[17], memory[17:21])
+    np.testing.assert_array_equal(windows.numpy()[-1], memory[-4:])
+    # int8: W holds the int8 values, scaled after the row gather exactly as the element gather is.
+    key = next(iter(reader.tables))
+    values, scale = quantize_int8(memory)
+    copy = tf.Variable(values)
+    expected = layer.serving_lookup(ids, tables=TableReader({key: (copy, float(scale))}, chunk_reads="elements"))
+    quantized = TableReader({key: (copy, float(scale))}, chunk_reads="windows")
+    np.testing.assert_array_equal(layer.serving_lookup(ids, tables=quantized).numpy(), expected.numpy())
+    (int8_windows,) = quantized.window_matrices.values()
+    assert int8_windows.dtype == tf.int8
+    positions = robe_hash.robe_indices(ids, CARDS, 8, 4, 3000)
+    np.testing.assert_array_equal(expected.numpy(), values[positions].astype(np.float32) * np.float32(scale))
+
+
+def test_z1_windows_reads_the_array_itself():
+    layer = RobeEmbedding(CARDS, 4, memory_size=300, chunk_size=1, use_custom_op=False)
+    ids = _ids(20, 1)
+    reader = TableReader(chunk_reads="windows")
+    expected = layer(ids).numpy()
+    np.testing.assert_array_equal(layer.serving_lookup(ids, tables=reader).numpy(), expected)
+    assert reader.window_matrices == {}  # W of Z = 1 would be a copy of M
+
+
+def test_table_reader_refuses_unknown_layout_options():
+    with pytest.raises(ValueError, match="chunk_reads must be one of"):
+        TableReader(chunk_reads="rows")
+    with pytest.raises(TypeError, match="unique_ids must be True or False"):
+        TableReader(unique_ids="yes")
+    with pytest.raises(TypeError, match="jit_compile must be True or False"):
+        TableReader(jit_compile=1)
