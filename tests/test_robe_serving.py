@@ -82,3 +82,50 @@ def test_table_reader_refuses_unknown_layout_options():
         TableReader(unique_ids="yes")
     with pytest.raises(TypeError, match="jit_compile must be True or False"):
         TableReader(jit_compile=1)
+
+
+# ---- export round trip with each layout ------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [{}, {"chunk_reads": "elements"}, {"chunk_reads": "per_call"},
+                                     {"unique_ids": True}, {"jit_compile": True}, {"quantize": "int8"}])
+def test_export_round_trip_with_each_layout(tmp_path, options):
+    """The loaded SavedModel's probabilities equal the serving graph's (what verify checks in a fresh process),
+    the metadata records the layout and the size table lists the window matrix as embedding bytes."""
+    import json
+    import os
+
+    from tfcompress.export import export_saved_model
+    from tfcompress.models import build_dlrm
+
+    cards = [5000, 3000]
+    robe = RobeEmbedding(cards, 8, memory_size=4000, chunk_size=4, signed=True)
+    model = build_dlrm((2, 2), robe, (8,), (8,))
+    path = export_saved_model(model, base_dir=str(tmp_path), name="robe", **options)
+    with open(os.path.join(path, "assets.extra", "tfcompress_export.json")) as f:
+        metadata = json.load(f)
+    layout = {"chunk_reads": "windows", "unique_ids": False, "jit_compile": False}
+    layout.update({key: value for key, value in options.items() if key != "quantize"})
+    assert metadata["serving_layout"] == layout
+    windows = [row for row in metadata["variables"] if "/windows" in row["name"]]
+    if layout["chunk_reads"] == "windows":
+        dtype = "int8" if options.get("quantize") else "float32"
+        assert [(row["shape"], row["dtype"], row["embedding"]) for row in windows] == [([3997, 4], dtype, True)]
+        assert metadata["window_matrix_bytes"] == windows[0]["bytes"] == 3997 * 4 * (1 if dtype == "int8" else 4)
+    else:
+        assert windows == [] and metadata["window_matrix_bytes"] == 0
+    loaded = tf.saved_model.load(path)
+    with np.load(os.path.join(path, "assets.extra", "tfcompress_samples.npz")) as data:
+        got = loaded.signatures["serving_default"](dense=tf.constant(data["dense"]),
+                                                   sparse=tf.constant(data["sparse"]))["probability"].numpy()
+        np.testing.assert_array_equal(got, data["serving_probability"])
+        assert np.max(np.abs(got - data["keras_probability"])) <= metadata["keras_tolerance"]
+
+
+def test_export_refuses_an_unknown_layout(tmp_path):
+    from tfcompress.export import export_saved_model
+    from tfcompress.models import build_dlrm
+
+    model = build_dlrm((2, 2), RobeEmbedding([50, 30], 4, memory_size=100), (4,), (4,))
+    with pytest.raises(ValueError, match="chunk_reads must be one of"):
+        export_saved_model(model, base_dir=str(tmp_path), name="m", chunk_reads="rows")
+    with pytest.raises(TypeError, match="jit_compile must be True or False"):
+        export_saved_model(model, base_dir=str(tmp_path), name="m", jit_compile="yes")

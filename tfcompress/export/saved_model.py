@@ -78,6 +78,7 @@ from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_
 from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, SERVED_SHAPE,
                                           TENSOR_SIGNATURE, example_features, raw_serving_functions,
                                           serving_functions, write_warmup_requests)
+from tfcompress.export.serving_layout import DEFAULT_CHUNK_READS, serving_layout, window_matrix_paths
 from tfcompress.lookup import TableReader, resource_variable
 
 QUANTIZE_CHOICES = (None, "int8", "fp16")
@@ -111,7 +112,8 @@ def size_table(named_variables, model):
     rows = []
     for name, variable in named_variables.items():
         nbytes = int(np.prod(variable.shape, dtype=np.int64)) * variable.dtype.size
-        is_embedding = id(variable) in embedding_ids or name.endswith(("/int8", "/fp16"))
+        # Quantized copies and ROBE window matrices (`tfcompress.export.serving_layout`) are embedding tables too.
+        is_embedding = id(variable) in embedding_ids or name.endswith(("/int8", "/fp16")) or "/windows" in name
         rows.append({"name": name, "dtype": variable.dtype.name, "shape": [int(d) for d in variable.shape],
                      "bytes": nbytes, "embedding": bool(is_embedding)})
     dense_bytes = sum(row["bytes"] for row in rows if not row["embedding"])
@@ -119,6 +121,7 @@ def size_table(named_variables, model):
     return {
         "variables": rows,
         "exported_bytes": sum(row["bytes"] for row in rows),
+        "window_matrix_bytes": sum(row["bytes"] for row in rows if "/windows" in row["name"]),
         "uncompressed_bytes": dense_bytes + logical_bytes,
         "embedding_layers": [
             {"name": layer.name, "class": type(layer).__name__, "cardinalities": [int(c) for c in layer.cardinalities],
@@ -134,6 +137,8 @@ def format_size_table(table):
     for row in table["variables"]:
         lines.append(f"{row['name']:<48} {row['dtype']:<8} {str(tuple(row['shape'])):<16} {row['bytes']:>14,}")
     exported, uncompressed = table["exported_bytes"], table["uncompressed_bytes"]
+    if table.get("window_matrix_bytes"):
+        lines.append(f"{'of which ROBE window matrices (serving layout)':<74} {table['window_matrix_bytes']:>14,}")
     lines.append(f"{'total':<74} {exported:>14,}")
     lines.append(f"{'uncompressed (full float32 tables)':<74} {uncompressed:>14,}")
     lines.append(f"{'compression':<74} {uncompressed / max(exported, 1):>13.1f}x")
@@ -248,7 +253,8 @@ def _signature_def_inputs(signatures):
 
 def export_saved_model(model, base_dir="saved_models", name=None, version=None, quantize=None, onnx=False,
                        schema=None, serving_out_of_range="mod", sample_inputs=None, onnx_opset=DEFAULT_ONNX_OPSET,
-                       config_base_path=None, tolerance=None, raw_preprocessing=None):
+                       config_base_path=None, tolerance=None, raw_preprocessing=None, chunk_reads=DEFAULT_CHUNK_READS,
+                       unique_ids=False, jit_compile=False):
     """Write `model` as BASE_DIR/NAME/VERSION/ for TF Serving and register NAME in BASE_DIR/models.config.
 
     Example:
@@ -278,6 +284,10 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
             csv): adds the `raw` and `raw_features` signatures on raw string fields, preprocessed in graph as the
             converter does (`tfcompress.export.raw_features`), checked before publishing against the converter's own
             parser on sample rows, which are stored for `verify`.
+        chunk_reads, unique_ids, jit_compile: the serving layout of ROBE-Z lookups (`tfcompress.lookup.TableReader`,
+            docs/export_contract.md "Serving layout"); the defaults are the measured fastest on CPU without XLA
+            (BENCHMARKS.md "Serving (issue 20)"). jit_compile=True needs TF Serving started with
+            `--xla_cpu_compilation_enabled=true`.
 
     Returns:
         The path of the new version directory.
@@ -285,6 +295,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     Raises:
         ValueError: a bad argument, a model without the {"dense", "sparse"} inputs, an existing version.
     """
+    layout = serving_layout(chunk_reads, unique_ids, jit_compile)  # checked before any work
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     if serving_out_of_range not in SERVING_OUT_OF_RANGE_CHOICES:
@@ -328,7 +339,8 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         substitutes = quantized_substitutes(probe.tables, quantize, paths)
         for key, (values, _) in substitutes.items():
             paths[id(values)] = values.name.split(":")[0]
-    served = ServingModel(folded, serving_out_of_range, TableReader(substitutes))
+    reader = TableReader(substitutes, **layout)
+    served = ServingModel(folded, serving_out_of_range, reader)
     # Vocabulary files of the raw signature live here until tf.saved_model.save copies them into assets/.
     asset_dir = tempfile.TemporaryDirectory(prefix="tfcompress-raw-") if raw_spec is not None else None
     preprocessor = None
@@ -344,7 +356,9 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     _check_stock_graph(concrete.values())
     raw_samples = _raw_samples(raw_spec, concrete) if raw_spec is not None else None
 
+    paths.update(window_matrix_paths(reader, paths))
     captured = {id(v): v for function in concrete.values() for v in function.variables}
+    captured.update({id(v): v for v in reader.window_matrices.values()})  # made in init_scope: not listed above
     named = unique_names(captured.values(), paths)
     sizes = size_table(named, folded)
 
@@ -412,6 +426,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
             "parity_tolerance": PARITY_TOLERANCE,
             "keras_max_abs_difference": float(np.max(np.abs(serving_probability - keras_probability))),
             "serving_out_of_range": serving_out_of_range,
+            "serving_layout": layout,
             "bad_ids_raise": bad_ids_raise,
             "warmup_requests": WARMUP_FILE,
             "onnx": onnx_info,

@@ -1,0 +1,36 @@
+"""The serving layout an export fixes for ROBE-Z lookups (docs/export_contract.md "Serving layout").
+
+`export_saved_model(..., chunk_reads=, unique_ids=, jit_compile=)` checks its options here and hands them to the
+`tfcompress.lookup.TableReader` every `serving_lookup` reads through. The defaults are the measured fastest on CPU
+without XLA (bench/bench_serving.py, BENCHMARKS.md "Serving (issue 20)"):
+
+- chunk_reads="windows": the window matrix W[j] = M[j : j + Z] is saved with the export (Z times |M|: at 1000x
+  with Z = 16 still ~60x smaller than the full tables) and each chunk is one row gather from it.
+- unique_ids=False: `tf.unique` over a [16384, 26] batch cost more than it saved, even on Zipf ids.
+- jit_compile=False: XLA was not faster for Z = 16 and needs TF Serving's `--xla_cpu_compilation_enabled=true`.
+"""
+
+from tfcompress.lookup import CHUNK_READS
+
+DEFAULT_CHUNK_READS = "windows"
+XLA_SERVING_FLAG = "--xla_cpu_compilation_enabled=true"
+
+
+def serving_layout(chunk_reads=DEFAULT_CHUNK_READS, unique_ids=False, jit_compile=False):
+    """The checked layout options as the `TableReader` keyword arguments (also what the metadata records)."""
+    if chunk_reads not in CHUNK_READS:
+        raise ValueError(f"chunk_reads must be one of {CHUNK_READS}, got {chunk_reads!r}")
+    for name, value in (("unique_ids", unique_ids), ("jit_compile", jit_compile)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    return {"chunk_reads": chunk_reads, "unique_ids": unique_ids, "jit_compile": jit_compile}
+
+
+def window_matrix_paths(reader, paths):
+    """{id(W): saved name} for the window matrices `reader` made: the name of the table W was made from (its
+    Keras path, or its int8/fp16 copy's name) plus "/windows<Z>", so the size table lists them as embedding bytes."""
+    named = {}
+    for (source, chunk_size), matrix in reader.window_matrices.items():
+        base = paths.get(source, matrix.name.split(":")[0].rsplit("/windows", 1)[0])
+        named[id(matrix)] = f"{base}/windows{chunk_size}"
+    return named
