@@ -27,10 +27,15 @@ def serving_layout(chunk_reads=DEFAULT_CHUNK_READS, unique_ids=False, jit_compil
 
 
 def window_matrix_paths(reader, paths):
-    """{id(W): saved name} for the window matrices `reader` made: the name of the table W was made from (its
-    Keras path, or its int8/fp16 copy's name) plus "/windows<Z>", so the size table lists them as embedding bytes."""
+    """{id(W): saved name} for the window matrices `reader` made: the Keras path of the table W was made from plus
+    "/windows<Z>", then "/int8" or "/fp16" when it was made from such a copy (as the copies are named), so the size
+    table lists them as embedding bytes."""
     named = {}
     for (source, chunk_size), matrix in reader.window_matrices.items():
         base = paths.get(source, matrix.name.split(":")[0].rsplit("/windows", 1)[0])
-        named[id(matrix)] = f"{base}/windows{chunk_size}"
+        stem, _, suffix = base.rpartition("/")
+        if stem and suffix in ("int8", "fp16"):
+            named[id(matrix)] = f"{stem}/windows{chunk_size}/{suffix}"
+        else:
+            named[id(matrix)] = f"{base}/windows{chunk_size}"
     return named
