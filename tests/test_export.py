@@ -368,9 +368,12 @@ def test_size_table_counts_the_compressed_state_against_full_tables(exported):
     report = exported["result"].report(exported["paths"]["float"])
     metadata = read_metadata(exported["paths"]["float"])
     by_name = {v["name"]: v for v in report["sizes"]["variables"]}
-    # ROBE is exported as its one shared array: |M| = ceil((100 + 20 + 7) * 8 / 4) floats.
-    assert by_name["robe/memory"]["shape"] == [254]
-    assert by_name["robe/memory"]["bytes"] == 254 * 4
+    # ROBE is exported as the window matrix of its one shared array (the default serving layout "windows"):
+    # |M| = ceil((100 + 20 + 7) * 8 / 4) = 254 floats, W[j] = M[j : j + 4] for j < |M| - 4 + 1; M itself is not
+    # read by the serving graph, so not saved.
+    assert by_name["robe/memory/windows4"]["shape"] == [251, 4]
+    assert by_name["robe/memory/windows4"]["bytes"] == metadata["window_matrix_bytes"] == 251 * 4 * 4
+    assert "robe/memory" not in by_name
     assert report["sizes"]["total_bytes"] == sum(v["bytes"] for v in metadata["variables"])
     dense_bytes = sum(v["bytes"] for v in metadata["variables"] if not v["embedding"])
     assert metadata["uncompressed_bytes"] == dense_bytes + sum(MIXED_CARDS) * 8 * 4
@@ -544,7 +547,7 @@ def test_criteo_kaggle_size_robe_export_verifies_with_onnx(tmp_path):
     assert result.ok, result.output
     sizes = {v["name"]: v for v in result.report()["sizes"]["variables"]}
     memory = -(-sum(CRITEO_KAGGLE_CARDINALITIES) * 16 // 1000)
-    assert sizes["robe/memory"]["shape"] == [memory]
+    assert sizes["robe/memory/windows4"]["shape"] == [memory - 3, 4]  # the window matrix of the default layout
     metadata = read_metadata(path)
     dense_bytes = sum(v["bytes"] for v in metadata["variables"] if not v["embedding"])
     assert metadata["uncompressed_bytes"] == dense_bytes + sum(CRITEO_KAGGLE_CARDINALITIES) * 16 * 4
