@@ -243,7 +243,7 @@ def test_onnx_export_matches_keras_with_int64_hashing_and_bad_ids(exported):
     assert metadata["onnx"]["opset"] == DEFAULT_ONNX_OPSET == 18
     session = onnxruntime.InferenceSession(os.path.join(exported["paths"]["avazu"], "model.onnx"),
                                            providers=["CPUExecutionProvider"])
-    # 400 rows gather ROBE chunk-wise, 3 rows element-wise (see RobeEmbedding.serving_lookup): both branches.
+    # The default layout reads ROBE chunks as rows of the saved window matrix (GatherNd) at every batch size.
     for n in (400, 3):
         inputs = rows(AVAZU_LIKE_CARDS, n, 0, seed=5)
         inputs["sparse"][:3] = [[-1, -2, -3, -4], [500, 40, 9, 1200], [2**40, -(2**40), 1, 1]]
@@ -254,12 +254,13 @@ def test_onnx_export_matches_keras_with_int64_hashing_and_bad_ids(exported):
 
 @pytest.mark.parametrize("chunk_size, signed", [(4, False), (3, True), (1, False), (8, False)])
 def test_robe_serving_lookup_equals_the_layer_for_small_and_large_batches(tmp_path, chunk_size, signed):
-    """The serving graph's ROBE lookup (chunk windows for big batches, elements for small) equals the layer's."""
+    """The exported ROBE lookup (the default layout: rows of the saved window matrix) equals the layer's at every
+    batch size; tests/test_robe_serving.py covers the other layouts."""
     cards = [5000, 3000]
     robe = RobeEmbedding(cards, 8, memory_size=20000, chunk_size=chunk_size, signed=signed)
     model = build_dlrm((2, 2), robe, (8,), (8,))
     loaded = tf.saved_model.load(export_saved_model(model, base_dir=str(tmp_path), name="robe"))
-    for n in (1, 7, 12000):  # 12000 rows x 2 features x 8 elements > (20000 - Z + 1) x Z: the window path
+    for n in (1, 7, 12000):  # (per_call would take the element branch for 1 and 7 rows, windows for 12000)
         inputs = rows(cards, n, 2, seed=n)
         np.testing.assert_allclose(signature_probability(loaded, inputs), keras_probability(model, inputs),
                                    atol=1e-6)
