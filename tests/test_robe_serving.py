@@ -129,3 +129,5 @@ def test_export_refuses_an_unknown_layout(tmp_path):
         export_saved_model(model, base_dir=str(tmp_path), name="m", chunk_reads="rows")
     with pytest.raises(TypeError, match="jit_compile must be True or False"):
         export_saved_model(model, base_dir=str(tmp_path), name="m", jit_compile="yes")
+    with pytest.raises(ValueError, match="jit_compile=True cannot be combined with onnx=True"):
+        export_saved_model(model, base_dir=str(tmp_path), name="m", jit_compile=True, onnx=True)

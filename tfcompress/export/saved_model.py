@@ -295,7 +295,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     Raises:
         ValueError: a bad argument, a model without the {"dense", "sparse"} inputs, an existing version.
     """
-    layout = serving_layout(chunk_reads, unique_ids, jit_compile)  # checked before any work
+    layout = serving_layout(chunk_reads, unique_ids, jit_compile, onnx)  # checked before any work
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     if serving_out_of_range not in SERVING_OUT_OF_RANGE_CHOICES:

@@ -16,8 +16,17 @@ DEFAULT_CHUNK_READS = "windows"
 XLA_SERVING_FLAG = "--xla_cpu_compilation_enabled=true"
 
 
-def serving_layout(chunk_reads=DEFAULT_CHUNK_READS, unique_ids=False, jit_compile=False):
-    """The checked layout options as the `TableReader` keyword arguments (also what the metadata records)."""
+def serving_layout(chunk_reads=DEFAULT_CHUNK_READS, unique_ids=False, jit_compile=False, onnx=False):
+    """The checked layout options as the `TableReader` keyword arguments (also what the metadata records).
+
+    Raises:
+        ValueError: an unknown chunk_reads, or jit_compile with onnx (tf2onnx cannot convert the XLA-compiled
+            function's variable reads; ONNX runtimes do not use XLA anyway: export the ONNX model without it).
+        TypeError: unique_ids or jit_compile not a bool.
+    """
+    if jit_compile is True and onnx:
+        raise ValueError("jit_compile=True cannot be combined with onnx=True: tf2onnx cannot convert the "
+                         "XLA-compiled ROBE lookup; export the ONNX model from an export without jit_compile")
     if chunk_reads not in CHUNK_READS:
         raise ValueError(f"chunk_reads must be one of {CHUNK_READS}, got {chunk_reads!r}")
     for name, value in (("unique_ids", unique_ids), ("jit_compile", jit_compile)):
