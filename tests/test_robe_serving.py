@@ -131,3 +131,21 @@ def test_export_refuses_an_unknown_layout(tmp_path):
         export_saved_model(model, base_dir=str(tmp_path), name="m", jit_compile="yes")
     with pytest.raises(ValueError, match="jit_compile=True cannot be combined with onnx=True"):
         export_saved_model(model, base_dir=str(tmp_path), name="m", jit_compile=True, onnx=True)
+
+
+def test_every_layout_verifies_in_a_fresh_process(tmp_path):
+    """`tfcompress verify` (a process without tfcompress) loads each non-default layout and finds its predictions
+    equal to the exporter's, and prints the layout (the default layout is verified in tests/test_export.py)."""
+    from tfcompress.export import export_saved_model
+    from tfcompress.export.verify import verify
+    from tfcompress.models import build_dlrm
+
+    model = build_dlrm((2, 2), RobeEmbedding([5000, 3000], 8, memory_size=4000, chunk_size=4, signed=True), (8,),
+                       (8,))
+    paths = [export_saved_model(model, base_dir=str(tmp_path), name="robe", **options)
+             for options in ({"chunk_reads": "elements"}, {"chunk_reads": "per_call", "unique_ids": True},
+                             {"jit_compile": True})]
+    result = verify(paths)
+    assert result.ok, result.output
+    assert "serving layout: chunk_reads=per_call unique_ids=True jit_compile=False" in result.output
+    assert "start tensorflow_model_server with --xla_cpu_compilation_enabled=true" in result.output
