@@ -10,7 +10,7 @@ without XLA (bench/bench_serving.py, BENCHMARKS.md "Serving (issue 20)"):
 - jit_compile=False: XLA was not faster for Z = 16 and needs TF Serving's `--xla_cpu_compilation_enabled=true`.
 """
 
-from tfcompress.lookup import CHUNK_READS
+from tfcompress.lookup import TableReader
 
 DEFAULT_CHUNK_READS = "windows"
 XLA_SERVING_FLAG = "--xla_cpu_compilation_enabled=true"
@@ -20,19 +20,16 @@ def serving_layout(chunk_reads=DEFAULT_CHUNK_READS, unique_ids=False, jit_compil
     """The checked layout options as the `TableReader` keyword arguments (also what the metadata records).
 
     Raises:
-        ValueError: an unknown chunk_reads, or jit_compile with onnx (tf2onnx cannot convert the XLA-compiled
+        ValueError: an unknown chunk_reads (one of `tfcompress.lookup.CHUNK_READS`), or jit_compile with onnx (tf2onnx cannot convert the XLA-compiled
             function's variable reads; ONNX runtimes do not use XLA anyway: export the ONNX model without it).
         TypeError: unique_ids or jit_compile not a bool.
     """
     if jit_compile is True and onnx:
         raise ValueError("jit_compile=True cannot be combined with onnx=True: tf2onnx cannot convert the "
                          "XLA-compiled ROBE lookup; export the ONNX model from an export without jit_compile")
-    if chunk_reads not in CHUNK_READS:
-        raise ValueError(f"chunk_reads must be one of {CHUNK_READS}, got {chunk_reads!r}")
-    for name, value in (("unique_ids", unique_ids), ("jit_compile", jit_compile)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-    return {"chunk_reads": chunk_reads, "unique_ids": unique_ids, "jit_compile": jit_compile}
+    layout = {"chunk_reads": chunk_reads, "unique_ids": unique_ids, "jit_compile": jit_compile}
+    TableReader(**layout)  # its checks, made here before the export does any work
+    return layout
 
 
 def window_matrix_paths(reader, paths):
