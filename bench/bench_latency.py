@@ -180,10 +180,13 @@ def main(argv=None):
           f"model; ratios against {baseline} (> 1 is better than {baseline})")
     for key, by_model in results.get("latency", {}).items():
         base = by_model[baseline]
-        cells = " | ".join(f"{name} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms {v['rows_per_s']:,.0f} rows/s"
-                           + ("" if name == baseline else
-                              f" (p99 {base['p99_ms'] / v['p99_ms']:.2f}x, rows/s {v['rows_per_s'] / base['rows_per_s']:.2f}x)")
-                           for name, v in by_model.items())
+        def cell(name, v):
+            text = f"{name} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms {v['rows_per_s']:,.0f} rows/s"
+            if name != baseline:
+                text += f" (p99 {base['p99_ms'] / v['p99_ms']:.2f}x, rows/s {v['rows_per_s'] / base['rows_per_s']:.2f}x)"
+            return text
+
+        cells = " | ".join(cell(name, v) for name, v in by_model.items())
         print(f"{key:<22} {cells}")
     for name, memory in results.get("memory", {}).items():
         base = results["memory"][baseline]

@@ -20,8 +20,9 @@ def serving_layout(chunk_reads=DEFAULT_CHUNK_READS, unique_ids=False, jit_compil
     """The checked layout options as the `TableReader` keyword arguments (also what the metadata records).
 
     Raises:
-        ValueError: an unknown chunk_reads (one of `tfcompress.lookup.CHUNK_READS`), or jit_compile with onnx (tf2onnx cannot convert the XLA-compiled
-            function's variable reads; ONNX runtimes do not use XLA anyway: export the ONNX model without it).
+        ValueError: an unknown chunk_reads (one of `tfcompress.lookup.CHUNK_READS`), or jit_compile with onnx
+            (tf2onnx cannot convert the XLA-compiled function's variable reads; ONNX runtimes do not use XLA
+            anyway: export the ONNX model without it).
         TypeError: unique_ids or jit_compile not a bool.
     """
     if jit_compile is True and onnx:
