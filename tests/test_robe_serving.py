@@ -149,3 +149,17 @@ def test_every_layout_verifies_in_a_fresh_process(tmp_path):
     assert result.ok, result.output
     assert "serving layout: chunk_reads=per_call unique_ids=True jit_compile=False" in result.output
     assert "start tensorflow_model_server with --xla_cpu_compilation_enabled=true" in result.output
+
+
+def test_export_warns_when_the_window_matrix_outgrows_half_the_full_tables(tmp_path):
+    from tfcompress.export import export_saved_model
+    from tfcompress.models import build_dlrm
+
+    model = build_dlrm((2, 2), RobeEmbedding([50, 30], 8, compression=2.0, chunk_size=8), (4,), (4,))
+    with pytest.warns(RuntimeWarning, match="window matrices take .* chunk_reads='elements' or 'per_call'"):
+        export_saved_model(model, base_dir=str(tmp_path), name="m")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        export_saved_model(model, base_dir=str(tmp_path), name="m", chunk_reads="per_call")

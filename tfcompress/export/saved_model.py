@@ -78,7 +78,8 @@ from tfcompress.export.serving_model import (ServingModel, feature_counts, fold_
 from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUTPUT_KEY, SERVED_SHAPE,
                                           TENSOR_SIGNATURE, example_features, raw_serving_functions,
                                           serving_functions, write_warmup_requests)
-from tfcompress.export.serving_layout import DEFAULT_CHUNK_READS, serving_layout, window_matrix_paths
+from tfcompress.export.serving_layout import (DEFAULT_CHUNK_READS, serving_layout, warn_if_windows_are_large,
+                                              window_matrix_paths)
 from tfcompress.lookup import TableReader, resource_variable
 
 QUANTIZE_CHOICES = (None, "int8", "fp16")
@@ -361,6 +362,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     captured.update({id(v): v for v in reader.window_matrices.values()})  # made in init_scope: not listed above
     named = unique_names(captured.values(), paths)
     sizes = size_table(named, folded)
+    warn_if_windows_are_large(sizes)
 
     serving_probability = _probability(concrete[TENSOR_SIGNATURE], samples)
     bad = out_of_range_rows(n_dense, cardinalities)

@@ -190,7 +190,7 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         def read(a):
             starts = robe_hash.robe_chunk_hash_tf(a, chunks, size, chunk, self.seed, id_bound=total_rows)
             if layout == "windows":
-                # XLA has no ResourceGatherNd kernel; it compiles the row gather of tf.gather as fast.
+                # XLA has no ResourceGatherNd kernel, so the XLA-compiled function reads W with tf.gather.
                 rows = tf.gather(windows, starts) if tables.jit_compile else tf.gather_nd(windows, starts[..., None])
                 values = with_width(tf.shape(a), rows)
             elif layout == "elements":
