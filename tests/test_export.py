@@ -243,7 +243,7 @@ def test_onnx_export_matches_keras_with_int64_hashing_and_bad_ids(exported):
     assert metadata["onnx"]["opset"] == DEFAULT_ONNX_OPSET == 18
     session = onnxruntime.InferenceSession(os.path.join(exported["paths"]["avazu"], "model.onnx"),
                                            providers=["CPUExecutionProvider"])
-    # 400 rows gather ROBE chunk-wise, 3 rows element-wise (see RobeEmbedding.serving_lookup): both branches.
+    # The default layout reads ROBE chunks as rows of the saved window matrix (GatherNd) at every batch size.
     for n in (400, 3):
         inputs = rows(AVAZU_LIKE_CARDS, n, 0, seed=5)
         inputs["sparse"][:3] = [[-1, -2, -3, -4], [500, 40, 9, 1200], [2**40, -(2**40), 1, 1]]
@@ -254,12 +254,13 @@ def test_onnx_export_matches_keras_with_int64_hashing_and_bad_ids(exported):
 
 @pytest.mark.parametrize("chunk_size, signed", [(4, False), (3, True), (1, False), (8, False)])
 def test_robe_serving_lookup_equals_the_layer_for_small_and_large_batches(tmp_path, chunk_size, signed):
-    """The serving graph's ROBE lookup (chunk windows for big batches, elements for small) equals the layer's."""
+    """The exported ROBE lookup (the default layout: rows of the saved window matrix) equals the layer's at every
+    batch size; tests/test_robe_serving.py covers the other layouts."""
     cards = [5000, 3000]
     robe = RobeEmbedding(cards, 8, memory_size=20000, chunk_size=chunk_size, signed=signed)
     model = build_dlrm((2, 2), robe, (8,), (8,))
     loaded = tf.saved_model.load(export_saved_model(model, base_dir=str(tmp_path), name="robe"))
-    for n in (1, 7, 12000):  # 12000 rows x 2 features x 8 elements > (20000 - Z + 1) x Z: the window path
+    for n in (1, 7, 12000):  # (per_call would take the element branch for 1 and 7 rows, windows for 12000)
         inputs = rows(cards, n, 2, seed=n)
         np.testing.assert_allclose(signature_probability(loaded, inputs), keras_probability(model, inputs),
                                    atol=1e-6)
@@ -368,9 +369,12 @@ def test_size_table_counts_the_compressed_state_against_full_tables(exported):
     report = exported["result"].report(exported["paths"]["float"])
     metadata = read_metadata(exported["paths"]["float"])
     by_name = {v["name"]: v for v in report["sizes"]["variables"]}
-    # ROBE is exported as its one shared array: |M| = ceil((100 + 20 + 7) * 8 / 4) floats.
-    assert by_name["robe/memory"]["shape"] == [254]
-    assert by_name["robe/memory"]["bytes"] == 254 * 4
+    # ROBE is exported as the window matrix of its one shared array (the default serving layout "windows"):
+    # |M| = ceil((100 + 20 + 7) * 8 / 4) = 254 floats, W[j] = M[j : j + 4] for j < |M| - 4 + 1; M itself is not
+    # read by the serving graph, so not saved.
+    assert by_name["robe/memory/windows4"]["shape"] == [251, 4]
+    assert by_name["robe/memory/windows4"]["bytes"] == metadata["window_matrix_bytes"] == 251 * 4 * 4
+    assert "robe/memory" not in by_name
     assert report["sizes"]["total_bytes"] == sum(v["bytes"] for v in metadata["variables"])
     dense_bytes = sum(v["bytes"] for v in metadata["variables"] if not v["embedding"])
     assert metadata["uncompressed_bytes"] == dense_bytes + sum(MIXED_CARDS) * 8 * 4
@@ -546,7 +550,7 @@ def test_criteo_kaggle_size_robe_export_verifies_with_onnx(tmp_path):
     assert result.ok, result.output
     sizes = {v["name"]: v for v in result.report()["sizes"]["variables"]}
     memory = -(-sum(CRITEO_KAGGLE_CARDINALITIES) * 16 // 1000)
-    assert sizes["robe/memory"]["shape"] == [memory]
+    assert sizes["robe/memory/windows4"]["shape"] == [memory - 3, 4]  # the window matrix of the default layout
     metadata = read_metadata(path)
     dense_bytes = sum(v["bytes"] for v in metadata["variables"] if not v["embedding"])
     assert metadata["uncompressed_bytes"] == dense_bytes + sum(CRITEO_KAGGLE_CARDINALITIES) * 16 * 4

@@ -121,6 +121,7 @@ def _adversarial_offset_ids(r3):
     (16, 16, 16),  # Z = D = |M|: one possible chunk start
     (8, 3, 2**31 - 1), (8, 4, 2**31), (8, 4, 2**31 + 5),  # |M| around int32's limit
     (8, 2, P), (8, 2, P + 1), (8, 2, P + 2), (8, 2, 2**40),  # |M| - Z + 1 around P and beyond
+    (8, 8, 97), (8, 8, P + 7), (8, 8, 2**40), (6, 4, 1000),  # one chunk per row (the folded single-chunk hash)
 ])
 def test_tf_twin_equals_reference_bit_for_bit_on_adversarial_ids(output_dim, chunk_size, memory_size):
     ids = _adversarial_offset_ids(R3)

@@ -4,6 +4,7 @@
     tfcompress generate --dataset criteo --rows 1000000 --eval-rows 100000 --seed 0 --scale 1.0 --output DIR
     tfcompress plan --dataset criteo --dim 16 --method robe --ratio 1000
     tfcompress export --pipeline P --name NAME [--checkpoint C] [--quantize int8|fp16] [--onnx] [--verify]
+                      [--chunk-reads windows|elements|per_call] [--unique-ids] [--xla]
     tfcompress verify saved_models/NAME/VERSION [...]
     tfcompress data convert --format criteo-tsv --input day_* --output DIR [--workers N] [--split criteo-days]
     tfcompress learn-hash --pipeline P --target 0.1 [--teacher-dim 2] [--combiner sum|concat] [--output DIR]
@@ -171,6 +172,17 @@ def _add_export_arguments(parser):
                         help="also export the `raw` and `raw_features` signatures on raw string fields (Criteo hex, "
                              "Avazu strings), preprocessed in graph exactly as `tfcompress data convert` did for "
                              "DATA_DIR (the converted data directory the model was trained on)")
+    # The serving layout of ROBE-Z lookups (docs/export_contract.md "Serving layout"); choices as in
+    # tfcompress.lookup.CHUNK_READS, written out here so --help does not import TensorFlow.
+    parser.add_argument("--chunk-reads", choices=("windows", "elements", "per_call"), default="windows",
+                        help="ROBE-Z: read each chunk as one row of the window matrix saved with the export "
+                             "(default, fastest), element by element from the array, or from windows rebuilt on "
+                             "every call (smallest export)")
+    parser.add_argument("--unique-ids", action="store_true",
+                        help="ROBE-Z: hash and read each distinct id of a batch once (tf.unique)")
+    parser.add_argument("--xla", action="store_true",
+                        help="ROBE-Z: XLA-compile the lookups (jit_compile); TF Serving then needs "
+                             "--xla_cpu_compilation_enabled=true")
     parser.add_argument("--verify", action="store_true",
                         help="then run `tfcompress verify` on the new version (fresh process)")
 
@@ -194,7 +206,8 @@ def _run_export(args):
     path = export_saved_model(load_keras_model(checkpoint), base_dir=args.base_dir, name=name,
                               version=args.version, quantize=args.quantize, onnx=args.onnx,
                               serving_out_of_range=args.serving_out_of_range,
-                              config_base_path=args.config_base_path, raw_preprocessing=args.raw_signature)
+                              config_base_path=args.config_base_path, raw_preprocessing=args.raw_signature,
+                              chunk_reads=args.chunk_reads, unique_ids=args.unique_ids, jit_compile=args.xla)
     print(f"exported {path} (registered in {os.path.join(args.base_dir, 'models.config')})", flush=True)
     if args.verify:
         return _verify_paths([path])

@@ -15,6 +15,7 @@ The fused custom ops (custom_ops/) replace this path when they are built; result
 gather, from the table or from a quantized copy of it.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tfcompress import robe_hash
@@ -120,6 +121,12 @@ def robe_bag_lookup_reference(memory, ids, row_splits, weights=None, offset=0, c
         denominator = tf.sqrt(tf.math.unsorted_segment_sum(tf.square(weights), segments, num_rows))
     return tf.math.divide_no_nan(summed, denominator[:, None])
 
+# How a ROBE-Z serving lookup reads its chunks (`TableReader.chunk_reads`, docs/export_contract.md "Serving layout"):
+# "windows": one row gather per chunk from the window matrix W[j] = M[j : j + Z], materialized once when the serving
+# graph is traced (a variable saved with the export, Z times |M|); "elements": one scalar gather per element from M;
+# "per_call": W rebuilt from M inside the graph on every call (chunk rows for large batches, elements for small).
+CHUNK_READS = ("windows", "elements", "per_call")
+
 
 class TableReader:
     """How a layer's `serving_lookup` reads its float tables: one plain gather, from the table or from a copy of it.
@@ -130,13 +137,45 @@ class TableReader:
     and float16 tables are such copies. Every table read through the reader is recorded in `tables`
     ({id: tf.Variable}), which is how the exporter finds the tables to quantize.
 
+    The other arguments are the serving layout an export fixes once (every choice gives bit-identical values).
+
     Args:
         substitutes: {id(tf.Variable): (values tf.Variable, scale float or None)}, default none.
+        chunk_reads: how ROBE-Z lookups read chunks, one of `CHUNK_READS`. "windows" snapshots the table into a
+            window matrix when the graph is traced (`windows`), so it suits exports, not a model still training;
+            the default "per_call" always reads the variable as it is now.
+        unique_ids: ROBE-Z lookups hash and gather each distinct id of the batch once (`tf.unique`) and expand
+            after; pays only when batches repeat ids heavily and the per-id work is large.
+        jit_compile: ROBE-Z lookups run as one XLA-compiled function (`tf.function(jit_compile=True)`); TF Serving
+            then needs `--xla_cpu_compilation_enabled=true`.
     """
 
-    def __init__(self, substitutes=None):
+    def __init__(self, substitutes=None, chunk_reads="per_call", unique_ids=False, jit_compile=False):
+        if chunk_reads not in CHUNK_READS:
+            raise ValueError(f"chunk_reads must be one of {CHUNK_READS}, got {chunk_reads!r}")
+        for name, value in (("unique_ids", unique_ids), ("jit_compile", jit_compile)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         self.substitutes = dict(substitutes or {})
+        self.chunk_reads = chunk_reads
+        self.unique_ids = unique_ids
+        self.jit_compile = jit_compile
         self.tables = {}
+        self.window_matrices = {}  # (id(variable read), Z) -> tf.Variable W
+
+    def windows(self, table, chunk_size):
+        """(W, scale or None, quantized?) for a 1-D table M: W[j] = M[j : j + Z], (|M| - Z + 1) x Z, a variable
+        made from the values `stored(table)` reads now (its int8/float16 copy where it has one), once per table and
+        Z. Made outside any graph being traced (`tf.init_scope`), so a SavedModel saves it as a variable."""
+        stored, scale, quantized = self.stored(table)
+        key = (id(stored), int(chunk_size))
+        if key not in self.window_matrices:
+            with tf.init_scope():
+                values = tf.convert_to_tensor(stored).numpy()
+                matrix = np.lib.stride_tricks.sliding_window_view(values, int(chunk_size)).copy()
+                name = f"{stored.name.split(':')[0]}/windows{int(chunk_size)}"
+                self.window_matrices[key] = tf.Variable(matrix, trainable=False, name=name)
+        return self.window_matrices[key], scale, quantized
 
     def stored(self, table):
         """(what to gather from, scale or None, quantized?) for a layer's float table (a Keras or tf.Variable)."""

@@ -167,8 +167,16 @@ def robe_chunk_hash_tf(a, num_chunk, memory_size, chunk_size, seed=DEFAULT_SEED,
 
     r1, r2, r3 = (int(v) for v in hash_constants(seed)[:3])
     modulus = memory_size - chunk_size + 1
-    a_term = _a_term_tf(a, r3, id_bound)
-    mixed = _add_mod_p_tf(a_term, [(c * r2 + r1) % P for c in range(num_chunk)])  # [..., num_chunk], < P
+    if num_chunk == 1:
+        # One chunk per id (Z = D): fold the chunk constant into the per-id int64 reduction, one division instead of
+        # two (measured ~0.5 ms of ~12 at [16384, 26]). (a mod P)*R3 + k < 2^62 + 2^31 fits int64.
+        a = tf.cast(a, tf.int64)
+        if id_bound is None or not 0 < id_bound <= P:
+            a = tf.math.floormod(a, P)
+        mixed = tf.cast(tf.math.floormod(a[..., None] * r3 + r1 % P, P), tf.int32)  # [..., 1], < P
+    else:
+        a_term = _a_term_tf(a, r3, id_bound)
+        mixed = _add_mod_p_tf(a_term, [(c * r2 + r1) % P for c in range(num_chunk)])  # [..., num_chunk], < P
     if modulus >= P:  # a huge array: mixed < P <= modulus already
         return mixed
     return tf.math.floormod(mixed, modulus)

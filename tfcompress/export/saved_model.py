@@ -85,6 +85,8 @@ from tfcompress.export.signatures import (EXAMPLE_SIGNATURE, EXAMPLES_INPUT, OUT
                                           TENSOR_SIGNATURE, example_features, model_input_functions,
                                           raw_serving_functions, serving_functions, write_model_input_warmup,
                                           write_warmup_requests)
+from tfcompress.export.serving_layout import (DEFAULT_CHUNK_READS, serving_layout, warn_if_windows_are_large,
+                                              window_matrix_paths)
 from tfcompress.layers.base import nested_layers
 from tfcompress.lookup import TableReader, resource_variable
 
@@ -121,7 +123,8 @@ def size_table(named_variables, model):
     rows = []
     for name, variable in named_variables.items():
         nbytes = int(np.prod(variable.shape, dtype=np.int64)) * variable.dtype.size
-        is_embedding = id(variable) in embedding_ids or name.endswith(("/int8", "/fp16"))
+        # Quantized copies and ROBE window matrices (`tfcompress.export.serving_layout`) are embedding tables too.
+        is_embedding = id(variable) in embedding_ids or name.endswith(("/int8", "/fp16")) or "/windows" in name
         rows.append({"name": name, "dtype": variable.dtype.name, "shape": [int(d) for d in variable.shape],
                      "bytes": nbytes, "embedding": bool(is_embedding)})
     dense_bytes = sum(row["bytes"] for row in rows if not row["embedding"])
@@ -130,6 +133,7 @@ def size_table(named_variables, model):
     return {
         "variables": rows,
         "exported_bytes": sum(row["bytes"] for row in rows),
+        "window_matrix_bytes": sum(row["bytes"] for row in rows if "/windows" in row["name"]),
         "uncompressed_bytes": dense_bytes + logical_bytes,
         "embedding_layers": [
             {"name": layer.name, "class": type(layer).__name__, "cardinalities": cardinalities,
@@ -145,6 +149,8 @@ def format_size_table(table):
     for row in table["variables"]:
         lines.append(f"{row['name']:<48} {row['dtype']:<8} {str(tuple(row['shape'])):<16} {row['bytes']:>14,}")
     exported, uncompressed = table["exported_bytes"], table["uncompressed_bytes"]
+    if table.get("window_matrix_bytes"):
+        lines.append(f"{'of which ROBE window matrices (serving layout)':<74} {table['window_matrix_bytes']:>14,}")
     lines.append(f"{'total':<74} {exported:>14,}")
     lines.append(f"{'uncompressed (full float32 tables)':<74} {uncompressed:>14,}")
     lines.append(f"{'compression':<74} {uncompressed / max(exported, 1):>13.1f}x")
@@ -273,7 +279,8 @@ def _signature_def_inputs(signatures):
 
 def export_saved_model(model, base_dir="saved_models", name=None, version=None, quantize=None, onnx=False,
                        schema=None, serving_out_of_range="mod", sample_inputs=None, onnx_opset=DEFAULT_ONNX_OPSET,
-                       config_base_path=None, tolerance=None, raw_preprocessing=None):
+                       config_base_path=None, tolerance=None, raw_preprocessing=None, chunk_reads=DEFAULT_CHUNK_READS,
+                       unique_ids=False, jit_compile=False):
     """Write `model` as BASE_DIR/NAME/VERSION/ for TF Serving and register NAME in BASE_DIR/models.config.
 
     Example:
@@ -307,6 +314,10 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
             csv): adds the `raw` and `raw_features` signatures on raw string fields, preprocessed in graph as the
             converter does (`tfcompress.export.raw_features`), checked before publishing against the converter's own
             parser on sample rows, which are stored for `verify`.
+        chunk_reads, unique_ids, jit_compile: the serving layout of ROBE-Z lookups (`tfcompress.lookup.TableReader`,
+            docs/export_contract.md "Serving layout"); the defaults are the measured fastest on CPU without XLA
+            (BENCHMARKS.md "Serving (issue 20)"). jit_compile=True needs TF Serving started with
+            `--xla_cpu_compilation_enabled=true`.
 
     Returns:
         The path of the new version directory.
@@ -314,6 +325,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     Raises:
         ValueError: a bad argument, a model input that cannot be served (named), an existing version.
     """
+    layout = serving_layout(chunk_reads, unique_ids, jit_compile, onnx)  # checked before any work
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     if serving_out_of_range not in SERVING_OUT_OF_RANGE_CHOICES:
@@ -327,7 +339,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
     if not takes_dense_sparse(model):
         return _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema, serving_out_of_range,
-                                    sample_inputs, config_base_path, tolerance, raw_preprocessing)
+                                    sample_inputs, config_base_path, tolerance, raw_preprocessing, layout)
     n_dense, n_sparse = feature_counts(model, schema)
     cardinalities = model_cardinalities(model, n_sparse, schema)
     if len(cardinalities) != n_sparse:
@@ -352,7 +364,8 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
         substitutes = quantized_substitutes(probe.tables, quantize, paths)
         for key, (values, _) in substitutes.items():
             paths[id(values)] = values.name.split(":")[0]
-    served = ServingModel(folded, serving_out_of_range, TableReader(substitutes))
+    reader = TableReader(substitutes, **layout)
+    served = ServingModel(folded, serving_out_of_range, reader)
     # Vocabulary files of the raw signature live here until tf.saved_model.save copies them into assets/.
     asset_dir = tempfile.TemporaryDirectory(prefix="tfcompress-raw-") if raw_spec is not None else None
     preprocessor = None
@@ -368,9 +381,12 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     _check_stock_graph(concrete.values())
     raw_samples = _raw_samples(raw_spec, concrete) if raw_spec is not None else None
 
+    paths.update(window_matrix_paths(reader, paths))
     captured = {id(v): v for function in concrete.values() for v in function.variables}
+    captured.update({id(v): v for v in reader.window_matrices.values()})  # made in init_scope: not listed above
     named = unique_names(captured.values(), paths)
     sizes = size_table(named, folded)
+    warn_if_windows_are_large(sizes)
 
     serving_probability = _probability(concrete[TENSOR_SIGNATURE], samples)
     bad = out_of_range_rows(n_dense, cardinalities)
@@ -436,6 +452,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
             "parity_tolerance": PARITY_TOLERANCE,
             "keras_max_abs_difference": float(np.max(np.abs(serving_probability - keras_probability))),
             "serving_out_of_range": serving_out_of_range,
+            "serving_layout": layout,
             "bad_ids_raise": bad_ids_raise,
             "warmup_requests": WARMUP_FILE,
             "onnx": onnx_info,
@@ -518,7 +535,7 @@ def _output_metadata(outputs):
 
 
 def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema, serving_out_of_range,
-                         sample_inputs, config_base_path, tolerance, raw_preprocessing):
+                         sample_inputs, config_base_path, tolerance, raw_preprocessing, layout):
     """`export_saved_model` for a model with other inputs (docs/export_contract.md, "Models with other inputs")."""
     where = f"model {model.name!r} takes {sorted(n for n, _ in model_inputs.named_inputs(model))}, not the " \
             "{'dense', 'sparse'} contract"
@@ -542,15 +559,19 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
         substitutes = quantized_substitutes(probe.tables, quantize, paths)
         for key, (values, _) in substitutes.items():
             paths[id(values)] = values.name.split(":")[0]
-    served = ServingModel(folded, serving_out_of_range, TableReader(substitutes))
+    reader = TableReader(substitutes, **layout)
+    served = ServingModel(folded, serving_out_of_range, reader)
     serve_tensors, serve_examples = model_input_functions(served, inputs)
     concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
                 EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
     _check_stock_graph(concrete.values())
     resources = _tracked_resources(folded, concrete.values())
+    paths.update(window_matrix_paths(reader, paths))
     captured = {id(v): v for function in concrete.values() for v in function.variables}
+    captured.update({id(v): v for v in reader.window_matrices.values()})  # made in init_scope: not listed above
     named = unique_names(captured.values(), paths)
     sizes = size_table(named, folded)
+    warn_if_windows_are_large(sizes)
     serving_outputs = _numpy_outputs(concrete[TENSOR_SIGNATURE], inputs, tensors)
     if sorted(serving_outputs) != sorted(keras_outputs):
         raise RuntimeError(f"internal error: the serving graph returns {sorted(serving_outputs)}, the Keras model "
@@ -589,6 +610,7 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
                                     "example_keys": sorted(item.name for item in inputs)},
             }),
             "quantize": quantize,
+            "serving_layout": layout,
             "keras_tolerance": tolerance,
             "parity_tolerance": PARITY_TOLERANCE,
             "keras_max_abs_difference": difference,

@@ -693,6 +693,21 @@ def size_table(path, metadata):
             "total_bytes": total, "disk_bytes": on_disk, "uncompressed_bytes": uncompressed}
 
 
+def print_serving_layout(metadata):
+    """The ROBE-Z serving layout the export chose, and the TF Serving flag an XLA-compiled graph needs."""
+    layout = metadata.get("serving_layout")
+    if not layout:
+        return
+    print(f"    serving layout: chunk_reads={layout['chunk_reads']} unique_ids={layout['unique_ids']} "
+          f"jit_compile={layout['jit_compile']}", flush=True)
+    if layout["jit_compile"]:
+        print("    XLA-compiled lookups: start tensorflow_model_server with --xla_cpu_compilation_enabled=true "
+              "(TF Serving leaves XLA on CPU off by default)", flush=True)
+    else:
+        print("    no XLA in the graph: stock TF Serving flags (--xla_cpu_compilation_enabled=true is only needed "
+              "for exports made with jit_compile=True / --xla)", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------- driver
 def verify_one(path, require_serving_api=False, require_onnx=False):
     report = Report(path)
@@ -735,6 +750,7 @@ def verify_one(path, require_serving_api=False, require_onnx=False):
     check_onnx(report, path, metadata, tensors, samples, require_onnx)
     check_raw(report, loaded, path, metadata)
     report.details["sizes"] = size_table(path, metadata)
+    print_serving_layout(metadata)
     check_isolation(report)  # again (the later result is kept): nothing above may have pulled tfcompress in
     return report
 
