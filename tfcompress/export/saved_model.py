@@ -474,9 +474,10 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
 
 
 # ------------------------------------------------------------------------------------ models with other inputs
-def _tracked_resources(model, concrete_functions):
+def _tracked_resources(model, concrete_functions, extra_variables=()):
     """The non-variable resources the signatures read (a StringLookup's hash table, ...), found among the model's
-    layers so that the SavedModel saves them.
+    layers so that the SavedModel saves them. `extra_variables`: variables the signatures read that are not in
+    their `variables` (the ROBE window matrices, made in `tf.init_scope`).
 
     Raises:
         ValueError: a resource the signatures read that no layer of the model holds (export could not save it).
@@ -487,6 +488,7 @@ def _tracked_resources(model, concrete_functions):
             if getattr(external, "dtype", None) == tf.resource:
                 captured[id(external)] = external
     variables = {id(v.handle) for function in concrete_functions for v in function.variables}
+    variables.update(id(v.handle) for v in extra_variables)
     wanted = {key for key in captured if key not in variables}
     found = {}
     for layer in [model, *nested_layers(model)]:
@@ -565,7 +567,7 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
     concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
                 EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
     _check_stock_graph(concrete.values())
-    resources = _tracked_resources(folded, concrete.values())
+    resources = _tracked_resources(folded, concrete.values(), reader.window_matrices.values())
     paths.update(window_matrix_paths(reader, paths))
     captured = {id(v): v for function in concrete.values() for v in function.variables}
     captured.update({id(v): v for v in reader.window_matrices.values()})  # made in init_scope: not listed above
