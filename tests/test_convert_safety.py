@@ -536,3 +536,29 @@ def test_readme_schema_example_parses_and_states_the_raw_column_order(tmp_path):
     """))
     assert raw_columns(formats.layout_from_schema_file(tmp_path / "all.toml")) == ("d2", "d1", "s1", "s2", "h",
                                                                                    "hour")
+
+
+def test_a_worker_killed_mid_piece_fails_the_run_naming_the_piece(tmp_path):
+    """A multiprocessing.Pool waited forever for the task of a worker that died; now the run fails, naming it."""
+    import threading
+
+    from _convert_faults import die_on_piece_1
+    from tfcompress.data import convert as convert_module
+
+    pieces = [{"index": i, "path": f"/data/day_{i}.gz", "kind": "gzip"} for i in range(2)]
+    outcome = {}
+
+    def run():
+        try:
+            outcome["results"] = list(convert_module._run_tasks(die_on_piece_1, pieces, None, workers=1 + 1))
+        except ConvertError as error:
+            outcome["error"] = str(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the pool hung after a worker died"
+    assert "error" in outcome, outcome
+    assert "piece 1 (input /data/day_1.gz)" in outcome["error"]
+    assert "worker process of the conversion died" in outcome["error"]
+    assert "rerun" in outcome["error"]

@@ -50,7 +50,9 @@ progress, then merging the pieces' results into report.json, counts/, quarantine
 `tfcompress.data.convert_plan` (options, inputs, pieces, splits, encoders, the `_state/` files).
 """
 
+import concurrent.futures
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -58,6 +60,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -187,20 +190,57 @@ def _run_tasks(function, tasks, context, workers, progress=None, on_done=None):
         finally:
             init_worker(None)
         return
-    # spawn, not fork: the parent may have TensorFlow loaded, which is not fork-safe.
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), initializer=init_worker,
-                                                     initargs=(context,))
+    # spawn, not fork: the parent may have TensorFlow loaded, which is not fork-safe. concurrent.futures, not
+    # multiprocessing.Pool: a Pool whose worker dies (the out-of-memory killer, a crash in native code) waits
+    # forever for the lost task, while the executor fails the pending tasks with BrokenProcessPool. At most one
+    # task per process is in flight, so the tasks named when one dies are the ones that were running.
+    processes = min(workers, len(tasks))
+    executor = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=init_worker, initargs=(context,))
+    queue = iter(tasks)
+    running = {executor.submit(function, task): task for task in itertools.islice(queue, processes)}
     try:
-        for result in pool.imap_unordered(function, tasks):
-            if progress is not None:
-                progress.done += 1
-            if on_done is not None:
-                on_done(result)
-            yield result
-        pool.close()
+        while running:
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise ConvertError(_worker_death_message(function, [task] + list(running.values()))) from None
+                for queued in itertools.islice(queue, 1):
+                    running[executor.submit(function, queued)] = queued
+                if progress is not None:
+                    progress.done += 1
+                if on_done is not None:
+                    on_done(result)
+                yield result
     finally:
-        pool.terminate()
-        pool.join()
+        # Like Pool.terminate: stop the workers now (an error or Ctrl-C in the caller need not wait for the
+        # pieces in flight; a rerun redoes unfinished pieces from scratch).
+        for future in running:
+            future.cancel()
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def describe_task(task):
+    """What a pool task works on, for messages: "piece 3 (input /data/day_0.gz)" or "the scan of input ..."."""
+    if isinstance(task, dict) and "index" in task:
+        where = f", bytes {task['start']}-{task['end']}" if task.get("kind") == "plain" else ""
+        return f"piece {task['index']} (input {task['path']}{where})"
+    if isinstance(task, tuple) and len(task) == 2 and isinstance(task[1], tuple):  # scan_file_at's (position, task)
+        return f"the scan of input {task[1][0]}"
+    return repr(task)  # pragma: no cover - every task of this module is one of the above
+
+
+def _worker_death_message(function, in_flight):
+    named = "; ".join(describe_task(task) for task in in_flight)
+    which = "it was running" if len(in_flight) == 1 else "one of the tasks it was running is"
+    return (f"a worker process of the conversion died (killed by a signal such as the out-of-memory killer's "
+            f"SIGKILL, or crashed in native code) during {function.__name__}; {which}: {named}. Finished pieces "
+            "are kept: rerun the same command to resume (with fewer --workers if memory ran out)")
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
