@@ -1,0 +1,309 @@
+"""The conversion as an Apache Beam pipeline (`tfcompress data convert --runner beam`): the same output as
+`tfcompress.data.convert`, on any Beam runner (DirectRunner, Dataflow, Flink, Spark).
+
+    from tfcompress.data.convert_beam import convert_beam
+    report = convert_beam(["day_0.gz", "day_1.gz"], "/shared/criteo_tb", "criteo-tsv", split="criteo-days",
+                          test_day=1, beam_options=["--runner=DirectRunner"])
+
+Why the output is the local converter's, byte for byte: the pipeline runs the local converter's own per-piece code.
+The launching process plans exactly as `convert` does (inputs cut into the same pieces: plain text into line-aligned
+byte ranges whose lines it counts, a .gz or Parquet file whole; the same split rules), then the pipeline is
+
+    pieces ─ Reshuffle ─┬─ train key counts of each piece ─ CombinePerKey(sum) ─┬─ Count distinct keys per column
+                        │                          Filter(count >= min_count) ──┴─ GroupByKey(column) ─ ToList
+                        │                                                        ─ write vocabulary.npz (one file)
+                        └─ ParDo(convert one piece; vocabulary.npz as a side input) ─ the piece's report
+
+(the vocabulary branch only for encodings "vocab" and "auto"). Converting a piece is `convert_worker.convert_piece`:
+parse, encode, assign splits, write the piece's shards `<split>/part-PPPPP-KKKKK.tfrecord` in the project's record
+layout (fixed-width or canonical; docs/tfrecord_layout.md), its quarantine lines, id counts and report under
+`_state/`. The sink is sharded by piece: a piece's shards are written under temporary names and renamed when
+complete, and a retried piece first removes what an earlier attempt left, so a runner's retry of a failed bundle
+gives the same bytes. After the pipeline, the launching process merges the pieces' results into report.json,
+counts/, quarantine.tsv and schema.json with the local converter's code.
+
+The vocabulary is the local converter's: per column, the training keys (hex keys folded by max_ind_range) counted
+over all pieces, those seen at least min_count times, most frequent first (ties: smaller key first); encoding "auto"
+hashes a column with more than vocab_max_keys distinct training keys.
+
+What the runner's workers need: tfcompress installed (e.g. `--extra_package dist/tfcompress-*.whl` or a container
+image), and the inputs and the output directory at the same path on every worker and on the launching machine,
+opened with ordinary file calls (a shared file system: NFS, Filestore, a GCS FUSE mount); gs:// URLs are not read.
+
+Faults: a piece whose input breaks off (a truncated .gz) is reported as with the local converter (every other piece
+converted, report.json written, a ConvertError naming the file and the rows kept). Any other failure of a piece is
+raised as a ConvertError naming the piece and its input; the runner retries the bundle first where it does
+(Dataflow: 4 times). A rerun of the same command resumes: finished pieces (their `_state/piece-PPPPP.json`) and a
+finished vocabulary are skipped.
+
+Not on Beam (refused with a ConvertError naming the option): split "by-column" (its threshold needs a pass
+over all pieces before any shard is written; use the local converter) and multi-valued columns.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from tfcompress._files import write_atomically
+from tfcompress.data import convert as local
+from tfcompress.data import encoding as enc
+from tfcompress.data import formats
+from tfcompress.data.convert_plan import (
+    DEFAULT_HASH_BUCKETS,
+    DEFAULT_ROWS_PER_SHARD,
+    DEFAULT_SHARD_BYTES,
+    DEFAULT_VOCAB_MAX_KEYS,
+    VOCABULARY_FILENAME,
+    ConvertError,
+    ConvertOptions,
+    OutputLock,
+    assign_splits,
+    atomic_savez,
+    expand_inputs,
+    is_int_at_least,
+    piece_done,
+    read_column_maps,
+    vocab_keys,
+    write_error,
+)
+from tfcompress.data.convert_worker import (
+    PieceReadError,
+    WorkerContext,
+    _iter_parsed,
+    _strict_error,
+    convert_piece,
+    init_worker,
+)
+
+__all__ = ["BEAM_INSTALL_HINT", "convert_beam"]
+
+BEAM_INSTALL_HINT = ("--runner beam needs Apache Beam: pip install 'tfcompress[beam]' (apache-beam 2.77 with "
+                     "protobuf >=6.31.1,<7, a range TensorFlow 2.21 accepts too)")
+
+
+def import_beam():
+    """apache_beam, or an ImportError that says how to install it."""
+    try:
+        import apache_beam as beam  # optional package (the `beam` extra): only --runner beam needs it
+    except ImportError as error:
+        raise ImportError(f"{BEAM_INSTALL_HINT} ({error})") from None
+    return beam
+
+
+def _describe(piece):
+    return local.describe_task(piece)
+
+
+# ---- pipeline steps (module level: every runner pickles them by reference) -----------------------------------
+
+
+def piece_train_key_counts(piece, context):
+    """The vocabulary pass of one piece: ((column position, key as int64), count) over its training rows.
+
+    Keys are uint64; they travel as their int64 bit pattern (Beam's integer coder is signed 64-bit).
+    """
+    layout, options = context.layout, context.options
+    counters = [enc.KeyCounter() for _ in layout.sparse]
+    rule = context.rules[piece["path"]]
+    try:
+        for parsed in _iter_parsed(piece, context):
+            if context.strict and parsed.rejected:
+                raise _strict_error(piece, parsed.rejected[0])
+            train = assign_splits(rule, parsed.line, parsed.split_value) == "train"
+            keys = vocab_keys(parsed.keys[train], layout, options)
+            for j, counter in enumerate(counters):
+                counter.add(keys[:, j])
+    except PieceReadError as error:
+        # As the local vocabulary pass: no shards are written from a vocabulary that misses rows.
+        raise ConvertError(f"the vocabulary pass could not read {_describe(piece)}: {error}; no shards were "
+                           "written, fix the inputs and rerun") from None
+    for j, counter in enumerate(counters):
+        keys, counts = counter.result()
+        for key, count in zip(keys.view(np.int64).tolist(), counts.tolist()):
+            yield (j, key), count
+
+
+def write_vocabulary(columns, distinct, output, layout, options):
+    """vocabulary.npz from the combined counts, as `convert_plan.save_vocabulary` builds it from the pieces' files.
+
+    Args:
+        columns: [(column position, [(key as int64, count), ...])]: the keys seen at least min_count times (and,
+            encoding "auto", only of columns with at most vocab_max_keys distinct keys).
+        distinct: {column position: distinct training keys, before min_count}.
+
+    Returns:
+        the path written (a side input of the conversion step, so no piece is converted before it exists).
+    """
+    by_column = dict(columns)
+    arrays = {}
+    for j, column in enumerate(layout.sparse):
+        if options.encoding == "auto" and distinct.get(j, 0) > options.vocab_max_keys:
+            continue  # hashed: `make_encoders` hashes a column without keys_<name>
+        pairs = by_column.get(j, [])
+        keys = np.array([key for key, _ in pairs], np.int64).view(np.uint64)
+        counts = np.array([count for _, count in pairs], np.int64)
+        arrays[f"keys_{column.name}"] = enc.VocabularyEncoder.from_counts(keys, counts, options.min_count).keys
+    path = os.path.join(output, VOCABULARY_FILENAME)
+    atomic_savez(path, arrays)
+    return path
+
+
+class ConvertPieceFn:
+    """The conversion step: `convert_worker.convert_piece` of each piece, failures named by piece.
+
+    Wrapped into a beam.DoFn by `_convert_piece_dofn` (this module imports without Beam installed).
+    """
+
+    def __init__(self, context):
+        self.context = context
+
+    def __call__(self, piece, vocabulary_path=None):
+        del vocabulary_path  # only an ordering: the vocabulary is written before any piece is converted
+        init_worker(self.context)
+        try:
+            return convert_piece(piece)
+        except ConvertError:
+            raise
+        except Exception as error:
+            raise ConvertError(f"converting {_describe(piece)} failed: {type(error).__name__}: {error}") from error
+
+
+def _build_pipeline(beam, pipeline, todo, context, need_vocabulary):
+    """The pipeline's steps (see the module docstring); returns the PCollection of the pieces' reports."""
+    options = context.options
+    pieces = pipeline | "pieces" >> beam.Create(todo) | "spread pieces" >> beam.Reshuffle()
+    side = {}
+    if need_vocabulary:
+        counts = (pieces
+                  | "train key counts" >> beam.FlatMap(piece_train_key_counts, context)
+                  | "sum key counts" >> beam.CombinePerKey(sum))
+        distinct = (counts
+                    | "column of key" >> beam.Map(lambda item: item[0][0])
+                    | "distinct keys per column" >> beam.combiners.Count.PerElement())
+        kept = counts | "min count" >> beam.Filter(lambda item, minimum: item[1] >= minimum, options.min_count)
+        if options.encoding == "auto":
+            kept = kept | "vocab max keys" >> beam.Filter(
+                lambda item, n, limit: n.get(item[0][0], 0) <= limit, beam.pvalue.AsDict(distinct),
+                options.vocab_max_keys)
+        vocabulary = (kept
+                      | "by column" >> beam.Map(lambda item: (item[0][0], (item[0][1], item[1])))
+                      | "group by column" >> beam.GroupByKey()
+                      | "as lists" >> beam.MapTuple(lambda j, pairs: (j, list(pairs)))
+                      | "all columns" >> beam.combiners.ToList()
+                      | "write vocabulary" >> beam.Map(write_vocabulary, beam.pvalue.AsDict(distinct),
+                                                       context.output, context.layout, options))
+        side["vocabulary_path"] = beam.pvalue.AsSingleton(vocabulary)
+    return pieces | "convert pieces" >> beam.Map(ConvertPieceFn(context), **side)
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+
+def _check_supported(layout, options):
+    if options.split == "by-column":
+        raise ConvertError("--runner beam does not do split 'by-column' (its threshold needs a pass over every "
+                           "piece before any shard is written); convert with the local runner (--workers N)")
+    multi = list(getattr(layout, "multi", ()) or ())
+    if multi:
+        names = [column.name for column in multi]
+        raise ConvertError(f"--runner beam does not convert multi-valued columns yet ({names}); convert with the "
+                           "local runner (--workers N)")
+
+
+def convert_beam(inputs, output, format, *, beam_options=(), plan_workers=1, encoding=None, max_ind_range=None,
+                 min_count=1, hash_buckets=DEFAULT_HASH_BUCKETS, dense_transform=None, clip_negative=True,
+                 split="none", eval_fraction=0.1, seed=2020, test_day=23, shard_bytes=DEFAULT_SHARD_BYTES,
+                 rows_per_shard=DEFAULT_ROWS_PER_SHARD, schema=None, record_layout="fixed", strict=False,
+                 overwrite=False, progress=False, vocab_max_keys=DEFAULT_VOCAB_MAX_KEYS,
+                 max_reject_fraction=None, split_column=None):
+    """`tfcompress.data.convert.convert` as an Apache Beam pipeline (module docstring); the same output.
+
+    Args:
+        beam_options: Beam pipeline flags, e.g. ["--runner=DirectRunner"] (the default runner) or
+            ["--runner=DataflowRunner", "--project=P", "--region=R", "--temp_location=gs://B/tmp"].
+        plan_workers: local processes for the plan (counting the lines of plain-text pieces), >= 1.
+        The others: as `convert` (split "by-column", with split_column, is refused).
+
+    Returns:
+        the report dict (report.json), with "runner": "beam" and the pipeline's flags.
+
+    Raises:
+        ImportError: Apache Beam is not installed (the message says how).
+        ConvertError / ValueError / FileNotFoundError: as `convert`; a piece that failed (named with its input).
+    """
+    started = time.perf_counter()
+    beam = import_beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    if not is_int_at_least(plan_workers, 1):
+        raise ValueError(f"plan_workers must be an integer >= 1, got {plan_workers!r}")
+    if max_reject_fraction is not None and not (isinstance(max_reject_fraction, (int, float))
+                                                and 0 <= max_reject_fraction <= 1):
+        raise ValueError(f"max_reject_fraction must be a number in [0, 1] (or None), got {max_reject_fraction!r}")
+    beam_options = [str(flag) for flag in beam_options]
+    layout = formats.layout_for_format(format, schema)
+    options = ConvertOptions(
+        format=format, encoding=encoding, max_ind_range=max_ind_range, min_count=min_count,
+        hash_buckets=hash_buckets, dense_transform=dense_transform, clip_negative=bool(clip_negative), split=split,
+        eval_fraction=eval_fraction, seed=seed, test_day=test_day, shard_bytes=shard_bytes,
+        rows_per_shard=rows_per_shard, schema_path=schema, record_layout=record_layout, split_column=split_column,
+        vocab_max_keys=vocab_max_keys,
+    ).resolved(layout)
+    _check_supported(layout, options)
+    output = os.path.abspath(os.fspath(output))
+    files = expand_inputs(inputs)
+    parquet_note = local._tensorflow_io_note(format, progress)
+    column_maps = read_column_maps(files, layout, format)
+    warnings = []
+    try:
+        with OutputLock(output) as lock:
+            warnings += local._warn(lock.warnings)
+            pieces, rules = local._plan_pieces(output, files, layout, options, column_maps, strict, plan_workers,
+                                               overwrite)
+            context = WorkerContext(output, layout, options, column_maps, rules, strict)
+            todo = [piece for piece in pieces if not piece_done(output, piece["index"])]
+            need_vocabulary = (options.encoding in ("vocab", "auto")
+                               and not os.path.isfile(os.path.join(output, VOCABULARY_FILENAME)))
+            if progress:
+                print(f"beam: {len(todo)} of {len(pieces)} pieces to convert"
+                      f"{', vocabulary pass first' if need_vocabulary else ''} "
+                      f"({' '.join(beam_options) or 'DirectRunner'})",
+                      file=sys.stderr, flush=True)
+            if todo or need_vocabulary:
+                _run_pipeline(beam, PipelineOptions(beam_options), todo, context, need_vocabulary)
+            errors = [r for r in local._load_piece_reports(output, pieces) if r.get("error")]
+            report = local._finish(output, files, pieces, context, errors, len(pieces) - len(todo), started,
+                                   parquet_note, None, warnings)
+            report.update(runner="beam", beam_options=beam_options)
+            write_atomically(os.path.join(output, local.REPORT_FILENAME),
+                                   (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    except OSError as error:
+        translated = write_error(error, output)
+        if translated is None:
+            raise
+        raise translated from None
+    if report["errors"]:
+        raise ConvertError(local._error_message(report))
+    if max_reject_fraction is not None and report["rows_rejected"] > max_reject_fraction * report["rows_read"]:
+        raise ConvertError(local._reject_message(report, layout, column_maps, output, max_reject_fraction))
+    return report
+
+
+def _run_pipeline(beam, pipeline_options, todo, context, need_vocabulary):
+    """Build and run the pipeline to the end; a failure is a ConvertError with the runner's message."""
+    try:
+        with beam.Pipeline(options=pipeline_options) as pipeline:
+            _build_pipeline(beam, pipeline, todo, context, need_vocabulary)
+    except ConvertError:
+        raise
+    except Exception as error:
+        # Runners wrap a step's exception (with the ConvertError text that names the piece) in their own.
+        cause = error
+        while cause is not None and not isinstance(cause, ConvertError):
+            cause = cause.__cause__ or cause.__context__
+        message = str(cause) if cause is not None else f"{type(error).__name__}: {error}"
+        raise ConvertError(f"the Beam pipeline failed: {message}; finished pieces are kept, rerun the same command "
+                           "to resume") from error
