@@ -334,6 +334,7 @@ def _run(output, files, layout, options, column_maps, strict, workers, overwrite
          parquet_note, warnings):
     """The conversion proper, under the output lock: plan, first passes, pieces, report."""
     pieces, rules = _plan_pieces(output, files, layout, options, column_maps, strict, workers, overwrite)
+    warnings += _warn(gzip_warnings(pieces, workers))
     counter = multiprocessing.get_context("spawn").Value("q", 0)
     split_info = None
     if options.split == "by-column":
@@ -345,6 +346,25 @@ def _run(output, files, layout, options, column_maps, strict, workers, overwrite
         _build_vocabulary(pieces, context, workers, progress)
     errors, skipped = _convert_pieces(pieces, context, workers, progress, on_piece_done)
     return _finish(output, files, pieces, context, errors, skipped, started, parquet_note, split_info, warnings)
+
+
+def gzip_warnings(pieces, workers):
+    """A warning when workers would idle because .gz inputs are single pieces (one worker reads a .gz whole).
+
+    Why a .gz file is not split: DEFLATE has no points to start decoding mid-way (a block's back-references reach
+    32 KiB into the text before it, and block boundaries are bit offsets found only by decoding), so a worker
+    converting the k-th of n parts would first decompress the k-1 parts before it; the plan would also decompress
+    the whole file once to number its lines. Decompressing first (`gunzip --keep`) makes it a plain text file, which
+    is cut into byte ranges for any number of workers, with the same rows in the same splits
+    (tests/test_convert_safety.py checks this, criteo-days-halves included).
+    """
+    gzipped = [p["path"] for p in pieces if p["kind"] == "gzip"]
+    if workers <= 1 or len(pieces) >= workers or not gzipped:
+        return []
+    return [f"{len(pieces)} pieces for {workers} workers: a .gz input is converted whole by one worker (a gzip "
+            f"stream cannot be entered mid-way); to spread it over the workers, decompress it first and convert "
+            f"the plain file, which is cut into byte ranges (same rows, same splits): gunzip --keep "
+            f"{' '.join(gzipped[:3])}{' ...' if len(gzipped) > 3 else ''}"]
 
 
 def _tensorflow_io_note(format, progress):
