@@ -9,9 +9,9 @@ Why the output is the local converter's, byte for byte: the pipeline runs the lo
 The launching process plans exactly as `convert` does (inputs cut into the same pieces: plain text into line-aligned
 byte ranges whose lines it counts, a .gz or Parquet file whole; the same split rules), then the pipeline is
 
-    pieces ─ Reshuffle ─┬─ train key counts of each piece ─ CombinePerKey(sum) ─┬─ Count distinct keys per column
-                        │                          Filter(count >= min_count) ──┴─ GroupByKey(column) ─ ToList
-                        │                                                        ─ write vocabulary.npz (one file)
+    pieces ─ Reshuffle ─┬─ train key counts of each piece ─ CombinePerKey((column, key bucket), merge counts)
+                        │    ─┬─ distinct keys per column (CombinePerKey(sum))
+                        │     └─ count >= min_count ─ GroupByKey(column) ─ ToList ─ write vocabulary.npz (one file)
                         └─ ParDo(convert one piece; vocabulary.npz as a side input) ─ the piece's report
 
 (the vocabulary branch only for encodings "vocab" and "auto"). Converting a piece is `convert_worker.convert_piece`:
@@ -80,6 +80,9 @@ from tfcompress.data.convert_worker import (
 
 __all__ = ["BEAM_INSTALL_HINT", "convert_beam"]
 
+# The vocabulary pass's CombinePerKey keys: (column, one of KEY_BUCKETS hash buckets of its keys), so a column's
+# keys are merged on up to KEY_BUCKETS workers, each holding 1/KEY_BUCKETS of them.
+KEY_BUCKETS = 64
 BEAM_INSTALL_HINT = ("--runner beam needs Apache Beam: pip install 'tfcompress[beam]' (apache-beam 2.77 with "
                      "protobuf >=6.31.1,<7, a range TensorFlow 2.21 accepts too)")
 
@@ -100,10 +103,12 @@ def _describe(piece):
 # ---- pipeline steps (module level: every runner pickles them by reference) -----------------------------------
 
 
-def piece_train_key_counts(piece, context):
-    """The vocabulary pass of one piece: ((column position, key as int64), count) over its training rows.
+def piece_train_key_counts(piece, context, buckets):
+    """The vocabulary pass of one piece: ((column position, key bucket), (keys uint64 sorted, counts int64)) over
+    its training rows, the keys of a column spread over `buckets` buckets by a hash (each a CombinePerKey key).
 
-    Keys are uint64; they travel as their int64 bit pattern (Beam's integer coder is signed 64-bit).
+    Arrays rather than one element per key: a Beam element costs microseconds, and a piece holds millions of
+    distinct keys.
     """
     layout, options = context.layout, context.options
     counters = [enc.KeyCounter() for _ in layout.sparse]
@@ -122,16 +127,34 @@ def piece_train_key_counts(piece, context):
                            "written, fix the inputs and rerun") from None
     for j, counter in enumerate(counters):
         keys, counts = counter.result()
-        for key, count in zip(keys.view(np.int64).tolist(), counts.tolist()):
-            yield (j, key), count
+        bucket = enc.splitmix64(keys) % np.uint64(buckets)
+        for b in np.unique(bucket).tolist():
+            chosen = bucket == b
+            yield (j, b), (keys[chosen], counts[chosen])
+
+
+def merge_key_counts(parts):
+    """The CombinePerKey function: (keys, counts) arrays -> the summed counts of their distinct keys (associative
+    and commutative, as Beam requires; keys sorted)."""
+    counter = enc.KeyCounter()
+    for keys, counts in parts:
+        counter.add(keys, counts)
+    return counter.result()
+
+
+def at_least(item, min_count):
+    """((column, bucket), (keys, counts)) -> (column, (the keys seen at least min_count times, their counts))."""
+    (j, _), (keys, counts) = item
+    keep = counts >= min_count
+    return j, (keys[keep], counts[keep])
 
 
 def write_vocabulary(columns, distinct, output, layout, options):
     """vocabulary.npz from the combined counts, as `convert_plan.save_vocabulary` builds it from the pieces' files.
 
     Args:
-        columns: [(column position, [(key as int64, count), ...])]: the keys seen at least min_count times (and,
-            encoding "auto", only of columns with at most vocab_max_keys distinct keys).
+        columns: [(column position, [(keys, counts), ...])]: the keys seen at least min_count times, in buckets
+            (encoding "auto": only columns with at most vocab_max_keys distinct keys).
         distinct: {column position: distinct training keys, before min_count}.
 
     Returns:
@@ -142,9 +165,9 @@ def write_vocabulary(columns, distinct, output, layout, options):
     for j, column in enumerate(layout.sparse):
         if options.encoding == "auto" and distinct.get(j, 0) > options.vocab_max_keys:
             continue  # hashed: `make_encoders` hashes a column without keys_<name>
-        pairs = by_column.get(j, [])
-        keys = np.array([key for key, _ in pairs], np.int64).view(np.uint64)
-        counts = np.array([count for _, count in pairs], np.int64)
+        parts = by_column.get(j, [])
+        keys = np.concatenate([np.empty(0, np.uint64)] + [keys for keys, _ in parts])
+        counts = np.concatenate([np.empty(0, np.int64)] + [counts for _, counts in parts])
         arrays[f"keys_{column.name}"] = enc.VocabularyEncoder.from_counts(keys, counts, options.min_count).keys
     path = os.path.join(output, VOCABULARY_FILENAME)
     atomic_savez(path, arrays)
@@ -178,20 +201,19 @@ def _build_pipeline(beam, pipeline, todo, context, need_vocabulary):
     side = {}
     if need_vocabulary:
         counts = (pieces
-                  | "train key counts" >> beam.FlatMap(piece_train_key_counts, context)
-                  | "sum key counts" >> beam.CombinePerKey(sum))
+                  | "train key counts" >> beam.FlatMap(piece_train_key_counts, context, KEY_BUCKETS)
+                  | "sum key counts" >> beam.CombinePerKey(merge_key_counts))
         distinct = (counts
-                    | "column of key" >> beam.Map(lambda item: item[0][0])
-                    | "distinct keys per column" >> beam.combiners.Count.PerElement())
-        kept = counts | "min count" >> beam.Filter(lambda item, minimum: item[1] >= minimum, options.min_count)
+                    | "distinct keys" >> beam.MapTuple(lambda key, merged: (key[0], int(merged[0].size)))
+                    | "distinct keys per column" >> beam.CombinePerKey(sum))
+        kept = counts | "min count" >> beam.Map(at_least, options.min_count)
         if options.encoding == "auto":
             kept = kept | "vocab max keys" >> beam.Filter(
-                lambda item, n, limit: n.get(item[0][0], 0) <= limit, beam.pvalue.AsDict(distinct),
+                lambda item, n, limit: n.get(item[0], 0) <= limit, beam.pvalue.AsDict(distinct),
                 options.vocab_max_keys)
         vocabulary = (kept
-                      | "by column" >> beam.Map(lambda item: (item[0][0], (item[0][1], item[1])))
                       | "group by column" >> beam.GroupByKey()
-                      | "as lists" >> beam.MapTuple(lambda j, pairs: (j, list(pairs)))
+                      | "as lists" >> beam.MapTuple(lambda j, parts: (j, list(parts)))
                       | "all columns" >> beam.combiners.ToList()
                       | "write vocabulary" >> beam.Map(write_vocabulary, beam.pvalue.AsDict(distinct),
                                                        context.output, context.layout, options))
