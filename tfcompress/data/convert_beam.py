@@ -258,7 +258,7 @@ def convert_beam(inputs, output, format, *, beam_options=(), plan_workers=1, enc
     """
     started = time.perf_counter()
     beam = import_beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions  # the optional `beam` extra, as import_beam
 
     if not is_int_at_least(plan_workers, 1):
         raise ValueError(f"plan_workers must be an integer >= 1, got {plan_workers!r}")
