@@ -238,8 +238,7 @@ def _add_data_arguments(parser):
                          help="input files, directories or glob patterns (.gz is read as gzip)")
     convert.add_argument("--output", required=True, help="output directory (one conversion at a time: locked)")
     convert.add_argument("--workers", type=int, default=1,
-                         help="worker processes (same output for any number); --runner beam: processes that plan "
-                              "(count the lines of plain-text inputs) before the pipeline starts")
+                         help="worker processes (same output for any number; --runner local)")
     convert.add_argument("--runner", choices=("local", "beam"), default="local",
                          help="local: a process pool on this machine; beam: an Apache Beam pipeline (pip install "
                               "'tfcompress[beam]'), the same output, on the runner --beam-option names")
@@ -306,7 +305,10 @@ def _run_data(args):
     if args.runner == "beam":
         from tfcompress.data.convert_beam import convert_beam  # per command: Beam is an optional extra
 
-        run, options = convert_beam, dict(options, beam_options=args.beam_options, plan_workers=args.workers)
+        if args.workers != 1:
+            raise SystemExit("--workers is for --runner local; on Beam the runner's flags set the parallelism, e.g. "
+                             "--beam-option=--max_num_workers=100 (Dataflow)")
+        run, options = convert_beam, dict(options, beam_options=args.beam_options)
     else:
         run, options = data_convert.convert, dict(options, workers=args.workers)
     report = run(

@@ -5,22 +5,24 @@
     report = convert_beam(["day_0.gz", "day_1.gz"], "/shared/criteo_tb", "criteo-tsv", split="criteo-days",
                           test_day=1, beam_options=["--runner=DirectRunner"])
 
-Why the output is the local converter's, byte for byte: the pipeline runs the local converter's own per-piece code.
-The launching process plans exactly as `convert` does (inputs cut into the same pieces: plain text into line-aligned
-byte ranges whose lines it counts, a .gz or Parquet file whole; the same split rules), then the pipeline is
+Why the output is the local converter's, byte for byte: the pipeline runs the local converter's own code for
+planning and for each piece. The inputs are cut into the same pieces (plain text into line-aligned byte ranges whose
+lines are counted, a .gz or Parquet file whole) with the same split rules, then:
 
+    input files ─ Reshuffle ─ scan each file ─ ToList ─ number the pieces, save _state/plan.json (rules: side input)
     pieces ─ Reshuffle ─┬─ train key counts of each piece ─ CombinePerKey((column, key bucket), merge counts)
                         │    ─┬─ distinct keys per column (CombinePerKey(sum))
                         │     └─ count >= min_count ─ GroupByKey(column) ─ ToList ─ write vocabulary.npz (one file)
-                        └─ ParDo(convert one piece; vocabulary.npz as a side input) ─ the piece's report
+                        └─ Map(convert one piece; vocabulary.npz as a side input) ─ the piece's report
 
 (the vocabulary branch only for encodings "vocab" and "auto"). Converting a piece is `convert_worker.convert_piece`:
 parse, encode, assign splits, write the piece's shards `<split>/part-PPPPP-KKKKK.tfrecord` in the project's record
 layout (fixed-width or canonical; docs/tfrecord_layout.md), its quarantine lines, id counts and report under
 `_state/`. The sink is sharded by piece: a piece's shards are written under temporary names and renamed when
 complete, and a retried piece first removes what an earlier attempt left, so a runner's retry of a failed bundle
-gives the same bytes. After the pipeline, the launching process merges the pieces' results into report.json,
-counts/, quarantine.tsv and schema.json with the local converter's code.
+gives the same bytes. The scan runs one task per input file on the runner's workers (it reads plain-text inputs once
+to count lines; .gz inputs only for criteo-days-halves' held-out day). After the pipeline, the launching process
+merges the pieces' results into report.json, counts/, quarantine.tsv and schema.json with the local converter's code.
 
 The vocabulary is the local converter's: per column, the training keys (hex keys folded by max_ind_range) counted
 over all pieces, those seen at least min_count times, most frequent first (ties: smaller key first); encoding "auto"
@@ -56,6 +58,8 @@ from tfcompress.data.convert_plan import (
     DEFAULT_ROWS_PER_SHARD,
     DEFAULT_SHARD_BYTES,
     DEFAULT_VOCAB_MAX_KEYS,
+    PLAN_FILENAME,
+    STATE_DIR,
     VOCABULARY_FILENAME,
     ConvertError,
     ConvertOptions,
@@ -63,9 +67,14 @@ from tfcompress.data.convert_plan import (
     assign_splits,
     atomic_savez,
     expand_inputs,
-    is_int_at_least,
+    number_pieces,
     piece_done,
+    plan_record,
+    prepare_output,
     read_column_maps,
+    save_plan,
+    scan_file_at,
+    scan_tasks,
     vocab_keys,
     write_error,
 )
@@ -103,7 +112,7 @@ def _describe(piece):
 # ---- pipeline steps (module level: every runner pickles them by reference) -----------------------------------
 
 
-def piece_train_key_counts(piece, context, buckets):
+def piece_train_key_counts(piece, rules, context, buckets):
     """The vocabulary pass of one piece: ((column position, key bucket), (keys uint64 sorted, counts int64)) over
     its training rows, the keys of a column spread over `buckets` buckets by a hash (each a CombinePerKey key).
 
@@ -112,7 +121,7 @@ def piece_train_key_counts(piece, context, buckets):
     """
     layout, options = context.layout, context.options
     counters = [enc.KeyCounter() for _ in layout.sparse]
-    rule = context.rules[piece["path"]]
+    rule = rules[piece["path"]]
     try:
         for parsed in _iter_parsed(piece, context):
             if context.strict and parsed.rejected:
@@ -131,6 +140,15 @@ def piece_train_key_counts(piece, context, buckets):
         for b in np.unique(bucket).tolist():
             chosen = bucket == b
             yield (j, b), (keys[chosen], counts[chosen])
+
+
+def number_scanned_pieces(scanned, files, options, tasks, output, plan):
+    """The plan step: every input's `scan_file_at` result -> (pieces, split rules), saved in _state/plan.json
+    exactly as the local converter plans (`convert._plan_pieces`)."""
+    pieces_per_task = [pieces for _, pieces in sorted(scanned, key=lambda item: item[0])]
+    pieces, rules = number_pieces(files, options, tasks, pieces_per_task)
+    save_plan(output, plan, pieces, rules)
+    return pieces, rules
 
 
 def merge_key_counts(parts):
@@ -177,14 +195,16 @@ def write_vocabulary(columns, distinct, output, layout, options):
 class ConvertPieceFn:
     """The conversion step: `convert_worker.convert_piece` of each piece, failures named by piece.
 
-    Wrapped into a beam.DoFn by `_convert_piece_dofn` (this module imports without Beam installed).
+    A callable for beam.Map (this module imports without Beam installed); `rules` is the plan's side input.
     """
 
     def __init__(self, context):
         self.context = context
 
-    def __call__(self, piece, vocabulary_path=None):
+    def __call__(self, piece, rules, vocabulary_path=None):
         del vocabulary_path  # only an ordering: the vocabulary is written before any piece is converted
+        if self.context.rules is None:
+            self.context.rules = rules  # the plan step's split rules (once per worker: the encoders stay cached)
         init_worker(self.context)
         try:
             return convert_piece(piece)
@@ -194,14 +214,33 @@ class ConvertPieceFn:
             raise ConvertError(f"converting {_describe(piece)} failed: {type(error).__name__}: {error}") from error
 
 
-def _build_pipeline(beam, pipeline, todo, context, need_vocabulary):
-    """The pipeline's steps (see the module docstring); returns the PCollection of the pieces' reports."""
+def _build_pipeline(beam, pipeline, plan, context, need_vocabulary):
+    """The pipeline's steps (see the module docstring); returns the PCollection of the pieces' reports.
+
+    Args:
+        plan: ("resume", pieces to do, rules) from an earlier run's plan.json, or ("scan", scan tasks, files,
+            plan record): the inputs are scanned by the runner's workers, one task per input file.
+    """
     options = context.options
-    pieces = pipeline | "pieces" >> beam.Create(todo) | "spread pieces" >> beam.Reshuffle()
+    if plan[0] == "resume":
+        planned = pipeline | "plan" >> beam.Create([(plan[1], plan[2])])
+    else:
+        _, tasks, files, record = plan
+        planned = (pipeline
+                   | "inputs" >> beam.Create(list(enumerate(tasks)))
+                   | "spread inputs" >> beam.Reshuffle()
+                   | "scan inputs" >> beam.Map(scan_file_at)
+                   | "all scans" >> beam.combiners.ToList()
+                   | "number pieces" >> beam.Map(number_scanned_pieces, files, options, tasks, context.output,
+                                                 record))
+    rules = beam.pvalue.AsSingleton(planned | "rules" >> beam.Map(lambda item: item[1]))
+    pieces = (planned
+              | "pieces" >> beam.FlatMap(lambda item: item[0])
+              | "spread pieces" >> beam.Reshuffle())
     side = {}
     if need_vocabulary:
         counts = (pieces
-                  | "train key counts" >> beam.FlatMap(piece_train_key_counts, context, KEY_BUCKETS)
+                  | "train key counts" >> beam.FlatMap(piece_train_key_counts, rules, context, KEY_BUCKETS)
                   | "sum key counts" >> beam.CombinePerKey(merge_key_counts))
         distinct = (counts
                     | "distinct keys" >> beam.MapTuple(lambda key, merged: (key[0], int(merged[0].size)))
@@ -218,7 +257,7 @@ def _build_pipeline(beam, pipeline, todo, context, need_vocabulary):
                       | "write vocabulary" >> beam.Map(write_vocabulary, beam.pvalue.AsDict(distinct),
                                                        context.output, context.layout, options))
         side["vocabulary_path"] = beam.pvalue.AsSingleton(vocabulary)
-    return pieces | "convert pieces" >> beam.Map(ConvertPieceFn(context), **side)
+    return pieces | "convert pieces" >> beam.Map(ConvertPieceFn(context), rules, **side)
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -235,7 +274,7 @@ def _check_supported(layout, options):
                            "local runner (--workers N)")
 
 
-def convert_beam(inputs, output, format, *, beam_options=(), plan_workers=1, encoding=None, max_ind_range=None,
+def convert_beam(inputs, output, format, *, beam_options=(), encoding=None, max_ind_range=None,
                  min_count=1, hash_buckets=DEFAULT_HASH_BUCKETS, dense_transform=None, clip_negative=True,
                  split="none", eval_fraction=0.1, seed=2020, test_day=23, shard_bytes=DEFAULT_SHARD_BYTES,
                  rows_per_shard=DEFAULT_ROWS_PER_SHARD, schema=None, record_layout="fixed", strict=False,
@@ -246,7 +285,6 @@ def convert_beam(inputs, output, format, *, beam_options=(), plan_workers=1, enc
     Args:
         beam_options: Beam pipeline flags, e.g. ["--runner=DirectRunner"] (the default runner) or
             ["--runner=DataflowRunner", "--project=P", "--region=R", "--temp_location=gs://B/tmp"].
-        plan_workers: local processes for the plan (counting the lines of plain-text pieces), >= 1.
         The others: as `convert` (split "by-column", with split_column, is refused).
 
     Returns:
@@ -260,8 +298,6 @@ def convert_beam(inputs, output, format, *, beam_options=(), plan_workers=1, enc
     beam = import_beam()
     from apache_beam.options.pipeline_options import PipelineOptions  # the optional `beam` extra, as import_beam
 
-    if not is_int_at_least(plan_workers, 1):
-        raise ValueError(f"plan_workers must be an integer >= 1, got {plan_workers!r}")
     if max_reject_fraction is not None and not (isinstance(max_reject_fraction, (int, float))
                                                 and 0 <= max_reject_fraction <= 1):
         raise ValueError(f"max_reject_fraction must be a number in [0, 1] (or None), got {max_reject_fraction!r}")
@@ -283,25 +319,33 @@ def convert_beam(inputs, output, format, *, beam_options=(), plan_workers=1, enc
     try:
         with OutputLock(output) as lock:
             warnings += local._warn(lock.warnings)
-            pieces, rules = local._plan_pieces(output, files, layout, options, column_maps, strict, plan_workers,
-                                               overwrite)
-            context = WorkerContext(output, layout, options, column_maps, rules, strict)
-            todo = [piece for piece in pieces if not piece_done(output, piece["index"])]
+            record = plan_record(options, files)
+            previous, resuming = prepare_output(output, record, overwrite)
+            context = WorkerContext(output, layout, options, column_maps, None, strict)
             need_vocabulary = (options.encoding in ("vocab", "auto")
                                and not os.path.isfile(os.path.join(output, VOCABULARY_FILENAME)))
+            if resuming:
+                todo = [piece for piece in previous["pieces"] if not piece_done(output, piece["index"])]
+                plan = ("resume", todo, previous["rules"])
+                what = f"{len(todo)} of {len(previous['pieces'])} pieces to convert (resuming)"
+            else:
+                plan = ("scan", scan_tasks(files, layout, options, column_maps), files, record)
+                what = f"{len(files)} inputs to scan and convert"
             if progress:
-                print(f"beam: {len(todo)} of {len(pieces)} pieces to convert"
-                      f"{', vocabulary pass first' if need_vocabulary else ''} "
-                      f"({' '.join(beam_options) or 'DirectRunner'})",
-                      file=sys.stderr, flush=True)
-            if todo or need_vocabulary:
-                _run_pipeline(beam, PipelineOptions(beam_options), todo, context, need_vocabulary)
+                print(f"beam: {what}{', vocabulary pass first' if need_vocabulary else ''} "
+                      f"({' '.join(beam_options) or 'DirectRunner'})", file=sys.stderr, flush=True)
+            if not resuming or todo or need_vocabulary:
+                _run_pipeline(beam, PipelineOptions(beam_options), plan, context, need_vocabulary)
+            with open(os.path.join(output, STATE_DIR, PLAN_FILENAME)) as f:
+                saved = json.load(f)
+            pieces, context.rules = saved["pieces"], saved["rules"]
+            skipped = len(pieces) - len(todo) if resuming else 0
             errors = [r for r in local._load_piece_reports(output, pieces) if r.get("error")]
-            report = local._finish(output, files, pieces, context, errors, len(pieces) - len(todo), started,
-                                   parquet_note, None, warnings)
+            report = local._finish(output, files, pieces, context, errors, skipped, started, parquet_note, None,
+                                   warnings)
             report.update(runner="beam", beam_options=beam_options)
             write_atomically(os.path.join(output, local.REPORT_FILENAME),
-                                   (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+                             (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     except OSError as error:
         translated = write_error(error, output)
         if translated is None:
@@ -314,11 +358,11 @@ def convert_beam(inputs, output, format, *, beam_options=(), plan_workers=1, enc
     return report
 
 
-def _run_pipeline(beam, pipeline_options, todo, context, need_vocabulary):
+def _run_pipeline(beam, pipeline_options, plan, context, need_vocabulary):
     """Build and run the pipeline to the end; a failure is a ConvertError with the runner's message."""
     try:
         with beam.Pipeline(options=pipeline_options) as pipeline:
-            _build_pipeline(beam, pipeline, todo, context, need_vocabulary)
+            _build_pipeline(beam, pipeline, plan, context, need_vocabulary)
     except ConvertError:
         raise
     except Exception as error:
