@@ -217,3 +217,40 @@ def test_protobuf_tensorflow_and_beam_coexist(tmp_path):
              | beam.combiners.ToList()
              | beam.Map(lambda values: (tmp_path / "values.json").write_text(json.dumps(sorted(values)))))
     assert json.loads((tmp_path / "values.json").read_text()) == [0, 1, 2, 3, 4]
+
+
+def test_a_failing_piece_fails_the_pipeline_naming_it_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """Any failure inside a piece (here a RuntimeError, as a crashed library would raise) stops the pipeline with
+    a ConvertError that names the piece and its input; the rerun converts what is missing, to the local bytes."""
+    from tfcompress.data import convert_beam as beam_module
+
+    path = tmp_path / "day_0"
+    path.write_text(criteo_text(criteo_rows(np.random.default_rng(24), 300)))
+    options = dict(max_ind_range=1000, shard_bytes=20_000)
+    convert([path], tmp_path / "local", "criteo-tsv", **options)
+    real = beam_module.convert_piece
+
+    def fail_piece_2(piece):
+        if piece["index"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(piece)
+
+    monkeypatch.setattr(beam_module, "convert_piece", fail_piece_2)  # the DirectRunner runs steps in this process
+    with pytest.raises(ConvertError, match=rf"converting piece 2 \(input {path}, bytes \d+-\d+\) failed: "
+                                           r"RuntimeError: simulated crash.*rerun the same command to resume"):
+        convert_beam([path], tmp_path / "beam", "criteo-tsv", **options)
+    monkeypatch.setattr(beam_module, "convert_piece", real)
+    report = convert_beam([path], tmp_path / "beam", "criteo-tsv", **options)
+    assert report["pieces"] >= 3
+    assert_same_conversion(tmp_path / "local", tmp_path / "beam", ["train"])
+
+
+def test_multi_valued_columns_are_refused_by_name():
+    """Multi-valued csv columns (`Layout.multi`) are converted by the local runner only."""
+    from types import SimpleNamespace
+
+    from tfcompress.data.convert_beam import _check_supported
+
+    layout = SimpleNamespace(multi=(SimpleNamespace(name="genres"),))
+    with pytest.raises(ConvertError, match=r"multi-valued columns yet \(\['genres'\]\)"):
+        _check_supported(layout, SimpleNamespace(split="none"))

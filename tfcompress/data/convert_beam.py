@@ -363,13 +363,11 @@ def _run_pipeline(beam, pipeline_options, plan, context, need_vocabulary):
     try:
         with beam.Pipeline(options=pipeline_options) as pipeline:
             _build_pipeline(beam, pipeline, plan, context, need_vocabulary)
-    except ConvertError:
-        raise
     except Exception as error:
         # Runners wrap a step's exception (with the ConvertError text that names the piece) in their own.
         cause = error
         while cause is not None and not isinstance(cause, ConvertError):
             cause = cause.__cause__ or cause.__context__
         message = str(cause) if cause is not None else f"{type(error).__name__}: {error}"
-        raise ConvertError(f"the Beam pipeline failed: {message}; finished pieces are kept, rerun the same command "
-                           "to resume") from error
+        raise ConvertError(f"the Beam pipeline failed: {message}; finished pieces are kept: fix the cause and rerun "
+                           "the same command to resume") from error
