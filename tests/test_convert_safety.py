@@ -597,3 +597,13 @@ def test_a_single_gzip_input_warns_and_gunzip_first_spreads_it_with_the_same_row
             np.testing.assert_array_equal(a, b)
     assert [(line, reason) for _, line, reason, _ in quarantine(tmp_path / "out_plain")] == \
         [(line, reason) for _, line, reason, _ in quarantine(tmp_path / "out_gz")]
+
+
+def test_runner_beam_without_apache_beam_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as in an install without the `beam` extra
+    path = write(tmp_path / "day_0", "1\t2\n")
+    assert cli.main(["data", "convert", "--format", "criteo-tsv", "--input", str(path), "--output",
+                     str(tmp_path / "out"), "--runner", "beam"]) == 2
+    assert re.fullmatch(r"error: --runner beam needs Apache Beam: pip install 'tfcompress\[beam\]' .*\n",
+                        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -303,8 +303,13 @@ def _run_data(args):
     if args.beam_options and args.runner != "beam":
         raise SystemExit("--beam-option needs --runner beam")
     if args.runner == "beam":
-        from tfcompress.data.convert_beam import convert_beam  # per command: Beam is an optional extra
+        from tfcompress.data.convert_beam import convert_beam, import_beam  # per command: Beam is an optional extra
 
+        try:
+            import_beam()
+        except ImportError as error:  # one line saying what to install, not a traceback
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         if args.workers != 1:
             raise SystemExit("--workers is for --runner local; on Beam the runner's flags set the parallelism, e.g. "
                              "--beam-option=--max_num_workers=100 (Dataflow)")
