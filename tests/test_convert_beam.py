@@ -253,4 +253,4 @@ def test_multi_valued_columns_are_refused_by_name():
 
     layout = SimpleNamespace(multi=(SimpleNamespace(name="genres"),))
     with pytest.raises(ConvertError, match=r"multi-valued columns yet \(\['genres'\]\)"):
-        _check_supported(layout, SimpleNamespace(split="none"))
+        _check_supported(layout, "none")

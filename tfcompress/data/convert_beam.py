@@ -263,8 +263,10 @@ def _build_pipeline(beam, pipeline, plan, context, need_vocabulary):
 # ---- the run -------------------------------------------------------------------------------------------------
 
 
-def _check_supported(layout, options):
-    if options.split == "by-column":
+def _check_supported(layout, split):
+    """Refuse what the pipeline does not do, before any option is resolved (their errors would be about other
+    things)."""
+    if split == "by-column":
         raise ConvertError("--runner beam does not do split 'by-column' (its threshold needs a pass over every "
                            "piece before any shard is written); convert with the local runner (--workers N)")
     multi = list(getattr(layout, "multi", ()) or ())
@@ -303,6 +305,7 @@ def convert_beam(inputs, output, format, *, beam_options=(), encoding=None, max_
         raise ValueError(f"max_reject_fraction must be a number in [0, 1] (or None), got {max_reject_fraction!r}")
     beam_options = [str(flag) for flag in beam_options]
     layout = formats.layout_for_format(format, schema)
+    _check_supported(layout, split)
     options = ConvertOptions(
         format=format, encoding=encoding, max_ind_range=max_ind_range, min_count=min_count,
         hash_buckets=hash_buckets, dense_transform=dense_transform, clip_negative=bool(clip_negative), split=split,
@@ -310,7 +313,6 @@ def convert_beam(inputs, output, format, *, beam_options=(), encoding=None, max_
         rows_per_shard=rows_per_shard, schema_path=schema, record_layout=record_layout, split_column=split_column,
         vocab_max_keys=vocab_max_keys,
     ).resolved(layout)
-    _check_supported(layout, options)
     output = os.path.abspath(os.fspath(output))
     files = expand_inputs(inputs)
     parquet_note = local._tensorflow_io_note(format, progress)
