@@ -36,7 +36,10 @@ Faults: a piece whose input breaks off (a truncated .gz) is reported as with the
 converted, report.json written, a ConvertError naming the file and the rows kept). Any other failure of a piece is
 raised as a ConvertError naming the piece and its input; the runner retries the bundle first where it does
 (Dataflow: 4 times). A rerun of the same command resumes: finished pieces (their `_state/piece-PPPPP.json`) and a
-finished vocabulary are skipped.
+finished vocabulary are skipped. A worker process that dies is the runner's to handle: Dataflow, Flink and Spark
+restart its work elsewhere; Beam 2.77's DirectRunner in multi_processing mode does not notice and waits forever
+(seen with a step that SIGKILLs its worker: no error after 180 s), so use it for tests, stop a hung run and rerun:
+it resumes.
 
 Not on Beam (refused with a ConvertError naming the option): split "by-column" (its threshold needs a pass
 over all pieces before any shard is written; use the local converter) and multi-valued columns.
