@@ -206,22 +206,21 @@ def _run_tasks(function, tasks, context, workers, progress=None, on_done=None):
                 task = running.pop(future)
                 try:
                     result = future.result()
+                    for queued in itertools.islice(queue, 1):  # submit fails too once another worker died
+                        running[executor.submit(function, queued)] = queued
                 except BrokenProcessPool:
                     raise ConvertError(_worker_death_message(function, [task] + list(running.values()))) from None
-                for queued in itertools.islice(queue, 1):
-                    running[executor.submit(function, queued)] = queued
                 if progress is not None:
                     progress.done += 1
                 if on_done is not None:
                     on_done(result)
                 yield result
     finally:
-        # Like Pool.terminate: stop the workers now (an error or Ctrl-C in the caller need not wait for the
-        # pieces in flight; a rerun redoes unfinished pieces from scratch).
-        for future in running:
-            future.cancel()
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
-            process.terminate()
+        if running:
+            # Like Pool.terminate: an error or Ctrl-C in the caller does not wait for the tasks in flight (a rerun
+            # redoes unfinished pieces from scratch). _processes is private; without it shutdown waits for them.
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                process.terminate()
         executor.shutdown(wait=True, cancel_futures=True)
 
 
