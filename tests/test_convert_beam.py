@@ -254,3 +254,18 @@ def test_multi_valued_columns_are_refused_by_name():
     layout = SimpleNamespace(multi=(SimpleNamespace(name="genres"),))
     with pytest.raises(ConvertError, match=r"multi-valued columns yet \(\['genres'\]\)"):
         _check_supported(layout, "none")
+
+
+def test_workers_in_separate_processes_give_the_same_output(tmp_path):
+    """DirectRunner multi_processing: every step is pickled to other processes, as on a cluster (the context, the
+    plan's rules and the vocabulary as side inputs, the module-level step functions)."""
+    rng = np.random.default_rng(25)
+    (tmp_path / "day_0").write_text("\n".join(malformed_criteo_lines(rng, 200)) + "\n")
+    (tmp_path / "day_1").write_text("\n".join(malformed_criteo_lines(rng, 100)) + "\n")
+    inputs = [tmp_path / "day_0", tmp_path / "day_1"]
+    options = dict(encoding="vocab", min_count=2, max_ind_range=1000, split="criteo-days", test_day=1,
+                   shard_bytes=20_000)
+    convert(inputs, tmp_path / "local", "criteo-tsv", **options)
+    convert_beam(inputs, tmp_path / "beam", "criteo-tsv", beam_options=DIRECT + [
+        "--direct_num_workers=2", "--direct_running_mode=multi_processing"], **options)
+    assert_same_conversion(tmp_path / "local", tmp_path / "beam", ["train", "eval"])
