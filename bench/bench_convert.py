@@ -2,6 +2,11 @@
 
     python bench/bench_convert.py                  # 300k raw Criteo rows and 300k Avazu rows, made on the fly
     python bench/bench_convert.py --rows 2000000 --workers 1 2
+    .venv-beam/bin/python bench/bench_convert.py --cases criteo-hexmod --runners local beam   # issue 18
+
+`--runners beam` also converts each case with `--runner beam` on Beam's DirectRunner (the `beam` extra, so run it
+from .venv-beam, `make test-beam` builds it): 1 worker is the DirectRunner's default (in-memory, one thread);
+N > 1 workers are `--direct_num_workers=N --direct_running_mode=multi_processing`.
 
 Each case converts the same raw file from scratch (overwrite) with 1 and 2 worker processes, alternating in rounds,
 and reports: rows/s (wall clock), rows/s per worker, and rows per CPU-second (parent and worker processes
@@ -45,6 +50,13 @@ def make_raw_avazu(path, rows, seed=0):
             f.write("\n".join(",".join(row) for row in table.tolist()) + "\n")
 
 
+CASES = {
+    "criteo-hexmod": ("criteo-tsv hex-mod", "criteo-tsv", {}),
+    "criteo-vocab": ("criteo-tsv vocab (2 passes)", "criteo-tsv", {"encoding": "vocab"}),
+    "avazu-hash": ("avazu-csv hash", "avazu-csv", {}),
+}
+
+
 def cpu_seconds():
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # worker processes, once they have been joined
@@ -57,9 +69,21 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--runners", nargs="+", choices=("local", "beam"), default=["local"])
+    parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES))
     args = parser.parse_args(argv)
 
     from tfcompress.data.convert import convert
+
+    def run(runner, path, out, fmt, workers, **options):
+        if runner == "local":
+            return convert([path], out, fmt, workers=workers, **options)
+        from tfcompress.data.convert_beam import convert_beam
+
+        flags = ["--runner=DirectRunner"]
+        if workers > 1:
+            flags += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+        return convert_beam([path], out, fmt, beam_options=flags, **options)
 
     os.makedirs(args.workdir, exist_ok=True)
     criteo = os.path.join(args.workdir, f"day_0_{args.rows}.tsv")
@@ -69,34 +93,33 @@ def main(argv=None):
     if not os.path.isfile(avazu):
         make_raw_avazu(avazu, args.rows)
     # Pieces of ~1/8 of the file, so that 2 workers have work to share.
-    cases = [
-        ("criteo-tsv hex-mod", criteo, "criteo-tsv", {}),
-        ("criteo-tsv vocab (2 passes)", criteo, "criteo-tsv", {"encoding": "vocab"}),
-        ("avazu-csv hash", avazu, "avazu-csv", {}),
-    ]
+    cases = [(label, criteo if fmt.startswith("criteo") else avazu, fmt, options)
+             for name, (label, fmt, options) in CASES.items() if name in args.cases]
     print(f"{args.rows:,} rows per case; CPUs available: {len(os.sched_getaffinity(0))}", flush=True)
     results = {}
     for round_index in range(args.rounds):
         for label, path, fmt, options in cases:
             shard_bytes = max(1 << 20, os.path.getsize(path) // 8)
-            for workers in args.workers:
-                out = os.path.join(args.workdir, "out")
-                shutil.rmtree(out, ignore_errors=True)
-                wall, cpu = time.perf_counter(), cpu_seconds()
-                report = convert([path], out, fmt, workers=workers, shard_bytes=shard_bytes, **options)
-                wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-                rows = report["rows_read"]
-                results.setdefault((label, workers), []).append((rows / wall, rows / cpu))
-                print(f"round {round_index + 1} {label:28s} workers {workers}: {rows / wall:10,.0f} rows/s, "
-                      f"{rows / cpu:10,.0f} rows per CPU-s", flush=True)
+            for runner in args.runners:
+                for workers in args.workers:
+                    out = os.path.join(args.workdir, "out")
+                    shutil.rmtree(out, ignore_errors=True)
+                    wall, cpu = time.perf_counter(), cpu_seconds()
+                    report = run(runner, path, out, fmt, workers, shard_bytes=shard_bytes, **options)
+                    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+                    rows = report["rows_read"]
+                    results.setdefault((label, runner, workers), []).append((rows / wall, rows / cpu))
+                    print(f"round {round_index + 1} {label:28s} {runner:5s} workers {workers}: {rows / wall:10,.0f} "
+                          f"rows/s, {rows / cpu:10,.0f} rows per CPU-s", flush=True)
     print()
-    header = f"{'case':28s} {'workers':>7s} {'rows/s':>10s} {'rows/s/worker':>14s} {'rows/CPU-s':>11s}"
+    header = (f"{'case':28s} {'runner':6s} {'workers':>7s} {'rows/s':>10s} {'rows/s/worker':>14s} "
+              f"{'rows/CPU-s':>11s}")
     print(header)
     print("-" * len(header))
-    for (label, workers), runs in results.items():
+    for (label, runner, workers), runs in results.items():
         rate = statistics.median(r[0] for r in runs)
         per_cpu = statistics.median(r[1] for r in runs)
-        print(f"{label:28s} {workers:7d} {rate:10,.0f} {rate / workers:14,.0f} {per_cpu:11,.0f}")
+        print(f"{label:28s} {runner:6s} {workers:7d} {rate:10,.0f} {rate / workers:14,.0f} {per_cpu:11,.0f}")
     print(f"\n(medians of {args.rounds} rounds)")
     return 0
 

@@ -8,6 +8,7 @@ written from (test_convert's references), never from the converter's own code.
 """
 
 import errno
+import gzip
 import json
 import math
 import os
@@ -536,3 +537,73 @@ def test_readme_schema_example_parses_and_states_the_raw_column_order(tmp_path):
     """))
     assert raw_columns(formats.layout_from_schema_file(tmp_path / "all.toml")) == ("d2", "d1", "s1", "s2", "h",
                                                                                    "hour")
+
+
+def test_a_worker_killed_mid_piece_fails_the_run_naming_the_piece(tmp_path):
+    """A multiprocessing.Pool waited forever for the task of a worker that died; now the run fails, naming it."""
+    import threading
+
+    from _convert_faults import die_on_piece_1
+    from tfcompress.data import convert as convert_module
+
+    pieces = [{"index": i, "path": f"/data/day_{i}.gz", "kind": "gzip"} for i in range(2)]
+    outcome = {}
+
+    def run():
+        try:
+            outcome["results"] = list(convert_module._run_tasks(die_on_piece_1, pieces, None, workers=1 + 1))
+        except ConvertError as error:
+            outcome["error"] = str(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the pool hung after a worker died"
+    assert "error" in outcome, outcome
+    assert "piece 1 (input /data/day_1.gz)" in outcome["error"]
+    assert "worker process of the conversion died" in outcome["error"]
+    assert "rerun" in outcome["error"]
+
+
+def test_a_single_gzip_input_warns_and_gunzip_first_spreads_it_with_the_same_rows(tmp_path):
+    """A .gz input is one piece (one worker): the run says so and how to pre-split it; `gunzip --keep` then gives
+    a plain file cut into byte ranges for every worker, with the same rows in the same splits (halves included)."""
+    from test_convert import criteo_rows, criteo_text
+
+    rng = np.random.default_rng(23)
+    gz_dir, plain_dir = tmp_path / "gz", tmp_path / "plain"
+    gz_dir.mkdir()
+    plain_dir.mkdir()
+    for day, n in ((0, 300), (23, 201)):
+        lines = criteo_text(criteo_rows(rng, n)).splitlines()
+        lines[5] = "2" + lines[5][1:]  # a bad_label row: rejections and their line numbers carry over too
+        with gzip.open(gz_dir / f"day_{day}.gz", "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    options = dict(split="criteo-days-halves", test_day=23, max_ind_range=1000)
+    single = convert([gz_dir / "day_23.gz"], tmp_path / "single", "criteo-tsv", workers=2, **options)
+    assert any("gunzip --keep" in w and "day_23.gz" in w for w in single["warnings"])
+    by_gz = convert(sorted(gz_dir.glob("*.gz")), tmp_path / "out_gz", "criteo-tsv", **options)
+    for path in sorted(gz_dir.glob("*.gz")):  # the recommended command, as the warning prints it
+        subprocess.run(["gunzip", "--keep", str(path)], check=True)
+        os.replace(path.with_suffix(""), plain_dir / path.with_suffix("").name)
+    by_plain = convert(sorted(plain_dir.glob("day_*")), tmp_path / "out_plain", "criteo-tsv", workers=2,
+                       shard_bytes=20_000, **options)
+    assert by_gz["pieces"] == 2 and by_plain["pieces"] >= 6
+    assert not any("gunzip" in w for w in by_plain["warnings"])
+    for key in ("rows_read", "rows_written", "rows_rejected", "rejected_by_reason", "rows_per_split"):
+        assert by_plain[key] == by_gz[key], key
+    for split in ("train", "eval", "test"):
+        for a, b in zip(read_all(tmp_path / "out_gz" / split), read_all(tmp_path / "out_plain" / split)):
+            np.testing.assert_array_equal(a, b)
+    assert [(line, reason) for _, line, reason, _ in quarantine(tmp_path / "out_plain")] == \
+        [(line, reason) for _, line, reason, _ in quarantine(tmp_path / "out_gz")]
+
+
+def test_runner_beam_without_apache_beam_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as in an install without the `beam` extra
+    path = write(tmp_path / "day_0", "1\t2\n")
+    assert cli.main(["data", "convert", "--format", "criteo-tsv", "--input", str(path), "--output",
+                     str(tmp_path / "out"), "--runner", "beam"]) == 2
+    assert re.fullmatch(r"error: --runner beam needs Apache Beam: pip install 'tfcompress\[beam\]' .*\n",
+                        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

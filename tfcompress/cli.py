@@ -252,7 +252,15 @@ def _add_data_arguments(parser):
     convert.add_argument("--input", required=True, nargs="+", metavar="PATH",
                          help="input files, directories or glob patterns (.gz is read as gzip)")
     convert.add_argument("--output", required=True, help="output directory (one conversion at a time: locked)")
-    convert.add_argument("--workers", type=int, default=1, help="worker processes (same output for any number)")
+    convert.add_argument("--workers", type=int, default=1,
+                         help="worker processes (same output for any number; --runner local)")
+    convert.add_argument("--runner", choices=("local", "beam"), default="local",
+                         help="local: a process pool on this machine; beam: an Apache Beam pipeline (pip install "
+                              "'tfcompress[beam]'), the same output, on the runner --beam-option names")
+    convert.add_argument("--beam-option", action="append", default=[], dest="beam_options", metavar="FLAG",
+                         help="--runner beam: a Beam pipeline flag, written with '=' and repeatable, e.g. "
+                              "--beam-option=--runner=DirectRunner (the default) or "
+                              "--beam-option=--runner=DataflowRunner --beam-option=--project=P (README)")
     convert.add_argument("--schema", help="schema TOML: required for --format csv, optional for parquet (below)")
     convert.add_argument("--encoding", choices=("auto", "hex-mod", "vocab", "hash"),
                          help="categorical encoding (default: hex-mod for Criteo, hash for Avazu, the schema's "
@@ -308,8 +316,24 @@ def _run_data(args):
         options["rows_per_shard"] = args.rows_per_shard
     if args.vocab_max_keys is not None:
         options["vocab_max_keys"] = args.vocab_max_keys
-    report = data_convert.convert(
-        args.input, args.output, args.format, workers=args.workers, schema=args.schema, encoding=args.encoding,
+    if args.beam_options and args.runner != "beam":
+        raise SystemExit("--beam-option needs --runner beam")
+    if args.runner == "beam":
+        from tfcompress.data.convert_beam import convert_beam, import_beam  # per command: Beam is an optional extra
+
+        try:
+            import_beam()
+        except ImportError as error:  # one line saying what to install, not a traceback
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.workers != 1:
+            raise SystemExit("--workers is for --runner local; on Beam the runner's flags set the parallelism, e.g. "
+                             "--beam-option=--max_num_workers=100 (Dataflow)")
+        run, options = convert_beam, dict(options, beam_options=args.beam_options)
+    else:
+        run, options = data_convert.convert, dict(options, workers=args.workers)
+    report = run(
+        args.input, args.output, args.format, schema=args.schema, encoding=args.encoding,
         max_ind_range=args.max_ind_range, min_count=args.min_count, dense_transform=args.dense_transform,
         clip_negative=not args.keep_negative, split=args.split, eval_fraction=args.eval_fraction, seed=args.seed,
         test_day=args.test_day, shard_bytes=parse_bytes(args.shard_size), record_layout=args.record_layout,

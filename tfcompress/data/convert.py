@@ -53,7 +53,9 @@ progress, then merging the pieces' results into report.json, counts/, quarantine
 `tfcompress.data.convert_plan` (options, inputs, pieces, splits, encoders, the `_state/` files).
 """
 
+import concurrent.futures
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -61,6 +63,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -190,20 +193,56 @@ def _run_tasks(function, tasks, context, workers, progress=None, on_done=None):
         finally:
             init_worker(None)
         return
-    # spawn, not fork: the parent may have TensorFlow loaded, which is not fork-safe.
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), initializer=init_worker,
-                                                     initargs=(context,))
+    # spawn, not fork: the parent may have TensorFlow loaded, which is not fork-safe. concurrent.futures, not
+    # multiprocessing.Pool: a Pool whose worker dies (the out-of-memory killer, a crash in native code) waits
+    # forever for the lost task, while the executor fails the pending tasks with BrokenProcessPool. At most one
+    # task per process is in flight, so the tasks named when one dies are the ones that were running.
+    processes = min(workers, len(tasks))
+    executor = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=init_worker, initargs=(context,))
+    queue = iter(tasks)
+    running = {executor.submit(function, task): task for task in itertools.islice(queue, processes)}
     try:
-        for result in pool.imap_unordered(function, tasks):
-            if progress is not None:
-                progress.done += 1
-            if on_done is not None:
-                on_done(result)
-            yield result
-        pool.close()
+        while running:
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                try:
+                    result = future.result()
+                    for queued in itertools.islice(queue, 1):  # submit fails too once another worker died
+                        running[executor.submit(function, queued)] = queued
+                except BrokenProcessPool:
+                    raise ConvertError(_worker_death_message(function, [task] + list(running.values()))) from None
+                if progress is not None:
+                    progress.done += 1
+                if on_done is not None:
+                    on_done(result)
+                yield result
     finally:
-        pool.terminate()
-        pool.join()
+        if running:
+            # Like Pool.terminate: an error or Ctrl-C in the caller does not wait for the tasks in flight (a rerun
+            # redoes unfinished pieces from scratch). _processes is private; without it shutdown waits for them.
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def describe_task(task):
+    """What a pool task works on, for messages: "piece 3 (input /data/day_0.gz)" or "the scan of input ..."."""
+    if isinstance(task, dict) and "index" in task:
+        where = f", bytes {task['start']}-{task['end']}" if task.get("kind") == "plain" else ""
+        return f"piece {task['index']} (input {task['path']}{where})"
+    if isinstance(task, tuple) and len(task) == 2 and isinstance(task[1], tuple):  # scan_file_at's (position, task)
+        return f"the scan of input {task[1][0]}"
+    return repr(task)  # pragma: no cover - every task of this module is one of the above
+
+
+def _worker_death_message(function, in_flight):
+    named = "; ".join(describe_task(task) for task in in_flight)
+    which = "it was running" if len(in_flight) == 1 else "one of the tasks it was running is"
+    return (f"a worker process of the conversion died (killed by a signal such as the out-of-memory killer's "
+            f"SIGKILL, or crashed in native code) during {function.__name__}; {which}: {named}. Finished pieces "
+            "are kept: rerun the same command to resume (with fewer --workers if memory ran out)")
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -297,6 +336,7 @@ def _run(output, files, layout, options, column_maps, strict, workers, overwrite
          parquet_note, warnings):
     """The conversion proper, under the output lock: plan, first passes, pieces, report."""
     pieces, rules = _plan_pieces(output, files, layout, options, column_maps, strict, workers, overwrite)
+    warnings += _warn(gzip_warnings(pieces, workers))
     counter = multiprocessing.get_context("spawn").Value("q", 0)
     split_info = None
     if options.split == "by-column":
@@ -308,6 +348,25 @@ def _run(output, files, layout, options, column_maps, strict, workers, overwrite
         _build_vocabulary(pieces, context, workers, progress)
     errors, skipped = _convert_pieces(pieces, context, workers, progress, on_piece_done)
     return _finish(output, files, pieces, context, errors, skipped, started, parquet_note, split_info, warnings)
+
+
+def gzip_warnings(pieces, workers):
+    """A warning when workers would idle because .gz inputs are single pieces (one worker reads a .gz whole).
+
+    Why a .gz file is not split: DEFLATE has no points to start decoding mid-way (a block's back-references reach
+    32 KiB into the text before it, and block boundaries are bit offsets found only by decoding), so a worker
+    converting the k-th of n parts would first decompress the k-1 parts before it; the plan would also decompress
+    the whole file once to number its lines. Decompressing first (`gunzip --keep`) makes it a plain text file, which
+    is cut into byte ranges for any number of workers, with the same rows in the same splits
+    (tests/test_convert_safety.py checks this, criteo-days-halves included).
+    """
+    gzipped = [p["path"] for p in pieces if p["kind"] == "gzip"]
+    if workers <= 1 or len(pieces) >= workers or not gzipped:
+        return []
+    return [f"{len(pieces)} pieces for {workers} workers: a .gz input is converted whole by one worker (a gzip "
+            f"stream cannot be entered mid-way); to spread it over the workers, decompress it first and convert "
+            f"the plain file, which is cut into byte ranges (same rows, same splits): gunzip --keep "
+            f"{' '.join(gzipped[:3])}{' ...' if len(gzipped) > 3 else ''}"]
 
 
 def _tensorflow_io_note(format, progress):
