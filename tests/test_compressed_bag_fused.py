@@ -7,12 +7,17 @@ gradients are sums in another order and are compared to 1e-6. The library must l
 a machine without it fails with the reason rather than skipping.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tfcompress import fused_ops
-from tfcompress._keras import USING_LEGACY_KERAS
+from tfcompress._keras import USING_LEGACY_KERAS, keras
 from tfcompress.layers import CompressedEmbedding, RobeMemory
 from tfcompress.layers.bag import bag_lookup
 
@@ -148,3 +153,41 @@ def test_out_of_range_rules_apply_to_the_ids_left_after_pruning():
     with pytest.raises(tf.errors.InvalidArgumentError, match=str(N)):
         strict(tf.ragged.constant([[1, N]], dtype=tf.int64))
     np.testing.assert_array_equal(strict(tf.ragged.constant([[-5]])).numpy(), np.zeros((1, D)))
+
+
+def test_mixed_precision_bags_fused_and_composite_agree():
+    # Under mixed_float16 the layer reads the memory as float16 (the fused op then computes in float32 on a copy);
+    # the composite pooled float16 rows with float32 weight sums and failed with a dtype TypeError before.
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        fused, composite = fused_and_composite("mean", "auto")
+        ids, weights = bag_input("ragged", True)
+        outputs = [layer(ids, weights=weights) for layer in (fused, composite)]
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert outputs[0].dtype == outputs[1].dtype == tf.float16
+    np.testing.assert_allclose(outputs[0].numpy(), outputs[1].numpy(), rtol=2e-3, atol=2e-3)
+
+
+SWITCHED_OFF_CHILD = """
+import tensorflow as tf
+from tfcompress.layers import CompressedEmbedding
+layer = CompressedEmbedding(200, 8, compression=5.0, combiner="sum")
+bags = tf.ragged.constant([[1, 2], [], [-1, 3]], dtype=tf.int64)
+ops = {op.type for op in tf.function(lambda x: layer(x)).get_concrete_function(bags).graph.get_operations()}
+assert not layer.uses_fused_bag_op() and not {"RobeBagLookup", "RobeResourceBagLookup"} & ops, ops
+assert layer(bags).shape == (3, 8)
+print("switched off: composite")
+"""
+
+
+def test_tfcompress_custom_ops_0_switches_the_bag_op_off():
+    # The switch is read once per process when the library loads, so it is checked in a fresh one.
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TFCOMPRESS_CUSTOM_OPS="0", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", SWITCHED_OFF_CHILD], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "switched off: composite" in result.stdout

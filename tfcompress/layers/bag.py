@@ -32,14 +32,14 @@ def bag_lookup(lookup_fn, ids_values, row_splits, weights, combiner):
     - a row left empty (no ids, or all pruned) is zeros.
 
     Args:
-        lookup_fn: maps int64 ids [V] (all >= 0) to float32 embeddings [V, D]; applies the layer's id rule.
+        lookup_fn: maps int64 ids [V] (all >= 0) to float embeddings [V, D]; applies the layer's id rule.
         ids_values: integer [V], the ids of all bags, row after row (a RaggedTensor's `values`).
         row_splits: int64 [rows + 1], bag r holds ids_values[row_splits[r]:row_splits[r + 1]].
         weights: float [V] per-id weights, or None.
         combiner: "sum", "mean" or "sqrtn".
 
     Returns:
-        float32 [rows, D].
+        [rows, D] in the dtype of `lookup_fn`'s embeddings (float32, or float16 under a mixed-precision policy).
     """
     if combiner not in COMBINERS:
         raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
@@ -49,11 +49,13 @@ def bag_lookup(lookup_fn, ids_values, row_splits, weights, combiner):
 
     embeddings = lookup_fn(ids_values)  # [V', D]
     if weights is not None:
+        # In the embeddings' dtype: a layer under a mixed-precision policy looks rows up in float16.
+        weights = tf.cast(weights, embeddings.dtype)
         embeddings = embeddings * weights[:, None]
     pooled = tf.math.unsorted_segment_sum(embeddings, row_ids, num_rows)
     if combiner == "sum":
         return pooled
-    per_id = tf.ones_like(row_ids, tf.float32) if weights is None else weights
+    per_id = tf.ones_like(row_ids, embeddings.dtype) if weights is None else weights
     if combiner == "mean":
         scale = tf.math.unsorted_segment_sum(per_id, row_ids, num_rows)
     else:
