@@ -2,6 +2,7 @@
 
     TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_bag_op.py            # the full run (about 1-2 min on 2 cores)
     TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_bag_op.py --quick    # fewer rounds (smoke test)
+    TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_bag_op.py --layer    # the same bags through CompressedEmbedding
 
 Shape (issue 16): 16384 rows x 20 ids per row = 327,680 Zipf-distributed ids of one 10M-row table, output_dim 16,
 chunk_size 4, ROBE-Z at 1000x (|M| = 160,000 floats, a table that starts at offset 0 of the array). Methods, all
@@ -87,10 +88,50 @@ def build_steps(fn, memory, ids, row_splits, weights, combiner, upstream):
     return (lambda: materialize(forward())), (lambda: materialize(forward_backward()))
 
 
+def layer_main(rounds, ids, row_splits, upstream):
+    """CompressedEmbedding(combiner="mean") on the same bags (a RaggedTensor): the layer's fused bag path (what
+    `call` takes now) vs its composite over the per-element fused op (what it took before, `fused_bags=False`) vs
+    the composite over the pure-TF lookup (`use_custom_op=False`). Forward + backward (dense memory gradient)."""
+    from tfcompress.layers import CompressedEmbedding
+
+    def make(options):
+        layer = CompressedEmbedding(CARDINALITY, OUTPUT_DIM, method="robe", compression=COMPRESSION,
+                                    chunk_size=CHUNK_SIZE, seed=SEED, combiner="mean", gradient="dense",
+                                    options=options)
+        layer.build(None)
+        return layer
+
+    fused, pure = make({}), make({"use_custom_op": False})
+    pure.inner.memory.assign(fused.inner.memory)
+    bags = tf.RaggedTensor.from_row_splits(ids, row_splits)
+    calls = {
+        "layer fused bag": lambda: fused(bags),
+        "layer composite + per-element op": lambda: fused._lookup(bags, None, fused._lookup_flat, fused_bags=False),
+        "layer composite pure-TF": lambda: pure(bags),
+    }
+    steps = {}
+    for name, call in calls.items():
+        layer = pure if "pure" in name else fused
+
+        @tf.function
+        def step(call=call, layer=layer):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(call() * upstream)
+            return tape.gradient(loss, layer.trainable_variables)
+
+        steps[name] = lambda step=step: materialize(step())
+    timings = median_times(steps, rounds)
+    print("\n## CompressedEmbedding(combiner='mean'), ragged [16384, 20], forward + backward")
+    base = timings["layer fused bag"]
+    for name in calls:
+        print(f"  {name:<34s} {timings[name] * 1e3:9.2f} ms   {timings[name] / base:6.2f}x of fused", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of 15")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--layer", action="store_true", help="only the CompressedEmbedding layer-level comparison")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 15)
     if not fused_ops.is_available():
@@ -107,6 +148,9 @@ def main(argv=None):
     threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
     print(f"{ROWS} rows x {IDS_PER_ROW} ids = {n} ids, table {CARDINALITY} x {OUTPUT_DIM}, Z={CHUNK_SIZE}, "
           f"|M|={memory_size}, {rounds} rounds (median), intra-op threads {threads}")
+    if args.layer:
+        layer_main(rounds, ids, row_splits, upstream)
+        return
 
     for combiner, w in (("mean", None), ("sum", weights)):
         label = f"{combiner}, {'weighted' if w is not None else 'unweighted'}"

@@ -139,6 +139,24 @@ def test_sparse_ids_in_any_order_pool_like_ordered_ones():
                                layer(ordered, weights=weights).numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_sparse_ids_that_are_not_right_ragged_pool_like_safe_embedding_lookup_sparse(combiner):
+    # Only each entry's row counts: columns with gaps ([3, 0], [3, 2]), starting past 0 ([1, 4]) and given out of
+    # order are a valid bag, as for safe_embedding_lookup_sparse (RaggedTensor.from_sparse would refuse them).
+    layer = CompressedEmbedding(N, D, method="robe", compression=5.0, chunk_size=4, combiner=combiner)
+    layer.build(None)
+    random_weights(layer)
+    table = tf.constant(materialized(layer))
+    indices = tf.constant([[3, 2], [1, 4], [3, 0], [1, 5], [4, 1]], tf.int64)
+    ids = tf.SparseTensor(indices, tf.constant([17, 4, 199, -1, 8], tf.int64), [6, 6])
+    weights = tf.SparseTensor(indices, tf.constant([0.5, 2.0, 1.5, 1.0, 0.0]), [6, 6])
+    for w in (None, weights):
+        expected = tf.nn.safe_embedding_lookup_sparse(table, ids, w, combiner=combiner).numpy()
+        for out in (layer(ids, weights=w), layer.serving_lookup(ids, weights=w)):
+            np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert not layer(ids).numpy()[[0, 2, 5]].any()
+
+
 def test_bag_gradient_equals_safe_embedding_lookup_sparse_gradient():
     layer = CompressedEmbedding(N, D, method="full", combiner="mean")
     layer.build(None)

@@ -32,37 +32,30 @@ def bag_lookup(lookup_fn, ids_values, row_splits, weights, combiner):
     - a row left empty (no ids, or all pruned) is zeros.
 
     Args:
-        lookup_fn: maps int64 ids [V] (all >= 0) to float32 embeddings [V, D]; applies the layer's id rule.
+        lookup_fn: maps int64 ids [V] (all >= 0) to float embeddings [V, D]; applies the layer's id rule.
         ids_values: integer [V], the ids of all bags, row after row (a RaggedTensor's `values`).
         row_splits: int64 [rows + 1], bag r holds ids_values[row_splits[r]:row_splits[r + 1]].
         weights: float [V] per-id weights, or None.
         combiner: "sum", "mean" or "sqrtn".
 
     Returns:
-        float32 [rows, D].
+        [rows, D] in the dtype of `lookup_fn`'s embeddings (float32, or float16 under a mixed-precision policy).
     """
     if combiner not in COMBINERS:
         raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
-    ids_values = tf.cast(ids_values, tf.int64)
-    row_splits = tf.cast(row_splits, tf.int64)
     num_rows = tf.shape(row_splits, out_type=tf.int64)[0] - 1
+    ids_values, row_splits, weights = prune_bags(ids_values, row_splits, weights, combiner)
     row_ids = tf.ragged.row_splits_to_segment_ids(row_splits)
-    keep = ids_values >= 0
-    if weights is not None:
-        weights = tf.cast(weights, tf.float32)
-        if combiner != "sum":
-            keep = tf.logical_and(keep, weights > 0)
-        weights = tf.boolean_mask(weights, keep)
-    ids_values = tf.boolean_mask(ids_values, keep)
-    row_ids = tf.boolean_mask(row_ids, keep)
 
     embeddings = lookup_fn(ids_values)  # [V', D]
     if weights is not None:
+        # In the embeddings' dtype: a layer under a mixed-precision policy looks rows up in float16.
+        weights = tf.cast(weights, embeddings.dtype)
         embeddings = embeddings * weights[:, None]
     pooled = tf.math.unsorted_segment_sum(embeddings, row_ids, num_rows)
     if combiner == "sum":
         return pooled
-    per_id = tf.ones_like(row_ids, tf.float32) if weights is None else weights
+    per_id = tf.ones_like(row_ids, embeddings.dtype) if weights is None else weights
     if combiner == "mean":
         scale = tf.math.unsorted_segment_sum(per_id, row_ids, num_rows)
     else:
@@ -71,10 +64,34 @@ def bag_lookup(lookup_fn, ids_values, row_splits, weights, combiner):
     return tf.math.divide_no_nan(pooled, scale[:, None])
 
 
+def prune_bags(ids_values, row_splits, weights, combiner):
+    """(ids int64 [V'], row_splits int64 [rows + 1], weights float32 [V'] or None) of the bags after
+    `tf.nn.safe_embedding_lookup_sparse`'s pruning: ids < 0 go (with their weights), and with weights and a
+    combiner other than "sum" so do ids of weight <= 0. Rows keep their number (a row may become empty).
+
+    The one pruning rule of every bag path: `bag_lookup` (the composite) and the fused bag op's caller, which
+    takes only ids in range.
+    """
+    ids_values = tf.cast(ids_values, tf.int64)
+    row_splits = tf.cast(row_splits, tf.int64)
+    num_rows = tf.shape(row_splits, out_type=tf.int64)[0] - 1
+    keep = ids_values >= 0
+    if weights is not None:
+        weights = tf.cast(weights, tf.float32)
+        if combiner != "sum":
+            keep = tf.logical_and(keep, weights > 0)
+        weights = tf.boolean_mask(weights, keep)
+    kept_per_row = tf.math.unsorted_segment_sum(tf.cast(keep, tf.int64),
+                                                tf.ragged.row_splits_to_segment_ids(row_splits), num_rows)
+    row_splits = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(kept_per_row)], axis=0)
+    return tf.boolean_mask(ids_values, keep), row_splits, weights
+
+
 def as_ragged_bags(ids, weights, layer_name):
     """(values, row_splits, weight values or None) of rank-2 ragged or sparse ids, checked.
 
-    A SparseTensor is reordered first (its rows may come in any order); its weights must be a SparseTensor with
+    A SparseTensor is reordered first (its entries may come in any order, as tf.sparse.reorder sorts them) and
+    only each entry's row index is used (columns need not be 0, 1, 2, ...); its weights must be a SparseTensor with
     the same indices, a ragged input's a RaggedTensor with the same row splits (or None).
     """
     if isinstance(ids, tf.SparseTensor):
@@ -90,7 +107,10 @@ def as_ragged_bags(ids, weights, layer_name):
             paired = tf.sparse.reorder(tf.SparseTensor(ids.indices, tf.range(tf.size(ids.values, tf.int64)),
                                                        ids.dense_shape))
             weights = tf.gather(weights.values, paired.values)
-        ids = tf.RaggedTensor.from_sparse(tf.sparse.reorder(ids))
+        # Only the row of each entry counts (indices[:, 0]), as in safe_embedding_lookup_sparse: columns may have
+        # gaps or start anywhere ([[3, 0], [3, 2]] is a valid bag of row 3), which RaggedTensor.from_sparse refuses.
+        ordered = tf.sparse.reorder(ids)
+        ids = tf.RaggedTensor.from_value_rowids(ordered.values, ordered.indices[:, 0], nrows=ordered.dense_shape[0])
     elif weights is not None:
         if not isinstance(weights, tf.RaggedTensor):
             raise TypeError(f"{layer_name}: weights of ragged ids must be a tf.RaggedTensor with the same row "

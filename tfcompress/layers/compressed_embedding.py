@@ -3,7 +3,8 @@
 The lookup itself is not written here: the layer holds one inner single-feature layer of the chosen method
 (`RobeEmbedding`, `HashingTrickEmbedding`, ... with `cardinalities=[input_dim]`) and reshapes ids of any shape to
 the inner layer's `[N, 1]` and back, so every method's math, fused op and serving lookup are reused as they are.
-Bags (ragged or sparse ids with a `combiner`) are pooled by `tfcompress.layers.bag.bag_lookup`.
+Bags (ragged or sparse ids with a `combiner`) are pooled by `tfcompress.layers.bag.bag_lookup`, or in training
+with method "robe" by the fused bag op (`RobeEmbedding.fused_bag_lookup`) when the inner layer runs its fused op.
 """
 
 import tensorflow as tf
@@ -187,15 +188,16 @@ class CompressedEmbedding(keras.layers.Layer):
     # ---- training lookup --------------------------------------------------------------------------------------
 
     def call(self, ids, weights=None, training=None):
-        return self._lookup(ids, weights, lambda flat: self._lookup_flat(flat, training))
+        return self._lookup(ids, weights, lambda flat: self._lookup_flat(flat, training), fused_bags=True)
 
-    def _lookup(self, ids, weights, lookup_flat):
-        """`call`'s contract for every input kind, with `lookup_flat` ([N] ids -> [N, D]) doing the lookups."""
+    def _lookup(self, ids, weights, lookup_flat, fused_bags=False):
+        """`call`'s contract for every input kind, with `lookup_flat` ([N] ids -> [N, D]) doing the lookups and
+        bags pooled by the fused bag op where `fused_bags` allows it (`_pool_bags`)."""
         if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
-            return self._lookup_composite(ids, weights, lookup_flat)
+            return self._lookup_composite(ids, weights, lookup_flat, fused_bags)
         ids = self.check_ids(ids)
         if self.combiner is not None:
-            return self._lookup_dense_bags(ids, weights, lookup_flat)
+            return self._lookup_dense_bags(ids, weights, lookup_flat, fused_bags)
         if weights is not None:
             raise ValueError(f"{self.described}: weights= apply to bags (a layer with a combiner), and this layer "
                              "was made with combiner=None")
@@ -225,12 +227,24 @@ class CompressedEmbedding(keras.layers.Layer):
         out.set_shape(ids.shape.concatenate([self.output_dim]))
         return out
 
-    def _pool_bags(self, lookup_flat, values, row_splits, weights):
-        """The one place bags are pooled (ragged, sparse and dense bags alike): `bag.bag_lookup`, the composite
-        of stock ops; a fused bag op for training takes the same arguments here."""
+    def uses_fused_bag_op(self):
+        """Whether `call` pools bags with the fused ROBE bag op: method "robe", and the inner `RobeEmbedding` runs
+        its fused op (its `use_custom_op`, the library loaded, `TFCOMPRESS_CUSTOM_OPS` not 0)."""
+        return isinstance(self.inner, RobeEmbedding) and self.inner.uses_fused_op
+
+    def _pool_bags(self, lookup_flat, values, row_splits, weights, fused_bags=False):
+        """The one place bags are pooled (ragged, sparse and dense bags alike).
+
+        Training (`fused_bags`, from `call`) with `uses_fused_bag_op()`: the pruned bags (`bag.prune_bags`, the
+        safe_embedding_lookup_sparse rule) go to `RobeEmbedding.fused_bag_lookup`, one kernel for the hashed
+        gather and the per-row pooling. Otherwise, and always in `serving_lookup` (stock ops only), the
+        composite `bag.bag_lookup` over `lookup_flat`. Both sum each row in id order and divide last."""
+        if fused_bags and self.uses_fused_bag_op():
+            values, row_splits, weights = bag.prune_bags(values, row_splits, weights, self.combiner)
+            return self.inner.fused_bag_lookup(values, row_splits, weights, self.combiner)
         return bag.bag_lookup(lookup_flat, values, row_splits, weights, self.combiner)
 
-    def _lookup_dense_bags(self, ids, weights, lookup_flat):
+    def _lookup_dense_bags(self, ids, weights, lookup_flat, fused_bags=False):
         """Dense ids [..., L] with a combiner: each last-axis row is one bag -> [..., D], as
         `keras_rs.layers.EmbedReduce` pools; ids [B] are bags of one id -> [B, D]."""
         if ids.shape.rank == 0:
@@ -245,12 +259,12 @@ class CompressedEmbedding(keras.layers.Layer):
             tf.debugging.assert_equal(tf.shape(weights), tf.shape(ids),
                                       message=f"{self.described}: weights must have the shape of the ids")
             weight_values = tf.reshape(weights, [-1])
-        pooled = self._pool_bags(lookup_flat, bags.values, bags.row_splits, weight_values)
+        pooled = self._pool_bags(lookup_flat, bags.values, bags.row_splits, weight_values, fused_bags)
         out = tf.reshape(pooled, tf.concat([tf.shape(ids)[:-1], [self.output_dim]], axis=0))
         out.set_shape(ids.shape[:-1].concatenate([self.output_dim]))
         return out
 
-    def _lookup_composite(self, ids, weights, lookup_flat):
+    def _lookup_composite(self, ids, weights, lookup_flat, fused_bags=False):
         """Ragged or sparse ids: pooled bags with a combiner, a ragged passthrough without one."""
         ids = self.check_ids(ids)
         if self.combiner is None:
@@ -262,7 +276,7 @@ class CompressedEmbedding(keras.layers.Layer):
                                  "combiner=None (a ragged input then gives a ragged output)")
             return tf.ragged.map_flat_values(lambda flat: self._lookup_dense(flat, lookup_flat), ids)
         values, row_splits, weight_values = bag.as_ragged_bags(ids, weights, self.described)
-        return self._pool_bags(lookup_flat, values, row_splits, weight_values)
+        return self._pool_bags(lookup_flat, values, row_splits, weight_values, fused_bags)
 
     def compute_mask(self, inputs, mask=None):
         # Pooled bags have no per-id axis left to mask; ragged and sparse inputs carry their own lengths.

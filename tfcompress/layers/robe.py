@@ -182,6 +182,39 @@ class RobeEmbedding(base.IdEmbeddingLayer):
             values = values * robe_hash.robe_signs_tf(a, self.output_dim, self.seed)
         return values
 
+    @property
+    def uses_fused_op(self):
+        """Whether `call` (and `fused_bag_lookup`) run the fused custom op now (`use_custom_op`, the library,
+        `TFCOMPRESS_CUSTOM_OPS`)."""
+        return fused_ops.should_use(self.use_custom_op)
+
+    def fused_bag_lookup(self, ids_values, row_splits, weights, combiner):
+        """Pooled bags of a one-table layer in one fused op (`fused_ops.robe_bag_lookup`): float32 [rows, D].
+
+        The training lookup of bags for `CompressedEmbedding`: equal to `bag.bag_lookup` over `call` (rows summed
+        in id order, then divided). The caller prunes first (`bag.prune_bags`): every id here is >= 0.
+
+        Args:
+            ids_values: integer [V] ids of this layer's one table, row after row.
+            row_splits: integer [rows + 1].
+            weights: float [V], or None (all ones).
+            combiner: "sum", "mean" or "sqrtn".
+        """
+        if len(self.cardinalities) != 1:
+            raise ValueError(f"{self.described}: fused_bag_lookup pools the ids of one table; this layer has "
+                             f"{len(self.cardinalities)} tables")
+        ids_values = tf.cast(ids_values, tf.int64)
+        if self.out_of_range == "mod":
+            ids_values = tf.math.floormod(ids_values, self.cardinalities[0])
+        # For "error" the op checks every id against [0, cardinality) itself, naming the value, as `call` leaves
+        # it to the per-element op. The op hashes a = id + table_offset, the a of `call` for a table at that
+        # offset of a shared memory (which `call` gets by growing the op's first table by the offset).
+        return fused_ops.robe_bag_lookup(
+            self.memory, ids_values, row_splits, weights, offset=self.table_offset,
+            cardinality=self.cardinalities[0], output_dim=self.output_dim, chunk_size=self.chunk_size,
+            seed=self.seed, signed=self.signed, combiner=combiner, gradient=self._gradient_mode,
+        )
+
     def serving_lookup(self, ids, out_of_range="mod", tables=None):
         """`call` for serving graphs: the same values in stock ops, read chunk by chunk as `tables` says (see
         `base.IdLayer.serving_lookup` and `tfcompress.lookup.TableReader`; docs/export_contract.md "Serving layout").
