@@ -17,16 +17,24 @@ Then the one line this example is about::
 
 Both models, the original and the compressed one, are trained the same way (`compile` + `fit`, same data, same
 seed) and scored by AUC on held-out rows of the same generated world (`tfcompress.data.synthetic_movielens`, nothing
-downloaded). The compressed model is then exported as a plain `tf.saved_model.save` of a serving function that takes
-the raw string and float features, traced on stock TensorFlow ops only, so a process without tfcompress serves it.
+downloaded). The compressed tables train on tfcompress's fused custom op (when its library loads). The compressed
+model is then exported with the project's exporter and checked in a fresh process:
+
+    path = tfcompress.export.export_saved_model(model, base_dir=..., sample_inputs=held_out_rows)
+    tfcompress.export.verify.verify(path)    # a process that never imports tfcompress
+
+The exporter traces each compressed layer's stock-op `serving_lookup` in place of the fused op (TF Serving cannot
+load custom ops), with a `serving_default` signature over the model's own inputs (the raw strings and floats) and an
+`examples` signature over serialized tf.Examples (docs/export_contract.md, "Models with other inputs").
 
 Run (the numbers in BENCHMARKS.md):
 
     python examples/keras_rs_movielens.py --work-dir /tmp/keras_rs_movielens
 
-It prints the plan table and writes WORK_DIR/results.json (parameters and bytes before/after, AUC of both models,
-the planted ceiling AUC, the export path) and WORK_DIR/serving_check.npz (inputs and the compressed model's
-predictions, for a fresh-process check of the SavedModel).
+It prints the plan table and verify's report, and writes WORK_DIR/results.json (parameters and bytes before/after,
+AUC of both models, the planted ceiling AUC, the layers that trained on the fused op, the export path and verify's
+check statuses), the SavedModel under WORK_DIR/saved_models/movielens_ranker/1 and WORK_DIR/serving_check.npz
+(held-out inputs and the compressed model's predictions).
 """
 
 import argparse

@@ -14,15 +14,18 @@ averaged over its unmasked entries, two dense features, two `tfrs.layers.dcn.Cro
     model = RankingModel(ranker)                                   # TFRS as before
     model.compile(optimizer); model.fit(dataset)
 
-The full and the compressed network are trained the same way and scored by AUC on held-out generated rows; the
-compressed one is exported with plain `tf.saved_model.save` (a serving function over the raw strings and floats,
-stock TF ops: `TFCOMPRESS_CUSTOM_OPS=0`), which a Keras 3 process without tfcompress loads.
+The full and the compressed network are trained the same way (the compressed tables on tfcompress's fused custom
+op when its library loads) and scored by AUC on held-out generated rows. The compressed functional network (not the
+`tfrs.models.Model`, which only adds the loss) is exported by `tfcompress.export.export_saved_model` (each layer's
+stock-op `serving_lookup`; signatures over the network's raw string and float inputs) and checked by
+`tfcompress.export.verify.verify` in a fresh process that never imports tfcompress.
 
 Run:
 
     python examples/tfrs_movielens.py --work-dir /tmp/tfrs_movielens
 
-It writes WORK_DIR/results.json and WORK_DIR/serving_check.npz, as examples/keras_rs_movielens.py does.
+It prints verify's report and writes WORK_DIR/results.json, WORK_DIR/saved_models/tfrs_movielens_ranker/1 and
+WORK_DIR/serving_check.npz, as examples/keras_rs_movielens.py does.
 """
 
 import os
