@@ -233,6 +233,8 @@ def main(argv=None):
                   num_items=args.num_items, embedding_dim=args.embedding_dim, ratio=args.ratio,
                   min_rows=args.min_rows, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     print(json.dumps(results, indent=2))
+    if not results["verify_ok"]:
+        raise SystemExit(f"verify failed for {results['export_dir']} (its report is printed above)")
 
 
 if __name__ == "__main__":
