@@ -17,36 +17,41 @@ Then the one line this example is about::
 
 Both models, the original and the compressed one, are trained the same way (`compile` + `fit`, same data, same
 seed) and scored by AUC on held-out rows of the same generated world (`tfcompress.data.synthetic_movielens`, nothing
-downloaded). The compressed model is then exported as a plain `tf.saved_model.save` of a serving function that takes
-the raw string and float features, traced on stock TensorFlow ops only, so a process without tfcompress serves it.
+downloaded). The compressed tables train on tfcompress's fused custom op (when its library loads). The compressed
+model is then exported with the project's exporter and checked in a fresh process:
+
+    path = tfcompress.export.export_saved_model(model, base_dir=..., sample_inputs=held_out_rows)
+    tfcompress.export.verify.verify(path)    # a process that never imports tfcompress
+
+The exporter traces each compressed layer's stock-op `serving_lookup` in place of the fused op (TF Serving cannot
+load custom ops), with a `serving_default` signature over the model's own inputs (the raw strings and floats) and an
+`examples` signature over serialized tf.Examples (docs/export_contract.md, "Models with other inputs").
 
 Run (the numbers in BENCHMARKS.md):
 
     python examples/keras_rs_movielens.py --work-dir /tmp/keras_rs_movielens
 
-It prints the plan table and writes WORK_DIR/results.json (parameters and bytes before/after, AUC of both models,
-the planted ceiling AUC, the export path) and WORK_DIR/serving_check.npz (inputs and the compressed model's
-predictions, for a fresh-process check of the SavedModel).
+It prints the plan table and verify's report, and writes WORK_DIR/results.json (parameters and bytes before/after,
+AUC of both models, the planted ceiling AUC, the layers that trained on the fused op, the export path and verify's
+check statuses), the SavedModel under WORK_DIR/saved_models/movielens_ranker/1 and WORK_DIR/serving_check.npz
+(held-out inputs and the compressed model's predictions).
 """
 
+import argparse
+import json
 import os
+import tempfile
 
-# The SavedModel must hold stock ops only (TF Serving cannot load tfcompress's fused op), so this example keeps the
-# layers on their pure-TensorFlow path (same values; the fused op only makes training faster).
-os.environ.setdefault("TFCOMPRESS_CUSTOM_OPS", "0")
+import keras
+import keras_rs
+import numpy as np
+import tensorflow as tf
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-
-import keras  # noqa: E402
-import keras_rs  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import tfcompress  # noqa: E402
-from tfcompress.data.synthetic_movielens import GENRES, item_ids, movielens_like, user_ids  # noqa: E402
-from tfcompress.metrics import exact_auc as roc_auc  # noqa: E402
+import tfcompress
+from tfcompress.data.synthetic_movielens import GENRES, item_ids, movielens_like, user_ids
+from tfcompress.export import export_saved_model
+from tfcompress.export.verify import verify
+from tfcompress.metrics import exact_auc as roc_auc
 
 MAX_GENRES = 3  # the generator gives 0..3 genres per movie
 SERVING_CHECK_ROWS = 256
@@ -161,26 +166,24 @@ def embedding_bytes(model):
     return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
 
 
-def export_serving(model, export_dir, history_length):
-    """A plain `tf.saved_model.save` of a serving function over the raw features (strings and floats)."""
-    signature = {
-        "user_id": tf.TensorSpec([None], tf.string, name="user_id"),
-        "item_id": tf.TensorSpec([None], tf.string, name="item_id"),
-        "history": tf.TensorSpec([None, history_length], tf.string, name="history"),
-        "genres": tf.TensorSpec([None, MAX_GENRES], tf.string, name="genres"),
-        "age": tf.TensorSpec([None], tf.float32, name="age"),
-        "hour_of_day": tf.TensorSpec([None], tf.float32, name="hour_of_day"),
-    }
+def fused_op_layers(model):
+    """Names of the ROBE lookups that run tfcompress's fused custom op in training (empty: the pure-TF path)."""
+    return sorted(layer.name for layer in model._flatten_layers(include_self=False)
+                  if isinstance(layer, tfcompress.layers.RobeEmbedding)
+                  and tfcompress.fused_ops.should_use(layer.use_custom_op))
 
-    @tf.function(input_signature=[signature])
-    def serve(features):
-        return {"probability": model(features, training=False)}
 
-    module = tf.Module()
-    module.model = model  # tracks the variables and the StringLookup tables
-    module.serve = serve
-    tf.saved_model.save(module, export_dir, signatures={"serving_default": serve})
-    return export_dir
+def export_and_verify(model, base_dir, sample_inputs):
+    """`tfcompress.export.export_saved_model`, then `verify` in a fresh process that never imports tfcompress.
+
+    Training ran the fused custom op; the exported graph is traced with each compressed layer's stock-op
+    `serving_lookup` (TF Serving cannot load custom ops). The signature takes the model's own inputs (the raw
+    strings and floats); `sample_inputs` are the rows whose predictions `verify` compares against.
+    """
+    path = export_saved_model(model, base_dir=base_dir, name="movielens_ranker", sample_inputs=sample_inputs)
+    result = verify(path)
+    checks = {name: check["status"] for name, check in result.report()["checks"].items()}
+    return path, result, checks
 
 
 def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
@@ -210,13 +213,14 @@ def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12
         predictions = predict(model, held_out)
         results[f"{variant}_auc"] = float(roc_auc(labels[rows:], predictions))
 
+    results["fused_op_layers"] = fused_op_layers(model)
     check = {k: v[:SERVING_CHECK_ROWS] for k, v in held_out.items()}
-    export_dir = export_serving(model, os.path.join(work_dir, "saved_model"), history_length)
-    served = tf.saved_model.load(export_dir).signatures["serving_default"](
-        **{k: tf.constant(v) for k, v in check.items()})["probability"].numpy().ravel()
+    export_dir, verified, checks = export_and_verify(model, os.path.join(work_dir, "saved_models"), check)
+    print(verified.output)
     expected = predict(model, check)
     results["export_dir"] = export_dir
-    results["max_reload_difference"] = float(np.max(np.abs(served - expected)))
+    results["verify_ok"] = bool(verified.ok)
+    results["verify_checks"] = checks
     np.savez(os.path.join(work_dir, "serving_check.npz"), predictions=expected, **check)
     with open(os.path.join(work_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -242,6 +246,8 @@ def main(argv=None):
                   num_items=args.num_items, embedding_dim=args.embedding_dim, ratio=args.ratio,
                   min_rows=args.min_rows, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     print(json.dumps(results, indent=2))
+    if not results["verify_ok"]:
+        raise SystemExit(f"verify failed for {results['export_dir']} (its report is printed above)")
 
 
 if __name__ == "__main__":

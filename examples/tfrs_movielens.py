@@ -14,23 +14,24 @@ averaged over its unmasked entries, two dense features, two `tfrs.layers.dcn.Cro
     model = RankingModel(ranker)                                   # TFRS as before
     model.compile(optimizer); model.fit(dataset)
 
-The full and the compressed network are trained the same way and scored by AUC on held-out generated rows; the
-compressed one is exported with plain `tf.saved_model.save` (a serving function over the raw strings and floats,
-stock TF ops: `TFCOMPRESS_CUSTOM_OPS=0`), which a Keras 3 process without tfcompress loads.
+The full and the compressed network are trained the same way (the compressed tables on tfcompress's fused custom
+op when its library loads) and scored by AUC on held-out generated rows. The compressed functional network (not the
+`tfrs.models.Model`, which only adds the loss) is exported by `tfcompress.export.export_saved_model` (each layer's
+stock-op `serving_lookup`; signatures over the network's raw string and float inputs) and checked by
+`tfcompress.export.verify.verify` in a fresh process that never imports tfcompress.
 
 Run:
 
     python examples/tfrs_movielens.py --work-dir /tmp/tfrs_movielens
 
-It writes WORK_DIR/results.json and WORK_DIR/serving_check.npz, as examples/keras_rs_movielens.py does.
+It prints verify's report and writes WORK_DIR/results.json, WORK_DIR/saved_models/tfrs_movielens_ranker/1 and
+WORK_DIR/serving_check.npz, as examples/keras_rs_movielens.py does.
 """
 
 import os
 
 # Before TensorFlow is imported: tf.keras (and so TFRS) and tfcompress use tf_keras.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-# The SavedModel must hold stock ops only, so the layers stay on their pure-TensorFlow path (same values).
-os.environ.setdefault("TFCOMPRESS_CUSTOM_OPS", "0")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -42,6 +43,8 @@ import tensorflow_recommenders as tfrs  # noqa: E402
 
 import tfcompress  # noqa: E402
 from tfcompress.data.synthetic_movielens import GENRES, item_ids, movielens_like, user_ids  # noqa: E402
+from tfcompress.export import export_saved_model  # noqa: E402
+from tfcompress.export.verify import verify  # noqa: E402
 from tfcompress.metrics import exact_auc  # noqa: E402
 
 MAX_GENRES = 3
@@ -150,26 +153,24 @@ def embedding_bytes(model):
     return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
 
 
-def export_serving(ranker, export_dir, history_length):
-    """A plain `tf.saved_model.save` of a serving function over the raw features (strings and floats)."""
-    signature = {
-        "user_id": tf.TensorSpec([None], tf.string, name="user_id"),
-        "item_id": tf.TensorSpec([None], tf.string, name="item_id"),
-        "history": tf.TensorSpec([None, history_length], tf.string, name="history"),
-        "genres": tf.TensorSpec([None, MAX_GENRES], tf.string, name="genres"),
-        "age": tf.TensorSpec([None], tf.float32, name="age"),
-        "hour_of_day": tf.TensorSpec([None], tf.float32, name="hour_of_day"),
-    }
+def fused_op_layers(model):
+    """Names of the ROBE lookups that run tfcompress's fused custom op in training (empty: the pure-TF path)."""
+    return sorted(layer.name for layer in model._flatten_layers(include_self=False)
+                  if isinstance(layer, tfcompress.layers.RobeEmbedding)
+                  and tfcompress.fused_ops.should_use(layer.use_custom_op))
 
-    @tf.function(input_signature=[signature])
-    def serve(features):
-        return {"probability": ranker(features, training=False)}
 
-    module = tf.Module()
-    module.ranker = ranker
-    module.serve = serve
-    tf.saved_model.save(module, export_dir, signatures={"serving_default": serve})
-    return export_dir
+def export_and_verify(ranker, base_dir, sample_inputs):
+    """`tfcompress.export.export_saved_model` of the functional network (the `tfrs.models.Model` wrapper only adds
+    the loss), then `verify` in a fresh process that never imports tfcompress.
+
+    Training ran the fused custom op; the exported graph is traced with each compressed layer's stock-op
+    `serving_lookup` (TF Serving cannot load custom ops). The signature takes the network's own inputs.
+    """
+    path = export_saved_model(ranker, base_dir=base_dir, name="tfrs_movielens_ranker", sample_inputs=sample_inputs)
+    result = verify(path)
+    checks = {name: check["status"] for name, check in result.report()["checks"].items()}
+    return path, result, checks
 
 
 def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
@@ -199,13 +200,14 @@ def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12
         model.fit(dataset(train, labels[:rows], batch_size, shuffle_seed=seed), epochs=epochs, verbose=2)
         results[f"{variant}_auc"] = float(exact_auc(labels[rows:], predict(ranker, held_out)))
 
+    results["fused_op_layers"] = fused_op_layers(ranker)
     check = {k: v[:SERVING_CHECK_ROWS] for k, v in held_out.items()}
-    export_dir = export_serving(ranker, os.path.join(work_dir, "saved_model"), history_length)
-    served = tf.saved_model.load(export_dir).signatures["serving_default"](
-        **{k: tf.constant(v) for k, v in check.items()})["probability"].numpy().ravel()
+    export_dir, verified, checks = export_and_verify(ranker, os.path.join(work_dir, "saved_models"), check)
+    print(verified.output)
     expected = predict(ranker, check)
     results["export_dir"] = export_dir
-    results["max_reload_difference"] = float(np.max(np.abs(served - expected)))
+    results["verify_ok"] = bool(verified.ok)
+    results["verify_checks"] = checks
     np.savez(os.path.join(work_dir, "serving_check.npz"), predictions=expected, **check)
     with open(os.path.join(work_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -231,6 +233,8 @@ def main(argv=None):
                   num_items=args.num_items, embedding_dim=args.embedding_dim, ratio=args.ratio,
                   min_rows=args.min_rows, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     print(json.dumps(results, indent=2))
+    if not results["verify_ok"]:
+        raise SystemExit(f"verify failed for {results['export_dir']} (its report is printed above)")
 
 
 if __name__ == "__main__":
