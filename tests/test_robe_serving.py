@@ -84,8 +84,33 @@ def test_table_reader_refuses_unknown_layout_options():
         TableReader(jit_compile=1)
 
 
+@pytest.mark.parametrize("compression, expected", [(1000.0, "windows"), (40.0, "windows"), (39.0, "per_call"),
+                                                   (8.0, "per_call")])
+def test_auto_reads_windows_only_where_they_are_small_beside_the_full_tables(compression, expected):
+    """"auto": W (Z x |M| floats) at most a tenth of the full tables (compression >= 10 Z, Z = 4 here), else per_call;
+    for a shared memory the full tables of every sharer count. Values stay bit-identical either way."""
+    from tfcompress.layers import CompressedEmbedding, RobeMemory
+
+    layer = RobeEmbedding([20000, 20000], 8, compression=compression, chunk_size=4)
+    ids = tf.constant([[3, 19999], [0, 7]], tf.int64)
+    layer(ids)
+    expected_values = layer.serving_lookup(ids, tables=TableReader(chunk_reads="elements")).numpy()
+    reader = TableReader(chunk_reads="auto")
+    np.testing.assert_array_equal(layer.serving_lookup(ids, tables=reader).numpy(), expected_values)
+    assert bool(reader.window_matrices) == (expected == "windows")
+
+    memory = RobeMemory(compression=compression, chunk_size=4)
+    sharers = [CompressedEmbedding(20000, 8, memory=memory, name=f"t{i}") for i in range(2)]
+    for sharer in sharers:
+        sharer(tf.constant([1]))
+    reader = TableReader(chunk_reads="auto")
+    sharers[0].serving_lookup(tf.constant([5]), tables=reader)
+    assert bool(reader.window_matrices) == (expected == "windows")
+
+
 # ---- export round trip with each layout ------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [{}, {"chunk_reads": "elements"}, {"chunk_reads": "per_call"},
+@pytest.mark.parametrize("options", [{}, {"chunk_reads": "windows"}, {"chunk_reads": "elements"},
+                                     {"chunk_reads": "per_call"},
                                      {"unique_ids": True}, {"jit_compile": True}, {"quantize": "int8"}])
 def test_export_round_trip_with_each_layout(tmp_path, options):
     """The loaded SavedModel's probabilities equal the serving graph's (what verify checks in a fresh process),
@@ -102,10 +127,11 @@ def test_export_round_trip_with_each_layout(tmp_path, options):
     path = export_saved_model(model, base_dir=str(tmp_path), name="robe", **options)
     with open(os.path.join(path, "assets.extra", "tfcompress_export.json")) as f:
         metadata = json.load(f)
-    layout = {"chunk_reads": "windows", "unique_ids": False, "jit_compile": False}
+    layout = {"chunk_reads": "auto", "unique_ids": False, "jit_compile": False}
     layout.update({key: value for key, value in options.items() if key != "quantize"})
     assert metadata["serving_layout"] == layout
     windows = [row for row in metadata["variables"] if "/windows" in row["name"]]
+    # "auto" saves only M here: W (3997 x 4 floats) would be 25% of the full tables (8000 x 8), above the tenth.
     if layout["chunk_reads"] == "windows":
         dtype = "int8" if options.get("quantize") else "float32"
         assert [(row["shape"], row["dtype"], row["embedding"]) for row in windows] == [([3997, 4], dtype, True)]
@@ -151,15 +177,17 @@ def test_every_layout_verifies_in_a_fresh_process(tmp_path):
     assert "start tensorflow_model_server with --xla_cpu_compilation_enabled=true" in result.output
 
 
-def test_export_warns_when_the_window_matrix_outgrows_half_the_full_tables(tmp_path):
+def test_export_warns_when_an_asked_window_matrix_outgrows_half_the_full_tables(tmp_path):
+    """chunk_reads="windows" is exported as asked, with a warning; the default "auto" saves only M there."""
+    import warnings
+
     from tfcompress.export import export_saved_model
     from tfcompress.models import build_dlrm
 
     model = build_dlrm((2, 2), RobeEmbedding([50, 30], 8, compression=2.0, chunk_size=8), (4,), (4,))
     with pytest.warns(RuntimeWarning, match="window matrices take .* chunk_reads='elements' or 'per_call'"):
-        export_saved_model(model, base_dir=str(tmp_path), name="m")
-    import warnings
-
+        export_saved_model(model, base_dir=str(tmp_path), name="m", chunk_reads="windows")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
+        export_saved_model(model, base_dir=str(tmp_path), name="m")
         export_saved_model(model, base_dir=str(tmp_path), name="m", chunk_reads="per_call")

@@ -4,7 +4,7 @@
     tfcompress generate --dataset criteo --rows 1000000 --eval-rows 100000 --seed 0 --scale 1.0 --output DIR
     tfcompress plan --dataset criteo --dim 16 --method robe --ratio 1000
     tfcompress export --pipeline P --name NAME [--checkpoint C] [--quantize int8|fp16] [--onnx] [--verify]
-                      [--chunk-reads windows|elements|per_call] [--unique-ids] [--xla]
+                      [--chunk-reads auto|windows|elements|per_call] [--unique-ids] [--xla]
     tfcompress verify saved_models/NAME/VERSION [...]
     tfcompress data convert --format criteo-tsv --input day_* --output DIR [--workers N] [--split criteo-days]
     tfcompress learn-hash --pipeline P --target 0.1 [--teacher-dim 2] [--combiner sum|concat] [--output DIR]
@@ -174,10 +174,11 @@ def _add_export_arguments(parser):
                              "DATA_DIR (the converted data directory the model was trained on)")
     # The serving layout of ROBE-Z lookups (docs/export_contract.md "Serving layout"); choices as in
     # tfcompress.lookup.CHUNK_READS, written out here so --help does not import TensorFlow.
-    parser.add_argument("--chunk-reads", choices=("windows", "elements", "per_call"), default="windows",
+    parser.add_argument("--chunk-reads", choices=("auto", "windows", "elements", "per_call"), default="auto",
                         help="ROBE-Z: read each chunk as one row of the window matrix saved with the export "
-                             "(default, fastest), element by element from the array, or from windows rebuilt on "
-                             "every call (smallest export)")
+                             "(windows: fastest), element by element from the array, or from windows rebuilt on "
+                             "every call (per_call: smallest export); auto (default): windows where the window "
+                             "matrix is at most a tenth of the full tables' size, else per_call")
     parser.add_argument("--unique-ids", action="store_true",
                         help="ROBE-Z: hash and read each distinct id of a batch once (tf.unique)")
     parser.add_argument("--xla", action="store_true",

@@ -124,8 +124,13 @@ def robe_bag_lookup_reference(memory, ids, row_splits, weights=None, offset=0, c
 # How a ROBE-Z serving lookup reads its chunks (`TableReader.chunk_reads`, docs/export_contract.md "Serving layout"):
 # "windows": one row gather per chunk from the window matrix W[j] = M[j : j + Z], materialized once when the serving
 # graph is traced (a variable saved with the export, Z times |M|); "elements": one scalar gather per element from M;
-# "per_call": W rebuilt from M inside the graph on every call (chunk rows for large batches, elements for small).
-CHUNK_READS = ("windows", "elements", "per_call")
+# "per_call": W rebuilt from M inside the graph on every call (chunk rows for large batches, elements for small);
+# "auto": "windows" where W holds at most WINDOWS_MAX_FRACTION of the floats of the full tables stored in M, else
+# "per_call". W is Z times |M|, i.e. Z / compression of the full tables: at 1000x and Z = 16 it is 1.6% of them and
+# the fastest layout (BENCHMARKS.md "Serving (issue 20)"), but at 100x and Z = 32 it is 32%, and an export only ~3x
+# smaller than full tables defeats the compression; the bound keeps every "auto" export >= 10x smaller.
+CHUNK_READS = ("auto", "windows", "elements", "per_call")
+WINDOWS_MAX_FRACTION = 0.1
 
 
 class TableReader:
@@ -143,7 +148,8 @@ class TableReader:
         substitutes: {id(tf.Variable): (values tf.Variable, scale float or None)}, default none.
         chunk_reads: how ROBE-Z lookups read chunks, one of `CHUNK_READS`. "windows" snapshots the table into a
             window matrix when the graph is traced (`windows`), so it suits exports, not a model still training;
-            the default "per_call" always reads the variable as it is now.
+            the default "per_call" always reads the variable as it is now; "auto" (the export default) is
+            "windows" where W is small beside the full tables (`WINDOWS_MAX_FRACTION`), else "per_call".
         unique_ids: ROBE-Z lookups hash and gather each distinct id of the batch once (`tf.unique`) and expand
             after; pays only when batches repeat ids heavily and the per-id work is large.
         jit_compile: ROBE-Z lookups run as one XLA-compiled function (`tf.function(jit_compile=True)`); TF Serving

@@ -4,8 +4,11 @@
 `tfcompress.lookup.TableReader` every `serving_lookup` reads through. The defaults are the measured fastest on CPU
 without XLA (bench/bench_serving.py, BENCHMARKS.md "Serving (issue 20)"):
 
-- chunk_reads="windows": the window matrix W[j] = M[j : j + Z] is saved with the export (Z times |M|: at 1000x
-  with Z = 16 still ~60x smaller than the full tables) and each chunk is one row gather from it.
+- chunk_reads="auto": "windows" — the window matrix W[j] = M[j : j + Z] is saved with the export (Z times |M|: at
+  1000x with Z = 16 still ~60x smaller than the full tables) and each chunk is one row gather from it — wherever W
+  holds at most a tenth of the floats of the full tables (`tfcompress.lookup.WINDOWS_MAX_FRACTION`), else
+  "per_call" (only M saved, slower lookups), so an export is never less than 10x smaller than full tables because
+  of W.
 - unique_ids=False: `tf.unique` over a [16384, 26] batch cost more than it saved, even on Zipf ids.
 - jit_compile=False: XLA was not faster for Z = 16 and needs TF Serving's `--xla_cpu_compilation_enabled=true`.
 """
@@ -14,7 +17,7 @@ import warnings
 
 from tfcompress.lookup import TableReader
 
-DEFAULT_CHUNK_READS = "windows"
+DEFAULT_CHUNK_READS = "auto"
 XLA_SERVING_FLAG = "--xla_cpu_compilation_enabled=true"
 
 

@@ -8,7 +8,7 @@ from tfcompress import fused_ops, robe_hash
 from tfcompress._keras import keras, register_serializable
 from tfcompress.layers import base
 from tfcompress.layers.robe_memory import RobeMemory
-from tfcompress.lookup import gather_with_gradient, resolve_gradient_mode
+from tfcompress.lookup import WINDOWS_MAX_FRACTION, gather_with_gradient, resolve_gradient_mode
 
 
 def array_size(logical_parameters, output_dim, memory_size=None, compression=None, chunk_size=None):
@@ -254,6 +254,12 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         window_rows = min(size - chunk + 1, robe_hash.P)  # every chunk start h < min(|M| - Z + 1, P)
         position_dtype = tf.int32 if robe_hash.max_position(size, chunk) <= robe_hash.INT32_MAX else tf.int64
         layout = "elements" if chunk == 1 else tables.chunk_reads
+        if layout == "auto":
+            # W's floats against the full tables stored in M (all sharers' tables for a shared memory).
+            stored_logical = (self.shared_memory.logical_parameters if self.shared_memory is not None
+                              else self.logical_parameters)
+            small = window_rows * chunk <= WINDOWS_MAX_FRACTION * stored_logical
+            layout = "windows" if small else "per_call"
         if layout == "windows":
             windows, scale, quantized = tables.windows(self.memory, chunk)
         else:
