@@ -965,9 +965,10 @@ def _train(pipeline, strategy, backup, runs_dir, verbose, watchdog=None):
                 return dataset.shard(workers, worker)
 
             # One iterator made and dropped, as with the default strategy (see above): same batches as fit's.
+            dataset = strategy.distribute_datasets_from_function(make_for_worker)
             for _ in range(1 + earlier_epochs):
-                iter(strategy.distribute_datasets_from_function(make_for_worker))
-            return lambda: strategy.distribute_datasets_from_function(make_for_worker)
+                iter(dataset)
+            return lambda: dataset
         if config.strategy == "default":
             dataset = make()
             drops = 1 + earlier_epochs
