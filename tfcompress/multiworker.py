@@ -19,26 +19,21 @@ Keras 3.15's `fit` cannot train under MultiWorkerMirroredStrategy with two or mo
 
 A cluster that never assembles, a worker that dies mid-step, or a TF_CONFIG that names an address where nothing
 answers would otherwise leave the surviving workers blocked in a collective forever. `ClusterWatchdog` gives every
-collective phase `[train] cluster_timeout_s` seconds; past it the process prints which workers of TF_CONFIG do not
-answer on their port and exits with status 2 (a thread cannot interrupt a blocked TensorFlow op, so exiting the
-process is the only way out). `check_tf_config` rejects a malformed TF_CONFIG before TensorFlow reads it.
+collective phase `[train] cluster_timeout_s` seconds; past it a watchdog process prints which workers of TF_CONFIG
+do not answer on their port and kills the training process (TensorFlow holds the GIL while it waits, so nothing
+inside the process can act). `check_tf_config` rejects a malformed TF_CONFIG before TensorFlow reads it.
 """
 
 import contextlib
 import json
 import os
-import socket
+import subprocess
 import sys
-import threading
 import time
 
 import tensorflow as tf
 
 from tfcompress._keras import keras
-
-# Exit status of a job stopped by the watchdog: the CLI's status for a usage/input problem (ValueError).
-WATCHDOG_EXIT_STATUS = 2
-
 
 def check_tf_config(environ=None):
     """The cluster and task of the TF_CONFIG environment variable, checked.
@@ -94,83 +89,56 @@ def check_tf_config(environ=None):
     return cluster, task_type, index
 
 
-def _answers(address, timeout_s=1.0):
-    """Whether something accepts TCP connections at "host:port"."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 class ClusterWatchdog:
     """Fails the job when a collective phase (joining the cluster, a training step) outlasts `timeout_s`.
 
-    `phase(what)` is a context manager around code that waits for the other workers. When it does not end in
-    time, the watchdog thread checks which workers of the cluster accept connections on their port, prints a
-    message naming the phase, the timeout and the workers that do not answer (or, when all answer, that the
-    collective is stuck, as when a worker crashed and was restarted alone) and ends the process with status
-    `WATCHDOG_EXIT_STATUS`.
+    `phase(what)` is a context manager around code that waits for the other workers. TensorFlow holds the GIL
+    while it waits to join a cluster (measured with TF 2.21: no Python thread runs, and SIGTERM is not acted
+    on), so the watchdog is a small process of its own: when a phase does not end in time it checks which
+    workers of the cluster accept connections on their port, prints a message naming the phase, the timeout and
+    the workers that do not answer (or, when all answer, that the collective is stuck, as when a worker crashed
+    and was restarted alone), and kills the training process with SIGKILL (exit status 137; a checkpointed run
+    resumes from its backup when the job is started again).
 
     Args:
         cluster, task_type, task_index: what `check_tf_config` returns.
         timeout_s: seconds a phase may last ([train] cluster_timeout_s).
         source: the pipeline file, for the message.
-        exit: called with the status to end the process (tests replace it).
     """
 
-    def __init__(self, cluster, task_type, task_index, timeout_s, source="<pipeline>", exit=os._exit):
+    def __init__(self, cluster, task_type, task_index, timeout_s, source="<pipeline>"):
         self.cluster, self.task_type, self.task_index = cluster, task_type, int(task_index)
-        self.timeout_s, self.source, self._exit = float(timeout_s), source, exit
-        self._lock = threading.Lock()
-        self._deadline = None
-        self._what = None
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="tfcompress-cluster-watchdog", daemon=True)
-        self._thread.start()
+        self.timeout_s, self.source = float(timeout_s), source
+        arguments = [os.getpid(), self.timeout_s, source, f"{task_type} {self.task_index}", self.peers()]
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import json, sys; from tfcompress._watchdog import watch; "
+             "watch(*json.loads(sys.argv[1]))", json.dumps(arguments)],
+            stdin=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+                + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])))
+
+    def _send(self, line):
+        self._process.stdin.write((line.replace("\n", " ") + "\n").encode())
+        self._process.stdin.flush()
 
     @contextlib.contextmanager
     def phase(self, what):
-        with self._lock:
-            self._what, self._deadline = what, time.monotonic() + self.timeout_s
+        self._send(f"arm {what}")
         try:
             yield
         finally:
-            with self._lock:
-                self._what, self._deadline = None, None
+            self._send("disarm")
 
     def stop(self):
-        self._stopped.set()
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            self._process.wait()
 
     def peers(self):
         """(task name, address) of every other task of the cluster."""
         return [(f"{task_type} {i}", address) for task_type, addresses in sorted(self.cluster.items())
                 for i, address in enumerate(addresses)
                 if (task_type, i) != (self.task_type, self.task_index)]
-
-    def message(self, what):
-        silent = [f"{name} at {address}" for name, address in self.peers() if not _answers(address)]
-        me = f"{self.task_type} {self.task_index}"
-        if silent:
-            cause = ("no answer from " + ", ".join(silent) + ": the worker is not running (crashed, killed, not yet "
-                     "started) or TF_CONFIG names a wrong or unreachable address")
-        else:
-            cause = ("every worker of TF_CONFIG answers on its port, but the collective does not complete: a worker "
-                     "may have crashed and been restarted alone (restart the whole job; it resumes from its "
-                     "checkpoints), or the workers run different pipelines or steps")
-        return (f"{self.source}: multi-worker training failed on {me}: {what} did not finish within [train] "
-                f"cluster_timeout_s = {self.timeout_s:g} s; {cause}")
-
-    def _watch(self):
-        while not self._stopped.wait(0.5):
-            with self._lock:
-                what, deadline = self._what, self._deadline
-            if deadline is None or time.monotonic() < deadline:
-                continue
-            print(self.message(what), file=sys.stderr, flush=True)
-            self._exit(WATCHDOG_EXIT_STATUS)
-            return
 
 
 class _History:
