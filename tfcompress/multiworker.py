@@ -141,6 +141,47 @@ class ClusterWatchdog:
                 if (task_type, i) != (self.task_type, self.task_index)]
 
 
+def worker_count(strategy):
+    """The number of workers (chief included) of a MultiWorkerMirroredStrategy."""
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def common_checkpoint(strategy, metadata, backup_path, source="<pipeline>"):
+    """The checkpoint every worker holds: this worker's `metadata` (TrainingBackup.load()) or the previous one
+    it records, whichever has the most batches among those that every worker has; None when no worker has one.
+
+    Every worker checkpoints at the same steps, but a worker killed between the others' checkpoint and its own
+    misses the newest; each checkpoint records the one before, so the workers settle on the newest they share.
+
+    Raises:
+        ValueError: the workers share no checkpoint (naming each worker's checkpointed batches).
+    """
+
+    def batches(entry):
+        return -1 if entry is None else int(entry.get("batches", entry.get("step", 0)))
+
+    mine = [batches(metadata), batches(metadata.get("previous") if metadata else None)]
+    values = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant([mine], tf.int64))
+    every = strategy.gather(values, axis=0).numpy()  # [replicas, 2]: one row per replica, workers in task order
+    if (every[:, 0] < 0).all():
+        return None  # a fresh start everywhere
+    shared = set(every[0][every[0] >= 0])
+    for row in every[1:]:
+        shared &= set(row[row >= 0])
+    if not shared:
+        held = "; ".join(f"replica {i}: {', '.join(str(b) for b in row if b >= 0) or 'none'}"
+                         for i, row in enumerate(every.tolist()))
+        raise ValueError(f"{source}: [train] backup_dir: the workers hold no common checkpoint to resume from "
+                         f"(batches checkpointed by {held}; this worker's backup is {backup_path}); delete every "
+                         "worker's backup directory to start over")
+    chosen = max(shared)
+    if batches(metadata) == chosen:
+        return metadata
+    return metadata["previous"]
+
+
 class _History:
     """What `fit` returns, as far as train() reads it: `history` maps a log name to its per-epoch values."""
 

@@ -691,9 +691,11 @@ class StepBackupAndRestore(keras.callbacks.Callback):
             follows at once).
     """
 
-    def __init__(self, backup, save_freq, position, stream=None, best=None, guard=None, steps_per_epoch=None):
+    def __init__(self, backup, save_freq, position, stream=None, best=None, guard=None, steps_per_epoch=None,
+                 keep_previous=False):
         super().__init__()
         self.backup, self.save_freq, self.position = backup, int(save_freq), position
+        self.keep_previous = keep_previous
         self.stream, self.best, self.guard, self.steps_per_epoch = stream, best, guard, steps_per_epoch
 
     @property
@@ -725,8 +727,17 @@ class StepBackupAndRestore(keras.callbacks.Callback):
                     "batches": self.position.step, "step": step, "weights": weights, "stream": self.stream}
         if self.best is not None:
             metadata["best"] = self.best.state()
+        previous = self.backup.load() if self.keep_previous else None
+        if previous is not None and previous.get("weights") != weights:
+            # Multi-worker: a worker killed while the others checkpoint may have missed the newest checkpoint;
+            # the one before lets the restarted job resume where every worker has one (multiworker.
+            # common_checkpoint).
+            previous.pop("previous", None)
+            metadata["previous"] = previous
         write_json_atomically(self.backup.metadata_path, metadata)
         keep = {weights, metadata.get("best", {}).get("weights")}
+        if "previous" in metadata:
+            keep |= {metadata["previous"].get("weights"), metadata["previous"].get("best", {}).get("weights")}
         for name in os.listdir(self.backup_dir):  # older checkpoints, and any partial file of a killed save
             if name.endswith(".weights.h5") and name not in keep:
                 os.remove(os.path.join(self.backup_dir, name))
@@ -803,7 +814,7 @@ def _stream_description(pipeline, data, global_batch_size, steps_per_epoch, repl
             "deterministic": config.deterministic, "replicas": replicas}
 
 
-def _check_resume(backup, metadata, stream, config, exact_position):
+def _check_resume(backup, metadata, stream, config, exact_position, exact_strategy=False):
     """ValueError for another pipeline's checkpoint; a warning for each reason the resume will not be exact."""
     recorded = metadata.get("stream") or {}
     if recorded.get("pipeline") not in (None, stream["pipeline"]):
@@ -812,7 +823,7 @@ def _check_resume(backup, metadata, stream, config, exact_position):
     reasons = []
     if not config.deterministic:
         reasons.append("[train] deterministic is false, so the reader's order differs from run to run")
-    if config.strategy != "default":
+    if config.strategy != "default" and not exact_strategy:
         reasons.append(f"strategy {config.strategy!r} rebuilds the input pipeline per replica, and the batches after "
                        "the skipped ones are not guaranteed to be the uninterrupted run's (exact with strategy "
                        "\"default\")")
@@ -1001,11 +1012,15 @@ def _train(pipeline, strategy, backup, runs_dir, verbose, watchdog=None):
     if backup is not None:
         stream = _stream_description(pipeline, data, global_batch_size, steps_per_epoch, replicas)
         checkpoints = StepBackupAndRestore(backup, config.checkpoint_every_steps, position, stream=stream, best=best,
-                                           guard=guard, steps_per_epoch=steps_per_epoch)
+                                           guard=guard, steps_per_epoch=steps_per_epoch, keep_previous=own_loop)
         metadata = backup.load()
+        if own_loop and multiworker.worker_count(strategy) > 1:
+            with collective("agreeing on the checkpoint to resume from"):
+                metadata = multiworker.common_checkpoint(strategy, metadata, backup.path, pipeline.source)
         if metadata is not None:
             epoch, epoch_batches, batches, exact_position = _checkpoint_position(metadata, steps_per_epoch)
-            _check_resume(backup, metadata, stream, config, exact_position)
+            _check_resume(backup, metadata, stream, config, exact_position,
+                          exact_strategy=own_loop and config.deterministic)
             with strategy.scope():  # the optimizer's slots are made here: mirrored variables of the strategy
                 checkpoints.restore(model, metadata)
             best.load_state(metadata.get("best") or {})
