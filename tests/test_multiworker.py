@@ -17,10 +17,23 @@ import pytest
 
 from tfcompress.multiworker import check_tf_config
 
-from test_distributed import archived_weights, free_port
+from test_distributed import archived_weights, free_port as any_free_port
 from test_train_cli import ROOT, write_pipeline
 
 FUSED_ROBE = "ratio = 10.0\nchunk_size = 4\nuse_custom_op = true"  # fails instead of falling back without the op
+
+
+_USED_PORTS = set()
+
+
+def free_port():
+    """A free localhost port not handed out before in this session: a worker's port of an earlier run may still
+    linger in TIME_WAIT, and the next server to bind it would fail."""
+    while True:
+        port = any_free_port()
+        if port not in _USED_PORTS:
+            _USED_PORTS.add(port)
+            return port
 
 
 def env_for(tf_config=None):
@@ -157,8 +170,8 @@ def test_a_worker_killed_and_the_job_restarted_resumes_to_the_uninterrupted_weig
     pipeline = write_pipeline(str(tmp_path), "tiny", compression=FUSED_ROBE)
     args = [*steps_args("adagrad", 0.05, 128, 40), "--set", "train.checkpoint_every_steps=5",
             "--set", "train.cluster_timeout_s=15"]
-    for worker, output in zip(*(lambda w: (w, finish(w)))(start_workers(pipeline, str(tmp_path / "whole"), 2,
-                                                                           *args))):
+    whole = start_workers(pipeline, str(tmp_path / "whole"), 2, *args)
+    for worker, output in zip(whole, finish(whole)):
         assert worker.returncode == 0, output
 
     runs = str(tmp_path / "killed")
@@ -166,7 +179,10 @@ def test_a_worker_killed_and_the_job_restarted_resumes_to_the_uninterrupted_weig
     workers = start_workers(pipeline, runs, 2, *args)
     deadline = time.monotonic() + 300
     while checkpointed_batches(metadata) < 10:
-        assert workers[1].poll() is None and time.monotonic() < deadline, "worker 1 ended before a checkpoint"
+        if workers[1].poll() is not None or time.monotonic() > deadline:
+            for worker in workers:
+                worker.kill()
+            raise AssertionError("worker 1 ended before a checkpoint:\n" + "\n".join(finish(workers)))
         time.sleep(0.1)
     workers[1].send_signal(signal.SIGKILL)
     survivor, _ = finish(workers)

@@ -394,7 +394,12 @@ class TrainingBackup:
                     "or empty directory")
             self._created = False
         else:
-            os.makedirs(self.path)
+            try:
+                os.makedirs(self.path)
+            except FileExistsError:
+                # Multi-worker: another worker made it at the same moment, as the parent of its own
+                # <task>_<i> folder: checked (and used) as an existing directory.
+                return self.claim()
             self._created = True
         write_json_atomically(marker, {"written_by": "tfcompress train", "created_directory": self._created,
                                        "time": _now()})
