@@ -141,6 +141,7 @@ def main():
     args = parser.parse_args()
 
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_distributed_")
+    os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "data")
     configurations = [("mirrored", 1), ("mirrored", 2), ("multiworker", 1), ("multiworker", 2)]
     rows = []
