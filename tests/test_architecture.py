@@ -18,14 +18,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tfcompress"
 # the bottom: it holds `__version__` and imports its names only lazily (importlib inside __getattr__).
 STAGES = [
     ("foundation", ["tfcompress", "tfcompress._files", "tfcompress._keras", "tfcompress.sizes", "tfcompress.metrics",
-                    "tfcompress.robe_hash", "tfcompress.quantize"]),
+                    "tfcompress.robe_hash", "tfcompress.quantize", "tfcompress._watchdog"]),
     ("data", ["tfcompress.data"]),
     ("lookups", ["tfcompress.lookup", "tfcompress.fused_ops"]),
     ("layers", ["tfcompress.layers", "tfcompress.learn_hash.cluster", "tfcompress.learn_hash.mapping"]),
     ("models", ["tfcompress.plan", "tfcompress.model_rewrite", "tfcompress.model_compress", "tfcompress.models",
                 "tfcompress.optimizers",
                 "tfcompress.chunk_pruning"]),
-    ("fit", ["tfcompress.pipeline", "tfcompress.train", "tfcompress.tune", "tfcompress.learn_hash"]),
+    ("fit", ["tfcompress.pipeline", "tfcompress.multiworker", "tfcompress.train", "tfcompress.tune", "tfcompress.learn_hash"]),
     ("export", ["tfcompress.export"]),
     ("applications", ["tfcompress.reproduce", "tfcompress.cli"]),
 ]

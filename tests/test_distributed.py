@@ -91,7 +91,7 @@ def free_port():
 
 
 def test_two_workers_train_to_identical_weights_and_match_one_worker(tmp_path):
-    # Legacy tf.keras: Keras 3's fit cannot run MultiWorkerMirroredStrategy with two workers (train() says so).
+    # Legacy tf.keras keeps Keras' fit (Keras 3 trains with tfcompress.multiworker's loop: test_multiworker.py).
     pipeline = write_pipeline(str(tmp_path), "tiny")
     common = ["--set", "train.epochs=1", "--set", "train.save_model=true"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", TF_USE_LEGACY_KERAS="1")

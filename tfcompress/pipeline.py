@@ -42,6 +42,7 @@ Example pipeline (every key but the section headers is optional; defaults below)
     save_model = true                    # write runs/<name>/model.keras
     strategy = "default"                 # "mirrored" (local GPUs / --cpu-replicas) | "multiworker" (TF_CONFIG)
     deterministic = false                # fixed reader order: same seed, same batches
+    cluster_timeout_s = 300.0            # multiworker: a worker unreachable (or no step) this long fails the job
     # checkpoint_every_steps = 1000      # crash-safe: checkpoints every N steps and at epoch end
     # backup_dir = "runs/<name>/backup"  # where those checkpoints go; a rerun resumes from them (exactly
     #                                    # where it stopped with deterministic = true); a directory of
@@ -145,6 +146,10 @@ class TrainConfig:
     strategy: str = _option("default", "str", choices=("default", "mirrored", "multiworker"))
     # Fixed reader order (a little slower): the same seed gives the same batches on every run.
     deterministic: bool = _option(False, "bool")
+    # Multi-worker: seconds to wait for every worker of TF_CONFIG to be reachable and for each training step
+    # (a collective across workers) to finish; past it the job fails with a message naming the unreachable
+    # workers instead of hanging.
+    cluster_timeout_s: float = _option(300.0, "float", minimum=1.0)
     # Crash-safe training: checkpoints every N steps (and at epoch end) to backup_dir (default runs/<name>/backup,
     # a directory tfcompress makes, marks and locks); a rerun of the same pipeline resumes from the last one.
     checkpoint_every_steps: int = _option(None, "int", minimum=1)

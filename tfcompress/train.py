@@ -9,6 +9,7 @@ Example::
     print(format_results_table([result]))
 """
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -35,6 +36,7 @@ from tfcompress.chunk_pruning import ChunkPruningCallback, chunk_pruned_layers
 from tfcompress.data import read, synthetic
 from tfcompress.data.schema import Schema
 from tfcompress.metrics import exact_auc, log_loss
+from tfcompress import multiworker
 from tfcompress.models import build_dcn, build_dlrm
 from tfcompress.optimizers import LazyAdam, SparseAdagrad
 from tfcompress.plan import make_plan
@@ -80,14 +82,15 @@ def prepare_data(data_config, source="<pipeline>", verbose=1):
                   f"eval rows, seed {data_config.seed}, cardinality scale {data_config.cardinality_scale:g} "
                   f"-> {out_dir}", flush=True)
         started = time.perf_counter()
-        stats = synthetic.generate(
-            out_dir,
-            dataset=data_config.dataset,
-            rows=data_config.rows,
-            eval_rows=data_config.eval_rows,
-            seed=data_config.seed,
-            cardinality_scale=data_config.cardinality_scale,
-        )
+        with _generation_lock(out_dir):
+            stats = synthetic.generate(
+                out_dir,
+                dataset=data_config.dataset,
+                rows=data_config.rows,
+                eval_rows=data_config.eval_rows,
+                seed=data_config.seed,
+                cardinality_scale=data_config.cardinality_scale,
+            )
         if verbose:
             print(f"data: ready in {time.perf_counter() - started:.1f} s", flush=True)
         return PreparedData(
@@ -102,6 +105,26 @@ def prepare_data(data_config, source="<pipeline>", verbose=1):
     eval_files = _match_files(data_config.eval, source, "eval")
     schema_location = data_config.schema or os.path.dirname(train_files[0])
     return PreparedData(schema=Schema.load(schema_location), train_files=train_files, eval_files=eval_files)
+
+
+@contextlib.contextmanager
+def _generation_lock(out_dir):
+    """An exclusive flock on `<out_dir>/.generate.lock` while the synthetic data is generated or checked.
+
+    Workers of a multi-worker job on one machine (and any two runs of pipelines sharing a data path) generate
+    the same cached dataset at once; without the lock the second to finish fails moving its split onto the
+    first's. With it, the second waits and then finds the finished dataset.
+    """
+    if fcntl is None:
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".generate.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _match_files(paths, source, key):
@@ -371,7 +394,12 @@ class TrainingBackup:
                     "or empty directory")
             self._created = False
         else:
-            os.makedirs(self.path)
+            try:
+                os.makedirs(self.path)
+            except FileExistsError:
+                # Multi-worker: another worker made it at the same moment, as the parent of its own
+                # <task>_<i> folder: checked (and used) as an existing directory.
+                return self.claim()
             self._created = True
         write_json_atomically(marker, {"written_by": "tfcompress train", "created_directory": self._created,
                                        "time": _now()})
@@ -668,9 +696,11 @@ class StepBackupAndRestore(keras.callbacks.Callback):
             follows at once).
     """
 
-    def __init__(self, backup, save_freq, position, stream=None, best=None, guard=None, steps_per_epoch=None):
+    def __init__(self, backup, save_freq, position, stream=None, best=None, guard=None, steps_per_epoch=None,
+                 keep_previous=False):
         super().__init__()
         self.backup, self.save_freq, self.position = backup, int(save_freq), position
+        self.keep_previous = keep_previous
         self.stream, self.best, self.guard, self.steps_per_epoch = stream, best, guard, steps_per_epoch
 
     @property
@@ -702,8 +732,17 @@ class StepBackupAndRestore(keras.callbacks.Callback):
                     "batches": self.position.step, "step": step, "weights": weights, "stream": self.stream}
         if self.best is not None:
             metadata["best"] = self.best.state()
+        previous = self.backup.load() if self.keep_previous else None
+        if previous is not None and previous.get("weights") != weights:
+            # Multi-worker: a worker killed while the others checkpoint may have missed the newest checkpoint;
+            # the one before lets the restarted job resume where every worker has one (multiworker.
+            # common_checkpoint).
+            previous.pop("previous", None)
+            metadata["previous"] = previous
         write_json_atomically(self.backup.metadata_path, metadata)
         keep = {weights, metadata.get("best", {}).get("weights")}
+        if "previous" in metadata:
+            keep |= {metadata["previous"].get("weights"), metadata["previous"].get("best", {}).get("weights")}
         for name in os.listdir(self.backup_dir):  # older checkpoints, and any partial file of a killed save
             if name.endswith(".weights.h5") and name not in keep:
                 os.remove(os.path.join(self.backup_dir, name))
@@ -733,25 +772,6 @@ def _checkpoint_position(metadata, steps_per_epoch):
     if steps_per_epoch:
         return step // steps_per_epoch, step % steps_per_epoch, step, True
     return int(metadata.get("epoch", 0)), 0, step, False
-
-
-def _check_multiworker_supported(strategy):
-    """ValueError for MultiWorkerMirroredStrategy with several workers under Keras 3.
-
-    Keras 3's fit (checked with 3.15) reduces its first batch and its per-step logs with collective reductions
-    that MultiWorkerMirroredStrategy rejects as soon as there are two workers; legacy tf.keras (tf_keras) trains
-    the same pipelines across workers.
-    """
-
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or USING_LEGACY_KERAS:
-        return
-    cluster = resolver.cluster_spec().as_dict()
-    workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
-    if workers > 1:
-        raise ValueError(
-            f"[train] strategy \"multiworker\" with {workers} workers needs legacy tf.keras: Keras 3's fit cannot "
-            "reduce its batches and logs across workers; set TF_USE_LEGACY_KERAS=1 (with tf_keras installed)")
 
 
 def _pruning_callbacks(pipeline, model):
@@ -799,7 +819,7 @@ def _stream_description(pipeline, data, global_batch_size, steps_per_epoch, repl
             "deterministic": config.deterministic, "replicas": replicas}
 
 
-def _check_resume(backup, metadata, stream, config, exact_position):
+def _check_resume(backup, metadata, stream, config, exact_position, exact_strategy=False):
     """ValueError for another pipeline's checkpoint; a warning for each reason the resume will not be exact."""
     recorded = metadata.get("stream") or {}
     if recorded.get("pipeline") not in (None, stream["pipeline"]):
@@ -808,7 +828,7 @@ def _check_resume(backup, metadata, stream, config, exact_position):
     reasons = []
     if not config.deterministic:
         reasons.append("[train] deterministic is false, so the reader's order differs from run to run")
-    if config.strategy != "default":
+    if config.strategy != "default" and not exact_strategy:
         reasons.append(f"strategy {config.strategy!r} rebuilds the input pipeline per replica, and the batches after "
                        "the skipped ones are not guaranteed to be the uninterrupted run's (exact with strategy "
                        "\"default\")")
@@ -849,23 +869,40 @@ def train(pipeline, runs_dir="runs", verbose=1):
     """
 
     config = pipeline.train
-    # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
-    strategy = make_strategy(config.strategy)
-    _check_multiworker_supported(strategy)
-    backup = _backup_for(config, pipeline, runs_dir, strategy)
-    if backup is None:
-        return _train(pipeline, strategy, None, runs_dir, verbose)
-    # Before the data step: a directory that is not ours, or one another run is using, stops this run at once.
-    backup.claim()
-    backup.lock(pipeline.name)
+    watchdog = None
+    if config.strategy == "multiworker":
+        # A malformed TF_CONFIG fails here, naming the key, before TensorFlow reads it; joining the cluster (and,
+        # on Keras 3, every training step) is timed, so that a worker that never answers fails the job.
+        cluster, task_type, task_index = multiworker.check_tf_config()
+        watchdog = multiworker.ClusterWatchdog(cluster, task_type, task_index, config.cluster_timeout_s,
+                                               source=pipeline.source)
     try:
-        return _train(pipeline, strategy, backup, runs_dir, verbose)
+        # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow work.
+        with watchdog.phase("joining the cluster") if watchdog else contextlib.nullcontext():
+            strategy = make_strategy(config.strategy)
+        backup = _backup_for(config, pipeline, runs_dir, strategy)
+        if backup is None:
+            return _train(pipeline, strategy, None, runs_dir, verbose, watchdog)
+        # Before the data step: a directory that is not ours, or one another run is using, stops this run at once.
+        backup.claim()
+        backup.lock(pipeline.name)
+        try:
+            return _train(pipeline, strategy, backup, runs_dir, verbose, watchdog)
+        finally:
+            backup.unlock()  # finish() has already done so when the run completed
     finally:
-        backup.unlock()  # finish() has already done so when the run completed
+        if watchdog is not None:
+            watchdog.stop()
 
 
-def _train(pipeline, strategy, backup, runs_dir, verbose):
+def _train(pipeline, strategy, backup, runs_dir, verbose, watchdog=None):
     config = pipeline.train
+    # Keras 3's fit cannot train with several MultiWorkerMirroredStrategy workers: tfcompress.multiworker's loop
+    # does (with one worker too, so that a one-worker run is the same code); legacy tf.keras keeps fit.
+    own_loop = config.strategy == "multiworker" and not USING_LEGACY_KERAS
+
+    def collective(what):
+        return watchdog.phase(what) if watchdog is not None else contextlib.nullcontext()
     replicas = strategy.num_replicas_in_sync
     global_batch_size = config.batch_size * replicas
     data = prepare_data(pipeline.data, pipeline.source, verbose)
@@ -875,7 +912,7 @@ def _train(pipeline, strategy, backup, runs_dir, verbose):
     except ValueError as error:
         raise ValueError(f"{pipeline.source}: [compression]: {error}") from None
     # Variables made in the scope are mirrored on every replica; compile's optimizer and metrics too.
-    with strategy.scope():
+    with strategy.scope(), collective("building the model (every worker starts from worker 0's initial weights)"):
         model = build_model(pipeline.model, data.schema, plan.build_layer(), name=_model_name(pipeline.name))
         _warn_if_optimizer_densifies(config.optimizer, model)
         model.compile(
@@ -925,6 +962,29 @@ def _train(pipeline, strategy, backup, runs_dir, verbose):
                 dataset = dataset.skip(skip_batches * (replicas // pipelines))
             return dataset
 
+        if own_loop:
+            def make_for_worker(input_context):
+                if not config.deterministic:
+                    # Each worker reads its own files (or records) of the training data.
+                    return make(input_context)
+                # Deterministic: every worker reads the whole stream in per-replica batches and keeps its own
+                # replicas' consecutive batches of every global batch, so that a global batch holds the rows of a
+                # one-device run's batch of the same global size, whatever the number of workers (exact equality
+                # with a one-worker run and exact resumes, at the cost of each worker parsing all rows).
+                workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
+                local = input_context.num_replicas_in_sync // workers
+                dataset = train_input(None)
+                if skip_batches:
+                    dataset = dataset.skip(skip_batches * replicas)
+                if local > 1:
+                    return dataset.batch(local, drop_remainder=True).shard(workers, worker).unbatch()
+                return dataset.shard(workers, worker)
+
+            # One iterator made and dropped, as with the default strategy (see above): same batches as fit's.
+            dataset = strategy.distribute_datasets_from_function(make_for_worker)
+            for _ in range(1 + earlier_epochs):
+                iter(dataset)
+            return lambda: dataset
         if config.strategy == "default":
             dataset = make()
             drops = 1 + earlier_epochs
@@ -957,12 +1017,17 @@ def _train(pipeline, strategy, backup, runs_dir, verbose):
     if backup is not None:
         stream = _stream_description(pipeline, data, global_batch_size, steps_per_epoch, replicas)
         checkpoints = StepBackupAndRestore(backup, config.checkpoint_every_steps, position, stream=stream, best=best,
-                                           guard=guard, steps_per_epoch=steps_per_epoch)
+                                           guard=guard, steps_per_epoch=steps_per_epoch, keep_previous=own_loop)
         metadata = backup.load()
+        if own_loop and multiworker.worker_count(strategy) > 1:
+            with collective("agreeing on the checkpoint to resume from"):
+                metadata = multiworker.common_checkpoint(strategy, metadata, backup.path, pipeline.source)
         if metadata is not None:
             epoch, epoch_batches, batches, exact_position = _checkpoint_position(metadata, steps_per_epoch)
-            _check_resume(backup, metadata, stream, config, exact_position)
-            checkpoints.restore(model, metadata)
+            _check_resume(backup, metadata, stream, config, exact_position,
+                          exact_strategy=own_loop and config.deterministic)
+            with strategy.scope():  # the optimizer's slots are made here: mirrored variables of the strategy
+                checkpoints.restore(model, metadata)
             best.load_state(metadata.get("best") or {})
             position.epoch, position.epoch_batches, position.step = epoch, epoch_batches, batches
             if verbose:
@@ -975,6 +1040,10 @@ def _train(pipeline, strategy, backup, runs_dir, verbose):
     if config.tensorboard:
         # Loss, AUC and log loss per epoch from Keras, plus bytes, ratio and samples/s: `tensorboard --logdir runs`.
         log_dir = os.path.join(runs_dir, pipeline.name, "tensorboard")
+        if own_loop and not strategy.extended.should_checkpoint:
+            # Only the chief writes the run's log; the other workers write logs of their own next to it.
+            task = strategy.cluster_resolver
+            log_dir = os.path.join(log_dir, f"{task.task_type}_{task.task_id}")
         callbacks += [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
                       EmbeddingSummaryCallback(log_dir, plan, throughput)]
     callbacks.append(best)  # before the checkpoints: each records the best epoch as of its own epoch end
@@ -982,6 +1051,11 @@ def _train(pipeline, strategy, backup, runs_dir, verbose):
         callbacks.append(checkpoints)
 
     def fit(dataset, first_epoch, end_epoch, steps):
+        if own_loop:
+            return multiworker.fit_multiworker(
+                model, strategy, dataset, end_epoch, steps, global_batch_size, callbacks,
+                evaluate=lambda m: exact_metrics(m, eval_dataset), initial_epoch=first_epoch, watchdog=watchdog,
+                verbose=verbose)
         with warnings.catch_warnings():
             # Keras warns "input ran out of data" whenever a dataset of unknown length ends, which is how a single
             # pass (validation, or an epoch-sized run) is meant to end here; a repeating stream never runs out.
