@@ -217,6 +217,17 @@ float RowDenominator(const RobeBag& bag, int64_t begin, int64_t end) {
   return robe::BagDenominator(bag.combiner, sum_w, sum_w2);
 }
 
+// scaled[i] = grad_b[i] / denominator_b for the bag row [row_begin, row_end) (grad_b itself for "sum", zeros where
+// the denominator is 0): the row's gradient before the per-id weights, shared by the expanded and direct scatters
+// so that both form the same terms.
+void ScaledRowGrad(const RobeBag& bag, const float* g, int64_t row_begin, int64_t row_end, float* scaled) {
+  const int32_t d = bag.params.output_dim;
+  const float denominator = RowDenominator(bag, row_begin, row_end);
+  for (int32_t i = 0; i < d; ++i) {
+    scaled[i] = bag.combiner == Combiner::kSum ? g[i] : denominator == 0.0f ? 0.0f : g[i] / denominator;
+  }
+}
+
 // Per-call hash terms (as robe_cpu_functors.cc's CallTerms).
 struct BagTerms {
   std::vector<int64_t> chunk;
@@ -444,11 +455,7 @@ absl::Status ExpandBagGrad(OpKernelContext* ctx, const RobeBag& bag, const float
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row_begin = bag.row_splits[b], row_end = bag.row_splits[b + 1];
       if (row_begin == row_end) continue;
-      const float* g = grad + b * d;
-      const float denominator = RowDenominator(bag, row_begin, row_end);
-      for (int64_t i = 0; i < d; ++i) {
-        scaled[i] = bag.combiner == Combiner::kSum ? g[i] : denominator == 0.0f ? 0.0f : g[i] / denominator;
-      }
+      ScaledRowGrad(bag, grad + b * d, row_begin, row_end, scaled.data());
       for (int64_t k = row_begin; k < row_end; ++k) {
         float* dst = expanded + k * d;
         if (bag.weights == nullptr) {
@@ -475,11 +482,7 @@ void ScatterBagRows(const RobeBag& bag, const BagTerms& terms, const float* grad
   for (int64_t b = begin; b < end; ++b) {
     const int64_t row_begin = bag.row_splits[b], row_end = bag.row_splits[b + 1];
     if (row_begin == row_end) continue;
-    const float* g = grad + b * d;
-    const float denominator = RowDenominator(bag, row_begin, row_end);
-    for (int32_t i = 0; i < d; ++i) {
-      scaled[i] = bag.combiner == Combiner::kSum ? g[i] : denominator == 0.0f ? 0.0f : g[i] / denominator;
-    }
+    ScaledRowGrad(bag, grad + b * d, row_begin, row_end, scaled.data());
     for (int64_t k = row_begin; k < row_end; ++k) {
       const int64_t a = OffsetId(bag, k);
       const int64_t row_term = robe::RowTerm(a, p.r3);

@@ -15,7 +15,9 @@ results. `TFCOMPRESS_CUSTOM_OPS=0` turns the ops off without a warning.
 
 Gradients are registered here: RobeLookup's attr `gradient` picks "dense" (RobeLookupGrad: one race-free
 scatter-add into an |M| tensor) or "sparse" (RobeLookupSparseGrad: coalesced, sorted unique positions, returned as
-tf.IndexedSlices), the same two forms tfcompress.lookup.gather_with_gradient gives.
+tf.IndexedSlices), the same two forms tfcompress.lookup.gather_with_gradient gives. The pooled RobeBagLookup
+(`robe_bag_lookup`) picks RobeBagLookupGrad or RobeBagLookupSparseGrad the same way, and its weights gradient is
+RobeBagLookupWeightsGrad.
 
 Serving exports must never reference these ops (TF Serving cannot load them): they trace each layer's
 `serving_lookup`, which uses stock ops only, instead of its `call`.
@@ -33,6 +35,7 @@ import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
 from tfcompress import robe_hash
+from tfcompress.lookup import BAG_COMBINERS
 
 LIBRARY_ENV = "TFCOMPRESS_ROBE_OPS_LIBRARY"
 SWITCH_ENV = "TFCOMPRESS_CUSTOM_OPS"
@@ -230,9 +233,6 @@ def robe_positions(ids, cardinalities, output_dim, chunk_size, memory_size, seed
     )
 
 
-BAG_COMBINERS = ("sum", "mean", "sqrtn")
-
-
 def _bag_attrs(offset, cardinality, output_dim, chunk_size, seed, signed, combiner, weighted):
     return dict(
         table_offset=int(offset),
@@ -249,7 +249,7 @@ def _bag_attrs(offset, cardinality, output_dim, chunk_size, seed, signed, combin
 def _bag_inputs(ids, row_splits, weights):
     """(ids i64[N], row_splits i64[B + 1], weights f32[N] or f32[0], weighted) with dtypes checked by name."""
     ids = tf.convert_to_tensor(ids)
-    if not (ids.dtype.is_integer):
+    if not ids.dtype.is_integer:
         raise TypeError(f"robe_bag_lookup: ids must be an integer tensor, got dtype {ids.dtype.name}")
     row_splits = tf.convert_to_tensor(row_splits)
     if not row_splits.dtype.is_integer:

@@ -79,6 +79,7 @@ def _gather_dense_gradient(params, indices):
     return tf.gather(params, indices), grad
 
 
+# The combiners of every pooled (bag) lookup: this reference, `fused_ops.robe_bag_lookup` and `layers.bag`.
 BAG_COMBINERS = ("sum", "mean", "sqrtn")
 
 
@@ -120,6 +121,7 @@ def robe_bag_lookup_reference(memory, ids, row_splits, weights=None, offset=0, c
     else:
         denominator = tf.sqrt(tf.math.unsorted_segment_sum(tf.square(weights), segments, num_rows))
     return tf.math.divide_no_nan(summed, denominator[:, None])
+
 
 # How a ROBE-Z serving lookup reads its chunks (`TableReader.chunk_reads`, docs/export_contract.md "Serving layout"):
 # "windows": one row gather per chunk from the window matrix W[j] = M[j : j + Z], materialized once when the serving

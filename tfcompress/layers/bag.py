@@ -8,7 +8,9 @@ arguments. The contract is `tf.nn.safe_embedding_lookup_sparse`'s, so a model mo
 
 import tensorflow as tf
 
-COMBINERS = ("sum", "mean", "sqrtn")
+from tfcompress.lookup import BAG_COMBINERS
+
+COMBINERS = BAG_COMBINERS  # one list for the composite, the reference and the fused op
 
 
 def check_combiner(combiner, layer_name, allow_none=True):
@@ -42,7 +44,7 @@ def bag_lookup(lookup_fn, ids_values, row_splits, weights, combiner):
         [rows, D] in the dtype of `lookup_fn`'s embeddings (float32, or float16 under a mixed-precision policy).
     """
     if combiner not in COMBINERS:
-        raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+        raise ValueError(f"bag_lookup: combiner must be one of {COMBINERS}, got {combiner!r}")
     num_rows = tf.shape(row_splits, out_type=tf.int64)[0] - 1
     ids_values, row_splits, weights = prune_bags(ids_values, row_splits, weights, combiner)
     row_ids = tf.ragged.row_splits_to_segment_ids(row_splits)
