@@ -18,7 +18,8 @@ Then the one line this example is about::
 Both models, the original and the compressed one, are trained the same way (`compile` + `fit`, same data, same
 seed) and scored by AUC on held-out rows of the same generated world (`tfcompress.data.synthetic_movielens`, nothing
 downloaded). The compressed tables train on tfcompress's fused custom op (when its library loads). The compressed
-model is then exported with the project's exporter and checked in a fresh process:
+model is then exported with the project's exporter and checked in a fresh process (`export_and_verify` in
+examples/_movielens_common.py, which holds what the two MovieLens examples share):
 
     path = tfcompress.export.export_saved_model(model, base_dir=..., sample_inputs=held_out_rows)
     tfcompress.export.verify.verify(path)    # a process that never imports tfcompress
@@ -37,39 +38,19 @@ check statuses), the SavedModel under WORK_DIR/saved_models/movielens_ranker/1 a
 (held-out inputs and the compressed model's predictions).
 """
 
-import argparse
-import json
 import os
-import tempfile
 
 import keras
 import keras_rs
 import numpy as np
-import tensorflow as tf
 
 import tfcompress
-from tfcompress.data.synthetic_movielens import GENRES, item_ids, movielens_like, user_ids
-from tfcompress.export import export_saved_model
-from tfcompress.export.verify import verify
-from tfcompress.metrics import exact_auc as roc_auc
+from tfcompress.data.synthetic_movielens import GENRES, item_ids, user_ids
+from tfcompress.metrics import exact_auc
 
-MAX_GENRES = 3  # the generator gives 0..3 genres per movie
-SERVING_CHECK_ROWS = 256
-STRING_FEATURES = ("user_id", "item_id")
-DENSE_FEATURES = ("age", "hour_of_day")
-
-
-def model_inputs(data):
-    """The generator's columns as the model's input dict: genres padded with "" to MAX_GENRES."""
-    genres = np.array([row + [""] * (MAX_GENRES - len(row)) for row in data["genres"]], dtype=str)
-    return {
-        "user_id": np.asarray(data["user_id"], dtype=str),
-        "item_id": np.asarray(data["item_id"], dtype=str),
-        "history": np.asarray(data["history"], dtype=str),
-        "genres": genres,
-        "age": np.asarray(data["age"], np.float32),
-        "hour_of_day": np.asarray(data["hour_of_day"], np.float32),
-    }
+# The data, the tf.data pipeline, export + verify, results.json and the command line, shared with
+# examples/tfrs_movielens.py (this directory is on sys.path when the script runs).
+from _movielens_common import MAX_GENRES, dataset, export_and_save_results, main, make_data, predict  # noqa: E402
 
 
 @keras.saving.register_keras_serializable(package="keras_rs_movielens")
@@ -136,24 +117,11 @@ def build_ranking_model(num_users, num_items, history_length, embedding_dim=32, 
     return keras.Model(inputs, probability, name="movielens_ranker")
 
 
-def dataset(features, labels=None, batch_size=512, shuffle_seed=None):
-    """A tf.data pipeline over the feature dict (Keras' fit takes no NumPy string arrays)."""
-    tensors = {k: tf.constant(v) for k, v in features.items()}
-    data = tf.data.Dataset.from_tensor_slices(tensors if labels is None else (tensors, tf.constant(labels)))
-    if shuffle_seed is not None:
-        data = data.shuffle(len(next(iter(features.values()))), seed=shuffle_seed)
-    return data.batch(batch_size)
-
-
 def compile_and_fit(model, train, labels, epochs, batch_size, learning_rate, seed=0):
     """The user's own training script: the same for the original and the compressed model."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc")])
     return model.fit(dataset(train, labels, batch_size, shuffle_seed=seed), epochs=epochs, verbose=2)
-
-
-def predict(model, features):
-    return model.predict(dataset(features, batch_size=4096), verbose=0).ravel()
 
 
 def embedding_bytes(model):
@@ -166,40 +134,13 @@ def embedding_bytes(model):
     return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
 
 
-def fused_op_layers(model):
-    """Names of the ROBE lookups that run tfcompress's fused custom op in training (empty: the pure-TF path)."""
-    return sorted(layer.name for layer in model._flatten_layers(include_self=False)
-                  if isinstance(layer, tfcompress.layers.RobeEmbedding)
-                  and tfcompress.fused_ops.should_use(layer.use_custom_op))
-
-
-def export_and_verify(model, base_dir, sample_inputs):
-    """`tfcompress.export.export_saved_model`, then `verify` in a fresh process that never imports tfcompress.
-
-    Training ran the fused custom op; the exported graph is traced with each compressed layer's stock-op
-    `serving_lookup` (TF Serving cannot load custom ops). The signature takes the model's own inputs (the raw
-    strings and floats); `sample_inputs` are the rows whose predictions `verify` compares against.
-    """
-    path = export_saved_model(model, base_dir=base_dir, name="movielens_ranker", sample_inputs=sample_inputs)
-    result = verify(path)
-    checks = {name: check["status"] for name, check in result.report()["checks"].items()}
-    return path, result, checks
-
-
 def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
         embedding_dim=32, ratio=100, min_rows=10_000, epochs=3, batch_size=512, learning_rate=2e-3, seed=0):
     """Generate, build, compress, train both, evaluate, export; returns the results (also WORK_DIR/results.json)."""
     os.makedirs(work_dir, exist_ok=True)
-    data = movielens_like(rows + eval_rows, num_users=num_users, num_items=num_items, seed=seed,
-                          history_length=history_length, return_probability=True)
-    features = model_inputs(data)
-    labels = data["label"].astype(np.float32)
-    train = {k: v[:rows] for k, v in features.items()}
-    held_out = {k: v[rows:] for k, v in features.items()}
-
+    train, held_out, labels, ceiling_auc = make_data(rows, eval_rows, num_users, num_items, history_length, seed)
     results = {"rows": rows, "eval_rows": eval_rows, "num_users": num_users, "num_items": num_items,
-               "ratio": ratio, "min_rows": min_rows, "epochs": epochs,
-               "ceiling_auc": float(roc_auc(labels[rows:], data["planted_probability"][rows:]))}
+               "ratio": ratio, "min_rows": min_rows, "epochs": epochs, "ceiling_auc": ceiling_auc}
     for variant in ("full", "compressed"):
         keras.utils.set_random_seed(seed)
         model = build_ranking_model(num_users, num_items, history_length, embedding_dim)
@@ -211,44 +152,10 @@ def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12
             results["compressed_embedding_bytes"] = embedding_bytes(model)
         compile_and_fit(model, train, labels[:rows], epochs, batch_size, learning_rate, seed)
         predictions = predict(model, held_out)
-        results[f"{variant}_auc"] = float(roc_auc(labels[rows:], predictions))
+        results[f"{variant}_auc"] = float(exact_auc(labels[rows:], predictions))
 
-    results["fused_op_layers"] = fused_op_layers(model)
-    check = {k: v[:SERVING_CHECK_ROWS] for k, v in held_out.items()}
-    export_dir, verified, checks = export_and_verify(model, os.path.join(work_dir, "saved_models"), check)
-    print(verified.output)
-    expected = predict(model, check)
-    results["export_dir"] = export_dir
-    results["verify_ok"] = bool(verified.ok)
-    results["verify_checks"] = checks
-    np.savez(os.path.join(work_dir, "serving_check.npz"), predictions=expected, **check)
-    with open(os.path.join(work_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    return results
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default=None, help="output directory (default: a new temporary one)")
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--eval-rows", type=int, default=20_000)
-    parser.add_argument("--num-users", type=int, default=20_000)
-    parser.add_argument("--num-items", type=int, default=12_000)
-    parser.add_argument("--embedding-dim", type=int, default=32)
-    parser.add_argument("--ratio", type=float, default=100)
-    parser.add_argument("--min-rows", type=int, default=10_000)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="keras_rs_movielens_")
-    results = run(work_dir, rows=args.rows, eval_rows=args.eval_rows, num_users=args.num_users,
-                  num_items=args.num_items, embedding_dim=args.embedding_dim, ratio=args.ratio,
-                  min_rows=args.min_rows, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    print(json.dumps(results, indent=2))
-    if not results["verify_ok"]:
-        raise SystemExit(f"verify failed for {results['export_dir']} (its report is printed above)")
+    return export_and_save_results(model, "movielens_ranker", held_out, work_dir, results)
 
 
 if __name__ == "__main__":
-    main()
+    main(run, __doc__.split("\n\n")[0], "keras_rs_movielens_")

@@ -33,34 +33,17 @@ import os
 # Before TensorFlow is imported: tf.keras (and so TFRS) and tfcompress use tf_keras.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
 import tfcompress  # noqa: E402
-from tfcompress.data.synthetic_movielens import GENRES, item_ids, movielens_like, user_ids  # noqa: E402
-from tfcompress.export import export_saved_model  # noqa: E402
-from tfcompress.export.verify import verify  # noqa: E402
+from tfcompress.data.synthetic_movielens import GENRES, item_ids, user_ids  # noqa: E402
 from tfcompress.metrics import exact_auc  # noqa: E402
 
-MAX_GENRES = 3
-SERVING_CHECK_ROWS = 256
-
-
-def model_inputs(data):
-    """The generator's columns as the network's input dict: genres padded with "" to MAX_GENRES."""
-    return {
-        "user_id": np.asarray(data["user_id"], dtype=str),
-        "item_id": np.asarray(data["item_id"], dtype=str),
-        "history": np.asarray(data["history"], dtype=str),
-        "genres": np.array([row + [""] * (MAX_GENRES - len(row)) for row in data["genres"]], dtype=str),
-        "age": np.asarray(data["age"], np.float32),
-        "hour_of_day": np.asarray(data["hour_of_day"], np.float32),
-    }
+# The data, the tf.data pipeline, export + verify, results.json and the command line, shared with
+# examples/keras_rs_movielens.py (this directory is on sys.path when the script runs).
+from _movielens_common import MAX_GENRES, dataset, export_and_save_results, main, make_data, predict  # noqa: E402
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrs_movielens")
@@ -132,18 +115,6 @@ class RankingModel(tfrs.models.Model):
         return self.task(labels=labels, predictions=self.ranker(features, training=training))
 
 
-def dataset(features, labels=None, batch_size=512, shuffle_seed=None):
-    tensors = {k: tf.constant(v) for k, v in features.items()}
-    data = tf.data.Dataset.from_tensor_slices(tensors if labels is None else (tensors, tf.constant(labels)))
-    if shuffle_seed is not None:
-        data = data.shuffle(len(next(iter(features.values()))), seed=shuffle_seed)
-    return data.batch(batch_size)
-
-
-def predict(ranker, features):
-    return ranker.predict(dataset(features, batch_size=4096), verbose=0).ravel()
-
-
 def embedding_bytes(model):
     """Float32 bytes of the embedding variables, a shared variable counted once."""
     variables = {}
@@ -153,39 +124,13 @@ def embedding_bytes(model):
     return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
 
 
-def fused_op_layers(model):
-    """Names of the ROBE lookups that run tfcompress's fused custom op in training (empty: the pure-TF path)."""
-    return sorted(layer.name for layer in model._flatten_layers(include_self=False)
-                  if isinstance(layer, tfcompress.layers.RobeEmbedding)
-                  and tfcompress.fused_ops.should_use(layer.use_custom_op))
-
-
-def export_and_verify(ranker, base_dir, sample_inputs):
-    """`tfcompress.export.export_saved_model` of the functional network (the `tfrs.models.Model` wrapper only adds
-    the loss), then `verify` in a fresh process that never imports tfcompress.
-
-    Training ran the fused custom op; the exported graph is traced with each compressed layer's stock-op
-    `serving_lookup` (TF Serving cannot load custom ops). The signature takes the network's own inputs.
-    """
-    path = export_saved_model(ranker, base_dir=base_dir, name="tfrs_movielens_ranker", sample_inputs=sample_inputs)
-    result = verify(path)
-    checks = {name: check["status"] for name, check in result.report()["checks"].items()}
-    return path, result, checks
-
-
 def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
         embedding_dim=32, ratio=100, min_rows=10_000, epochs=3, batch_size=512, learning_rate=2e-3, seed=0):
     """Generate, build, compress, train both, evaluate, export; returns the results (also WORK_DIR/results.json)."""
     os.makedirs(work_dir, exist_ok=True)
-    data = movielens_like(rows + eval_rows, num_users=num_users, num_items=num_items, seed=seed,
-                          history_length=history_length, return_probability=True)
-    features = model_inputs(data)
-    labels = data["label"].astype(np.float32)
-    train = {k: v[:rows] for k, v in features.items()}
-    held_out = {k: v[rows:] for k, v in features.items()}
+    train, held_out, labels, ceiling_auc = make_data(rows, eval_rows, num_users, num_items, history_length, seed)
     results = {"rows": rows, "eval_rows": eval_rows, "num_users": num_users, "num_items": num_items,
-               "ratio": ratio, "min_rows": min_rows, "epochs": epochs,
-               "ceiling_auc": float(exact_auc(labels[rows:], data["planted_probability"][rows:]))}
+               "ratio": ratio, "min_rows": min_rows, "epochs": epochs, "ceiling_auc": ceiling_auc}
     for variant in ("full", "compressed"):
         tf.keras.utils.set_random_seed(seed)
         ranker = build_ranker(num_users, num_items, history_length, embedding_dim)
@@ -200,42 +145,9 @@ def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12
         model.fit(dataset(train, labels[:rows], batch_size, shuffle_seed=seed), epochs=epochs, verbose=2)
         results[f"{variant}_auc"] = float(exact_auc(labels[rows:], predict(ranker, held_out)))
 
-    results["fused_op_layers"] = fused_op_layers(ranker)
-    check = {k: v[:SERVING_CHECK_ROWS] for k, v in held_out.items()}
-    export_dir, verified, checks = export_and_verify(ranker, os.path.join(work_dir, "saved_models"), check)
-    print(verified.output)
-    expected = predict(ranker, check)
-    results["export_dir"] = export_dir
-    results["verify_ok"] = bool(verified.ok)
-    results["verify_checks"] = checks
-    np.savez(os.path.join(work_dir, "serving_check.npz"), predictions=expected, **check)
-    with open(os.path.join(work_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    return results
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default=None, help="output directory (default: a new temporary one)")
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--eval-rows", type=int, default=20_000)
-    parser.add_argument("--num-users", type=int, default=20_000)
-    parser.add_argument("--num-items", type=int, default=12_000)
-    parser.add_argument("--embedding-dim", type=int, default=32)
-    parser.add_argument("--ratio", type=float, default=100)
-    parser.add_argument("--min-rows", type=int, default=10_000)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="tfrs_movielens_")
-    results = run(work_dir, rows=args.rows, eval_rows=args.eval_rows, num_users=args.num_users,
-                  num_items=args.num_items, embedding_dim=args.embedding_dim, ratio=args.ratio,
-                  min_rows=args.min_rows, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    print(json.dumps(results, indent=2))
-    if not results["verify_ok"]:
-        raise SystemExit(f"verify failed for {results['export_dir']} (its report is printed above)")
+    # The functional network is exported: the tfrs.models.Model wrapper only adds the loss.
+    return export_and_save_results(ranker, "tfrs_movielens_ranker", held_out, work_dir, results)
 
 
 if __name__ == "__main__":
-    main()
+    main(run, __doc__.split("\n\n")[0], "tfrs_movielens_")

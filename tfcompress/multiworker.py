@@ -29,11 +29,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import tensorflow as tf
 
 from tfcompress._keras import keras
+
 
 def check_tf_config(environ=None):
     """The cluster and task of the TF_CONFIG environment variable, checked.

@@ -209,10 +209,14 @@ def _run_tasks(function, tasks, context, workers, progress=None, on_done=None):
                 task = running.pop(future)
                 try:
                     result = future.result()
-                    for queued in itertools.islice(queue, 1):  # submit fails too once another worker died
-                        running[executor.submit(function, queued)] = queued
                 except BrokenProcessPool:
                     raise ConvertError(_worker_death_message(function, [task] + list(running.values()))) from None
+                try:
+                    for queued in itertools.islice(queue, 1):
+                        running[executor.submit(function, queued)] = queued
+                except BrokenProcessPool:
+                    # Another worker died after `task` finished: the dead one's task is still in `running`.
+                    raise ConvertError(_worker_death_message(function, list(running.values()))) from None
                 if progress is not None:
                     progress.done += 1
                 if on_done is not None:
