@@ -222,13 +222,15 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         Each chunk of Z elements is the contiguous slice M[h : h + Z]. How the chunks are read
         (`tables.chunk_reads`; every way gives bit-identical values):
 
-        - "windows" (the export default): W[j] = M[j : j + Z] ((|M| - Z + 1) x Z) is materialized once at export
+        - "windows": W[j] = M[j : j + Z] ((|M| - Z + 1) x Z) is materialized once at export
           (`TableReader.windows`, a variable of the SavedModel, Z times |M|), and one row gather per chunk
           (`tf.gather_nd`, which measured 1.2x faster than `tf.gather` for 64-byte rows) reads it. Z = 1 reads M
           itself (W would be a copy of it).
         - "elements": per-element positions h + (0..Z-1) and one scalar gather per element from M.
         - "per_call": W rebuilt from M in graph on every call (|M| x Z copies), row-gathered for batches with more
           lookups than W holds and element-gathered otherwise (`tf.cond`); nothing is stored beyond M.
+        - "auto" (the export default): "windows" where W holds at most `WINDOWS_MAX_FRACTION` of the floats of the
+          full tables stored in M (all sharers' tables for a shared memory), else "per_call".
 
         `tables.unique_ids` hashes and reads each distinct id once and expands after; `tables.jit_compile` runs the
         hash and the reads as one XLA-compiled function. The hash is `robe_hash.robe_chunk_hash_tf` told that ids
