@@ -44,6 +44,9 @@ def model_inputs(path, rows, distribution, seed):
     """{"dense", "sparse"} numpy rows for the model at `path` (its sizes from the export's metadata)."""
     with open(os.path.join(path, METADATA)) as f:
         metadata = json.load(f)
+    if "cardinalities" not in metadata:  # `contract: "model_inputs"`: no dense/sparse widths to generate rows for
+        raise ValueError(f"--model {path}: bench_latency times exports with the {{dense, sparse}} inputs; this one "
+                         f"is a model with other inputs ({metadata.get('contract')!r})")
     cards = np.asarray(metadata["cardinalities"], np.int64)
     rng = np.random.default_rng(seed)
     if distribution == "uniform":

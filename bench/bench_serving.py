@@ -10,10 +10,11 @@ calls, so a shared machine's load drifts hit every column alike; compare ratios 
 
 1. Lookups only: the embedding layer's serving graph (`serving_lookup`, as the export traces it) of full tables
    against ROBE-Z 1000x at each chunk size Z in --chunk-sizes (16 = output_dim, the layer's default, then 4 and 1)
-   in each serving layout (`tfcompress.lookup.TableReader`): "windows" (the export default: the window matrix
-   W[j] = M[j : j+Z] saved with the export, one row gather per chunk), "per_call" (W rebuilt from M on every call,
-   the layout before issue 20), "elements" (one scalar gather per element), "windows+unique" (tf.unique of the ids
-   first) and "windows+xla" (the lookup XLA-compiled, jit_compile=True).
+   in each serving layout (`tfcompress.lookup.TableReader`): "windows" (the window matrix W[j] = M[j : j+Z] saved
+   with the export, one row gather per chunk; what the export default chunk_reads="auto" picks where W is at most a
+   tenth of the full tables: W is Z / compression of them, 1.6% at 1000x and Z = 16), "per_call" (W rebuilt from M
+   on every call, the layout before issue 20), "elements" (one scalar gather per element), "windows+unique"
+   (tf.unique of the ids first) and "windows+xla" (the lookup XLA-compiled, jit_compile=True).
 2. Lookup-bound model: a DLRM with a tiny head (bottom MLP 13-16, top MLP 16-1), exported, full vs ROBE, so the
    lookups' ratio is not hidden behind the MLPs.
 3. Whole reference DLRM (embedding dim 16, bottom MLP 13-512-256-64-16, top MLP 512-256-1, the Kaggle configuration

@@ -497,6 +497,9 @@ def test_bad_arguments_raise_naming_the_value(exported, tmp_path):
         export_saved_model(avazu, base_dir=str(tmp_path), name="../escape")
     with pytest.raises(ValueError, match="version must be an integer >= 1"):
         export_saved_model(avazu, base_dir=str(tmp_path), version=0)
+    with pytest.raises(ValueError, match=r"sample_inputs must be a dict with 'dense' \[N, 0\] and 'sparse' "
+                                         r"\[N, 4\], got \['sparse'\]"):
+        export_saved_model(avazu, base_dir=str(tmp_path), sample_inputs={"sparse": np.zeros((2, 4), np.int64)})
     wrong_sizes = Schema(name="toy", sparse_names=["a", "b", "c", "d"], cardinalities=[1, 2, 3, 4])
     with pytest.raises(ValueError, match=r"schema 'toy' has cardinalities \[1, 2, 3, 4\]"):
         export_saved_model(avazu, base_dir=str(tmp_path), schema=wrong_sizes)

@@ -96,6 +96,8 @@ def test_every_export_passes_every_check_in_a_fresh_process(exported, key):
                   "predict_request", "warmup", "bad_inputs"):
         assert statuses[check] == "PASS", (check, report["checks"][check])
     assert statuses["bad_ids"] == "SKIP" and statuses["onnx"] == "SKIP"
+    # verify prints the serving layout for these exports too (an XLA-compiled one needs a TF Serving flag).
+    assert "serving layout: chunk_reads=auto unique_ids=False jit_compile=False" in exported["result"].output
 
 
 def test_the_signature_is_derived_from_the_model_inputs(exported):

@@ -161,7 +161,11 @@ def test_export_refuses_an_unknown_layout(tmp_path):
 
 def test_every_layout_verifies_in_a_fresh_process(tmp_path):
     """`tfcompress verify` (a process without tfcompress) loads each non-default layout and finds its predictions
-    equal to the exporter's, and prints the layout (the default layout is verified in tests/test_export.py)."""
+    equal to the exporter's, and prints the layout and the window matrix bytes, read from the checkpoint (the default
+    layout is verified in tests/test_export.py)."""
+    import json
+    import os
+
     from tfcompress.export import export_saved_model
     from tfcompress.export.verify import verify
     from tfcompress.models import build_dlrm
@@ -170,9 +174,15 @@ def test_every_layout_verifies_in_a_fresh_process(tmp_path):
                        (8,))
     paths = [export_saved_model(model, base_dir=str(tmp_path), name="robe", **options)
              for options in ({"chunk_reads": "elements"}, {"chunk_reads": "per_call", "unique_ids": True},
-                             {"jit_compile": True})]
+                             {"jit_compile": True}, {"chunk_reads": "windows"})]
     result = verify(paths)
     assert result.ok, result.output
+    for path in paths:
+        with open(os.path.join(path, "assets.extra", "tfcompress_export.json")) as f:
+            window_bytes = json.load(f)["window_matrix_bytes"]
+        assert result.report(path)["sizes"]["window_matrix_bytes"] == window_bytes
+    assert window_bytes == 3997 * 4 * 4  # the "windows" export: W of 3997 x 4 float32
+    assert "of which ROBE window matrices (serving layout)" in result.output
     assert "serving layout: chunk_reads=per_call unique_ids=True jit_compile=False" in result.output
     assert "start tensorflow_model_server with --xla_cpu_compilation_enabled=true" in result.output
 

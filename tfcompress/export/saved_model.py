@@ -40,7 +40,9 @@ What the serving graph contains (stock TensorFlow ops only: TF Serving's binary 
   never the custom ops, and lookups are plain gathers (the training-time gradient plumbing of
   `tfcompress.lookup.gather_with_gradient` is dropped: serving needs no gradient), bit-identical to `call`;
 - ROBE-Z: the one shared array plus the chunk hash of `tfcompress.robe_hash.robe_chunk_hash_tf` (int64 per id, int32
-  per chunk), each chunk read as one contiguous slice (`RobeEmbedding.serving_lookup`);
+  per chunk), each chunk read as one contiguous slice (`RobeEmbedding.serving_lookup`); with the default
+  chunk_reads="auto", where the array's window matrix W[j] = M[j : j + Z] is at most a tenth of the full tables,
+  W is saved in its place and a chunk is one row of it (`tfcompress.export.serving_layout`);
 - MLET: folded into one table per feature first (`tfcompress.fold`); full, hashed and QR tables as they are;
 - `quantize="int8"`: every float embedding table (ROBE's array included) is stored as int8 with one scale per
   table (the least-error scale of `tfcompress.quantize.quantize_int8`) and de-quantized after the gather;
@@ -179,6 +181,9 @@ def out_of_range_rows(n_dense, cardinalities):
 
 
 def _check_inputs(inputs, n_dense, n_sparse):
+    if not isinstance(inputs, dict) or not {"dense", "sparse"} <= set(inputs):
+        raise ValueError(f"sample_inputs must be a dict with 'dense' [N, {n_dense}] and 'sparse' [N, {n_sparse}], "
+                         f"got {sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__}")
     dense = np.asarray(inputs["dense"], np.float32)
     sparse = np.asarray(inputs["sparse"], np.int64)
     if dense.ndim != 2 or dense.shape[1] != n_dense or sparse.shape != (dense.shape[0], n_sparse):
@@ -269,6 +274,43 @@ def _raw_signature_metadata(spec, n_dense, n_sparse):
     }
 
 
+def _serving_reader(folded, serving_out_of_range, quantize, layout, paths, tensor_function):
+    """The `TableReader` of the serving trace: with `quantize`, a first trace through a probe reader finds the tables
+    every lookup reads, so that exactly those get int8/float16 copies (named in `paths`, updated in place).
+    `tensor_function(served)`: the serving_default tf.function of a `ServingModel` (one per contract)."""
+    substitutes = {}
+    if quantize is not None:
+        probe = TableReader()
+        tensor_function(ServingModel(folded, serving_out_of_range, probe)).get_concrete_function()
+        substitutes = quantized_substitutes(probe.tables, quantize, paths)
+        for values, _ in substitutes.values():
+            paths[id(values)] = values.name.split(":")[0]
+    return TableReader(substitutes, **layout)
+
+
+def _saved_variables(concrete, reader, paths, folded):
+    """({saved name: variable}, size table) of exactly the variables the signatures read, the window matrices
+    `reader` made included (they are made in `tf.init_scope`, so no concrete function lists them)."""
+    paths.update(window_matrix_paths(reader, paths))
+    captured = {id(v): v for function in concrete.values() for v in function.variables}
+    captured.update({id(v): v for v in reader.window_matrices.values()})
+    named = unique_names(captured.values(), paths)
+    return named, size_table(named, folded)
+
+
+def _metadata_header(model, name, version):
+    """The metadata keys every export starts with."""
+    return {
+        "format": METADATA_FORMAT,
+        "name": name,
+        "version": version,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tfcompress": tfcompress.__version__,
+        "tensorflow": tf.__version__,
+        "keras_model": model.name,
+    }
+
+
 def _signature_def_inputs(signatures):
     """Adds to each signature's metadata the shapes its signature_def declares: `SERVED_SHAPE` (any), because the
     graph checks the documented `inputs` shapes itself (`tfcompress.export.signatures.checked_input`)."""
@@ -355,16 +397,8 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     folded = fold_for_serving(model)
     paths = variable_paths(folded)
 
-    # First trace: find the tables every lookup reads (to quantize exactly those), then the real trace.
-    substitutes = {}
-    if quantize is not None:
-        probe = TableReader()
-        serving_functions(ServingModel(folded, serving_out_of_range, probe), n_dense, n_sparse)[0] \
-            .get_concrete_function()
-        substitutes = quantized_substitutes(probe.tables, quantize, paths)
-        for key, (values, _) in substitutes.items():
-            paths[id(values)] = values.name.split(":")[0]
-    reader = TableReader(substitutes, **layout)
+    reader = _serving_reader(folded, serving_out_of_range, quantize, layout, paths,
+                             lambda probe: serving_functions(probe, n_dense, n_sparse)[0])
     served = ServingModel(folded, serving_out_of_range, reader)
     # Vocabulary files of the raw signature live here until tf.saved_model.save copies them into assets/.
     asset_dir = tempfile.TemporaryDirectory(prefix="tfcompress-raw-") if raw_spec is not None else None
@@ -381,11 +415,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
     _check_stock_graph(concrete.values())
     raw_samples = _raw_samples(raw_spec, concrete) if raw_spec is not None else None
 
-    paths.update(window_matrix_paths(reader, paths))
-    captured = {id(v): v for function in concrete.values() for v in function.variables}
-    captured.update({id(v): v for v in reader.window_matrices.values()})  # made in init_scope: not listed above
-    named = unique_names(captured.values(), paths)
-    sizes = size_table(named, folded)
+    named, sizes = _saved_variables(concrete, reader, paths, folded)
     warn_if_windows_are_large(sizes)
 
     serving_probability = _probability(concrete[TENSOR_SIGNATURE], samples)
@@ -428,13 +458,7 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
             onnx_info = {"file": ONNX_FILE, "opset": int(onnx_opset), "tf2onnx": converter_version,
                          "max_abs_difference": difference}
         metadata = {
-            "format": METADATA_FORMAT,
-            "name": name,
-            "version": version,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tfcompress": tfcompress.__version__,
-            "tensorflow": tf.__version__,
-            "keras_model": model.name,
+            **_metadata_header(model, name, version),
             "n_dense": n_dense,
             "n_sparse": n_sparse,
             "cardinalities": cardinalities,
@@ -554,26 +578,16 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
 
     folded = fold_for_serving(model)
     paths = variable_paths(folded)
-    substitutes = {}
-    if quantize is not None:
-        probe = TableReader()
-        model_input_functions(ServingModel(folded, serving_out_of_range, probe), inputs)[0].get_concrete_function()
-        substitutes = quantized_substitutes(probe.tables, quantize, paths)
-        for key, (values, _) in substitutes.items():
-            paths[id(values)] = values.name.split(":")[0]
-    reader = TableReader(substitutes, **layout)
+    reader = _serving_reader(folded, serving_out_of_range, quantize, layout, paths,
+                             lambda probe: model_input_functions(probe, inputs)[0])
     served = ServingModel(folded, serving_out_of_range, reader)
     serve_tensors, serve_examples = model_input_functions(served, inputs)
     concrete = {TENSOR_SIGNATURE: serve_tensors.get_concrete_function(),
                 EXAMPLE_SIGNATURE: serve_examples.get_concrete_function()}
     _check_stock_graph(concrete.values())
     resources = _tracked_resources(folded, concrete.values(), reader.window_matrices.values())
-    paths.update(window_matrix_paths(reader, paths))
-    captured = {id(v): v for function in concrete.values() for v in function.variables}
-    captured.update({id(v): v for v in reader.window_matrices.values()})  # made in init_scope: not listed above
-    named = unique_names(captured.values(), paths)
-    sizes = size_table(named, folded)
-    warn_if_windows_are_large(sizes)
+    named, sizes = _saved_variables(concrete, reader, paths, folded)
+    warn_if_windows_are_large(sizes, stacklevel=4)  # the caller of export_saved_model, as on the other path
     serving_outputs = _numpy_outputs(concrete[TENSOR_SIGNATURE], inputs, tensors)
     if sorted(serving_outputs) != sorted(keras_outputs):
         raise RuntimeError(f"internal error: the serving graph returns {sorted(serving_outputs)}, the Keras model "
@@ -596,14 +610,8 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
         outputs = _output_metadata(serving_outputs)
         specs = model_inputs.signature_specs(inputs)
         metadata = {
-            "format": METADATA_FORMAT,
+            **_metadata_header(model, name, version),
             "contract": MODEL_INPUTS_CONTRACT,
-            "name": name,
-            "version": version,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tfcompress": tfcompress.__version__,
-            "tensorflow": tf.__version__,
-            "keras_model": model.name,
             "inputs": [item.describe() for item in inputs],
             "signatures": _signature_def_inputs({
                 TENSOR_SIGNATURE: {"inputs": {spec.name: [spec.dtype.name, spec.shape.as_list()] for spec in specs},

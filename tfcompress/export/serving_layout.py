@@ -53,15 +53,16 @@ def window_matrix_paths(reader, paths):
     return named
 
 
-def warn_if_windows_are_large(sizes):
+def warn_if_windows_are_large(sizes, stacklevel=3):
     """Warn when the window matrices hold more than half the bytes of the full float32 tables they replace.
 
     W has Z times the floats of M, so it is Z / compression of the full tables: at 1000x with Z = 16 it is 1.6%,
     but at compression <= 2Z it is half their size or more, and then `chunk_reads="elements"` or `"per_call"`
     (which save only M) keep the export small. A warning, not a switch: the export stays what was asked for.
+    `stacklevel` as for `warnings.warn`, counted from this function (3: the caller of the function calling it).
     """
     window_bytes, full_bytes = sizes.get("window_matrix_bytes", 0), sizes["uncompressed_bytes"]
     if window_bytes and window_bytes * 2 > full_bytes:
         warnings.warn(f"the ROBE window matrices take {window_bytes:,} bytes, more than half of the full tables' "
                       f"{full_bytes:,}: export with chunk_reads='elements' or 'per_call' to save only the array M",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=stacklevel)

@@ -61,7 +61,7 @@ def feature_counts(model, schema=None):
             (named), which these inputs cannot take.
     """
     inputs = getattr(model, "input", None)
-    if not isinstance(inputs, dict) or set(inputs) != {"dense", "sparse"}:
+    if not takes_dense_sparse(model):
         names = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
         raise ValueError(
             f"export needs a model with inputs {{'dense': float32 [B, n_dense], 'sparse': int64 [B, n_sparse]}} "

@@ -349,14 +349,21 @@ def write_warmup_requests(path, model_name, samples, rows=8):
     """TF Serving's warmup file (a TFRecord of PredictionLog): one PredictRequest per signature."""
 
     dense, sparse = samples["dense"][:rows], samples["sparse"][:rows]
+    _write_warmup_file(path, model_name, {"dense": dense, "sparse": sparse},
+                       [serialize_example(d, s) for d, s in zip(dense, sparse)])
+
+
+def _write_warmup_file(path, model_name, tensors, records):
+    """The warmup TFRecord of PredictionLogs: `serving_default` on {input key: NumPy array} (arrays of bytes
+    objects as strings) and `examples` on the serialized `records`."""
     tensor_request = predict_pb2.PredictRequest(
         model_spec=model_pb2.ModelSpec(name=model_name, signature_name=TENSOR_SIGNATURE))
-    tensor_request.inputs["dense"].CopyFrom(tf.make_tensor_proto(dense))
-    tensor_request.inputs["sparse"].CopyFrom(tf.make_tensor_proto(sparse))
+    for key, value in tensors.items():
+        tensor_request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string if value.dtype == object
+                                                                 else None))
     example_request = predict_pb2.PredictRequest(
         model_spec=model_pb2.ModelSpec(name=model_name, signature_name=EXAMPLE_SIGNATURE))
-    examples = [serialize_example(d, s) for d, s in zip(dense, sparse)]
-    example_request.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(examples, dtype=tf.string))
+    example_request.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(records, dtype=tf.string))
     with tf.io.TFRecordWriter(path) as writer:
         for request in (tensor_request, example_request):
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
@@ -377,16 +384,4 @@ def write_model_input_warmup(path, model_name, inputs, tensors, rows=8):
     """TF Serving's warmup file for a model with other inputs: one PredictRequest per signature on the first
     `rows` rows (ragged inputs as NAME_values + NAME_row_lengths)."""
     first = model_inputs.first_rows(inputs, tensors, rows)
-    tensor_request = predict_pb2.PredictRequest(
-        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=TENSOR_SIGNATURE))
-    for key, value in first.items():
-        tensor_request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string if value.dtype == object
-                                                                 else None))
-    example_request = predict_pb2.PredictRequest(
-        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=EXAMPLE_SIGNATURE))
-    records = model_inputs.example_rows(inputs, first)
-    example_request.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(records, dtype=tf.string))
-    with tf.io.TFRecordWriter(path) as writer:
-        for request in (tensor_request, example_request):
-            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
+    _write_warmup_file(path, model_name, first, model_inputs.example_rows(inputs, first))

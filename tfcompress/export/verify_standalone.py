@@ -362,6 +362,17 @@ def _refusal(signature, feeds):
     return None
 
 
+def _refusal_problems(loaded, cases):
+    """What went wrong with [(signature name, feeds, expected message part)] requests that must all be refused."""
+    problems = []
+    for name, feeds, expected in cases:
+        message = _refusal(loaded.signatures[name], feeds)
+        if message is None or expected not in message:
+            problems.append(f"{name} {sorted(feeds)}: expected an InvalidArgumentError with {expected!r}, got "
+                            f"{'none' if message is None else repr(message.strip().splitlines()[0][:200])}")
+    return problems
+
+
 def check_bad_inputs(report, loaded, metadata, samples):
     """Requests of the wrong shape, or records that are not Examples, are refused naming the input (in graph)."""
     if "signature_def_inputs" not in metadata["signatures"][TENSOR_SIGNATURE]:
@@ -382,12 +393,7 @@ def check_bad_inputs(report, loaded, metadata, samples):
         columns = metadata["signatures"][RAW_SIGNATURE]["inputs"][RAW_INPUT][1][1]
         cases.append((RAW_SIGNATURE, {RAW_INPUT: np.full((1, columns - 1), b"", dtype=object)},
                       f"input {RAW_INPUT}: expected string [batch, {columns}], received shape [1, {columns - 1}]"))
-    problems = []
-    for name, feeds, expected in cases:
-        message = _refusal(loaded.signatures[name], feeds)
-        if message is None or expected not in message:
-            problems.append(f"{name} {sorted(feeds)}: expected an InvalidArgumentError with {expected!r}, got "
-                            f"{'none' if message is None else repr(message.strip().splitlines()[0][:200])}")
+    problems = _refusal_problems(loaded, cases)
     again = _probability(loaded.signatures[TENSOR_SIGNATURE], samples["dense"], samples["sparse"])
     if not np.all(np.isfinite(again)):
         problems.append("valid rows are not served after the refused requests")
@@ -636,12 +642,7 @@ def check_model_input_refusals(report, loaded, inputs, tensors, served):
     records = model_input_examples(inputs, first, False)
     cases.append((EXAMPLE_SIGNATURE, {EXAMPLES_INPUT: np.array([records[0], b"\xff not an Example"], dtype=object)},
                   f"input {EXAMPLES_INPUT}: record 1 of 2 is not a serialized tf.train.Example"))
-    problems = []
-    for name, feeds, expected in cases:
-        message = _refusal(loaded.signatures[name], feeds)
-        if message is None or expected not in message:
-            problems.append(f"{name} {sorted(feeds)}: expected an InvalidArgumentError with {expected!r}, got "
-                            f"{'none' if message is None else repr(message.strip().splitlines()[0][:200])}")
+    problems = _refusal_problems(loaded, cases)
     again = _outputs(loaded.signatures[TENSOR_SIGNATURE], tensors)
     if _worst(again, served) > EXACT_TOLERANCE:
         problems.append("valid rows are not served as before after the refused requests")
@@ -683,6 +684,10 @@ def size_table(path, metadata):
     uncompressed = metadata.get("uncompressed_bytes")
     lines = [f"    {'variable':<48} {'dtype':<8} {'shape':<16} {'bytes':>14}"]
     lines += [f"    {n:<48} {d:<8} {str(s):<16} {b:>14,}" for n, d, s, b in rows]
+    # ROBE window matrices of the serving layout (named NAME/memory/windows<Z>[/int8|/fp16] by the exporter).
+    windows = sum(row[3] for row in rows if "/windows" in row[0])
+    if windows:
+        lines.append(f"    {'of which ROBE window matrices (serving layout)':<74} {windows:>14,}")
     lines.append(f"    {'total (variables)':<74} {total:>14,}")
     lines.append(f"    {'files on disk (whole version directory)':<74} {on_disk:>14,}")
     if uncompressed:
@@ -690,7 +695,8 @@ def size_table(path, metadata):
         lines.append(f"    {'compression (uncompressed / total)':<74} {uncompressed / max(total, 1):>13.1f}x")
     print("\n".join(lines), flush=True)
     return {"variables": [{"name": n, "dtype": d, "shape": list(s), "bytes": b} for n, d, s, b in rows],
-            "total_bytes": total, "disk_bytes": on_disk, "uncompressed_bytes": uncompressed}
+            "total_bytes": total, "window_matrix_bytes": windows, "disk_bytes": on_disk,
+            "uncompressed_bytes": uncompressed}
 
 
 def print_serving_layout(metadata):
@@ -709,6 +715,21 @@ def print_serving_layout(metadata):
 
 
 # ------------------------------------------------------------------------------------------------- driver
+def verify_dense_sparse(report, loaded, path, metadata, require_serving_api, require_onnx):
+    """The checks of an export with the {"dense", "sparse"} contract."""
+    with np.load(os.path.join(path, METADATA_DIR, SAMPLES_FILE)) as data:
+        samples = {key: data[key] for key in data.files}
+    tensors = loaded.signatures[TENSOR_SIGNATURE]
+    probability = check_parity(report, tensors, samples, metadata)
+    check_examples(report, loaded.signatures[EXAMPLE_SIGNATURE], samples, probability)
+    check_predict_request(report, loaded, samples, probability, metadata["name"], require_serving_api)
+    check_warmup(report, loaded, path, metadata)
+    check_bad_ids(report, tensors, metadata, samples)
+    check_bad_inputs(report, loaded, metadata, samples)
+    check_onnx(report, path, metadata, tensors, samples, require_onnx)
+    check_raw(report, loaded, path, metadata)
+
+
 def verify_one(path, require_serving_api=False, require_onnx=False):
     report = Report(path)
     print(f"verify {path}", flush=True)
@@ -735,20 +756,9 @@ def verify_one(path, require_serving_api=False, require_onnx=False):
         return report
     if is_model_inputs(metadata):
         verify_model_inputs(report, loaded, path, metadata, require_serving_api)
-        report.details["sizes"] = size_table(path, metadata)
-        check_isolation(report)
-        return report
-    with np.load(os.path.join(path, METADATA_DIR, SAMPLES_FILE)) as data:
-        samples = {key: data[key] for key in data.files}
-    tensors = loaded.signatures[TENSOR_SIGNATURE]
-    probability = check_parity(report, tensors, samples, metadata)
-    check_examples(report, loaded.signatures[EXAMPLE_SIGNATURE], samples, probability)
-    check_predict_request(report, loaded, samples, probability, metadata["name"], require_serving_api)
-    check_warmup(report, loaded, path, metadata)
-    check_bad_ids(report, tensors, metadata, samples)
-    check_bad_inputs(report, loaded, metadata, samples)
-    check_onnx(report, path, metadata, tensors, samples, require_onnx)
-    check_raw(report, loaded, path, metadata)
+    else:
+        verify_dense_sparse(report, loaded, path, metadata, require_serving_api, require_onnx)
+    # Both contracts: the size table and the serving layout (an XLA-compiled graph needs a TF Serving flag).
     report.details["sizes"] = size_table(path, metadata)
     print_serving_layout(metadata)
     check_isolation(report)  # again (the later result is kept): nothing above may have pulled tfcompress in

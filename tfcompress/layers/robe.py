@@ -229,8 +229,8 @@ class RobeEmbedding(base.IdEmbeddingLayer):
         - "elements": per-element positions h + (0..Z-1) and one scalar gather per element from M.
         - "per_call": W rebuilt from M in graph on every call (|M| x Z copies), row-gathered for batches with more
           lookups than W holds and element-gathered otherwise (`tf.cond`); nothing is stored beyond M.
-        - "auto" (the export default): "windows" where W holds at most `lookup.WINDOWS_MAX_FRACTION` of the floats
-          of the full tables stored in M, else "per_call".
+        - "auto" (the export default): "windows" where W holds at most `WINDOWS_MAX_FRACTION` of the floats of the
+          full tables stored in M (all sharers' tables for a shared memory), else "per_call".
 
         `tables.unique_ids` hashes and reads each distinct id once and expands after; `tables.jit_compile` runs the
         hash and the reads as one XLA-compiled function. The hash is `robe_hash.robe_chunk_hash_tf` told that ids
