@@ -43,9 +43,10 @@ class RobeMemory(keras.layers.Layer):
             keeps it, so a tf_keras SavedModel load hands all sharers one memory.
         **kwargs: `keras.layers.Layer` arguments (name, ...).
 
-    Sharing survives `.keras` save/load (Keras saves shared objects once and restores them shared). Outside such
-    a scope, `layer.from_config(layer.get_config())` gives each deserialized layer its own copy of the memory;
-    docs/layers.md ("Drop-in: CompressedEmbedding") says how to keep it shared.
+    Sharing survives `.keras` save/load (Keras saves shared objects once and restores them shared). Reading the
+    config of a memory with more than one table outside a Keras object-sharing scope raises ValueError rather
+    than give each deserialized layer its own copy; `sharing_scope()` and docs/layers.md ("Drop-in:
+    CompressedEmbedding") say how to keep it shared.
     """
 
     def __init__(self, size=None, compression=None, chunk_size=None, seed=None, signed=None,
