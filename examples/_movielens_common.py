@@ -61,6 +61,16 @@ def predict(model, features):
     return model.predict(dataset(features, batch_size=4096), verbose=0).ravel()
 
 
+def embedding_bytes(model, embedding_class):
+    """Float32 bytes of the model's `embedding_class` (the stack's keras.layers.Embedding) and CompressedEmbedding
+    variables, a shared variable counted once."""
+    variables = {}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (embedding_class, tfcompress.layers.CompressedEmbedding)):
+            variables.update((id(v), v) for v in layer.weights)
+    return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
+
+
 def fused_op_layers(model):
     """Names of the ROBE lookups that run tfcompress's fused custom op in training (empty: the pure-TF path)."""
     return sorted(layer.name for layer in model._flatten_layers(include_self=False)

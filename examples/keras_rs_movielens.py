@@ -42,7 +42,6 @@ import os
 
 import keras
 import keras_rs
-import numpy as np
 
 import tfcompress
 from tfcompress.data.synthetic_movielens import GENRES, item_ids, user_ids
@@ -50,7 +49,8 @@ from tfcompress.metrics import exact_auc
 
 # The data, the tf.data pipeline, export + verify, results.json and the command line, shared with
 # examples/tfrs_movielens.py (this directory is on sys.path when the script runs).
-from _movielens_common import MAX_GENRES, dataset, export_and_save_results, main, make_data, predict  # noqa: E402
+from _movielens_common import (MAX_GENRES, dataset, embedding_bytes, export_and_save_results, main,  # noqa: E402
+                               make_data, predict)
 
 
 @keras.saving.register_keras_serializable(package="keras_rs_movielens")
@@ -124,16 +124,6 @@ def compile_and_fit(model, train, labels, epochs, batch_size, learning_rate, see
     return model.fit(dataset(train, labels, batch_size, shuffle_seed=seed), epochs=epochs, verbose=2)
 
 
-def embedding_bytes(model):
-    """Float32 bytes of the model's embedding variables, each shared variable counted once."""
-    variables = {}
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, (keras.layers.Embedding, tfcompress.layers.CompressedEmbedding)):
-            for variable in layer.weights:
-                variables[id(variable)] = variable
-    return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
-
-
 def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
         embedding_dim=32, ratio=100, min_rows=10_000, epochs=3, batch_size=512, learning_rate=2e-3, seed=0):
     """Generate, build, compress, train both, evaluate, export; returns the results (also WORK_DIR/results.json)."""
@@ -146,10 +136,10 @@ def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12
         model = build_ranking_model(num_users, num_items, history_length, embedding_dim)
         if variant == "compressed":
             results["full_parameters"] = int(model.count_params())
-            results["full_embedding_bytes"] = embedding_bytes(model)
+            results["full_embedding_bytes"] = embedding_bytes(model, keras.layers.Embedding)
             model = tfcompress.compress(model, ratio=ratio, min_rows=min_rows)  # the one line
             results["compressed_parameters"] = int(model.count_params())
-            results["compressed_embedding_bytes"] = embedding_bytes(model)
+            results["compressed_embedding_bytes"] = embedding_bytes(model, keras.layers.Embedding)
         compile_and_fit(model, train, labels[:rows], epochs, batch_size, learning_rate, seed)
         predictions = predict(model, held_out)
         results[f"{variant}_auc"] = float(exact_auc(labels[rows:], predictions))

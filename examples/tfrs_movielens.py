@@ -33,7 +33,6 @@ import os
 # Before TensorFlow is imported: tf.keras (and so TFRS) and tfcompress use tf_keras.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
@@ -43,7 +42,8 @@ from tfcompress.metrics import exact_auc  # noqa: E402
 
 # The data, the tf.data pipeline, export + verify, results.json and the command line, shared with
 # examples/keras_rs_movielens.py (this directory is on sys.path when the script runs).
-from _movielens_common import MAX_GENRES, dataset, export_and_save_results, main, make_data, predict  # noqa: E402
+from _movielens_common import (MAX_GENRES, dataset, embedding_bytes, export_and_save_results, main,  # noqa: E402
+                               make_data, predict)
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrs_movielens")
@@ -115,15 +115,6 @@ class RankingModel(tfrs.models.Model):
         return self.task(labels=labels, predictions=self.ranker(features, training=training))
 
 
-def embedding_bytes(model):
-    """Float32 bytes of the embedding variables, a shared variable counted once."""
-    variables = {}
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, (tf.keras.layers.Embedding, tfcompress.layers.CompressedEmbedding)):
-            variables.update((id(v), v) for v in layer.weights)
-    return 4 * sum(int(np.prod(v.shape)) for v in variables.values())
-
-
 def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12_000, history_length=10,
         embedding_dim=32, ratio=100, min_rows=10_000, epochs=3, batch_size=512, learning_rate=2e-3, seed=0):
     """Generate, build, compress, train both, evaluate, export; returns the results (also WORK_DIR/results.json)."""
@@ -136,10 +127,10 @@ def run(work_dir, rows=100_000, eval_rows=20_000, num_users=20_000, num_items=12
         ranker = build_ranker(num_users, num_items, history_length, embedding_dim)
         if variant == "compressed":
             results["full_parameters"] = int(ranker.count_params())
-            results["full_embedding_bytes"] = embedding_bytes(ranker)
+            results["full_embedding_bytes"] = embedding_bytes(ranker, tf.keras.layers.Embedding)
             ranker = tfcompress.compress(ranker, ratio=ratio, min_rows=min_rows)  # the one line
             results["compressed_parameters"] = int(ranker.count_params())
-            results["compressed_embedding_bytes"] = embedding_bytes(ranker)
+            results["compressed_embedding_bytes"] = embedding_bytes(ranker, tf.keras.layers.Embedding)
         model = RankingModel(ranker)
         model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
         model.fit(dataset(train, labels[:rows], batch_size, shuffle_seed=seed), epochs=epochs, verbose=2)

@@ -378,7 +378,7 @@ def check_bad_inputs(report, loaded, metadata, samples):
     if "signature_def_inputs" not in metadata["signatures"][TENSOR_SIGNATURE]:
         report.skipped("bad_inputs", "the export predates the in-graph input checks")
         return
-    n_dense, n_sparse = metadata["n_dense"], metadata["n_sparse"]
+    n_sparse = metadata["n_sparse"]
     dense, sparse = samples["dense"][:2], samples["sparse"][:2]
     records = example_bytes(dense, sparse, with_label=False)
     cases = [
