@@ -471,16 +471,9 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
                                     "example_keys": sorted(example_features(n_dense, n_sparse))},
                 **(_raw_signature_metadata(raw_spec, n_dense, n_sparse) if raw_spec is not None else {}),
             }),
-            "quantize": quantize,
-            "keras_tolerance": tolerance,
-            "parity_tolerance": PARITY_TOLERANCE,
-            "keras_max_abs_difference": float(np.max(np.abs(serving_probability - keras_probability))),
-            "serving_out_of_range": serving_out_of_range,
-            "serving_layout": layout,
-            "bad_ids_raise": bad_ids_raise,
-            "warmup_requests": WARMUP_FILE,
-            "onnx": onnx_info,
-            **sizes,
+            **_export_metadata(quantize, layout, tolerance,
+                               float(np.max(np.abs(serving_probability - keras_probability))),
+                               serving_out_of_range, bad_ids_raise, onnx_info, sizes),
         }
         with open(os.path.join(extra, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
@@ -495,6 +488,22 @@ def export_saved_model(model, base_dir="saved_models", name=None, version=None, 
                       RuntimeWarning, stacklevel=2)
     update_models_config(base_dir, name, config_base_path)
     return version_dir
+
+
+def _export_metadata(quantize, layout, tolerance, difference, serving_out_of_range, bad_ids_raise, onnx_info, sizes):
+    """The metadata keys every export ends with, after its contract-specific ones (both export paths)."""
+    return {
+        "quantize": quantize,
+        "serving_layout": layout,
+        "keras_tolerance": tolerance,
+        "parity_tolerance": PARITY_TOLERANCE,
+        "keras_max_abs_difference": difference,
+        "serving_out_of_range": serving_out_of_range,
+        "bad_ids_raise": bad_ids_raise,
+        "warmup_requests": WARMUP_FILE,
+        "onnx": onnx_info,
+        **sizes,
+    }
 
 
 # ------------------------------------------------------------------------------------ models with other inputs
@@ -619,16 +628,7 @@ def _export_model_inputs(model, base_dir, name, version, quantize, onnx, schema,
                 EXAMPLE_SIGNATURE: {"inputs": {EXAMPLES_INPUT: ["string", [None]]}, "outputs": outputs,
                                     "example_keys": sorted(item.name for item in inputs)},
             }),
-            "quantize": quantize,
-            "serving_layout": layout,
-            "keras_tolerance": tolerance,
-            "parity_tolerance": PARITY_TOLERANCE,
-            "keras_max_abs_difference": difference,
-            "serving_out_of_range": serving_out_of_range,
-            "bad_ids_raise": None,
-            "warmup_requests": WARMUP_FILE,
-            "onnx": None,
-            **sizes,
+            **_export_metadata(quantize, layout, tolerance, difference, serving_out_of_range, None, None, sizes),
         }
         with open(os.path.join(extra, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
