@@ -160,3 +160,22 @@ def test_int32_positions_are_refused_when_they_cannot_hold_the_largest_position(
     assert robe_hash.max_position(2**40, 3) == P - 1 + 2
     with pytest.raises(ValueError, match="int32 positions"):
         robe_hash.robe_indices_tf(tf.constant([0], tf.int64), 2**28, 2**28, 2**40, dtype=tf.int32)
+
+
+def test_kernel_arithmetic_is_exact_without_64_bit_division(tmp_path):
+    """custom_ops/robe_hash.h's division-free reductions (Montgomery mod P for ids up to 2^63, a 32-bit
+    multiply-high reciprocal for mod |M| - Z + 1), shared by the CPU op and the CUDA kernels, against 128-bit
+    exact arithmetic on adversarial inputs: multiples of P and of the modulus +-3, ids near 2^63, 2^63 / R and
+    2^32 * P, moduli around powers of two, P, 2^31 and 2^32 (custom_ops/cuda_harness/robe_hash_check.cc)."""
+    import os
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = os.path.join(root, "custom_ops", "cuda_harness", "robe_hash_check.cc")
+    compiler = os.environ.get("CXX") or shutil.which("g++") or "c++"
+    binary = str(tmp_path / "robe_hash_check")
+    subprocess.run([compiler, "-O2", "-std=c++17", "-o", binary, source], check=True)
+    completed = subprocess.run([binary], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert completed.stdout.count("PASS") == 3 and "all passed" in completed.stdout
