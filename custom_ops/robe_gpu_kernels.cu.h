@@ -147,6 +147,163 @@ __global__ void RobePositionsKernel(HashParams p, const int64_t* ids, const int6
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The warp-row kernels (variant kWarpRows): no shared-memory tile, no __syncthreads, no 64-bit division.
+//
+// A warp takes 32 consecutive rows at a time. Lane k loads id k (one coalesced 256-byte load), reduces it once
+// (ReducedId) and computes the row's two terms (MulModPrime by R3 and S3); every later use gets them by
+// __shfl_sync from lane k. The warp then walks the 32 rows' output as consecutive vectors of kVector floats
+// (16-byte float4 when D % 4 == 0), so a sub-warp of D / kVector lanes covers one row (the whole warp when D = 128)
+// and each warp-wide store is one contiguous 512-byte run, written with streaming stores (__stcs: the output is
+// not read again by this kernel and should not evict M from L2). When Z % kVector == 0 a vector lies inside one
+// chunk and its chunk start is hashed once (ChunkStart32: an add, a conditional subtract and a multiply-high
+// modulo); otherwise every element hashes its own chunk. Per-call terms live in shared memory, filled once per
+// block: the chunk term (c*R2 + R1) mod P and the in-chunk offset of every element, and the sign hash's element
+// terms. The feature of a row, r mod F, also uses a multiply-high reciprocal (FastModulo of F).
+
+// Shared-memory terms per element: chunk term, in-chunk offset, sign element term (uint32 each).
+constexpr int kWarpRowsTermsPerElement = 3;
+
+inline bool WarpRowsSupported(const HashParams& p, int32_t num_features) {
+  return static_cast<size_t>(p.output_dim) * kWarpRowsTermsPerElement * sizeof(uint32_t) <= kMaxSharedBytes &&
+         num_features >= 1 && static_cast<int64_t>(num_features) < kPrime - 64;
+}
+
+// kScatter == false: dst[r, i] = sign * src[idx(a_r, i)]          (src = memory, dst = embeddings)
+// kScatter == true:  dst[idx(a_r, i)] += sign * src[r, i] (atomic) (src = upstream grad, dst = zeroed memory grad)
+template <int kVector, bool kOneChunkPerVector, bool kScatter>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    RobeWarpRowsKernel(HashParams p, const int64_t* __restrict__ ids, const int64_t* __restrict__ offsets,
+                       int32_t num_features, FastModulo feature_modulo, int64_t rows,
+                       const float* __restrict__ src, float* __restrict__ dst) {
+  extern __shared__ uint32_t warp_row_terms[];
+  uint32_t* chunk_term_of = warp_row_terms;               // [D] (c*R2 + R1) mod P of element i's chunk
+  uint32_t* offset_of = chunk_term_of + p.output_dim;     // [D] i mod Z
+  uint32_t* sign_term_of = offset_of + p.output_dim;      // [D] ElementTermModPrime(i, S2, S1)
+  for (int32_t i = threadIdx.x; i < p.output_dim; i += blockDim.x) {
+    const int32_t c = i / p.chunk_size;
+    chunk_term_of[i] = ChunkTermModPrime(c, p);
+    offset_of[i] = static_cast<uint32_t>(i - c * p.chunk_size);
+    sign_term_of[i] = p.is_signed ? static_cast<uint32_t>(ElementTermModPrime(i, p.s2, p.s1)) : 0u;
+  }
+  __syncthreads();
+
+  const int32_t lane = threadIdx.x & 31;
+  const int32_t vectors_per_row = p.output_dim / kVector;  // the launcher checks D % kVector == 0
+  // v / vectors_per_row by a multiply-high reciprocal (v < 32 * D < 2^31).
+  const FastModulo row_of_vector = FastModulo::Make(static_cast<uint64_t>(vectors_per_row));
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t first_row = (static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32) * 32;
+  const int64_t row_stride = warps * 32;
+  // Feature of row first_row + lane, advanced by row_stride mod F per step: one 64-bit modulo per warp.
+  uint32_t feature_base = static_cast<uint32_t>(first_row % num_features);
+  const uint32_t feature_stride = static_cast<uint32_t>(row_stride % num_features);
+
+  for (int64_t row0 = first_row; row0 < rows; row0 += row_stride) {
+    const int64_t r = row0 + lane;
+    uint32_t chunk_row_term = 0, sign_row_term = 0;
+    if (r < rows) {
+      const uint32_t feature = feature_modulo.Mod32(feature_base + static_cast<uint32_t>(lane));
+      const uint32_t reduced = ReducedId(__ldg(ids + r) + __ldg(offsets + feature));
+      chunk_row_term = ChunkRowTerm(p, reduced);
+      if (p.is_signed) sign_row_term = SignRowTerm(p, reduced);
+    }
+    const int64_t remaining = rows - row0;
+    const int32_t group_rows = remaining < 32 ? static_cast<int32_t>(remaining) : 32;
+    const int32_t group_vectors = group_rows * vectors_per_row;
+    // Every lane runs every step (the shuffles need the full warp); lanes past the group's end skip the memory.
+#pragma unroll 4
+    for (int32_t base = 0; base < group_vectors; base += 32) {
+      const int32_t v = base + lane;
+      const int32_t local_row = static_cast<int32_t>(
+          static_cast<uint32_t>(WideMultiply32(static_cast<uint32_t>(v), row_of_vector.multiplier) >>
+                                row_of_vector.shift));
+      const uint32_t row_term = __shfl_sync(0xffffffffu, chunk_row_term, local_row & 31);
+      const uint32_t sign_term = __shfl_sync(0xffffffffu, sign_row_term, local_row & 31);
+      if (v >= group_vectors) continue;
+      const int32_t i0 = (v - local_row * vectors_per_row) * kVector;
+      int64_t position[kVector];
+      float sign[kVector];
+#pragma unroll
+      for (int e = 0; e < kVector; ++e) {
+        const int32_t i = i0 + e;
+        if (kOneChunkPerVector && e > 0) {
+          position[e] = position[0] + e;
+        } else {
+          position[e] = static_cast<int64_t>(ChunkStart32(p, row_term, chunk_term_of[i])) + offset_of[i];
+        }
+        sign[e] = p.is_signed ? SignFromBit(SignBit(static_cast<int32_t>(sign_term),
+                                                    static_cast<int32_t>(sign_term_of[i])))
+                              : 1.0f;
+      }
+      const int64_t vector_index = (row0 + local_row) * vectors_per_row + (i0 / kVector);
+      if (kScatter) {
+        if (kVector == 4) {
+          const float4 g = __ldcs(reinterpret_cast<const float4*>(src) + vector_index);
+          atomicAdd(dst + position[0], sign[0] * g.x);
+          atomicAdd(dst + position[1], sign[1] * g.y);
+          atomicAdd(dst + position[2], sign[2] * g.z);
+          atomicAdd(dst + position[3], sign[3] * g.w);
+        } else {
+          atomicAdd(dst + position[0], sign[0] * __ldcs(src + vector_index));
+        }
+      } else {
+        if (kVector == 4) {
+          float4 out;
+          out.x = sign[0] * __ldg(src + position[0]);
+          out.y = sign[1] * __ldg(src + position[1]);
+          out.z = sign[2] * __ldg(src + position[2]);
+          out.w = sign[3] * __ldg(src + position[3]);
+          __stcs(reinterpret_cast<float4*>(dst) + vector_index, out);
+        } else {
+          __stcs(dst + vector_index, sign[0] * __ldg(src + position[0]));
+        }
+      }
+    }
+    feature_base += feature_stride;
+    if (feature_base >= static_cast<uint32_t>(num_features)) feature_base -= num_features;
+  }
+}
+
+// The kernel variants the harness and the bench compare; the TF ops use kDefault.
+enum class KernelVariant : int {
+  kTiled = 0,     // RobeTileKernel (the first kernels): shared-memory tile of chunk starts, one element a thread
+  kWarpRows = 1,  // RobeWarpRowsKernel: warp of 32 rows, shuffled row terms, float4 streaming stores
+  // kWarpRows on a grid of 2 blocks: every warp strides over many row groups, so the harness's small cases check
+  // the grid-stride path (the feature index advanced mod F) that large batches take. For checks, not for speed.
+  kWarpRowsTwoBlocks = 2,
+};
+constexpr int kNumKernelVariants = 3;
+constexpr KernelVariant kDefaultVariant = KernelVariant::kWarpRows;
+inline const char* KernelVariantName(KernelVariant v) {
+  return v == KernelVariant::kTiled ? "tiled" : v == KernelVariant::kWarpRows ? "warp_rows" : "warp_rows_two_blocks";
+}
+
+template <bool kScatter, int kVector, bool kOneChunkPerVector>
+cudaError_t LaunchWarpRowsAs(const HashParams& p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
+                             int64_t rows, const float* src, float* dst, cudaStream_t stream, int max_blocks) {
+  constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
+  const int64_t blocks = (rows + 32 * kWarpsPerBlock - 1) / (32 * kWarpsPerBlock);
+  const int grid = static_cast<int>(blocks < max_blocks ? blocks : max_blocks);
+  const size_t shared = sizeof(uint32_t) * kWarpRowsTermsPerElement * p.output_dim;
+  RobeWarpRowsKernel<kVector, kOneChunkPerVector, kScatter><<<grid, kThreadsPerBlock, shared, stream>>>(
+      p, ids, offsets, num_features, FastModulo::Make(static_cast<uint64_t>(num_features)), rows, src, dst);
+  return cudaGetLastError();
+}
+
+// float4 when D % 4 == 0, with one hash per vector when also Z % 4 == 0; scalar otherwise.
+template <bool kScatter>
+cudaError_t LaunchWarpRows(const HashParams& p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
+                           int64_t rows, const float* src, float* dst, cudaStream_t stream, int max_blocks = 4096) {
+  if (p.output_dim % 4 == 0) {
+    if (p.chunk_size % 4 == 0) {
+      return LaunchWarpRowsAs<kScatter, 4, true>(p, ids, offsets, num_features, rows, src, dst, stream, max_blocks);
+    }
+    return LaunchWarpRowsAs<kScatter, 4, false>(p, ids, offsets, num_features, rows, src, dst, stream, max_blocks);
+  }
+  return LaunchWarpRowsAs<kScatter, 1, true>(p, ids, offsets, num_features, rows, src, dst, stream, max_blocks);
+}
+
 inline int GridSize(int64_t work_items, int max_blocks) {
   const int64_t blocks = (work_items + kThreadsPerBlock - 1) / kThreadsPerBlock;
   return static_cast<int>(blocks < 1 ? 1 : (blocks < max_blocks ? blocks : max_blocks));
@@ -171,18 +328,30 @@ cudaError_t LaunchRobe(const HashParams& p, const int64_t* ids, const int64_t* o
   return cudaGetLastError();
 }
 
+// The warp-row kernels where their shared terms fit (D <= 4096) and F < P - 64; the tiled kernels otherwise.
+template <bool kScatter>
+cudaError_t LaunchVariant(KernelVariant variant, const HashParams& p, const int64_t* ids, const int64_t* offsets,
+                          int32_t num_features, int64_t rows, const float* src, float* dst, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (variant != KernelVariant::kTiled && WarpRowsSupported(p, num_features)) {
+    return LaunchWarpRows<kScatter>(p, ids, offsets, num_features, rows, src, dst, stream,
+                                    variant == KernelVariant::kWarpRowsTwoBlocks ? 2 : 4096);
+  }
+  return LaunchRobe<kScatter>(p, ids, offsets, num_features, rows, src, dst, stream);
+}
+
 inline cudaError_t LaunchLookup(const HashParams& p, const int64_t* ids, const int64_t* offsets,
                                 int32_t num_features, int64_t rows, const float* memory, float* embeddings,
-                                cudaStream_t stream) {
-  return LaunchRobe<false>(p, ids, offsets, num_features, rows, memory, embeddings, stream);
+                                cudaStream_t stream, KernelVariant variant = kDefaultVariant) {
+  return LaunchVariant<false>(variant, p, ids, offsets, num_features, rows, memory, embeddings, stream);
 }
 
 inline cudaError_t LaunchScatter(const HashParams& p, const int64_t* ids, const int64_t* offsets,
                                  int32_t num_features, int64_t rows, const float* grad, float* memory_grad,
-                                 cudaStream_t stream) {
+                                 cudaStream_t stream, KernelVariant variant = kDefaultVariant) {
   const cudaError_t zeroed = cudaMemsetAsync(memory_grad, 0, sizeof(float) * p.memory_size, stream);
   if (zeroed != cudaSuccess) return zeroed;
-  return LaunchRobe<true>(p, ids, offsets, num_features, rows, grad, memory_grad, stream);
+  return LaunchVariant<true>(variant, p, ids, offsets, num_features, rows, grad, memory_grad, stream);
 }
 
 inline cudaError_t LaunchFindFirstBadId(const int64_t* ids, const int64_t* cardinalities, int32_t num_features,

@@ -1,18 +1,26 @@
-// Standalone check of the ROBE-Z CUDA kernels (../robe_gpu_kernels.cu.h) without TensorFlow.
+// Standalone check of the ROBE-Z CUDA kernels (../robe_gpu_kernels.cu.h, ../robe_sorted_gpu_kernels.cu.h) without
+// TensorFlow.
 //
 //   robe_harness host|device INPUT OUTPUT
 //
 // INPUT (written by run_harness.py, little-endian):
-//   int64 header[16] = {magic 0x524f42455a, rows, F, D, Z, M, signed, R1, R2, R3, S1, S2, S3, repeats, 0, 0}
-//   int64 cardinalities[F], int64 offsets[F], int64 ids[rows], float memory[M], float grad[rows * D]
-// OUTPUT:
-//   int64 first_bad_row (-1 when all ids are valid), int64 positions[rows * D], float signs[rows * D],
-//   float embeddings[rows * D], float memory_grad[M]
-// stdout: one line of key=value timings (device mode: medians over `repeats` of the lookup and the scatter, with
-// the bytes each moves and the GPU's peak memory bandwidth).
+//   int64 header[16] = {magic 0x524f42455a, rows, F, D, Z, M, signed, R1, R2, R3, S1, S2, S3, repeats, bench, 0}
+//   int64 cardinalities[F], int64 offsets[F], int64 ids[rows], then, unless bench, float memory[M],
+//   float grad[rows * D]
+// OUTPUT (not bench):
+//   int64 first_bad_row (-1 when all ids are valid), int64 lookup_variants V, int64 scatter_variants S,
+//   int64 positions[rows * D], float signs[rows * D], float embeddings[V][rows * D], float memory_grad[S][M],
+//   float sorted_memory_grad[M] (the deterministic scatter), int64 sorted_repeat_identical (1 when a second run of
+//   the deterministic scatter and of the sparse gradient gave the same bits), int64 unique U,
+//   int64 sparse_positions[U], float sparse_values[U]
+// OUTPUT (bench): int64 first_bad_row only; the results are compared on the device (every lookup variant against
+//   the tiled kernel bit for bit, every scatter against the deterministic one to 1e-5 of the largest |value|).
+// stdout: one line of key=value (device mode: median milliseconds over `repeats` of every variant, the bytes
+// each moves, and the device-to-device copy bandwidth measured in the same run).
 //
-// "host" runs the same robe_hash.h arithmetic on the CPU (so the file format and the header are checkable on a
-// machine without a GPU); "device" runs the CUDA kernels. When an id is invalid only first_bad_row is meaningful.
+// "host" runs the same robe_hash.h arithmetic on the CPU (so the file format, the header and the arithmetic are
+// checkable on a machine without a GPU): one "variant" of each kind, and a sort-based sparse gradient summed in
+// element order. "device" runs the CUDA kernels. When an id is invalid only first_bad_row is meaningful.
 //
 // Bag problems (../robe_bag_gpu_kernels.cu.h), told apart by their magic 0x524f4245424147 ("ROBEBAG"):
 //   INPUT:  int64 header[20] = {magic, N, B, D, Z, M, signed, R1, R2, R3, S1, S2, S3, repeats, combiner (0 sum,
@@ -25,13 +33,17 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
+#include <string>
 #include <vector>
 
 #include "../robe_bag_gpu_kernels.cu.h"
 #include "../robe_gpu_kernels.cu.h"
+#include "../robe_sorted_gpu_kernels.cu.h"
 
 namespace {
 
@@ -43,14 +55,21 @@ constexpr int64_t kBagMagic = 0x524f4245424147;
 struct Problem {
   HashParams params;
   int64_t rows = 0, features = 0, repeats = 1;
+  bool bench = false;
   std::vector<int64_t> cardinalities, offsets, ids;
   std::vector<float> memory, grad;
 };
 
 struct Result {
   int64_t first_bad_row = -1;
+  bool bench = false;
   std::vector<int64_t> positions;
-  std::vector<float> signs, embeddings, memory_grad;
+  std::vector<float> signs;
+  std::vector<std::vector<float>> embeddings, memory_grads;  // one per variant
+  std::vector<float> sorted_memory_grad;
+  int64_t sorted_repeat_identical = 0;
+  std::vector<int64_t> sparse_positions;
+  std::vector<float> sparse_values;
 };
 
 void Fail(const char* what) {
@@ -78,6 +97,10 @@ void WriteVector(std::FILE* file, const std::vector<T>& values) {
   }
 }
 
+void WriteInt(std::FILE* file, int64_t value) {
+  if (std::fwrite(&value, sizeof(int64_t), 1, file) != 1) Fail("short write");
+}
+
 Problem ReadProblem(const char* path) {
   std::FILE* file = std::fopen(path, "rb");
   if (file == nullptr) Fail("cannot open the input file");
@@ -90,11 +113,14 @@ Problem ReadProblem(const char* path) {
   p.params = tfcompress::robe::MakeHashParams(h[7], h[8], h[9], h[10], h[11], h[12], h[5],
                                               static_cast<int32_t>(h[3]), static_cast<int32_t>(h[4]), h[6] != 0);
   p.repeats = std::max<int64_t>(1, h[13]);
+  p.bench = h[14] != 0;
   ReadVector(file, &p.cardinalities, p.features);
   ReadVector(file, &p.offsets, p.features);
   ReadVector(file, &p.ids, p.rows);
-  ReadVector(file, &p.memory, h[5]);
-  ReadVector(file, &p.grad, p.rows * h[3]);
+  if (!p.bench) {
+    ReadVector(file, &p.memory, h[5]);
+    ReadVector(file, &p.grad, p.rows * h[3]);
+  }
   std::fclose(file);
   return p;
 }
@@ -102,52 +128,80 @@ Problem ReadProblem(const char* path) {
 void WriteResult(const char* path, const Result& r) {
   std::FILE* file = std::fopen(path, "wb");
   if (file == nullptr) Fail("cannot open the output file");
-  std::fwrite(&r.first_bad_row, sizeof(int64_t), 1, file);
-  WriteVector(file, r.positions);
-  WriteVector(file, r.signs);
-  WriteVector(file, r.embeddings);
-  WriteVector(file, r.memory_grad);
+  WriteInt(file, r.first_bad_row);
+  if (r.first_bad_row < 0 && !r.bench) {
+    WriteInt(file, static_cast<int64_t>(r.embeddings.size()));
+    WriteInt(file, static_cast<int64_t>(r.memory_grads.size()));
+    WriteVector(file, r.positions);
+    WriteVector(file, r.signs);
+    for (const auto& e : r.embeddings) WriteVector(file, e);
+    for (const auto& g : r.memory_grads) WriteVector(file, g);
+    WriteVector(file, r.sorted_memory_grad);
+    WriteInt(file, r.sorted_repeat_identical);
+    WriteInt(file, static_cast<int64_t>(r.sparse_positions.size()));
+    WriteVector(file, r.sparse_positions);
+    WriteVector(file, r.sparse_values);
+  }
   std::fclose(file);
 }
 
-void Allocate(const Problem& p, Result* r) {
-  const int64_t elements = p.rows * p.params.output_dim;
-  r->positions.assign(elements, 0);
-  r->signs.assign(elements, 0.0f);
-  r->embeddings.assign(elements, 0.0f);
-  r->memory_grad.assign(p.params.memory_size, 0.0f);
+int64_t FirstBadRowOnHost(const Problem& p) {
+  for (int64_t row = 0; row < p.rows; ++row) {
+    if (static_cast<uint64_t>(p.ids[row]) >= static_cast<uint64_t>(p.cardinalities[row % p.features])) return row;
+  }
+  return -1;
 }
 
-// The reference-free CPU run of the shared arithmetic (the Python script compares it with NumPy).
+// The reference-free CPU run of the shared arithmetic (the Python script compares it with NumPy), including a
+// sort-based sparse gradient: positions sorted stably, each position's terms summed in element order.
 Result RunHost(const Problem& p) {
   Result r;
-  for (int64_t row = 0; row < p.rows; ++row) {
-    const int64_t f = row % p.features;
-    if (static_cast<uint64_t>(p.ids[row]) >= static_cast<uint64_t>(p.cardinalities[f])) {
-      r.first_bad_row = row;
-      return r;
-    }
-  }
-  Allocate(p, &r);
+  r.first_bad_row = FirstBadRowOnHost(p);
+  if (r.first_bad_row >= 0) return r;
   const HashParams& hp = p.params;
+  const int64_t n = p.rows * hp.output_dim;
+  r.positions.assign(n, 0);
+  r.signs.assign(n, 0.0f);
+  r.embeddings.assign(1, std::vector<float>(n));
+  r.memory_grads.assign(1, std::vector<float>(hp.memory_size, 0.0f));
   for (int64_t row = 0; row < p.rows; ++row) {
     const int64_t a = p.ids[row] + p.offsets[row % p.features];
     for (int32_t i = 0; i < hp.output_dim; ++i) {
       const int64_t e = row * hp.output_dim + i;
       r.positions[e] = tfcompress::robe::IndexOf(hp, a, i);
       r.signs[e] = hp.is_signed ? tfcompress::robe::SignOf(hp, a, i) : 1.0f;
-      r.embeddings[e] = r.signs[e] * p.memory[r.positions[e]];
-      r.memory_grad[r.positions[e]] += r.signs[e] * p.grad[e];
+      r.embeddings[0][e] = r.signs[e] * p.memory[r.positions[e]];
+      r.memory_grads[0][r.positions[e]] += r.signs[e] * p.grad[e];
     }
   }
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return r.positions[x] < r.positions[y]; });
+  r.sorted_memory_grad.assign(hp.memory_size, 0.0f);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t e = order[k];
+    if (k == 0 || r.positions[e] != r.positions[order[k - 1]]) {
+      r.sparse_positions.push_back(r.positions[e]);
+      r.sparse_values.push_back(0.0f);
+    }
+    r.sparse_values.back() += r.signs[e] * p.grad[e];
+  }
+  for (size_t k = 0; k < r.sparse_positions.size(); ++k) r.sorted_memory_grad[r.sparse_positions[k]] = r.sparse_values[k];
+  r.sorted_repeat_identical = 1;
   std::printf("mode=host rows=%lld\n", static_cast<long long>(p.rows));
   return r;
 }
 
 template <typename T>
-T* ToDevice(const std::vector<T>& host) {
+T* DeviceAlloc(int64_t count) {
   T* device = nullptr;
-  Check(cudaMalloc(&device, std::max<size_t>(1, host.size()) * sizeof(T)), "cudaMalloc");
+  Check(cudaMalloc(&device, std::max<size_t>(1, static_cast<size_t>(count)) * sizeof(T)), "cudaMalloc");
+  return device;
+}
+
+template <typename T>
+T* ToDevice(const std::vector<T>& host) {
+  T* device = DeviceAlloc<T>(static_cast<int64_t>(host.size()));
   if (!host.empty()) Check(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "H2D");
   return device;
 }
@@ -177,77 +231,212 @@ float MedianMs(int64_t repeats, Launch launch) {
     Check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
     times.push_back(ms);
   }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
 }
 
+// Bench inputs made on the device: a float in [-1, 1) from a hash of the index (no host arrays of rows * D).
+__global__ void FillKernel(float* out, int64_t count, uint32_t salt) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < count;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(k) * 2654435761u ^ salt ^ static_cast<uint32_t>(k >> 32);
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    out[k] = static_cast<float>(x >> 8) * (2.0f / 16777216.0f) - 1.0f;
+  }
+}
+
+// mismatches += (a[k] != b[k]) bit for bit.
+__global__ void CountMismatchesKernel(const float* a, const float* b, int64_t count, unsigned long long* mismatches) {
+  unsigned long long local = 0;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < count;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    local += __float_as_uint(a[k]) != __float_as_uint(b[k]);
+  }
+  if (local) atomicAdd(mismatches, local);
+}
+
+namespace gpu = tfcompress::robe::gpu;
+
+unsigned long long CountMismatches(const float* a, const float* b, int64_t count) {
+  unsigned long long* d = DeviceAlloc<unsigned long long>(1);
+  Check(cudaMemset(d, 0, sizeof(unsigned long long)), "cudaMemset");
+  CountMismatchesKernel<<<gpu::GridSize(count, 4096), gpu::kThreadsPerBlock>>>(a, b, count, d);
+  unsigned long long h = 0;
+  Check(cudaMemcpy(&h, d, sizeof(h), cudaMemcpyDeviceToHost), "D2H");
+  cudaFree(d);
+  return h;
+}
+
+// max |a - b| / max |b| over M (host side: M is small).
+double RelativeError(const std::vector<float>& a, const std::vector<float>& b) {
+  double diff = 0, scale = 0;
+  for (size_t k = 0; k < b.size(); ++k) {
+    diff = std::max(diff, std::fabs(static_cast<double>(a[k]) - b[k]));
+    scale = std::max(scale, std::fabs(static_cast<double>(b[k])));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
 Result RunDevice(const Problem& p) {
   Result r;
+  r.bench = p.bench;
   const HashParams& hp = p.params;
   const int32_t features = static_cast<int32_t>(p.features);
+  const int64_t n = p.rows * hp.output_dim;
   int64_t* ids = ToDevice(p.ids);
   int64_t* offsets = ToDevice(p.offsets);
   int64_t* cardinalities = ToDevice(p.cardinalities);
-  unsigned long long* first_bad = nullptr;
-  Check(cudaMalloc(&first_bad, sizeof(unsigned long long)), "cudaMalloc");
-  Check(tfcompress::robe::gpu::LaunchFindFirstBadId(ids, cardinalities, features, p.rows, first_bad, 0),
-        "id check kernel");
+  unsigned long long* first_bad = DeviceAlloc<unsigned long long>(1);
+  Check(gpu::LaunchFindFirstBadId(ids, cardinalities, features, p.rows, first_bad, 0), "id check kernel");
   unsigned long long bad = 0;
   Check(cudaMemcpy(&bad, first_bad, sizeof(bad), cudaMemcpyDeviceToHost), "D2H");
   if (bad != ~0ull) {
     r.first_bad_row = static_cast<int64_t>(bad);
     return r;
   }
-  Allocate(p, &r);
-  float* memory = ToDevice(p.memory);
-  float* grad = ToDevice(p.grad);
-  float* embeddings = ToDevice(r.embeddings);
-  float* memory_grad = ToDevice(r.memory_grad);
-  int64_t* positions = ToDevice(r.positions);
-  float* signs = ToDevice(r.signs);
+  float* memory = p.bench ? DeviceAlloc<float>(hp.memory_size) : ToDevice(p.memory);
+  float* grad = p.bench ? DeviceAlloc<float>(n) : ToDevice(p.grad);
+  if (p.bench) {
+    FillKernel<<<4096, 256>>>(memory, hp.memory_size, 1u);
+    FillKernel<<<4096, 256>>>(grad, n, 2u);
+    Check(cudaGetLastError(), "fill kernels");
+  }
+  std::vector<float*> embeddings(gpu::kNumKernelVariants), memory_grads(gpu::kNumKernelVariants);
+  for (int v = 0; v < gpu::kNumKernelVariants; ++v) {
+    embeddings[v] = DeviceAlloc<float>(n);
+    memory_grads[v] = DeviceAlloc<float>(hp.memory_size);
+  }
+  float* sorted_grads[2] = {DeviceAlloc<float>(hp.memory_size), DeviceAlloc<float>(hp.memory_size)};
+  int64_t* sparse_positions[2] = {DeviceAlloc<int64_t>(n), DeviceAlloc<int64_t>(n)};
+  float* sparse_values[2] = {DeviceAlloc<float>(n), DeviceAlloc<float>(n)};
+  int64_t* sparse_count = DeviceAlloc<int64_t>(2);
+  size_t scratch_bytes = 0;
+  Check(gpu::SortedGradientScratchBytes(hp, p.rows, &scratch_bytes), "sorted gradient scratch size");
+  void* scratch = nullptr;
+  Check(cudaMalloc(&scratch, std::max<size_t>(1, scratch_bytes)), "cudaMalloc scratch");
 
-  Check(tfcompress::robe::gpu::LaunchPositions(hp, ids, offsets, features, p.rows, positions, signs, 0),
-        "positions kernel");
-  const float lookup_ms = MedianMs(p.repeats, [&] {
-    Check(tfcompress::robe::gpu::LaunchLookup(hp, ids, offsets, features, p.rows, memory, embeddings, 0),
-          "lookup kernel");
-  });
-  const float scatter_ms = MedianMs(p.repeats, [&] {
-    Check(tfcompress::robe::gpu::LaunchScatter(hp, ids, offsets, features, p.rows, grad, memory_grad, 0),
-          "scatter kernel");
-  });
+  std::string timings;
+  char line[256];
+  for (int v = 0; v < gpu::kNumKernelVariants; ++v) {
+    const auto variant = static_cast<gpu::KernelVariant>(v);
+    const float lookup_ms = MedianMs(p.repeats, [&] {
+      Check(gpu::LaunchLookup(hp, ids, offsets, features, p.rows, memory, embeddings[v], 0, variant), "lookup");
+    });
+    const float scatter_ms = MedianMs(p.repeats, [&] {
+      Check(gpu::LaunchScatter(hp, ids, offsets, features, p.rows, grad, memory_grads[v], 0, variant), "scatter");
+    });
+    std::snprintf(line, sizeof(line), " lookup_%s_ms=%.4f scatter_%s_ms=%.4f", gpu::KernelVariantName(variant),
+                  lookup_ms, gpu::KernelVariantName(variant), scatter_ms);
+    timings += line;
+  }
+  // The deterministic scatter and the sparse gradient, each run twice into separate outputs for the bit check.
+  float sorted_ms = 0, sparse_ms = 0;
+  for (int k = 0; k < 2; ++k) {
+    const float ms = MedianMs(p.repeats, [&] {
+      Check(gpu::LaunchSortedGradient(hp, ids, offsets, features, p.rows, grad, scratch, sorted_grads[k], nullptr,
+                                      nullptr, nullptr, 0),
+            "sorted scatter");
+    });
+    const float sparse = MedianMs(p.repeats, [&] {
+      Check(gpu::LaunchSortedGradient(hp, ids, offsets, features, p.rows, grad, scratch, nullptr,
+                                      sparse_positions[k], sparse_values[k], sparse_count + k, 0),
+            "sparse gradient");
+    });
+    if (k == 0) sorted_ms = ms, sparse_ms = sparse;
+  }
+  std::snprintf(line, sizeof(line), " scatter_sorted_ms=%.4f sparse_sorted_ms=%.4f", sorted_ms, sparse_ms);
+  timings += line;
   Check(cudaDeviceSynchronize(), "kernels");
-  ToHost(positions, &r.positions);
-  ToHost(signs, &r.signs);
-  ToHost(embeddings, &r.embeddings);
-  ToHost(memory_grad, &r.memory_grad);
 
-  int device = 0, clock_khz = 0, bus_bits = 0;
+  int64_t counts[2] = {0, 0};
+  Check(cudaMemcpy(counts, sparse_count, sizeof(counts), cudaMemcpyDeviceToHost), "D2H");
+  bool identical = counts[0] == counts[1] &&
+                   CountMismatches(sorted_grads[0], sorted_grads[1], hp.memory_size) == 0 &&
+                   CountMismatches(sparse_values[0], sparse_values[1], counts[0]) == 0 &&
+                   CountMismatches(reinterpret_cast<const float*>(sparse_positions[0]),
+                                   reinterpret_cast<const float*>(sparse_positions[1]), 2 * counts[0]) == 0;
+  r.sorted_repeat_identical = identical ? 1 : 0;
+
+  std::vector<float> sorted_host(hp.memory_size);
+  ToHost(sorted_grads[0], &sorted_host);
+  if (p.bench) {
+    // Every lookup variant against the tiled kernel bit for bit; every atomic scatter against the sorted one.
+    unsigned long long lookup_mismatches = 0;
+    double scatter_error = 0;
+    std::vector<float> host_grad(hp.memory_size);
+    for (int v = 0; v < gpu::kNumKernelVariants; ++v) {
+      if (v > 0) lookup_mismatches += CountMismatches(embeddings[v], embeddings[0], n);
+      ToHost(memory_grads[v], &host_grad);
+      scatter_error = std::max(scatter_error, RelativeError(host_grad, sorted_host));
+    }
+    std::snprintf(line, sizeof(line), " lookup_mismatches=%llu scatter_relative_error=%.3g sorted_identical=%d",
+                  lookup_mismatches, scatter_error, identical ? 1 : 0);
+    timings += line;
+    if (lookup_mismatches != 0 || scatter_error > 1e-5 || !identical) r.first_bad_row = -2;  // reported as FAIL
+  } else {
+    r.positions.assign(n, 0);
+    r.signs.assign(n, 0.0f);
+    int64_t* positions = DeviceAlloc<int64_t>(n);
+    float* signs = DeviceAlloc<float>(n);
+    Check(gpu::LaunchPositions(hp, ids, offsets, features, p.rows, positions, signs, 0), "positions kernel");
+    ToHost(positions, &r.positions);
+    ToHost(signs, &r.signs);
+    cudaFree(positions);
+    cudaFree(signs);
+    for (int v = 0; v < gpu::kNumKernelVariants; ++v) {
+      r.embeddings.emplace_back(n);
+      ToHost(embeddings[v], &r.embeddings.back());
+      r.memory_grads.emplace_back(hp.memory_size);
+      ToHost(memory_grads[v], &r.memory_grads.back());
+    }
+    r.sorted_memory_grad = sorted_host;
+    r.sparse_positions.resize(counts[0]);
+    r.sparse_values.resize(counts[0]);
+    ToHost(sparse_positions[0], &r.sparse_positions);
+    ToHost(sparse_values[0], &r.sparse_values);
+  }
+
+  // The copy bandwidth on this GPU in this run: grad -> embeddings[0] (rows * D floats), read + write counted.
+  float copy_ms = 0;
+  if (n > 0) {
+    copy_ms = MedianMs(p.repeats, [&] {
+      Check(cudaMemcpyAsync(embeddings[0], grad, sizeof(float) * n, cudaMemcpyDeviceToDevice, 0), "D2D copy");
+    });
+  }
+  int device = 0;
   cudaDeviceProp props;
   Check(cudaGetDevice(&device), "cudaGetDevice");
   Check(cudaGetDeviceProperties(&props, device), "cudaGetDeviceProperties");
-  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device);
-  cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device);
-  // Bytes each kernel must move at least: ids + one float read and one written per element (the scatter also
-  // zeroes M first and reads-modifies-writes it).
-  const double elements = static_cast<double>(p.rows) * hp.output_dim;
+  // Bytes as the harness has always counted them: ids + one float read and one written per element (the scatter
+  // also zeroes M first). The DRAM-only view: what must cross DRAM when M stays in L2 (ids in + embeddings out;
+  // ids + gradient in for the scatter).
+  const double elements = static_cast<double>(n);
   const double lookup_bytes = 8.0 * p.rows + 8.0 * elements;
   const double scatter_bytes = 8.0 * p.rows + 12.0 * elements + 4.0 * hp.memory_size;
-  std::printf(
-      "mode=device gpu=\"%s\" rows=%lld lookup_ms=%.4f scatter_ms=%.4f lookup_bytes=%.0f scatter_bytes=%.0f "
-      "lookup_gbs=%.1f scatter_gbs=%.1f peak_gbs=%.1f lookups_per_s=%.4g\n",
-      props.name, static_cast<long long>(p.rows), lookup_ms, scatter_ms, lookup_bytes, scatter_bytes,
-      lookup_bytes / lookup_ms / 1e6, scatter_bytes / scatter_ms / 1e6, 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9,
-      p.rows / (lookup_ms / 1e3));
+  const double dram_bytes = 8.0 * p.rows + 4.0 * elements;
+  std::printf("mode=device gpu=\"%s\" rows=%lld D=%d Z=%d M=%lld%s lookup_bytes=%.0f scatter_bytes=%.0f "
+              "dram_bytes=%.0f copy_ms=%.4f copy_gbs=%.1f\n",
+              props.name, static_cast<long long>(p.rows), hp.output_dim, hp.chunk_size,
+              static_cast<long long>(hp.memory_size), timings.c_str(), lookup_bytes, scatter_bytes, dram_bytes,
+              copy_ms, copy_ms > 0 ? 8.0 * elements / copy_ms / 1e6 : 0.0);
   for (void* ptr : {static_cast<void*>(ids), static_cast<void*>(offsets), static_cast<void*>(cardinalities),
                     static_cast<void*>(first_bad), static_cast<void*>(memory), static_cast<void*>(grad),
-                    static_cast<void*>(embeddings), static_cast<void*>(memory_grad), static_cast<void*>(positions),
-                    static_cast<void*>(signs)}) {
+                    static_cast<void*>(sorted_grads[0]), static_cast<void*>(sorted_grads[1]),
+                    static_cast<void*>(sparse_positions[0]), static_cast<void*>(sparse_positions[1]),
+                    static_cast<void*>(sparse_values[0]), static_cast<void*>(sparse_values[1]),
+                    static_cast<void*>(sparse_count), scratch}) {
     cudaFree(ptr);
+  }
+  for (int v = 0; v < gpu::kNumKernelVariants; ++v) {
+    cudaFree(embeddings[v]);
+    cudaFree(memory_grads[v]);
   }
   return r;
 }
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // Bag problems.
@@ -317,8 +506,6 @@ void AllocateBag(const BagProblem& p, BagResult* r) {
   r->memory_grad.assign(p.bag.params.memory_size, 0.0f);
   r->weights_grad.assign(p.bag.num_ids, 0.0f);
 }
-
-namespace gpu = tfcompress::robe::gpu;
 
 BagResult RunBagHost(const BagProblem& p) {
   BagResult r;
@@ -428,7 +615,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   const Problem problem = ReadProblem(argv[2]);
-  const Result result = std::strcmp(argv[1], "host") == 0 ? RunHost(problem) : RunDevice(problem);
+  if (host && problem.bench) Fail("bench inputs need the device mode");
+  const Result result = host ? RunHost(problem) : RunDevice(problem);
   WriteResult(argv[3], result);
   return 0;
 }

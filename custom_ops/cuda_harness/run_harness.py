@@ -56,32 +56,60 @@ def compile_harness(nvcc, arch):
     subprocess.run(command, check=True)
 
 
-def write_input(path, ids, cardinalities, output_dim, chunk_size, memory, grad, signed, seed, repeats):
+def write_input(path, ids, cardinalities, output_dim, chunk_size, memory, grad, signed, seed, repeats,
+                bench=False):
+    """The harness's INPUT file; a bench input carries no memory / grad (the harness fills them on the device)."""
     constants = robe_hash.hash_constants(seed)[:6]
+    memory_size = memory if bench else memory.size
     header = np.array(
-        [MAGIC, ids.shape[0] * ids.shape[1], ids.shape[1], output_dim, chunk_size, memory.size, int(signed),
-         *constants, repeats, 0, 0], dtype=np.int64,
+        [MAGIC, ids.shape[0] * ids.shape[1], ids.shape[1], output_dim, chunk_size, memory_size, int(signed),
+         *constants, repeats, int(bench), 0], dtype=np.int64,
     )
+    arrays = [header, np.asarray(cardinalities, np.int64), robe_hash.table_offsets(cardinalities),
+              ids.astype(np.int64).ravel()]
+    if not bench:
+        arrays += [memory.astype(np.float32), grad.astype(np.float32).ravel()]
     with open(path, "wb") as f:
-        for array in (header, np.asarray(cardinalities, np.int64), robe_hash.table_offsets(cardinalities),
-                      ids.astype(np.int64).ravel(), memory.astype(np.float32), grad.astype(np.float32).ravel()):
+        for array in arrays:
             f.write(np.ascontiguousarray(array).tobytes())
 
 
 def read_output(path, rows, output_dim, memory_size):
+    """(first_bad_row, dict) from the harness's OUTPUT; dict is None when an id was rejected."""
     raw = Path(path).read_bytes()
     first_bad = int(np.frombuffer(raw[:8], np.int64)[0])
     if first_bad >= 0:
         return first_bad, None
+    lookup_variants, scatter_variants = (int(v) for v in np.frombuffer(raw[8:24], np.int64))
     elements = rows * output_dim
-    offset = 8
+    offset = 24
     out = {}
-    for name, dtype, count in (("positions", np.int64, elements), ("signs", np.float32, elements),
-                               ("embeddings", np.float32, elements), ("memory_grad", np.float32, memory_size)):
+
+    def take(dtype, count):
+        nonlocal offset
         size = np.dtype(dtype).itemsize * count
-        out[name] = np.frombuffer(raw[offset:offset + size], dtype)
+        value = np.frombuffer(raw[offset:offset + size], dtype)
         offset += size
+        return value
+
+    out["positions"] = take(np.int64, elements)
+    out["signs"] = take(np.float32, elements)
+    out["embeddings"] = [take(np.float32, elements) for _ in range(lookup_variants)]
+    out["memory_grads"] = [take(np.float32, memory_size) for _ in range(scatter_variants)]
+    out["sorted_memory_grad"] = take(np.float32, memory_size)
+    out["sorted_repeat_identical"] = int(take(np.int64, 1)[0])
+    unique = int(take(np.int64, 1)[0])
+    out["sparse_positions"] = take(np.int64, unique)
+    out["sparse_values"] = take(np.float32, unique)
     return -1, out
+
+
+def relative_error(got, expected):
+    """max |got - expected| / max |expected| (0 for empty arrays)."""
+    if expected.size == 0:
+        return 0.0
+    scale = np.abs(expected).max()
+    return float(np.abs(np.asarray(got, np.float64) - expected).max() / max(scale, 1e-30))
 
 
 def run_case(mode, name, ids, cardinalities, output_dim, chunk_size, memory_size, signed, seed, repeats=1,
@@ -107,22 +135,40 @@ def run_case(mode, name, ids, cardinalities, output_dim, chunk_size, memory_size
     embeddings = memory[positions] * signs
     memory_grad = np.zeros(memory_size, np.float64)
     np.add.at(memory_grad, positions, grad.ravel().astype(np.float64) * signs)
+    unique = np.unique(positions)
     problems = []
     if not np.array_equal(out["positions"], positions):
         problems.append(f"{int((out['positions'] != positions).sum())} positions differ")
     if not np.array_equal(out["signs"], signs):
         problems.append("signs differ")
-    if not np.array_equal(out["embeddings"], embeddings):
-        problems.append("embeddings differ")
-    scale = np.abs(memory_grad).max() if memory_grad.size else 1.0
-    error = np.abs(out["memory_grad"] - memory_grad).max() / max(scale, 1e-30) if memory_grad.size else 0.0
+    # Every kernel variant: the lookup bit for bit, the atomic scatter to 1e-5 relative.
+    for variant, got in enumerate(out["embeddings"]):
+        if not np.array_equal(got, embeddings):
+            problems.append(f"embeddings of variant {variant} differ in {int((got != embeddings).sum())} places")
+    for variant, got in enumerate(out["memory_grads"]):
+        error = relative_error(got, memory_grad)
+        if error > 1e-5:
+            problems.append(f"scatter variant {variant} relative error {error:.2e}")
+    # The deterministic scatter and the sparse gradient (RobeLookupSparseGrad's contract: the sorted unique
+    # positions and their summed values), and the same bits on a second run.
+    error = relative_error(out["sorted_memory_grad"], memory_grad)
     if error > 1e-5:
-        problems.append(f"scatter relative error {error:.2e}")
+        problems.append(f"sorted scatter relative error {error:.2e}")
+    if not np.array_equal(out["sparse_positions"], unique):
+        problems.append(f"sparse positions: {out['sparse_positions'].size} returned, {unique.size} expected")
+    else:
+        error = relative_error(out["sparse_values"], memory_grad[unique])
+        if error > 1e-5:
+            problems.append(f"sparse values relative error {error:.2e}")
+    if out["sorted_repeat_identical"] != 1:
+        problems.append("the deterministic scatter or the sparse gradient changed bits between two runs")
     return not problems, "; ".join(problems) or timing
 
 
 def correctness_cases(rng):
-    """(name, ids, cardinalities, D, Z, M, signed, seed) covering every chunk size, partial chunks, ids near 2^32."""
+    """(name, ids, cardinalities, D, Z, M, signed, seed) covering every chunk size, partial chunks, ids near 2^32,
+    every warp-row kernel form (float4 with one hash per vector, float4 with a hash per element, scalar), row counts
+    that are not multiples of 32, and ids up to 2^63 around multiples of P and of 2^32 * P."""
     cases = []
     for output_dim in (1, 7, 16, 33):
         for chunk_size in sorted({1, 2, 3, output_dim // 2 or 1, output_dim}):
@@ -134,11 +180,28 @@ def correctness_cases(rng):
                 memory_size = int(rng.integers(chunk_size, 5000))
                 cases.append((f"D={output_dim} Z={chunk_size} signed={signed} M={memory_size}", ids, cards,
                               output_dim, chunk_size, memory_size, signed, int(rng.integers(0, 10000))))
+    for output_dim, chunk_size in ((64, 4), (64, 32), (64, 6), (128, 16), (128, 32), (128, 1), (20, 4), (12, 12)):
+        for signed in (False, True):
+            cards = [3, 77, 2**40 + 1, 12345]
+            ids = np.stack([rng.integers(0, c, 61) for c in cards], axis=1)  # 244 rows: not a multiple of 32
+            memory_size = int(rng.integers(chunk_size, 300000))
+            cases.append((f"D={output_dim} Z={chunk_size} signed={signed} M={memory_size} F=4", ids, cards,
+                          output_dim, chunk_size, memory_size, signed, int(rng.integers(0, 10000))))
     big = [2**32 - 1, 3]
     ids = np.array([[2**32 - 2, 2], [0, 0], [2**31, 1]], dtype=np.int64)
     cases.append(("ids near 2^32", ids, big, 16, 4, 2**20 + 3, True, 1024))
     cases.append(("memory of exactly one chunk", ids, big, 8, 8, 8, False, 7))
     cases.append(("memory of 8M floats", ids, big, 4, 2, 2**23 + 1, False, 3))
+    p = int(robe_hash.P)
+    huge = [2**62, 2**62 - 1]  # a = id (first table) or 2^62 + id (second): up to 2^63 - 2
+    firsts = [0, 1, p - 1, p, p + 1, 3 * p - 1, 2**62 - 1, 2**31, 2**32, 2**32 - 1, 2**63 // 871205356,
+              2**63 // 679088993 + 1, (p << 29) - 1, p << 29]
+    near = (p << 32) - 2**62  # a = 2^32 * P: the largest Montgomery sum t + m * P
+    seconds = [0, 2**62 - 2, 2**62 - 3, near - 1, near, near + 1, p * 1000, 2**61, 7, 2**62 - p, 1, 2, 3, 4]
+    ids = np.array([firsts, seconds], dtype=np.int64).T
+    for memory_size, chunk_size in ((4093, 4), (2**20 + 7, 1), (1000, 16)):
+        cases.append((f"ids up to 2^63, M={memory_size} Z={chunk_size}", ids, huge, 16, chunk_size, memory_size, True,
+                      1024))
     cases.append(("empty batch", np.zeros((0, 2), np.int64), big, 8, 4, 100, True, 1))
     wide = np.stack([rng.integers(0, c, 3) for c in (10, 20)], axis=1)
     cases.append(("wide rows (per-element kernel)", wide, [10, 20], 6000, 7, 100000, True, 11))

@@ -1,0 +1,238 @@
+// Sort-based ROBE-Z gradients on the GPU, free of TensorFlow (the harness runs them; the TF ops do not use them
+// yet): a deterministic dense scatter and the sparse gradient (sorted unique positions + summed values), the GPU
+// form of the CPU op RobeLookupSparseGrad (robe_cpu_functors.cc).
+//
+// Pipeline, for the n = rows * D gradient elements:
+//   1. RobeSortInputsKernel: key = position idx(a_r, i), value = (element e << 1) | sign bit.
+//   2. cub::DeviceRadixSort::SortPairs over the bits the largest position needs. LSD radix sort is stable, so the
+//      elements of one position stay in element order: the sorted arrays are a function of the input alone.
+//   3. cub::DeviceRunLengthEncode::Encode (unique positions, run lengths) and cub::DeviceScan::ExclusiveSum (run
+//      starts): integer results, so also exact.
+//   4. RobeSegmentSumKernel: a warp per unique position, lane l adds elements l, l + 32, ... of the run in order,
+//      then a fixed butterfly of __shfl_xor_sync. The summation order depends only on the run's length, never on
+//      timing, so two runs give the same bits (unlike atomics, and unlike CUB's float scans, whose decoupled
+//      look-back may combine tiles in either order).
+// Dense form: M-grad zeroed, then one plain store per unique position. Sparse form: the run's position and sum.
+//
+// Cost: the sort moves (key + value) * 2 per pass over n elements; sorting chunk occurrences instead (rows * D / Z
+// keys) and merging their intervals as the CPU op does would cut that by Z, and is the next step if the bench shows
+// the sort dominating.
+
+#ifndef TFCOMPRESS_CUSTOM_OPS_ROBE_SORTED_GPU_KERNELS_CU_H_
+#define TFCOMPRESS_CUSTOM_OPS_ROBE_SORTED_GPU_KERNELS_CU_H_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_run_length_encode.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include "robe_gpu_kernels.cu.h"
+#include "robe_hash.h"
+
+namespace tfcompress {
+namespace robe {
+namespace gpu {
+
+// Keys (positions) and packed values (element << 1 | sign bit) are uint32 when both fit, else uint64.
+inline bool SortFitsUint32(const HashParams& p, int64_t rows) {
+  const int64_t largest_position = (p.memory_size - p.chunk_size < kPrime - 1 ? p.memory_size - p.chunk_size
+                                                                               : kPrime - 1) +
+                                   p.chunk_size - 1;
+  return largest_position < (int64_t{1} << 32) && rows * p.output_dim < (int64_t{1} << 31);
+}
+
+inline int PositionBits(const HashParams& p) {
+  const int64_t largest = (p.memory_size - p.chunk_size < kPrime - 1 ? p.memory_size - p.chunk_size : kPrime - 1) +
+                          p.chunk_size - 1;
+  int bits = 1;
+  while (bits < 63 && (largest >> bits) != 0) ++bits;
+  return bits;
+}
+
+template <typename Index>
+__global__ void RobeSortInputsKernel(HashParams p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
+                                     int64_t rows, Index* keys, Index* values) {
+  const int64_t total = rows * p.output_dim;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / p.output_dim;
+    const int32_t i = static_cast<int32_t>(e - r * p.output_dim);
+    const int64_t a = ids[r] + offsets[r % num_features];
+    keys[e] = static_cast<Index>(IndexOf(p, a, i));
+    const Index negative = p.is_signed && SignOf(p, a, i) < 0.0f ? 1 : 0;
+    values[e] = (static_cast<Index>(e) << 1) | negative;
+  }
+}
+
+// For each run k < *num_runs: the sum, in the fixed order above, of sign * grad[e] over the run's elements.
+// dense != nullptr: dense[unique[k]] = sum (dense zeroed before). sparse_* != nullptr: sparse_positions[k] =
+// unique[k], sparse_values[k] = sum.
+template <typename Index>
+__global__ void RobeSegmentSumKernel(const Index* unique, const Index* run_lengths, const Index* run_starts,
+                                     const Index* num_runs, const Index* sorted_values, const float* grad,
+                                     float* dense, int64_t* sparse_positions, float* sparse_values) {
+  const int32_t lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t runs = static_cast<int64_t>(*num_runs);
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; k < runs; k += warps) {
+    const int64_t begin = static_cast<int64_t>(run_starts[k]);
+    const int64_t end = begin + static_cast<int64_t>(run_lengths[k]);
+    float sum = 0.0f;
+    for (int64_t j = begin + lane; j < end; j += 32) {
+      const Index packed = sorted_values[j];
+      const float g = __ldg(grad + static_cast<int64_t>(packed >> 1));
+      sum += (packed & 1) ? -g : g;
+    }
+#pragma unroll
+    for (int width = 16; width >= 1; width /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, width);
+    if (lane == 0) {
+      const int64_t position = static_cast<int64_t>(unique[k]);
+      if (dense != nullptr) dense[position] = sum;
+      if (sparse_positions != nullptr) {
+        sparse_positions[k] = position;
+        sparse_values[k] = sum;
+      }
+    }
+  }
+}
+
+__global__ void WidenCountKernel(const uint32_t* count, int64_t* wide) { *wide = static_cast<int64_t>(*count); }
+
+// Device scratch of the sorted gradients, carved from one allocation.
+template <typename Index>
+struct SortedScratch {
+  Index* keys_in;
+  Index* keys_out;
+  Index* values_in;
+  Index* values_out;
+  Index* unique;
+  Index* run_lengths;
+  Index* run_starts;
+  Index* num_runs;
+  void* cub_temp;
+  size_t cub_temp_bytes;
+};
+
+inline size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Bytes of scratch for n elements (the CUB temporaries queried for this n), or 0 with an error.
+template <typename Index>
+cudaError_t SortedScratchBytesAs(int64_t n, int position_bits, size_t* bytes, size_t* cub_bytes) {
+  size_t sort_bytes = 0, encode_bytes = 0, scan_bytes = 0;
+  cudaError_t status = cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const Index*>(nullptr),
+                                                       static_cast<Index*>(nullptr), static_cast<const Index*>(nullptr),
+                                                       static_cast<Index*>(nullptr), n, 0, position_bits);
+  if (status != cudaSuccess) return status;
+  status = cub::DeviceRunLengthEncode::Encode(nullptr, encode_bytes, static_cast<const Index*>(nullptr),
+                                              static_cast<Index*>(nullptr), static_cast<Index*>(nullptr),
+                                              static_cast<Index*>(nullptr), n);
+  if (status != cudaSuccess) return status;
+  status = cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const Index*>(nullptr),
+                                         static_cast<Index*>(nullptr), n);
+  if (status != cudaSuccess) return status;
+  size_t cub = sort_bytes;
+  if (encode_bytes > cub) cub = encode_bytes;
+  if (scan_bytes > cub) cub = scan_bytes;
+  *cub_bytes = cub;
+  *bytes = 7 * AlignUp(sizeof(Index) * static_cast<size_t>(n > 0 ? n : 1)) + AlignUp(sizeof(Index)) + AlignUp(cub);
+  return cudaSuccess;
+}
+
+template <typename Index>
+SortedScratch<Index> CarveScratch(void* scratch, int64_t n, size_t cub_bytes) {
+  char* at = static_cast<char*>(scratch);
+  const size_t array = AlignUp(sizeof(Index) * static_cast<size_t>(n > 0 ? n : 1));
+  SortedScratch<Index> s;
+  Index** arrays[] = {&s.keys_in, &s.keys_out, &s.values_in, &s.values_out, &s.unique, &s.run_lengths,
+                      &s.run_starts};
+  for (Index** a : arrays) {
+    *a = reinterpret_cast<Index*>(at);
+    at += array;
+  }
+  s.num_runs = reinterpret_cast<Index*>(at);
+  at += AlignUp(sizeof(Index));
+  s.cub_temp = at;
+  s.cub_temp_bytes = cub_bytes;
+  return s;
+}
+
+// The scratch size LaunchSortedGradient needs for this call.
+inline cudaError_t SortedGradientScratchBytes(const HashParams& p, int64_t rows, size_t* bytes) {
+  size_t cub_bytes = 0;
+  const int64_t n = rows * p.output_dim;
+  return SortFitsUint32(p, rows) ? SortedScratchBytesAs<uint32_t>(n, PositionBits(p), bytes, &cub_bytes)
+                                 : SortedScratchBytesAs<uint64_t>(n, PositionBits(p), bytes, &cub_bytes);
+}
+
+template <typename Index>
+cudaError_t LaunchSortedGradientAs(const HashParams& p, const int64_t* ids, const int64_t* offsets,
+                                   int32_t num_features, int64_t rows, const float* grad, void* scratch,
+                                   float* dense, int64_t* sparse_positions, float* sparse_values,
+                                   int64_t* sparse_count, cudaStream_t stream) {
+  const int64_t n = rows * p.output_dim;
+  const int bits = PositionBits(p);
+  size_t bytes = 0, cub_bytes = 0;
+  cudaError_t status = SortedScratchBytesAs<Index>(n, bits, &bytes, &cub_bytes);
+  if (status != cudaSuccess) return status;
+  SortedScratch<Index> s = CarveScratch<Index>(scratch, n, cub_bytes);
+  if (dense != nullptr) {
+    status = cudaMemsetAsync(dense, 0, sizeof(float) * p.memory_size, stream);
+    if (status != cudaSuccess) return status;
+  }
+  status = cudaMemsetAsync(s.num_runs, 0, sizeof(Index), stream);
+  if (status != cudaSuccess) return status;
+  if (n > 0) {
+    RobeSortInputsKernel<Index><<<GridSize(n, 65535), kThreadsPerBlock, 0, stream>>>(
+        p, ids, offsets, num_features, rows, s.keys_in, s.values_in);
+    status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+    size_t temp = s.cub_temp_bytes;
+    status = cub::DeviceRadixSort::SortPairs(s.cub_temp, temp, s.keys_in, s.keys_out, s.values_in, s.values_out, n,
+                                             0, bits, stream);
+    if (status != cudaSuccess) return status;
+    temp = s.cub_temp_bytes;
+    status = cub::DeviceRunLengthEncode::Encode(s.cub_temp, temp, s.keys_out, s.unique, s.run_lengths, s.num_runs,
+                                                n, stream);
+    if (status != cudaSuccess) return status;
+    temp = s.cub_temp_bytes;
+    status = cub::DeviceScan::ExclusiveSum(s.cub_temp, temp, s.run_lengths, s.run_starts, n, stream);
+    if (status != cudaSuccess) return status;
+    // Enough warps to cover every run of a typical batch in one step; the kernel strides over the rest.
+    RobeSegmentSumKernel<Index><<<GridSize(n, 8192), kThreadsPerBlock, 0, stream>>>(
+        s.unique, s.run_lengths, s.run_starts, s.num_runs, s.values_out, grad, dense, sparse_positions,
+        sparse_values);
+    status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  if (sparse_count != nullptr) {
+    if (sizeof(Index) == sizeof(int64_t)) {
+      return cudaMemcpyAsync(sparse_count, s.num_runs, sizeof(int64_t), cudaMemcpyDeviceToDevice, stream);
+    }
+    // Widen the uint32 count on the device (no host round trip).
+    WidenCountKernel<<<1, 1, 0, stream>>>(reinterpret_cast<const uint32_t*>(s.num_runs), sparse_count);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
+// Deterministic dense scatter (dense = M-grad [|M|]) and/or sparse gradient (sparse_positions / sparse_values with
+// room for rows * D entries, *sparse_count = the number of unique positions, on the device). `scratch` holds
+// SortedGradientScratchBytes bytes. Pass nullptr for the outputs not wanted.
+inline cudaError_t LaunchSortedGradient(const HashParams& p, const int64_t* ids, const int64_t* offsets,
+                                        int32_t num_features, int64_t rows, const float* grad, void* scratch,
+                                        float* dense, int64_t* sparse_positions, float* sparse_values,
+                                        int64_t* sparse_count, cudaStream_t stream) {
+  return SortFitsUint32(p, rows)
+             ? LaunchSortedGradientAs<uint32_t>(p, ids, offsets, num_features, rows, grad, scratch, dense,
+                                                sparse_positions, sparse_values, sparse_count, stream)
+             : LaunchSortedGradientAs<uint64_t>(p, ids, offsets, num_features, rows, grad, scratch, dense,
+                                                sparse_positions, sparse_values, sparse_count, stream);
+}
+
+}  // namespace gpu
+}  // namespace robe
+}  // namespace tfcompress
+
+#endif  // TFCOMPRESS_CUSTOM_OPS_ROBE_SORTED_GPU_KERNELS_CU_H_
