@@ -101,6 +101,9 @@ __global__ void RobeSegmentSumKernel(const Index* unique, const Index* run_lengt
 __global__ void WidenCountKernel(const uint32_t* count, int64_t* wide) { *wide = static_cast<int64_t>(*count); }
 
 // Device scratch of the sorted gradients, carved from one allocation.
+// Unique positions are at most min(n, |M|): the run arrays need no more.
+inline int64_t MaxRuns(const HashParams& p, int64_t n) { return n < p.memory_size ? n : p.memory_size; }
+
 template <typename Index>
 struct SortedScratch {
   Index* keys_in;
@@ -119,7 +122,7 @@ inline size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 // Bytes of scratch for n elements (the CUB temporaries queried for this n), or 0 with an error.
 template <typename Index>
-cudaError_t SortedScratchBytesAs(int64_t n, int position_bits, size_t* bytes, size_t* cub_bytes) {
+cudaError_t SortedScratchBytesAs(int64_t n, int64_t max_runs, int position_bits, size_t* bytes, size_t* cub_bytes) {
   size_t sort_bytes = 0, encode_bytes = 0, scan_bytes = 0;
   cudaError_t status = cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const Index*>(nullptr),
                                                        static_cast<Index*>(nullptr), static_cast<const Index*>(nullptr),
@@ -130,26 +133,33 @@ cudaError_t SortedScratchBytesAs(int64_t n, int position_bits, size_t* bytes, si
                                               static_cast<Index*>(nullptr), n);
   if (status != cudaSuccess) return status;
   status = cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const Index*>(nullptr),
-                                         static_cast<Index*>(nullptr), n);
+                                         static_cast<Index*>(nullptr), max_runs);
   if (status != cudaSuccess) return status;
   size_t cub = sort_bytes;
   if (encode_bytes > cub) cub = encode_bytes;
   if (scan_bytes > cub) cub = scan_bytes;
   *cub_bytes = cub;
-  *bytes = 7 * AlignUp(sizeof(Index) * static_cast<size_t>(n > 0 ? n : 1)) + AlignUp(sizeof(Index)) + AlignUp(cub);
+  *bytes = 4 * AlignUp(sizeof(Index) * static_cast<size_t>(n > 0 ? n : 1)) +
+           3 * AlignUp(sizeof(Index) * static_cast<size_t>(max_runs > 0 ? max_runs : 1)) + AlignUp(sizeof(Index)) +
+           AlignUp(cub);
   return cudaSuccess;
 }
 
 template <typename Index>
-SortedScratch<Index> CarveScratch(void* scratch, int64_t n, size_t cub_bytes) {
+SortedScratch<Index> CarveScratch(void* scratch, int64_t n, int64_t max_runs, size_t cub_bytes) {
   char* at = static_cast<char*>(scratch);
   const size_t array = AlignUp(sizeof(Index) * static_cast<size_t>(n > 0 ? n : 1));
+  const size_t run_array = AlignUp(sizeof(Index) * static_cast<size_t>(max_runs > 0 ? max_runs : 1));
   SortedScratch<Index> s;
-  Index** arrays[] = {&s.keys_in, &s.keys_out, &s.values_in, &s.values_out, &s.unique, &s.run_lengths,
-                      &s.run_starts};
+  Index** arrays[] = {&s.keys_in, &s.keys_out, &s.values_in, &s.values_out};
   for (Index** a : arrays) {
     *a = reinterpret_cast<Index*>(at);
     at += array;
+  }
+  Index** run_arrays[] = {&s.unique, &s.run_lengths, &s.run_starts};
+  for (Index** a : run_arrays) {
+    *a = reinterpret_cast<Index*>(at);
+    at += run_array;
   }
   s.num_runs = reinterpret_cast<Index*>(at);
   at += AlignUp(sizeof(Index));
@@ -162,8 +172,9 @@ SortedScratch<Index> CarveScratch(void* scratch, int64_t n, size_t cub_bytes) {
 inline cudaError_t SortedGradientScratchBytes(const HashParams& p, int64_t rows, size_t* bytes) {
   size_t cub_bytes = 0;
   const int64_t n = rows * p.output_dim;
-  return SortFitsUint32(p, rows) ? SortedScratchBytesAs<uint32_t>(n, PositionBits(p), bytes, &cub_bytes)
-                                 : SortedScratchBytesAs<uint64_t>(n, PositionBits(p), bytes, &cub_bytes);
+  const int64_t runs = MaxRuns(p, n);
+  return SortFitsUint32(p, rows) ? SortedScratchBytesAs<uint32_t>(n, runs, PositionBits(p), bytes, &cub_bytes)
+                                 : SortedScratchBytesAs<uint64_t>(n, runs, PositionBits(p), bytes, &cub_bytes);
 }
 
 template <typename Index>
@@ -173,10 +184,11 @@ cudaError_t LaunchSortedGradientAs(const HashParams& p, const int64_t* ids, cons
                                    int64_t* sparse_count, cudaStream_t stream) {
   const int64_t n = rows * p.output_dim;
   const int bits = PositionBits(p);
+  const int64_t max_runs = MaxRuns(p, n);
   size_t bytes = 0, cub_bytes = 0;
-  cudaError_t status = SortedScratchBytesAs<Index>(n, bits, &bytes, &cub_bytes);
+  cudaError_t status = SortedScratchBytesAs<Index>(n, max_runs, bits, &bytes, &cub_bytes);
   if (status != cudaSuccess) return status;
-  SortedScratch<Index> s = CarveScratch<Index>(scratch, n, cub_bytes);
+  SortedScratch<Index> s = CarveScratch<Index>(scratch, n, max_runs, cub_bytes);
   if (dense != nullptr) {
     status = cudaMemsetAsync(dense, 0, sizeof(float) * p.memory_size, stream);
     if (status != cudaSuccess) return status;
@@ -197,7 +209,7 @@ cudaError_t LaunchSortedGradientAs(const HashParams& p, const int64_t* ids, cons
                                                 n, stream);
     if (status != cudaSuccess) return status;
     temp = s.cub_temp_bytes;
-    status = cub::DeviceScan::ExclusiveSum(s.cub_temp, temp, s.run_lengths, s.run_starts, n, stream);
+    status = cub::DeviceScan::ExclusiveSum(s.cub_temp, temp, s.run_lengths, s.run_starts, max_runs, stream);
     if (status != cudaSuccess) return status;
     // Enough warps to cover every run of a typical batch in one step; the kernel strides over the rest.
     RobeSegmentSumKernel<Index><<<GridSize(n, 8192), kThreadsPerBlock, 0, stream>>>(
@@ -218,7 +230,7 @@ cudaError_t LaunchSortedGradientAs(const HashParams& p, const int64_t* ids, cons
 }
 
 // Deterministic dense scatter (dense = M-grad [|M|]) and/or sparse gradient (sparse_positions / sparse_values with
-// room for rows * D entries, *sparse_count = the number of unique positions, on the device). `scratch` holds
+// room for MaxRuns = min(rows * D, |M|) entries, *sparse_count = the number of unique positions, on the device). `scratch` holds
 // SortedGradientScratchBytes bytes. Pass nullptr for the outputs not wanted.
 inline cudaError_t LaunchSortedGradient(const HashParams& p, const int64_t* ids, const int64_t* offsets,
                                         int32_t num_features, int64_t rows, const float* grad, void* scratch,

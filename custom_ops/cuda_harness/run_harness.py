@@ -17,7 +17,9 @@ memory gradient to 1e-5 of its largest value, the weights gradient to 1e-4; an i
 
 import argparse
 import importlib.util
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -346,6 +348,138 @@ def run_bag_cases(mode, rng, bench):
     return failures
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Bench: every kernel variant, the device copy and the PyTorch anchors of issue 19, in one run.
+
+BENCH_SHAPES = [(16, 1), (16, 4), (16, 16), (64, 1), (64, 4), (64, 16), (64, 32), (128, 1), (128, 4), (128, 16),
+                (128, 32)]  # (D, Z); Z = 32 > D = 16 is not a valid shape
+
+
+def run_bench_case(ids, output_dim, chunk_size, memory_size, repeats):
+    """The harness in bench mode (memory and gradient made on the device, results compared there): (ok, fields)."""
+    with tempfile.TemporaryDirectory() as work:
+        src, dst = os.path.join(work, "in.bin"), os.path.join(work, "out.bin")
+        write_input(src, ids, KAGGLE_CARDINALITIES, output_dim, chunk_size, memory_size, None, False, 1024, repeats,
+                    bench=True)
+        completed = subprocess.run([str(BINARY), "device", src, dst], capture_output=True, text=True)
+        if completed.returncode != 0:
+            return False, {"error": f"harness exited {completed.returncode}: {completed.stderr.strip()}"}
+        first_bad = int(np.frombuffer(Path(dst).read_bytes()[:8], np.int64)[0])
+    fields = dict(item.split("=", 1) for item in shlex.split(completed.stdout.strip().splitlines()[-1]))
+    return first_bad == -1, fields
+
+
+def median_ms(torch, fn, repeats):
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return float(np.median(times))
+
+
+def torch_anchors(ids, output_dim, chunk_size, memory_size, repeats):
+    """The issue's PyTorch anchors on the same ids, or {} when torch (with CUDA) does not import: the full-table
+    `embedding` gather, ROBE-Z written in framework ops (hash + gather), and `index_add_` with the positions
+    precomputed."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    device = torch.device("cuda")
+    r1, r2, r3 = (int(v) for v in robe_hash.hash_constants(1024)[:3])
+    p = int(robe_hash.P)
+    a = torch.as_tensor(ids + robe_hash.table_offsets(KAGGLE_CARDINALITIES)[None, :], device=device)
+    out = {}
+    table = torch.empty((sum(KAGGLE_CARDINALITIES), output_dim), device=device).uniform_(-1, 1)
+    out["torch_embedding_ms"] = median_ms(torch, lambda: torch.nn.functional.embedding(a, table), repeats)
+    del table
+    torch.cuda.empty_cache()
+    memory = torch.empty(memory_size, device=device).uniform_(-1, 1)
+    chunks = -(-output_dim // chunk_size)
+    chunk_terms = (torch.arange(chunks, device=device) * r2 % p + r1) % p
+    in_chunk = torch.arange(chunk_size, device=device)
+
+    def robe_positions():
+        row = (a % p) * r3 % p
+        starts = (row[..., None] + chunk_terms) % p % (memory_size - chunk_size + 1)
+        return (starts[..., None] + in_chunk).reshape(*a.shape, chunks * chunk_size)[..., :output_dim]
+
+    positions = robe_positions()
+    expected = robe_hash.robe_indices(ids[:64], KAGGLE_CARDINALITIES, output_dim, chunk_size, memory_size, 1024)
+    if not np.array_equal(positions[:64].cpu().numpy(), expected):
+        raise AssertionError("the PyTorch ROBE anchor's positions differ from robe_indices")
+    out["torch_robe_ms"] = median_ms(torch, lambda: memory[robe_positions()], repeats)
+    flat = positions.reshape(-1)
+    grad = torch.empty(flat.numel(), device=device).uniform_(-1, 1)
+    out["torch_index_add_ms"] = median_ms(
+        torch, lambda: torch.zeros(memory_size, device=device).index_add_(0, flat, grad), repeats)
+    del positions, flat, grad, memory
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_bench(mode, rng, batch, json_path):
+    """Times every lookup / scatter variant per (D, Z); prints ms, GB/s as the harness counts bytes, the fraction
+    of the device-to-device copy measured in the same harness run, the DRAM-only view (ids in + embeddings out)
+    and the PyTorch anchors. Returns the number of failed cases."""
+    if mode != "device":
+        print("bench: needs --mode device (skipped)")
+        return 0
+    ids = kaggle_ids(rng, batch)
+    logical_rows = sum(KAGGLE_CARDINALITIES)
+    failures = 0
+    records = []
+    for output_dim, chunk_size in BENCH_SHAPES:
+        memory_size = logical_rows * output_dim // 1000
+        ok, fields = run_bench_case(ids, output_dim, chunk_size, memory_size, repeats=20)
+        failures += not ok
+        if "error" in fields:
+            print(f"FAIL bench D={output_dim} Z={chunk_size}: {fields['error']}", flush=True)
+            continue
+        try:
+            anchors = torch_anchors(ids, output_dim, chunk_size, memory_size, repeats=20)
+        except Exception as error:  # an anchor's failure must not cost the kernels' numbers of this one GPU run
+            print(f"  torch anchors failed: {type(error).__name__}: {error}", flush=True)
+            anchors = {}
+        copy_gbs = float(fields["copy_gbs"])
+        lookup_bytes, scatter_bytes, dram_bytes = (float(fields[k]) for k in ("lookup_bytes", "scatter_bytes",
+                                                                              "dram_bytes"))
+        print(f"{'PASS' if ok else 'FAIL'} bench {fields['gpu']} D={output_dim} Z={chunk_size} rows={fields['rows']} "
+              f"M={memory_size} copy={copy_gbs:.0f} GB/s (lookup mismatches {fields['lookup_mismatches']}, scatter "
+              f"relative error {fields['scatter_relative_error']}, sorted bit-identical {fields['sorted_identical']})",
+              flush=True)
+        print(f"  {'kernel':<32}{'ms':>9}{'GB/s':>9}{'of copy':>9}{'DRAM GB/s':>11}{'vs torch':>10}")
+        for key, value in fields.items():
+            if not key.endswith("_ms") or key == "copy_ms":
+                continue
+            ms = float(value)
+            kind = key.split("_", 1)[0]
+            counted = lookup_bytes if kind == "lookup" else scatter_bytes
+            gbs = counted / ms / 1e6
+            anchor = anchors.get("torch_embedding_ms" if kind == "lookup" else "torch_index_add_ms")
+            record = dict(gpu=fields["gpu"], D=output_dim, Z=chunk_size, rows=int(fields["rows"]), M=memory_size,
+                          kernel=key[:-3], ms=ms, gbs=gbs, of_copy=gbs / copy_gbs, dram_gbs=dram_bytes / ms / 1e6,
+                          copy_gbs=copy_gbs, speedup_vs_torch=(anchor / ms if anchor else None))
+            records.append(record)
+            print(f"  {key[:-3]:<32}{ms:>9.4f}{gbs:>9.0f}{gbs / copy_gbs:>9.1%}{dram_bytes / ms / 1e6:>11.0f}"
+                  + (f"{anchor / ms:>9.2f}x" if anchor else ""), flush=True)
+        for key, ms in anchors.items():
+            records.append(dict(gpu=fields["gpu"], D=output_dim, Z=chunk_size, rows=int(fields["rows"]),
+                                M=memory_size, kernel=key[:-3], ms=ms, copy_gbs=copy_gbs))
+            print(f"  {key[:-3]:<32}{ms:>9.4f}", flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(records, indent=1))
+    return failures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("host", "device"), default="device")
@@ -353,8 +487,11 @@ def main(argv=None):
     parser.add_argument("--nvcc", default=os.environ.get("NVCC") or shutil.which("nvcc") or "nvcc")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--rebuild", action="store_true", help="recompile even if the binary exists")
-    parser.add_argument("--bench", action="store_true", help="also time the Kaggle shape (16384 x 26, D=16) and the "
-                        "bag shape (16384 rows x 20 ids)")
+    parser.add_argument("--bench", action="store_true", help="also time every kernel variant on the Kaggle shape "
+                        "(batch x 26 features, ROBE 1000x, D in 16/64/128, Z in 1/4/16/32) beside the device copy and "
+                        "the PyTorch anchors, and the bag shape (16384 rows x 20 ids)")
+    parser.add_argument("--batch", type=int, default=262144, help="bench batch (rows of 26 ids; default %(default)s)")
+    parser.add_argument("--json", help="also write the bench records to this JSON file")
     parser.add_argument("--only", choices=("all", "lookup", "bag"), default="all",
                         help="which cases to run (default %(default)s)")
     args = parser.parse_args(argv)
@@ -381,13 +518,7 @@ def main(argv=None):
     print(f"{'PASS' if ok else 'FAIL'} invalid id reported at its row: {detail}", flush=True)
 
     if args.bench:
-        logical = sum(KAGGLE_CARDINALITIES) * 16
-        for chunk_size in (1, 4, 16):
-            ids = kaggle_ids(rng, 16384)
-            ok, detail = run_case(args.mode, "kaggle", ids, KAGGLE_CARDINALITIES, 16, chunk_size,
-                                  logical // 1000, False, 1024, repeats=20, rng=rng)
-            failures += not ok
-            print(f"{'PASS' if ok else 'FAIL'} kaggle 1000x Z={chunk_size}: {detail}", flush=True)
+        failures += run_bench(args.mode, rng, args.batch, args.json)
     print("all passed" if failures == 0 else f"{failures} failed")
     return 1 if failures else 0
 
