@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "robe_hash.h"
 
@@ -163,37 +164,56 @@ __global__ void RobePositionsKernel(HashParams p, const int64_t* ids, const int6
 
 // Shared-memory terms per element: chunk term, in-chunk offset, sign element term (uint32 each).
 constexpr int kWarpRowsTermsPerElement = 3;
+constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
 
 inline bool WarpRowsSupported(const HashParams& p, int32_t num_features) {
   return static_cast<size_t>(p.output_dim) * kWarpRowsTermsPerElement * sizeof(uint32_t) <= kMaxSharedBytes &&
          num_features >= 1 && static_cast<int64_t>(num_features) < kPrime - 64;
 }
 
-// kScatter == false: dst[r, i] = sign * src[idx(a_r, i)]          (src = memory, dst = embeddings)
-// kScatter == true:  dst[idx(a_r, i)] += sign * src[r, i] (atomic) (src = upstream grad, dst = zeroed memory grad)
-template <int kVector, bool kOneChunkPerVector, bool kScatter>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    RobeWarpRowsKernel(HashParams p, const int64_t* __restrict__ ids, const int64_t* __restrict__ offsets,
-                       int32_t num_features, FastModulo feature_modulo, int64_t rows,
-                       const float* __restrict__ src, float* __restrict__ dst) {
-  extern __shared__ uint32_t warp_row_terms[];
-  uint32_t* chunk_term_of = warp_row_terms;               // [D] (c*R2 + R1) mod P of element i's chunk
-  uint32_t* offset_of = chunk_term_of + p.output_dim;     // [D] i mod Z
-  uint32_t* sign_term_of = offset_of + p.output_dim;      // [D] ElementTermModPrime(i, S2, S1)
-  for (int32_t i = threadIdx.x; i < p.output_dim; i += blockDim.x) {
-    const int32_t c = i / p.chunk_size;
-    chunk_term_of[i] = ChunkTermModPrime(c, p);
-    offset_of[i] = static_cast<uint32_t>(i - c * p.chunk_size);
-    sign_term_of[i] = p.is_signed ? static_cast<uint32_t>(ElementTermModPrime(i, p.s2, p.s1)) : 0u;
-  }
-  __syncthreads();
+// terms = [D] chunk term (c*R2 + R1) mod P of element i's chunk, [D] i mod Z, [D] ElementTermModPrime(i, S2, S1).
+ROBE_HOST_DEVICE void FillWarpRowTerm(const HashParams& p, int32_t i, uint32_t* terms) {
+  const int32_t c = i / p.chunk_size;
+  terms[i] = ChunkTermModPrime(c, p);
+  terms[p.output_dim + i] = static_cast<uint32_t>(i - c * p.chunk_size);
+  terms[2 * p.output_dim + i] = p.is_signed ? static_cast<uint32_t>(ElementTermModPrime(i, p.s2, p.s1)) : 0u;
+}
 
-  const int32_t lane = threadIdx.x & 31;
+// The memory accesses and the shuffle of the warp-row kernels, on the GPU. The harness's host mode runs the same
+// body (WarpRowsWork) with a CPU twin of this class, 32 threads a warp, so the index arithmetic, the shuffles and
+// the grid-stride bookkeeping of these kernels are checked without a GPU.
+struct DeviceLane {
+#if defined(__CUDACC__)
+  __device__ __forceinline__ uint32_t Shuffle(uint32_t value, int32_t source) const {
+    return __shfl_sync(0xffffffffu, value, source);
+  }
+  __device__ __forceinline__ int64_t LoadId(const int64_t* p) const { return __ldg(p); }
+  __device__ __forceinline__ float LoadMemory(const float* p) const { return __ldg(p); }
+  __device__ __forceinline__ float LoadStream(const float* p) const { return __ldcs(p); }
+  __device__ __forceinline__ float4 LoadStream4(const float4* p) const { return __ldcs(p); }
+  __device__ __forceinline__ void StoreStream(float* p, float v) const { __stcs(p, v); }
+  __device__ __forceinline__ void StoreStream4(float4* p, float4 v) const { __stcs(p, v); }
+  __device__ __forceinline__ void AtomicAdd(float* p, float v) const { atomicAdd(p, v); }
+#endif
+};
+
+// One warp's share of a warp-row lookup (kScatter false) or scatter (true): lane `lane` of warp `warp_index` out
+// of `warps`. Every lane runs every loop step with the same trip count, so the shuffles see the whole warp.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <int kVector, bool kOneChunkPerVector, bool kScatter, class Lane>
+ROBE_HOST_DEVICE void WarpRowsWork(const Lane& io, const HashParams& p, const int64_t* ids, const int64_t* offsets,
+                                   int32_t num_features, const FastModulo& feature_modulo, int64_t rows,
+                                   const uint32_t* terms, const float* src, float* dst, int32_t lane,
+                                   int64_t warp_index, int64_t warps) {
+  const uint32_t* chunk_term_of = terms;
+  const uint32_t* offset_of = terms + p.output_dim;
+  const uint32_t* sign_term_of = terms + 2 * p.output_dim;
   const int32_t vectors_per_row = p.output_dim / kVector;  // the launcher checks D % kVector == 0
   // v / vectors_per_row by a multiply-high reciprocal (v < 32 * D < 2^31).
   const FastModulo row_of_vector = FastModulo::Make(static_cast<uint64_t>(vectors_per_row));
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  const int64_t first_row = (static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32) * 32;
+  const int64_t first_row = warp_index * 32;
   const int64_t row_stride = warps * 32;
   // Feature of row first_row + lane, advanced by row_stride mod F per step: one 64-bit modulo per warp.
   uint32_t feature_base = static_cast<uint32_t>(first_row % num_features);
@@ -204,24 +224,25 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     uint32_t chunk_row_term = 0, sign_row_term = 0;
     if (r < rows) {
       const uint32_t feature = feature_modulo.Mod32(feature_base + static_cast<uint32_t>(lane));
-      const uint32_t reduced = ReducedId(__ldg(ids + r) + __ldg(offsets + feature));
+      const uint32_t reduced = ReducedId(io.LoadId(ids + r) + io.LoadId(offsets + feature));
       chunk_row_term = ChunkRowTerm(p, reduced);
       if (p.is_signed) sign_row_term = SignRowTerm(p, reduced);
     }
     const int64_t remaining = rows - row0;
     const int32_t group_rows = remaining < 32 ? static_cast<int32_t>(remaining) : 32;
     const int32_t group_vectors = group_rows * vectors_per_row;
-    // Every lane runs every step (the shuffles need the full warp); lanes past the group's end skip the memory.
+    // Lanes past the group's end take part in the shuffles and skip the memory.
 #pragma unroll 4
     for (int32_t base = 0; base < group_vectors; base += 32) {
       const int32_t v = base + lane;
       const int32_t local_row = static_cast<int32_t>(
           static_cast<uint32_t>(WideMultiply32(static_cast<uint32_t>(v), row_of_vector.multiplier) >>
                                 row_of_vector.shift));
-      const uint32_t row_term = __shfl_sync(0xffffffffu, chunk_row_term, local_row & 31);
-      const uint32_t sign_term = __shfl_sync(0xffffffffu, sign_row_term, local_row & 31);
+      const uint32_t row_term = io.Shuffle(chunk_row_term, local_row & 31);
+      const uint32_t sign_term = io.Shuffle(sign_row_term, local_row & 31);
       if (v >= group_vectors) continue;
-      const int32_t i0 = (v - local_row * vectors_per_row) * kVector;
+      const int32_t vector_in_row = v - local_row * vectors_per_row;
+      const int32_t i0 = vector_in_row * kVector;
       int64_t position[kVector];
       float sign[kVector];
 #pragma unroll
@@ -236,33 +257,80 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                                     static_cast<int32_t>(sign_term_of[i])))
                               : 1.0f;
       }
-      const int64_t vector_index = (row0 + local_row) * vectors_per_row + (i0 / kVector);
+      const int64_t vector_index = (row0 + local_row) * vectors_per_row + vector_in_row;
       if (kScatter) {
         if (kVector == 4) {
-          const float4 g = __ldcs(reinterpret_cast<const float4*>(src) + vector_index);
-          atomicAdd(dst + position[0], sign[0] * g.x);
-          atomicAdd(dst + position[1], sign[1] * g.y);
-          atomicAdd(dst + position[2], sign[2] * g.z);
-          atomicAdd(dst + position[3], sign[3] * g.w);
+          const float4 g = io.LoadStream4(reinterpret_cast<const float4*>(src) + vector_index);
+          io.AtomicAdd(dst + position[0], sign[0] * g.x);
+          io.AtomicAdd(dst + position[1], sign[1] * g.y);
+          io.AtomicAdd(dst + position[2], sign[2] * g.z);
+          io.AtomicAdd(dst + position[3], sign[3] * g.w);
         } else {
-          atomicAdd(dst + position[0], sign[0] * __ldcs(src + vector_index));
+          io.AtomicAdd(dst + position[0], sign[0] * io.LoadStream(src + vector_index));
         }
       } else {
         if (kVector == 4) {
           float4 out;
-          out.x = sign[0] * __ldg(src + position[0]);
-          out.y = sign[1] * __ldg(src + position[1]);
-          out.z = sign[2] * __ldg(src + position[2]);
-          out.w = sign[3] * __ldg(src + position[3]);
-          __stcs(reinterpret_cast<float4*>(dst) + vector_index, out);
+          out.x = sign[0] * io.LoadMemory(src + position[0]);
+          out.y = sign[1] * io.LoadMemory(src + position[1]);
+          out.z = sign[2] * io.LoadMemory(src + position[2]);
+          out.w = sign[3] * io.LoadMemory(src + position[3]);
+          io.StoreStream4(reinterpret_cast<float4*>(dst) + vector_index, out);
         } else {
-          __stcs(dst + vector_index, sign[0] * __ldg(src + position[0]));
+          io.StoreStream(dst + vector_index, sign[0] * io.LoadMemory(src + position[0]));
         }
       }
     }
     feature_base += feature_stride;
     if (feature_base >= static_cast<uint32_t>(num_features)) feature_base -= num_features;
   }
+}
+
+// kScatter == false: dst[r, i] = sign * src[idx(a_r, i)]          (src = memory, dst = embeddings)
+// kScatter == true:  dst[idx(a_r, i)] += sign * src[r, i] (atomic) (src = upstream grad, dst = zeroed memory grad)
+template <int kVector, bool kOneChunkPerVector, bool kScatter>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    RobeWarpRowsKernel(HashParams p, const int64_t* __restrict__ ids, const int64_t* __restrict__ offsets,
+                       int32_t num_features, FastModulo feature_modulo, int64_t rows,
+                       const float* __restrict__ src, float* __restrict__ dst) {
+  extern __shared__ uint32_t warp_row_terms[];
+  for (int32_t i = threadIdx.x; i < p.output_dim; i += blockDim.x) FillWarpRowTerm(p, i, warp_row_terms);
+  __syncthreads();
+  WarpRowsWork<kVector, kOneChunkPerVector, kScatter>(
+      DeviceLane(), p, ids, offsets, num_features, feature_modulo, rows, warp_row_terms, src, dst,
+      static_cast<int32_t>(threadIdx.x & 31),
+      static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32,
+      static_cast<int64_t>(gridDim.x) * kWarpsPerBlock);
+}
+
+// Calls visit(kVector, kOneChunkPerVector) with the form the warp-row kernels take for p: float4 when D % 4 == 0,
+// with one hash per vector when also Z % 4 == 0; scalar otherwise.
+template <class Visitor>
+auto VisitWarpRowsForm(const HashParams& p, Visitor&& visit) {
+  if (p.output_dim % 4 == 0) {
+    if (p.chunk_size % 4 == 0) return visit(std::integral_constant<int, 4>(), std::true_type());
+    return visit(std::integral_constant<int, 4>(), std::false_type());
+  }
+  return visit(std::integral_constant<int, 1>(), std::true_type());
+}
+
+inline int WarpRowsGrid(int64_t rows, int max_blocks) {
+  const int64_t blocks = (rows + 32 * kWarpsPerBlock - 1) / (32 * kWarpsPerBlock);
+  return static_cast<int>(blocks < 1 ? 1 : (blocks < max_blocks ? blocks : max_blocks));
+}
+
+template <bool kScatter>
+cudaError_t LaunchWarpRows(const HashParams& p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
+                           int64_t rows, const float* src, float* dst, cudaStream_t stream, int max_blocks = 4096) {
+  const size_t shared = sizeof(uint32_t) * kWarpRowsTermsPerElement * p.output_dim;
+  const int grid = WarpRowsGrid(rows, max_blocks);
+  const FastModulo feature_modulo = FastModulo::Make(static_cast<uint64_t>(num_features));
+  VisitWarpRowsForm(p, [&](auto vector, auto one_chunk) {
+    RobeWarpRowsKernel<decltype(vector)::value, decltype(one_chunk)::value, kScatter>
+        <<<grid, kThreadsPerBlock, shared, stream>>>(p, ids, offsets, num_features, feature_modulo, rows, src, dst);
+    return 0;
+  });
+  return cudaGetLastError();
 }
 
 // The kernel variants the harness and the bench compare; the TF ops use kDefault.
@@ -277,31 +345,6 @@ constexpr int kNumKernelVariants = 3;
 constexpr KernelVariant kDefaultVariant = KernelVariant::kWarpRows;
 inline const char* KernelVariantName(KernelVariant v) {
   return v == KernelVariant::kTiled ? "tiled" : v == KernelVariant::kWarpRows ? "warp_rows" : "warp_rows_two_blocks";
-}
-
-template <bool kScatter, int kVector, bool kOneChunkPerVector>
-cudaError_t LaunchWarpRowsAs(const HashParams& p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
-                             int64_t rows, const float* src, float* dst, cudaStream_t stream, int max_blocks) {
-  constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
-  const int64_t blocks = (rows + 32 * kWarpsPerBlock - 1) / (32 * kWarpsPerBlock);
-  const int grid = static_cast<int>(blocks < max_blocks ? blocks : max_blocks);
-  const size_t shared = sizeof(uint32_t) * kWarpRowsTermsPerElement * p.output_dim;
-  RobeWarpRowsKernel<kVector, kOneChunkPerVector, kScatter><<<grid, kThreadsPerBlock, shared, stream>>>(
-      p, ids, offsets, num_features, FastModulo::Make(static_cast<uint64_t>(num_features)), rows, src, dst);
-  return cudaGetLastError();
-}
-
-// float4 when D % 4 == 0, with one hash per vector when also Z % 4 == 0; scalar otherwise.
-template <bool kScatter>
-cudaError_t LaunchWarpRows(const HashParams& p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
-                           int64_t rows, const float* src, float* dst, cudaStream_t stream, int max_blocks = 4096) {
-  if (p.output_dim % 4 == 0) {
-    if (p.chunk_size % 4 == 0) {
-      return LaunchWarpRowsAs<kScatter, 4, true>(p, ids, offsets, num_features, rows, src, dst, stream, max_blocks);
-    }
-    return LaunchWarpRowsAs<kScatter, 4, false>(p, ids, offsets, num_features, rows, src, dst, stream, max_blocks);
-  }
-  return LaunchWarpRowsAs<kScatter, 1, true>(p, ids, offsets, num_features, rows, src, dst, stream, max_blocks);
 }
 
 inline int GridSize(int64_t work_items, int max_blocks) {

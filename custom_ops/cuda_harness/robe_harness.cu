@@ -33,12 +33,16 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../robe_bag_gpu_kernels.cu.h"
@@ -152,6 +156,96 @@ int64_t FirstBadRowOnHost(const Problem& p) {
   return -1;
 }
 
+namespace gpu = tfcompress::robe::gpu;
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU emulation of the warp-row kernels: their body (gpu::WarpRowsWork) runs with 32 std::threads per warp, warps
+// one after another, on the grid the launcher would use. __shfl_sync becomes an exchange through a 32-thread
+// barrier; a lane that reaches a shuffle its warp never reaches (a divergent trip count) stops the harness.
+
+class HostWarp {
+ public:
+  uint32_t Exchange(int32_t lane, uint32_t value, int32_t source) {
+    slots_[lane] = value;
+    Wait();
+    const uint32_t result = slots_[source];
+    Wait();
+    return result;
+  }
+
+ private:
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    if (++arrived_ == 32) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(20), [&] { return generation != generation_; })) {
+      Fail("emulated warp: lanes diverged at a shuffle (not every lane reached it)");
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int32_t arrived_ = 0;
+  int64_t generation_ = 0;
+  uint32_t slots_[32] = {};
+};
+
+struct HostLane {
+  HostWarp* warp;
+  int32_t lane;
+  std::mutex* atomic_mutex;
+  uint32_t Shuffle(uint32_t value, int32_t source) const { return warp->Exchange(lane, value, source); }
+  int64_t LoadId(const int64_t* p) const { return *p; }
+  float LoadMemory(const float* p) const { return *p; }
+  float LoadStream(const float* p) const { return *p; }
+  float4 LoadStream4(const float4* p) const { return *p; }
+  void StoreStream(float* p, float v) const { *p = v; }
+  void StoreStream4(float4* p, float4 v) const { *p = v; }
+  void AtomicAdd(float* p, float v) const {
+    std::lock_guard<std::mutex> lock(*atomic_mutex);
+    *p += v;
+  }
+};
+
+// dst = the warp-row lookup (kScatter false, dst [rows * D]) or scatter (true, dst [M], zeroed here) of the
+// problem, as `variant` launches it. Returns false when the variant falls back to the tiled kernel for p.
+template <bool kScatter>
+bool EmulateWarpRows(const Problem& pr, gpu::KernelVariant variant, const float* src, float* dst) {
+  const HashParams& p = pr.params;
+  const int32_t features = static_cast<int32_t>(pr.features);
+  if (!gpu::WarpRowsSupported(p, features)) return false;
+  if (kScatter) std::fill(dst, dst + p.memory_size, 0.0f);
+  if (pr.rows == 0) return true;
+  const int grid = gpu::WarpRowsGrid(pr.rows, variant == gpu::KernelVariant::kWarpRowsTwoBlocks ? 2 : 4096);
+  const int64_t warps = static_cast<int64_t>(grid) * gpu::kWarpsPerBlock;
+  std::vector<uint32_t> terms(gpu::kWarpRowsTermsPerElement * p.output_dim);
+  for (int32_t i = 0; i < p.output_dim; ++i) gpu::FillWarpRowTerm(p, i, terms.data());
+  const tfcompress::robe::FastModulo feature_modulo = tfcompress::robe::FastModulo::Make(features);
+  std::mutex atomic_mutex;
+  for (int64_t warp_index = 0; warp_index < warps; ++warp_index) {
+    if (warp_index * 32 >= pr.rows) break;  // such warps skip the row loop: no shuffles, no memory
+    HostWarp warp;
+    std::vector<std::thread> lanes;
+    for (int32_t lane = 0; lane < 32; ++lane) {
+      lanes.emplace_back([&, lane] {
+        gpu::VisitWarpRowsForm(p, [&](auto vector, auto one_chunk) {
+          gpu::WarpRowsWork<decltype(vector)::value, decltype(one_chunk)::value, kScatter>(
+              HostLane{&warp, lane, &atomic_mutex}, p, pr.ids.data(), pr.offsets.data(), features, feature_modulo,
+              pr.rows, terms.data(), src, dst, lane, warp_index, warps);
+          return 0;
+        });
+      });
+    }
+    for (std::thread& t : lanes) t.join();
+  }
+  return true;
+}
+
 // The reference-free CPU run of the shared arithmetic (the Python script compares it with NumPy), including a
 // sort-based sparse gradient: positions sorted stably, each position's terms summed in element order.
 Result RunHost(const Problem& p) {
@@ -188,7 +282,18 @@ Result RunHost(const Problem& p) {
   }
   for (size_t k = 0; k < r.sparse_positions.size(); ++k) r.sorted_memory_grad[r.sparse_positions[k]] = r.sparse_values[k];
   r.sorted_repeat_identical = 1;
-  std::printf("mode=host rows=%lld\n", static_cast<long long>(p.rows));
+  // The warp-row variants, emulated (the tiled kernels' arithmetic is the reference loop above).
+  int emulated = 0;
+  for (gpu::KernelVariant variant : {gpu::KernelVariant::kWarpRows, gpu::KernelVariant::kWarpRowsTwoBlocks}) {
+    std::vector<float> embeddings(n), memory_grad(hp.memory_size);
+    if (EmulateWarpRows<false>(p, variant, p.memory.data(), embeddings.data()) &&
+        EmulateWarpRows<true>(p, variant, p.grad.data(), memory_grad.data())) {
+      r.embeddings.push_back(std::move(embeddings));
+      r.memory_grads.push_back(std::move(memory_grad));
+      ++emulated;
+    }
+  }
+  std::printf("mode=host rows=%lld emulated_warp_row_variants=%d\n", static_cast<long long>(p.rows), emulated);
   return r;
 }
 
@@ -258,8 +363,6 @@ __global__ void CountMismatchesKernel(const float* a, const float* b, int64_t co
   }
   if (local) atomicAdd(mismatches, local);
 }
-
-namespace gpu = tfcompress::robe::gpu;
 
 unsigned long long CountMismatches(const float* a, const float* b, int64_t count) {
   unsigned long long* d = DeviceAlloc<unsigned long long>(1);

@@ -189,6 +189,13 @@ def correctness_cases(rng):
             memory_size = int(rng.integers(chunk_size, 300000))
             cases.append((f"D={output_dim} Z={chunk_size} signed={signed} M={memory_size} F=4", ids, cards,
                           output_dim, chunk_size, memory_size, signed, int(rng.integers(0, 10000))))
+    # More rows than the two-block variant's 16 warps cover in one step (512): its warps stride, advancing the
+    # feature index by 512 mod 3.
+    for output_dim, chunk_size in ((16, 4), (7, 3), (64, 2)):
+        cards = [11, 2**33 + 1, 5000]
+        ids = np.stack([rng.integers(0, c, 450) for c in cards], axis=1)  # 1350 rows
+        cases.append((f"grid stride D={output_dim} Z={chunk_size} rows=1350", ids, cards, output_dim, chunk_size,
+                      int(rng.integers(chunk_size, 100000)), True, int(rng.integers(0, 10000))))
     big = [2**32 - 1, 3]
     ids = np.array([[2**32 - 2, 2], [0, 0], [2**31, 1]], dtype=np.int64)
     cases.append(("ids near 2^32", ids, big, 16, 4, 2**20 + 3, True, 1024))
