@@ -204,20 +204,21 @@ struct DeviceLane {
 #endif
 template <int kVector, bool kOneChunkPerVector, bool kScatter, class Lane>
 ROBE_HOST_DEVICE void WarpRowsWork(const Lane& io, const HashParams& p, const int64_t* ids, const int64_t* offsets,
-                                   int32_t num_features, const FastModulo& feature_modulo, int64_t rows,
-                                   const uint32_t* terms, const float* src, float* dst, int32_t lane,
-                                   int64_t warp_index, int64_t warps) {
+                                   int32_t num_features, const FastModulo& feature_modulo,
+                                   const FastModulo& row_of_vector, int64_t rows, const uint32_t* terms,
+                                   const float* src, float* dst, int32_t lane, int64_t warp_index, int64_t warps) {
   const uint32_t* chunk_term_of = terms;
   const uint32_t* offset_of = terms + p.output_dim;
   const uint32_t* sign_term_of = terms + 2 * p.output_dim;
+  // row_of_vector = FastModulo::Make(D / kVector), made once on the host: v / (D / kVector) by a multiply-high
+  // reciprocal (v < 32 * D < 2^31).
   const int32_t vectors_per_row = p.output_dim / kVector;  // the launcher checks D % kVector == 0
-  // v / vectors_per_row by a multiply-high reciprocal (v < 32 * D < 2^31).
-  const FastModulo row_of_vector = FastModulo::Make(static_cast<uint64_t>(vectors_per_row));
   const int64_t first_row = warp_index * 32;
   const int64_t row_stride = warps * 32;
-  // Feature of row first_row + lane, advanced by row_stride mod F per step: one 64-bit modulo per warp.
-  uint32_t feature_base = static_cast<uint32_t>(first_row % num_features);
-  const uint32_t feature_stride = static_cast<uint32_t>(row_stride % num_features);
+  // Feature of row first_row + lane, advanced by row_stride mod F per step. Both are < 2^31 (the grid is capped at
+  // kMaxWarpRowsBlocks), so they reduce by the reciprocal too.
+  uint32_t feature_base = feature_modulo.Mod32(static_cast<uint32_t>(first_row));
+  const uint32_t feature_stride = feature_modulo.Mod32(static_cast<uint32_t>(row_stride));
 
   for (int64_t row0 = first_row; row0 < rows; row0 += row_stride) {
     const int64_t r = row0 + lane;
@@ -291,13 +292,13 @@ ROBE_HOST_DEVICE void WarpRowsWork(const Lane& io, const HashParams& p, const in
 template <int kVector, bool kOneChunkPerVector, bool kScatter>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     RobeWarpRowsKernel(HashParams p, const int64_t* __restrict__ ids, const int64_t* __restrict__ offsets,
-                       int32_t num_features, FastModulo feature_modulo, int64_t rows,
+                       int32_t num_features, FastModulo feature_modulo, FastModulo row_of_vector, int64_t rows,
                        const float* __restrict__ src, float* __restrict__ dst) {
   extern __shared__ uint32_t warp_row_terms[];
   for (int32_t i = threadIdx.x; i < p.output_dim; i += blockDim.x) FillWarpRowTerm(p, i, warp_row_terms);
   __syncthreads();
   WarpRowsWork<kVector, kOneChunkPerVector, kScatter>(
-      DeviceLane(), p, ids, offsets, num_features, feature_modulo, rows, warp_row_terms, src, dst,
+      DeviceLane(), p, ids, offsets, num_features, feature_modulo, row_of_vector, rows, warp_row_terms, src, dst,
       static_cast<int32_t>(threadIdx.x & 31),
       static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32,
       static_cast<int64_t>(gridDim.x) * kWarpsPerBlock);
@@ -314,10 +315,17 @@ auto VisitWarpRowsForm(const HashParams& p, Visitor&& visit) {
   return visit(std::integral_constant<int, 1>(), std::true_type());
 }
 
+// The grid cap keeps every row index a warp starts at, and the grid's row stride, below 2^31.
+constexpr int kMaxWarpRowsBlocks = 65535;
+
 inline int WarpRowsGrid(int64_t rows, int max_blocks) {
+  if (max_blocks > kMaxWarpRowsBlocks) max_blocks = kMaxWarpRowsBlocks;
   const int64_t blocks = (rows + 32 * kWarpsPerBlock - 1) / (32 * kWarpsPerBlock);
   return static_cast<int>(blocks < 1 ? 1 : (blocks < max_blocks ? blocks : max_blocks));
 }
+
+// D / kVector for the form VisitWarpRowsForm picks.
+inline int32_t WarpRowsVectorsPerRow(const HashParams& p) { return p.output_dim % 4 == 0 ? p.output_dim / 4 : p.output_dim; }
 
 template <bool kScatter>
 cudaError_t LaunchWarpRows(const HashParams& p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
@@ -325,9 +333,11 @@ cudaError_t LaunchWarpRows(const HashParams& p, const int64_t* ids, const int64_
   const size_t shared = sizeof(uint32_t) * kWarpRowsTermsPerElement * p.output_dim;
   const int grid = WarpRowsGrid(rows, max_blocks);
   const FastModulo feature_modulo = FastModulo::Make(static_cast<uint64_t>(num_features));
+  const FastModulo row_of_vector = FastModulo::Make(static_cast<uint64_t>(WarpRowsVectorsPerRow(p)));
   VisitWarpRowsForm(p, [&](auto vector, auto one_chunk) {
     RobeWarpRowsKernel<decltype(vector)::value, decltype(one_chunk)::value, kScatter>
-        <<<grid, kThreadsPerBlock, shared, stream>>>(p, ids, offsets, num_features, feature_modulo, rows, src, dst);
+        <<<grid, kThreadsPerBlock, shared, stream>>>(p, ids, offsets, num_features, feature_modulo, row_of_vector,
+                                                     rows, src, dst);
     return 0;
   });
   return cudaGetLastError();

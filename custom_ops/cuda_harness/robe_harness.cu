@@ -226,6 +226,8 @@ bool EmulateWarpRows(const Problem& pr, gpu::KernelVariant variant, const float*
   std::vector<uint32_t> terms(gpu::kWarpRowsTermsPerElement * p.output_dim);
   for (int32_t i = 0; i < p.output_dim; ++i) gpu::FillWarpRowTerm(p, i, terms.data());
   const tfcompress::robe::FastModulo feature_modulo = tfcompress::robe::FastModulo::Make(features);
+  const tfcompress::robe::FastModulo row_of_vector =
+      tfcompress::robe::FastModulo::Make(static_cast<uint64_t>(gpu::WarpRowsVectorsPerRow(p)));
   std::mutex atomic_mutex;
   for (int64_t warp_index = 0; warp_index < warps; ++warp_index) {
     if (warp_index * 32 >= pr.rows) break;  // such warps skip the row loop: no shuffles, no memory
@@ -236,7 +238,7 @@ bool EmulateWarpRows(const Problem& pr, gpu::KernelVariant variant, const float*
         gpu::VisitWarpRowsForm(p, [&](auto vector, auto one_chunk) {
           gpu::WarpRowsWork<decltype(vector)::value, decltype(one_chunk)::value, kScatter>(
               HostLane{&warp, lane, &atomic_mutex}, p, pr.ids.data(), pr.offsets.data(), features, feature_modulo,
-              pr.rows, terms.data(), src, dst, lane, warp_index, warps);
+              row_of_vector, pr.rows, terms.data(), src, dst, lane, warp_index, warps);
           return 0;
         });
       });
