@@ -3,16 +3,19 @@
 // form of the CPU op RobeLookupSparseGrad (robe_cpu_functors.cc).
 //
 // Pipeline, for the n = rows * D gradient elements:
-//   1. RobeSortInputsKernel: key = position idx(a_r, i), value = (element e << 1) | sign bit.
+//   1. RobeSortInputsKernel: key = position idx(a_r, i), value = (element e << 1) | sign bit (SortInputOf).
 //   2. cub::DeviceRadixSort::SortPairs over the bits the largest position needs. LSD radix sort is stable, so the
 //      elements of one position stay in element order: the sorted arrays are a function of the input alone.
 //   3. cub::DeviceRunLengthEncode::Encode (unique positions, run lengths) and cub::DeviceScan::ExclusiveSum (run
 //      starts): integer results, so also exact.
-//   4. RobeSegmentSumKernel: a warp per unique position, lane l adds elements l, l + 32, ... of the run in order,
+//   4. RobeSegmentSumKernel (SegmentSumsWork): a warp per unique position, lane l adds elements l, l + 32, ... of the run in order,
 //      then a fixed butterfly of __shfl_xor_sync. The summation order depends only on the run's length, never on
 //      timing, so two runs give the same bits (unlike atomics, and unlike CUB's float scans, whose decoupled
 //      look-back may combine tiles in either order).
 // Dense form: M-grad zeroed, then one plain store per unique position. Sparse form: the run's position and sum.
+// The harness's host mode runs steps 1 and 4 through the same functions (SortInputOf, LanePartialSum, and the
+// butterfly on an array) with std::stable_sort and loops standing in for the CUB steps, so its result has the bits
+// the GPU must produce.
 //
 // Cost: the sort moves (key + value) * 2 per pass over n elements; sorting chunk occurrences instead (rows * D / Z
 // keys) and merging their intervals as the CPU op does would cut that by Z, and is the next step if the bench shows
@@ -51,42 +54,72 @@ inline int PositionBits(const HashParams& p) {
   return bits;
 }
 
+// Sort input of element e: key = idx(a_r, i), value = (e << 1) | (sign(a_r, i) == -1).
+template <typename Index>
+ROBE_HOST_DEVICE void SortInputOf(const HashParams& p, const int64_t* ids, const int64_t* offsets,
+                                  int32_t num_features, int64_t e, Index* key, Index* value) {
+  const int64_t r = e / p.output_dim;
+  const int32_t i = static_cast<int32_t>(e - r * p.output_dim);
+  const int64_t a = ids[r] + offsets[r % num_features];
+  *key = static_cast<Index>(IndexOf(p, a, i));
+  const Index negative = p.is_signed && SignOf(p, a, i) < 0.0f ? 1 : 0;
+  *value = (static_cast<Index>(e) << 1) | negative;
+}
+
 template <typename Index>
 __global__ void RobeSortInputsKernel(HashParams p, const int64_t* ids, const int64_t* offsets, int32_t num_features,
                                      int64_t rows, Index* keys, Index* values) {
   const int64_t total = rows * p.output_dim;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = e / p.output_dim;
-    const int32_t i = static_cast<int32_t>(e - r * p.output_dim);
-    const int64_t a = ids[r] + offsets[r % num_features];
-    keys[e] = static_cast<Index>(IndexOf(p, a, i));
-    const Index negative = p.is_signed && SignOf(p, a, i) < 0.0f ? 1 : 0;
-    values[e] = (static_cast<Index>(e) << 1) | negative;
+    SortInputOf(p, ids, offsets, num_features, e, keys + e, values + e);
   }
 }
 
-// For each run k < *num_runs: the sum, in the fixed order above, of sign * grad[e] over the run's elements.
-// dense != nullptr: dense[unique[k]] = sum (dense zeroed before). sparse_* != nullptr: sparse_positions[k] =
-// unique[k], sparse_values[k] = sum.
-template <typename Index>
-__global__ void RobeSegmentSumKernel(const Index* unique, const Index* run_lengths, const Index* run_starts,
-                                     const Index* num_runs, const Index* sorted_values, const float* grad,
-                                     float* dense, int64_t* sparse_positions, float* sparse_values) {
-  const int32_t lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  const int64_t runs = static_cast<int64_t>(*num_runs);
-  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; k < runs; k += warps) {
+// The warp shuffle of the segment sums on the GPU (the harness's CPU emulation has its own, like DeviceLane).
+struct DeviceSumLane {
+#if defined(__CUDACC__)
+  __device__ __forceinline__ float ShuffleXor(float value, int32_t mask) const {
+    return __shfl_xor_sync(0xffffffffu, value, mask);
+  }
+  __device__ __forceinline__ float LoadGrad(const float* p) const { return __ldg(p); }
+#endif
+};
+
+// Lane `lane`'s share of one run [begin, end) of the sorted values: elements lane, lane + 32, ... in order.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename Index, class Lane>
+ROBE_HOST_DEVICE float LanePartialSum(const Lane& io, const Index* sorted_values, const float* grad, int64_t begin,
+                                      int64_t end, int32_t lane) {
+  float sum = 0.0f;
+  for (int64_t j = begin + lane; j < end; j += 32) {
+    const Index packed = sorted_values[j];
+    const float g = io.LoadGrad(grad + static_cast<int64_t>(packed >> 1));
+    sum += (packed & 1) ? -g : g;
+  }
+  return sum;
+}
+
+// Warp `warp_index` of `warps`, lane `lane`: for each run k < runs it owns, the sum of sign * grad[e] over the
+// run's elements: LanePartialSum, then the butterfly sum += shfl_xor(sum, 16, 8, 4, 2, 1), an order that depends
+// only on the run's length. dense != nullptr: dense[unique[k]] = sum (dense zeroed before). sparse_* != nullptr:
+// sparse_positions[k] = unique[k], sparse_values[k] = sum. (The harness's emulation runs LanePartialSum for the 32
+// lanes and the same butterfly on an array.)
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename Index, class Lane>
+ROBE_HOST_DEVICE void SegmentSumsWork(const Lane& io, const Index* unique, const Index* run_lengths,
+                                      const Index* run_starts, int64_t runs, const Index* sorted_values,
+                                      const float* grad, float* dense, int64_t* sparse_positions,
+                                      float* sparse_values, int32_t lane, int64_t warp_index, int64_t warps) {
+  for (int64_t k = warp_index; k < runs; k += warps) {
     const int64_t begin = static_cast<int64_t>(run_starts[k]);
-    const int64_t end = begin + static_cast<int64_t>(run_lengths[k]);
-    float sum = 0.0f;
-    for (int64_t j = begin + lane; j < end; j += 32) {
-      const Index packed = sorted_values[j];
-      const float g = __ldg(grad + static_cast<int64_t>(packed >> 1));
-      sum += (packed & 1) ? -g : g;
-    }
+    float sum = LanePartialSum(io, sorted_values, grad, begin, begin + static_cast<int64_t>(run_lengths[k]), lane);
 #pragma unroll
-    for (int width = 16; width >= 1; width /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, width);
+    for (int32_t mask = 16; mask >= 1; mask /= 2) sum += io.ShuffleXor(sum, mask);
     if (lane == 0) {
       const int64_t position = static_cast<int64_t>(unique[k]);
       if (dense != nullptr) dense[position] = sum;
@@ -96,6 +129,17 @@ __global__ void RobeSegmentSumKernel(const Index* unique, const Index* run_lengt
       }
     }
   }
+}
+
+template <typename Index>
+__global__ void RobeSegmentSumKernel(const Index* unique, const Index* run_lengths, const Index* run_starts,
+                                     const Index* num_runs, const Index* sorted_values, const float* grad,
+                                     float* dense, int64_t* sparse_positions, float* sparse_values) {
+  SegmentSumsWork<Index>(DeviceSumLane(), unique, run_lengths, run_starts, static_cast<int64_t>(*num_runs),
+                         sorted_values, grad, dense, sparse_positions, sparse_values,
+                         static_cast<int32_t>(threadIdx.x & 31),
+                         static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32,
+                         static_cast<int64_t>(gridDim.x) * (blockDim.x / 32));
 }
 
 __global__ void WidenCountKernel(const uint32_t* count, int64_t* wide) { *wide = static_cast<int64_t>(*count); }

@@ -19,8 +19,8 @@
 // each moves, and the device-to-device copy bandwidth measured in the same run).
 //
 // "host" runs the same robe_hash.h arithmetic on the CPU (so the file format, the header and the arithmetic are
-// checkable on a machine without a GPU): one "variant" of each kind, and a sort-based sparse gradient summed in
-// element order. "device" runs the CUDA kernels. When an id is invalid only first_bad_row is meaningful.
+// checkable on a machine without a GPU): the reference loop as variant 0, the warp-row variants and the sorted
+// gradient emulated from the kernels' own bodies (WarpRowsWork, SortInputOf, SegmentSumsWork). "device" runs the CUDA kernels. When an id is invalid only first_bad_row is meaningful.
 //
 // Bag problems (../robe_bag_gpu_kernels.cu.h), told apart by their magic 0x524f4245424147 ("ROBEBAG"):
 //   INPUT:  int64 header[20] = {magic, N, B, D, Z, M, signed, R1, R2, R3, S1, S2, S3, repeats, combiner (0 sum,
@@ -212,6 +212,56 @@ struct HostLane {
   }
 };
 
+struct HostSumLane {
+  float LoadGrad(const float* p) const { return *p; }
+};
+
+// The sorted gradient as the GPU computes it (robe_sorted_gpu_kernels.cu.h): SortInputOf per element, a stable
+// sort by position (what CUB's radix sort returns), run-length encoding and run starts, then per run the lanes'
+// LanePartialSum and SegmentSumsWork's butterfly. Fills r's sorted_memory_grad and sparse arrays.
+void EmulateSortedGradient(const Problem& pr, Result* r) {
+  const HashParams& p = pr.params;
+  const int64_t n = pr.rows * p.output_dim;
+  const int32_t features = static_cast<int32_t>(pr.features);
+  std::vector<uint64_t> keys(n), values(n);
+  for (int64_t e = 0; e < n; ++e) {
+    gpu::SortInputOf<uint64_t>(p, pr.ids.data(), pr.offsets.data(), features, e, &keys[e], &values[e]);
+  }
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return keys[x] < keys[y]; });
+  std::vector<uint64_t> sorted_values(n), unique, run_lengths, run_starts;
+  for (int64_t k = 0; k < n; ++k) {
+    sorted_values[k] = values[order[k]];
+    if (k == 0 || keys[order[k]] != keys[order[k - 1]]) {
+      unique.push_back(keys[order[k]]);
+      run_starts.push_back(static_cast<uint64_t>(k));
+      run_lengths.push_back(0);
+    }
+    ++run_lengths.back();
+  }
+  const int64_t runs = static_cast<int64_t>(unique.size());
+  r->sorted_memory_grad.assign(p.memory_size, 0.0f);
+  r->sparse_positions.assign(runs, 0);
+  r->sparse_values.assign(runs, 0.0f);
+  for (int64_t k = 0; k < runs; ++k) {
+    const int64_t begin = static_cast<int64_t>(run_starts[k]), end = begin + static_cast<int64_t>(run_lengths[k]);
+    float lane_sums[32];
+    for (int32_t lane = 0; lane < 32; ++lane) {
+      lane_sums[lane] = gpu::LanePartialSum(HostSumLane(), sorted_values.data(), pr.grad.data(), begin, end, lane);
+    }
+    // The butterfly of SegmentSumsWork: every lane adds the value of lane ^ mask, all lanes at once.
+    for (int32_t mask = 16; mask >= 1; mask /= 2) {
+      float next[32];
+      for (int32_t lane = 0; lane < 32; ++lane) next[lane] = lane_sums[lane] + lane_sums[lane ^ mask];
+      std::memcpy(lane_sums, next, sizeof(next));
+    }
+    r->sorted_memory_grad[unique[k]] = lane_sums[0];
+    r->sparse_positions[k] = static_cast<int64_t>(unique[k]);
+    r->sparse_values[k] = lane_sums[0];
+  }
+}
+
 // dst = the warp-row lookup (kScatter false, dst [rows * D]) or scatter (true, dst [M], zeroed here) of the
 // problem, as `variant` launches it. Returns false when the variant falls back to the tiled kernel for p.
 template <bool kScatter>
@@ -248,8 +298,8 @@ bool EmulateWarpRows(const Problem& pr, gpu::KernelVariant variant, const float*
   return true;
 }
 
-// The reference-free CPU run of the shared arithmetic (the Python script compares it with NumPy), including a
-// sort-based sparse gradient: positions sorted stably, each position's terms summed in element order.
+// The reference-free CPU run of the shared arithmetic (the Python script compares it with NumPy), with the GPU's
+// warp-row kernels and sorted gradient emulated (their own code, shuffles through 32 threads).
 Result RunHost(const Problem& p) {
   Result r;
   r.first_bad_row = FirstBadRowOnHost(p);
@@ -270,20 +320,14 @@ Result RunHost(const Problem& p) {
       r.memory_grads[0][r.positions[e]] += r.signs[e] * p.grad[e];
     }
   }
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return r.positions[x] < r.positions[y]; });
-  r.sorted_memory_grad.assign(hp.memory_size, 0.0f);
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t e = order[k];
-    if (k == 0 || r.positions[e] != r.positions[order[k - 1]]) {
-      r.sparse_positions.push_back(r.positions[e]);
-      r.sparse_values.push_back(0.0f);
-    }
-    r.sparse_values.back() += r.signs[e] * p.grad[e];
-  }
-  for (size_t k = 0; k < r.sparse_positions.size(); ++k) r.sorted_memory_grad[r.sparse_positions[k]] = r.sparse_values[k];
-  r.sorted_repeat_identical = 1;
+  // The sorted gradient emulated twice: the same bits both times (the summation order is fixed).
+  EmulateSortedGradient(p, &r);
+  Result again;
+  EmulateSortedGradient(p, &again);
+  r.sorted_repeat_identical =
+      std::memcmp(r.sorted_memory_grad.data(), again.sorted_memory_grad.data(), 4 * r.sorted_memory_grad.size()) == 0 &&
+      r.sparse_positions == again.sparse_positions &&
+      std::memcmp(r.sparse_values.data(), again.sparse_values.data(), 4 * r.sparse_values.size()) == 0;
   // The warp-row variants, emulated (the tiled kernels' arithmetic is the reference loop above).
   int emulated = 0;
   for (gpu::KernelVariant variant : {gpu::KernelVariant::kWarpRows, gpu::KernelVariant::kWarpRowsTwoBlocks}) {
