@@ -11,7 +11,8 @@
 //   int64 first_bad_row (-1 when all ids are valid), int64 lookup_variants V, int64 scatter_variants S,
 //   int64 positions[rows * D], float signs[rows * D], float embeddings[V][rows * D], float memory_grad[S][M],
 //   float sorted_memory_grad[M] (the deterministic scatter), int64 sorted_repeat_identical (1 when a second run of
-//   the deterministic scatter and of the sparse gradient gave the same bits), int64 unique U,
+//   the deterministic scatter and of the sparse gradient gave the same bits and, on the device, the bits of the
+//   host emulation), int64 unique U,
 //   int64 sparse_positions[U], float sparse_values[U]
 // OUTPUT (bench): int64 first_bad_row only; the results are compared on the device (every lookup variant against
 //   the tiled kernel bit for bit, every scatter against the deterministic one to 1e-5 of the largest |value|).
@@ -552,6 +553,14 @@ Result RunDevice(const Problem& p) {
     r.sparse_values.resize(counts[0]);
     ToHost(sparse_positions[0], &r.sparse_positions);
     ToHost(sparse_values[0], &r.sparse_values);
+    // The GPU's sums must have the bits of the host emulation (same code, same order): a stronger check than 1e-5.
+    Result emulated;
+    EmulateSortedGradient(p, &emulated);
+    const bool equals_emulation =
+        emulated.sparse_positions == r.sparse_positions &&
+        std::memcmp(emulated.sparse_values.data(), r.sparse_values.data(), 4 * r.sparse_values.size()) == 0 &&
+        std::memcmp(emulated.sorted_memory_grad.data(), sorted_host.data(), 4 * sorted_host.size()) == 0;
+    if (!equals_emulation) r.sorted_repeat_identical = 0;
   }
 
   // The copy bandwidth on this GPU in this run: grad -> embeddings[0] (rows * D floats), read + write counted.

@@ -1,13 +1,17 @@
 """Compile the standalone CUDA harness and check the ROBE-Z kernels against tfcompress.robe_hash (NumPy only).
 
     python custom_ops/cuda_harness/run_harness.py --mode device          # on a GPU machine (no TensorFlow needed)
-    python custom_ops/cuda_harness/run_harness.py --mode host            # the shared arithmetic, no GPU needed
-    python custom_ops/cuda_harness/run_harness.py --mode device --bench  # + Kaggle-shape throughput vs bandwidth
+    python custom_ops/cuda_harness/run_harness.py --mode host            # the shared arithmetic + kernel emulation
+    python custom_ops/cuda_harness/run_harness.py --mode device --bench  # + every variant timed (see run_bench)
     python custom_ops/cuda_harness/run_harness.py --compile-only         # nvcc check only
 
-Checks, per case: positions and signs equal robe_indices / robe_signs bit for bit; embeddings equal
-memory[positions] * signs exactly; the scatter equals a float64 np.add.at to 1e-5 relative (atomics add in any
-order); an invalid id is reported at the right row. Exit status 0 only when every case passes.
+Checks, per case: positions and signs equal robe_indices / robe_signs bit for bit; the embeddings of every kernel
+variant (tiled, warp_rows, warp_rows_two_blocks) equal memory[positions] * signs exactly; every atomic scatter
+equals a float64 np.add.at to 1e-5 relative (atomics add in any order); the sorted (deterministic) scatter and the
+sparse gradient (sorted unique positions, summed values: RobeLookupSparseGrad's contract) to 1e-5, with the same
+bits on a second run and, on the device, the bits of the host emulation; an invalid id is reported at the right
+row. In host mode the variants are the reference loop and the warp-row kernels and sorted gradient emulated on the
+CPU from the kernels' own code. Exit status 0 only when every case passes.
 
 Bag cases (the pooled op, ../robe_bag_gpu_kernels.cu.h; `--only bag` runs just these): every combiner, with and
 without weights, signed or not, empty rows and a row of many ids, against a float64 NumPy reference of
@@ -163,7 +167,8 @@ def run_case(mode, name, ids, cardinalities, output_dim, chunk_size, memory_size
         if error > 1e-5:
             problems.append(f"sparse values relative error {error:.2e}")
     if out["sorted_repeat_identical"] != 1:
-        problems.append("the deterministic scatter or the sparse gradient changed bits between two runs")
+        problems.append("the deterministic scatter or the sparse gradient changed bits between two runs, or (device) "
+                        "differs from the host emulation of the same code")
     return not problems, "; ".join(problems) or timing
 
 
