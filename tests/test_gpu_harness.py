@@ -85,3 +85,20 @@ def test_correctness_cases_are_valid_inputs():
     names = " ".join(case[0] for case in cases)
     for covered in ("ids up to 2^63", "grid stride", "D=64 Z=32", "D=128 Z=1", "D=7", "wide rows"):
         assert covered in names
+
+
+def test_framework_robe_anchor_equals_robe_indices():
+    """The bench's pure-framework ROBE-Z anchor (run with PyTorch on the GPU) is one expression for NumPy and
+    PyTorch; with NumPy it must give robe_indices exactly."""
+    rh = load_run_harness()
+    robe_hash = rh.robe_hash
+    rng = np.random.default_rng(3)
+    cards = rh.KAGGLE_CARDINALITIES
+    ids = rh.kaggle_ids(rng, 50)
+    a = ids + robe_hash.table_offsets(cards)[None, :]
+    r1, r2, r3 = (int(v) for v in robe_hash.hash_constants(1024)[:3])
+    for output_dim, chunk_size, memory_size in ((16, 4, 540201), (64, 32, 2160805), (128, 1, 100), (7, 3, 50)):
+        chunks = -(-output_dim // chunk_size)
+        chunk_terms = (np.arange(chunks) * r2 % robe_hash.P + r1) % robe_hash.P
+        got = rh.framework_robe_positions(a, chunk_terms, np.arange(chunk_size), memory_size, output_dim, r3)
+        np.testing.assert_array_equal(got, robe_hash.robe_indices(ids, cards, output_dim, chunk_size, memory_size))

@@ -395,6 +395,16 @@ def median_ms(torch, fn, repeats):
     return float(np.median(times))
 
 
+def framework_robe_positions(a, chunk_terms, in_chunk, memory_size, output_dim, r3):
+    """ROBE-Z positions in array-framework ops (NumPy or PyTorch: the same expression), the pure-framework anchor:
+    a [B, F] offset ids, chunk_terms [C] = (c*R2 + R1) mod P, in_chunk [Z] = 0..Z-1 -> positions [B, F, D]."""
+    p = int(robe_hash.P)
+    chunks, chunk_size = chunk_terms.shape[0], in_chunk.shape[0]
+    row = (a % p) * r3 % p
+    starts = (row[..., None] + chunk_terms) % p % (memory_size - chunk_size + 1)
+    return (starts[..., None] + in_chunk).reshape(*a.shape, chunks * chunk_size)[..., :output_dim]
+
+
 def torch_anchors(ids, output_dim, chunk_size, memory_size, repeats):
     """The issue's PyTorch anchors on the same ids, or {} when torch (with CUDA) does not import: the full-table
     `embedding` gather, ROBE-Z written in framework ops (hash + gather), and `index_add_` with the positions
@@ -420,9 +430,7 @@ def torch_anchors(ids, output_dim, chunk_size, memory_size, repeats):
     in_chunk = torch.arange(chunk_size, device=device)
 
     def robe_positions():
-        row = (a % p) * r3 % p
-        starts = (row[..., None] + chunk_terms) % p % (memory_size - chunk_size + 1)
-        return (starts[..., None] + in_chunk).reshape(*a.shape, chunks * chunk_size)[..., :output_dim]
+        return framework_robe_positions(a, chunk_terms, in_chunk, memory_size, output_dim, r3)
 
     positions = robe_positions()
     expected = robe_hash.robe_indices(ids[:64], KAGGLE_CARDINALITIES, output_dim, chunk_size, memory_size, 1024)
