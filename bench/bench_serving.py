@@ -89,6 +89,8 @@ def time_lookups(args, batches, results):
         robe.build((None, len(CARDS)))
         functions = {"full": lookup_function(full, TableReader())}
         for name, options in LOOKUP_LAYOUTS:
+            if name not in args.layouts:
+                continue
             if chunk_size == 1 and name in ("per_call", "elements"):
                 continue  # Z = 1: every layout is the element gather from M
             functions[f"ROBE {name}"] = lookup_function(robe, TableReader(**options))
@@ -178,6 +180,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per column and table row")
     parser.add_argument("--compression", type=float, default=1000.0, help="ROBE compression ratio")
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 4, 1], help="ROBE chunk sizes Z")
+    parser.add_argument("--layouts", nargs="+", default=[name for name, _ in LOOKUP_LAYOUTS],
+                        choices=[name for name, _ in LOOKUP_LAYOUTS],
+                        help="ROBE serving layouts timed against full tables in the lookups-only part (each timed "
+                             "layout shares the caches with the others: 'windows' alone is the pair the issue's "
+                             "floor names)")
     parser.add_argument("--base-dir", help="keep the exports here (default: a temporary directory)")
     parser.add_argument("--skip-lookups", action="store_true", help="only the exported models")
     parser.add_argument("--skip-models", action="store_true", help="only the lookups")

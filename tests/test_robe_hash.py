@@ -146,6 +146,33 @@ def test_tf_twin_equals_reference_bit_for_bit_on_adversarial_ids(output_dim, chu
     np.testing.assert_array_equal(got.numpy(), np.array(want)[below])
 
 
+@pytest.mark.parametrize("output_dim, chunk_size, memory_size", [(8, 8, 97), (8, 8, P + 7), (8, 4, 1000),
+                                                                  (7, 3, 2**31 + 5)])
+def test_offsets_folded_into_the_hash_equal_offsetting_the_ids_first(output_dim, chunk_size, memory_size):
+    # Per-feature ids at the edges of their tables, with offsets near P and near where a * R3 leaves int64.
+    cards = np.array([3, P - 5, 2**33, 10], dtype=np.int64)
+    offsets = np.array([0, 7, P - 2, 2**40], dtype=np.int64)
+    ids = np.array([[0, 0, 0, 0], [2, P - 6, 2**33 - 1, 9], [1, P // 2, P, 5]], dtype=np.int64)
+    chunks = robe_hash.num_chunks(output_dim, chunk_size)
+    want = robe_hash.robe_chunk_hash((ids + offsets)[..., None], np.arange(chunks), memory_size, chunk_size)
+    s1, s2, s3 = (int(v) for v in robe_hash.hash_constants()[3:6])
+    want_signs = [[[1.0 if ((x * s3 + i * s2 + s1) % P) % 2 == 0 else -1.0 for i in range(output_dim)] for x in row]
+                  for row in (ids + offsets).tolist()]
+    for id_bound in (None, int(cards.max())):  # a bound above P keeps the first reduction
+        for dtype in (None, tf.int64):
+            got = robe_hash.robe_chunk_hash_tf(tf.constant(ids), chunks, memory_size, chunk_size, id_bound=id_bound,
+                                               offsets=offsets, dtype=dtype)
+            assert got.dtype == (dtype or tf.int32)
+            np.testing.assert_array_equal(got.numpy(), want)
+        signs = robe_hash.robe_signs_tf(tf.constant(ids), output_dim, id_bound=id_bound, offsets=offsets)
+        np.testing.assert_array_equal(signs.numpy(), want_signs)
+    # Ids below P with a bound <= P skip the reduction of the ids; the folded constants keep the sum in int64.
+    small = ids[:, :2]
+    got = robe_hash.robe_chunk_hash_tf(tf.constant(small), chunks, memory_size, chunk_size, id_bound=P,
+                                       offsets=offsets[:2], dtype=tf.int64)
+    np.testing.assert_array_equal(got.numpy(), want[:, :2])
+
+
 def test_tf_signs_equal_reference_on_adversarial_ids():
     s1, s2, s3 = (int(v) for v in robe_hash.hash_constants()[3:6])
     a = np.array(_adversarial_offset_ids(s3) + [-1, -(2**63)], dtype=np.int64)

@@ -40,6 +40,16 @@ def test_every_serving_layout_equals_call_bit_for_bit(dim, chunk, memory, signed
             traced = tf.function(functools.partial(layer.serving_lookup, out_of_range="mod", tables=reader))
             got = traced.get_concrete_function(spec)(tf.constant(ids)).numpy()
             np.testing.assert_array_equal(got, expected, err_msg=f"{chunk_reads} {unique_ids} {jit_compile}")
+    # One id out of range in a batch: the serving rule folds the batch (the in-range batches skip that division).
+    ids = _ids(40, 7)
+    folded = layer(ids).numpy()
+    ids[3, 1] += CARDS[1]
+    ids[5, 3] -= CARDS[3]  # negative
+    for chunk_reads, unique_ids, jit_compile in LAYOUTS:
+        reader = TableReader(chunk_reads=chunk_reads, unique_ids=unique_ids, jit_compile=jit_compile)
+        traced = tf.function(functools.partial(layer.serving_lookup, out_of_range="mod", tables=reader))
+        got = traced.get_concrete_function(spec)(tf.constant(ids)).numpy()
+        np.testing.assert_array_equal(got, folded, err_msg=f"out of range: {chunk_reads} {unique_ids} {jit_compile}")
 
 
 def test_windows_is_the_window_matrix_of_the_table_or_of_its_int8_copy():

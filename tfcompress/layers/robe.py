@@ -233,25 +233,27 @@ class RobeEmbedding(base.IdEmbeddingLayer):
           full tables stored in M (all sharers' tables for a shared memory), else "per_call".
 
         `tables.unique_ids` hashes and reads each distinct id once and expands after; `tables.jit_compile` runs the
-        hash and the reads as one XLA-compiled function. The hash is `robe_hash.robe_chunk_hash_tf` told that ids
-        are in [0, total rows) (true after the id rule), so it runs one int64 division per id (and int32
-        arithmetic per chunk); starts and element positions are int32.
+        hash as one XLA-compiled function (the reads stay stock ops: XLA's gather measured slower than TensorFlow's
+        here). The hash is `robe_hash.robe_chunk_hash_tf` with the table offsets folded into its constants and told
+        that ids are in range (true after the id rule), so it runs one int64 division per id (and int32
+        arithmetic per chunk); with one chunk per id it stays in int64 to the gather, which saves a cast.
         """
         tables = base.table_reader(tables)
         ids = self.serving_ids(ids, out_of_range)
-        a = ids + tf.constant(self._offsets)
-        reads = self._chunk_reader(tables)
+        read = self._chunk_reader(tables)
         if tables.unique_ids:
-            distinct, where = tf.unique(tf.reshape(a, [-1]))
-            values = tf.gather(reads(distinct), where)  # [B * F, D]
+            distinct, where = tf.unique(tf.reshape(ids + tf.constant(self._offsets), [-1]))
+            values = tf.gather(read(distinct, None), where)  # [B * F, D]
             return tf.reshape(values, [-1, len(self.cardinalities), self.output_dim])
-        return reads(a)
+        return read(ids, self._offsets)
 
     def _chunk_reader(self, tables):
-        """The function offset ids a [...] -> float32 [..., D] that `serving_lookup` runs (see there)."""
+        """The function (ids [..., F] and their offsets [F], or offset ids [...] and None) -> float32 [..., F, D]
+        or [..., D] that `serving_lookup` runs (see there)."""
         size, width, chunk = self.memory_size, self.output_dim, self.chunk_size
         chunks = robe_hash.num_chunks(width, chunk)
-        # The id rule puts every offset id in [0, total_rows), a shared memory's earlier tables included.
+        # The id rule puts every id of table t in [0, n_t), so every offset id is in [0, total_rows), a shared
+        # memory's earlier tables included.
         total_rows = self.table_offset + int(sum(self.cardinalities))
         window_rows = min(size - chunk + 1, robe_hash.P)  # every chunk start h < min(|M| - Z + 1, P)
         position_dtype = tf.int32 if robe_hash.max_position(size, chunk) <= robe_hash.INT32_MAX else tf.int64
@@ -266,6 +268,8 @@ class RobeEmbedding(base.IdEmbeddingLayer):
             windows, scale, quantized = tables.windows(self.memory, chunk)
         else:
             stored, scale, quantized = tables.stored(self.memory)
+        # int64 starts for the one-chunk row gather (the hash's buffer is reused to the end, no cast).
+        start_dtype = tf.int64 if layout == "windows" and chunks == 1 else tf.int32
 
         def with_width(shape, rows):  # [..., chunks, Z] -> [..., D]: a partial last chunk loses its tail
             flat = tf.reshape(rows, tf.concat([shape, [chunks * chunk]], axis=0))
@@ -281,24 +285,33 @@ class RobeEmbedding(base.IdEmbeddingLayer):
             built = tf.transpose(tf.stack([memory[o:window_rows + o] for o in range(chunk)], axis=0))
             return with_width(tf.shape(starts)[:-1], tf.gather(built, starts))
 
-        def read(a):
-            starts = robe_hash.robe_chunk_hash_tf(a, chunks, size, chunk, self.seed, id_bound=total_rows)
+        def chunk_hash(offsets):  # ids -> starts; offsets None: the ids are offset already
+            def starts(ids):
+                return robe_hash.robe_chunk_hash_tf(ids, chunks, size, chunk, self.seed, id_bound=id_bound(offsets),
+                                                    offsets=offsets, dtype=start_dtype)
+
+            return tf.function(starts, jit_compile=True, autograph=False) if tables.jit_compile else starts
+
+        def id_bound(offsets):
+            return total_rows if offsets is None else max(self.cardinalities)
+
+        def read(ids, offsets):
+            starts = chunk_hash(offsets)(ids)
             if layout == "windows":
-                # XLA has no ResourceGatherNd kernel, so the XLA-compiled function reads W with tf.gather.
-                rows = tf.gather(windows, starts) if tables.jit_compile else tf.gather_nd(windows, starts[..., None])
-                values = with_width(tf.shape(a), rows)
+                values = with_width(tf.shape(ids), tf.gather_nd(windows, starts[..., None]))
             elif layout == "elements":
                 values = per_element(starts)
             else:  # "per_call", decided from the ids' size so W can be built while the hash still runs
-                lookups = tf.size(a, out_type=tf.int64) * (chunks * chunk)
+                lookups = tf.size(ids, out_type=tf.int64) * (chunks * chunk)
                 values = tf.cond(lookups >= window_rows * chunk, lambda: per_call_windows(starts),
                                  lambda: per_element(starts))
             values = tables.dequantize(values, scale, quantized)
             if self.signed:
-                values = values * robe_hash.robe_signs_tf(a, width, self.seed, id_bound=total_rows)
+                values = values * robe_hash.robe_signs_tf(ids, width, self.seed, id_bound=id_bound(offsets),
+                                                          offsets=offsets)
             return values
 
-        return tf.function(read, jit_compile=True, autograph=False) if tables.jit_compile else read
+        return read
 
     def get_config(self):
         config = super().get_config()
