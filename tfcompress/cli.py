@@ -182,7 +182,7 @@ def _add_export_arguments(parser):
     parser.add_argument("--unique-ids", action="store_true",
                         help="ROBE-Z: hash and read each distinct id of a batch once (tf.unique)")
     parser.add_argument("--xla", action="store_true",
-                        help="ROBE-Z: XLA-compile the hash of the lookups (jit_compile); TF Serving then needs "
+                        help="ROBE-Z: XLA-compile the lookups (jit_compile); TF Serving then needs "
                              "--xla_cpu_compilation_enabled=true")
     parser.add_argument("--verify", action="store_true",
                         help="then run `tfcompress verify` on the new version (fresh process)")

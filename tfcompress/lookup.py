@@ -154,8 +154,8 @@ class TableReader:
             "windows" where W is small beside the full tables (`WINDOWS_MAX_FRACTION`), else "per_call".
         unique_ids: ROBE-Z lookups hash and gather each distinct id of the batch once (`tf.unique`) and expand
             after; pays only when batches repeat ids heavily and the per-id work is large.
-        jit_compile: the hash of ROBE-Z lookups runs as one XLA-compiled function (`tf.function(jit_compile=True)`);
-            TF Serving then needs `--xla_cpu_compilation_enabled=true`.
+        jit_compile: ROBE-Z lookups run XLA-compiled (`tf.function(jit_compile=True)`): the hash alone under
+            "windows", the hash and the reads otherwise; TF Serving then needs `--xla_cpu_compilation_enabled=true`.
     """
 
     def __init__(self, substitutes=None, chunk_reads="per_call", unique_ids=False, jit_compile=False):
